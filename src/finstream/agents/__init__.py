@@ -1,0 +1,1 @@
+"""faust agents: thin glue from topics to domain/ and sinks/."""

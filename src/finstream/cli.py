@@ -1,0 +1,223 @@
+"""The `finstream` command.
+
+Core commands live here; each capability adds its command group in its own
+module and one line in ``_LAZY`` (loaded only when used, so `finstream stack
+status` does not pay for importing faust).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import sys
+from typing import Any
+
+import click
+
+from finstream.settings import get_settings
+
+_LAZY: dict[str, tuple[str, str]] = {
+    # name: (module:attribute, help)
+    "run": (
+        "finstream.runtime.supervisor:run_command",
+        "Run the whole pipeline locally (make run).",
+    ),
+}
+
+
+class _LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *_LAZY])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in _LAZY:
+            module, _, attr = _LAZY[cmd_name][0].partition(":")
+            command: click.Command = getattr(importlib.import_module(module), attr)
+            return command
+        return super().get_command(ctx, cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [
+            (name, self.commands[name].get_short_help_str(60))
+            for name in super().list_commands(ctx)
+        ]
+        rows += [(name, help_) for name, (_, help_) in _LAZY.items()]
+        with formatter.section("Commands"):
+            formatter.write_dl(sorted(rows))
+
+
+def fail(message: str) -> None:
+    """Exit with one clear line on stderr."""
+    click.echo(f"error: {message}", err=True)
+    sys.exit(1)
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="finstream")
+def main() -> None:
+    """finstream: market data, alerts and notifications on Apache Kafka."""
+
+
+# -- stack ----------------------------------------------------------------------
+
+
+@main.group()
+def stack() -> None:
+    """Start, check and stop the local Kafka, PostgreSQL and Redis."""
+
+
+@stack.command("up")
+def stack_up() -> None:
+    """Start what is not already running (a no-op when all is up)."""
+    from finstream.stack import Stack, StackError
+
+    try:
+        Stack(get_settings()).up(log=click.echo)
+    except StackError as exc:
+        fail(str(exc))
+
+
+@stack.command("down")
+def stack_down() -> None:
+    """Stop what `stack up` started; services found running elsewhere are left alone."""
+    from finstream.stack import Stack
+
+    Stack(get_settings()).down(log=click.echo)
+
+
+@stack.command("status")
+def stack_status() -> None:
+    """Say what runs where."""
+    from finstream.stack import Stack
+
+    statuses = Stack(get_settings()).status()
+    for s in statuses:
+        click.echo(s.render())
+    if not all(s.running for s in statuses):
+        sys.exit(3)
+
+
+# -- topics ---------------------------------------------------------------------
+
+
+@main.group()
+def topics() -> None:
+    """The topic catalogue (topics.yaml)."""
+
+
+@topics.command("apply")
+@click.option("--dry-run", is_flag=True, help="Print the diff only.")
+@click.option(
+    "--replication-factor",
+    type=int,
+    default=None,
+    help="Override every topic's replication factor (production clusters).",
+)
+def topics_apply(dry_run: bool, replication_factor: int | None) -> None:
+    """Create missing topics, raise partition counts and update configs; print the diff."""
+    from finstream import topics as t
+
+    settings = get_settings()
+    try:
+        catalogue = t.load_catalogue()
+    except t.CatalogueError as exc:
+        fail(str(exc))
+        return
+    names = [settings.topic(n) for n in catalogue.names]
+    try:
+        existing = t.describe(settings.kafka_bootstrap, names)
+    except Exception as exc:
+        fail(
+            f"cannot read topics from Kafka at {settings.kafka_bootstrap}: {exc} (is `finstream stack up` done?)"
+        )
+        return
+    changes = t.plan(catalogue, existing, settings.namespace, replication_factor)
+    if not changes:
+        click.echo(f"topics: {len(names)} up to date")
+        return
+    for change in changes:
+        click.echo(change.render())
+    refused = [c for c in changes if c.kind == "refuse"]
+    if refused:
+        fail(f"{len(refused)} change(s) refused; nothing applied")
+    if dry_run:
+        click.echo("(dry run: nothing applied)")
+        return
+    try:
+        t.apply(settings.kafka_bootstrap, changes, replication_factor)
+    except RuntimeError as exc:
+        fail(str(exc))
+    applied = sum(1 for c in changes if c.kind in ("create", "partitions", "config"))
+    click.echo(f"topics: {applied} change(s) applied")
+
+
+@topics.command("list")
+def topics_list() -> None:
+    """The catalogue with each topic's partitions, policy and schema."""
+    from finstream import topics as t
+
+    settings = get_settings()
+    for spec in t.load_catalogue().topics:
+        click.echo(
+            f"{settings.topic(spec.name):<28} p={spec.partitions:<3} {spec.cleanup_policy:<14} "
+            f"key={spec.key:<14} value={spec.value_schema}"
+        )
+
+
+# -- database -------------------------------------------------------------------
+
+
+@main.group()
+def db() -> None:
+    """PostgreSQL schema."""
+
+
+@db.command("migrate")
+def db_migrate() -> None:
+    """Apply pending SQL migrations (idempotent)."""
+    from finstream.sinks.postgres import MigrationError, connect, migrate
+
+    async def go() -> list[Any]:
+        conn = await connect(get_settings())
+        try:
+            return await migrate(conn)
+        finally:
+            await conn.close()
+
+    try:
+        applied = asyncio.run(go())
+    except MigrationError as exc:
+        fail(str(exc))
+        return
+    except OSError as exc:
+        fail(f"cannot reach PostgreSQL: {exc} (is `finstream stack up` done?)")
+        return
+    for m in applied:
+        click.echo(f"applied {m.version:04d}_{m.name}")
+    click.echo(f"database: {len(applied)} migration(s) applied, schema up to date")
+
+
+# -- workers --------------------------------------------------------------------
+
+
+@main.command("worker")
+@click.argument("role")
+def worker(role: str) -> None:
+    """Run one worker role in this process (see `finstream roles`)."""
+    from finstream.runtime.worker import run_role
+
+    run_role(role)
+
+
+@main.command("roles")
+def roles() -> None:
+    """The worker roles and what each consumes."""
+    from finstream.roles import ROLES
+
+    for spec in ROLES.values():
+        inputs = ", ".join(spec.inputs) or "-"
+        click.echo(f"{spec.name:<16} {spec.kind:<8} in: {inputs:<28} {spec.description}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,63 @@
+"""The worker roles of finstream: one process kind each, scaled on its own.
+
+A role is what `finstream worker <role>` runs and what the Helm chart turns
+into one Deployment. ``inputs`` are the catalogue topics the role consumes;
+their partition count bounds the replicas that can share the work (the chart's
+autoscaling maximum), and a test keeps the chart's values in line with this
+table. Adding a role is one line here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class RoleSpec:
+    name: str
+    kind: Literal["faust", "service"]
+    target: str  # "module:function": register(app, ctx) for faust, run(ctx) for services
+    inputs: tuple[str, ...]
+    description: str
+
+
+_ROLES = [
+    RoleSpec(
+        "simulator",
+        "service",
+        "finstream.connectors.simulated:run",
+        (),
+        "Simulated market feed (geometric Brownian motion) publishing to md.ticks.",
+    ),
+    RoleSpec(
+        "quotes",
+        "faust",
+        "finstream.agents.quotes:register",
+        ("md.ticks",),
+        "Latest quote per symbol in a faust table and the Redis quote cache.",
+    ),
+    RoleSpec(
+        "history",
+        "service",
+        "finstream.sinks.history:run",
+        ("md.ticks",),
+        "Writes ticks to PostgreSQL in idempotent batches.",
+    ),
+    RoleSpec(
+        "router",
+        "faust",
+        "finstream.agents.router:register",
+        ("notify.requests",),
+        "Routes notification requests to outbound channel topics.",
+    ),
+    RoleSpec(
+        "inapp",
+        "service",
+        "finstream.sinks.delivery.inapp:run",
+        ("notify.outbound.inapp",),
+        "Stores in-app messages in users' Redis inboxes.",
+    ),
+]
+
+ROLES: dict[str, RoleSpec] = {r.name: r for r in _ROLES}

@@ -1,0 +1,147 @@
+"""structlog JSON logs with a correlation id carried from event to event.
+
+Every log line of a process (ours, faust's, aiokafka's) goes through the same
+processors: a timestamp, the level, the role, the correlation id bound in the
+current context, and a redaction step so that secrets and personal data
+(tokens, keys, passwords, email addresses, phone numbers) never reach a log.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.config
+import re
+import uuid
+from collections.abc import Iterator, MutableMapping
+from contextlib import contextmanager
+from typing import Any
+
+import structlog
+
+CORRELATION_HEADER = "correlation-id"
+
+_SENSITIVE_KEYS = re.compile(
+    r"(pass(word)?|secret|token|api[_-]?key|apikey|authorization|auth|cookie|crumb|"
+    r"email|phone|recipient|address|number|signature|credential)",
+    re.IGNORECASE,
+)
+_INLINE_SECRETS = re.compile(
+    r"((?:apikey|api_key|token|crumb|key|password|secret)=)[^&\s\"']+", re.IGNORECASE
+)
+_EMAIL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+")
+_E164 = re.compile(r"\+\d{8,15}\b")
+REDACTED = "[redacted]"
+
+
+def _scrub(value: str) -> str:
+    value = _INLINE_SECRETS.sub(r"\1" + REDACTED, value)
+    value = _EMAIL.sub(REDACTED, value)
+    return _E164.sub(REDACTED, value)
+
+
+def redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Mask values under sensitive keys and secrets embedded in strings (URLs, messages)."""
+    for key, value in list(event_dict.items()):
+        if key in ("event", "level", "timestamp", "logger", "correlation_id", "role"):
+            if isinstance(value, str):
+                event_dict[key] = _scrub(value)
+            continue
+        if _SENSITIVE_KEYS.search(key) and value is not None:
+            event_dict[key] = REDACTED
+        elif isinstance(value, str):
+            event_dict[key] = _scrub(value)
+    return event_dict
+
+
+def _shared_processors() -> list[Any]:
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.stdlib.ExtraAdder(),
+        redact,
+    ]
+
+
+def logging_dict_config(level: str = "INFO", fmt: str = "json") -> dict[str, Any]:
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {
+            "structlog": {
+                "()": structlog.stdlib.ProcessorFormatter,
+                "processors": [
+                    structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.format_exc_info,
+                    renderer,
+                ],
+                "foreign_pre_chain": _shared_processors(),
+            }
+        },
+        "handlers": {
+            "default": {
+                "class": "logging.StreamHandler",
+                "formatter": "structlog",
+                "stream": "ext://sys.stderr",
+            }
+        },
+        "root": {"handlers": ["default"], "level": level.upper()},
+        "loggers": {
+            # Chatty at INFO; their warnings still come through.
+            "aiokafka": {"level": "WARNING"},
+            "kafka": {"level": "WARNING"},
+            "faust": {"level": "WARNING"},
+            "mode": {"level": "WARNING"},
+            "httpx": {"level": "WARNING"},
+            "uvicorn.access": {"level": "WARNING"},
+        },
+    }
+
+
+def configure_logging(level: str = "INFO", fmt: str = "json", **context: Any) -> None:
+    logging.config.dictConfig(logging_dict_config(level, fmt))
+    structlog.configure(
+        processors=[
+            *_shared_processors(),
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    structlog.contextvars.clear_contextvars()
+    if context:
+        structlog.contextvars.bind_contextvars(**context)
+
+
+def new_correlation_id() -> str:
+    return uuid.uuid4().hex
+
+
+def correlation_from_headers(headers: Any) -> str | None:
+    """The correlation id in Kafka headers (a list of (str, bytes) pairs), if any."""
+    for key, value in headers or ():
+        if key == CORRELATION_HEADER and value:
+            try:
+                return bytes(value).decode("ascii")
+            except UnicodeDecodeError:
+                return None
+    return None
+
+
+@contextmanager
+def correlation(correlation_id: str | None) -> Iterator[str]:
+    """Bind a correlation id (a new one when None) to every log line inside the block."""
+    cid = correlation_id or new_correlation_id()
+    with structlog.contextvars.bound_contextvars(correlation_id=cid):
+        yield cid
+
+
+def get_logger(name: str | None = None) -> Any:
+    return structlog.get_logger(name)

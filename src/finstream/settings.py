@@ -1,0 +1,125 @@
+"""Every setting of finstream, read from environment variables in one place.
+
+Each field is read from ``FINSTREAM_<FIELD>`` (upper case). The defaults work
+with the local stack that ``finstream stack up`` starts, so a fresh checkout
+needs no configuration. Nothing outside this module reads ``os.environ``.
+
+``namespace`` prefixes every topic, consumer group, Redis key and faust app id.
+Tests use it to run side by side on one broker without seeing each other's
+data; operators can use it to run several environments on one cluster.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _default_stack_dir() -> Path:
+    return REPO_ROOT / ".stack"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FINSTREAM_", extra="ignore")
+
+    # -- general -------------------------------------------------------------
+    env: str = "dev"
+    namespace: str = Field(
+        default="",
+        description="Prefix for topics, consumer groups, Redis keys and app ids.",
+        pattern=r"^[a-zA-Z0-9._-]*$",
+    )
+    log_level: str = "INFO"
+    log_format: Literal["json", "console"] = "json"
+
+    # -- services --------------------------------------------------------------
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    schema_registry_url: str | None = Field(
+        default=None,
+        description="Confluent-compatible registry; when set, events use the Confluent "
+        "wire format instead of Avro single-object encoding.",
+    )
+    database_url: SecretStr = SecretStr("postgresql://finstream:finstream@127.0.0.1:5432/finstream")
+    redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+
+    # -- local stack (finstream stack up) ----------------------------------------
+    stack_dir: Path = Field(default_factory=_default_stack_dir)
+    kafka_version: str = "4.1.1"
+    kafka_controller_port: int = 9093
+    kafka_heap: str = "1g"
+    stack_start_timeout: float = 90.0
+
+    # -- worker runtime ------------------------------------------------------------
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8081, description="Health and metrics port of a worker.")
+    faust_store: str = "memory://"
+    faust_data_dir: Path | None = None
+    commit_interval: float = 1.0
+    internal_topic_replication: int = Field(
+        default=1, description="Replication of faust's changelog and repartition topics."
+    )
+
+    # -- market data -------------------------------------------------------------
+    sim_symbols: str = "AAPL,MSFT,GOOG,AMZN,NVDA,TSLA,META,JPM"
+    sim_rate: float = Field(default=20.0, gt=0, description="Simulated ticks per second, total.")
+    sim_seed: int | None = None
+    sim_count: int | None = Field(default=None, description="Stop after this many ticks.")
+    tick_max_future_seconds: float = 300.0
+
+    # -- sinks -------------------------------------------------------------------
+    history_batch_size: int = Field(default=1000, gt=0)
+    history_batch_ms: int = Field(default=200, gt=0)
+    inbox_max_messages: int = Field(default=500, gt=0)
+
+    # -- make run (finstream run) -------------------------------------------------
+    run_roles: str = "simulator,quotes,history,router,inapp"
+    run_base_port: int = Field(
+        default=9201, description="Health/metrics ports: one per role from here."
+    )
+    run_demo: bool = True
+
+    # -- api ---------------------------------------------------------------------
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+
+    @field_validator("stack_dir", "faust_data_dir", mode="after")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        return value.expanduser().resolve() if value is not None else None
+
+    # -- derived names -----------------------------------------------------------
+    def topic(self, name: str) -> str:
+        """The Kafka topic name for a catalogue name, with the namespace applied."""
+        return f"{self.namespace}{name}"
+
+    def group(self, role: str) -> str:
+        return f"{self.namespace}finstream-{role}"
+
+    def redis_key(self, key: str) -> str:
+        return f"{self.namespace}{key}"
+
+    @property
+    def symbols(self) -> list[str]:
+        return [s.strip().upper() for s in self.sim_symbols.split(",") if s.strip()]
+
+
+@functools.cache
+def get_settings() -> Settings:
+    return Settings()
+
+
+def child_environment(**overrides: str) -> dict[str, str]:
+    """Environment for a child process: ours plus FINSTREAM_* overrides.
+
+    Lives here so that the one module that touches os.environ stays the only one.
+    """
+    env = dict(os.environ)
+    env.update({f"FINSTREAM_{k.upper()}": v for k, v in overrides.items()})
+    return env

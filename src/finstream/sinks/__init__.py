@@ -1,0 +1,1 @@
+"""Writers to PostgreSQL, Redis and delivery providers."""

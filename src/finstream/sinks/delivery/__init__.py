@@ -1,0 +1,1 @@
+"""Delivery providers, one module each, behind a small shared contract."""

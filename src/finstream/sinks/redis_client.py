@@ -1,0 +1,16 @@
+"""One place that opens Redis connections from settings."""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+
+from finstream.settings import Settings
+
+
+def connect(settings: Settings) -> aioredis.Redis:
+    return aioredis.from_url(
+        settings.redis_url.get_secret_value(),
+        decode_responses=False,
+        health_check_interval=30,
+        socket_keepalive=True,
+    )

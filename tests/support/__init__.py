@@ -1,0 +1,1 @@
+"""Test harness shared by integration and end-to-end tests."""
