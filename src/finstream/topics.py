@@ -24,6 +24,13 @@ class CatalogueError(ValueError):
     """topics.yaml is malformed; the message names the offending entry and field."""
 
 
+def _config_strings(value: Any) -> Any:
+    """Topic configs are strings to the broker; YAML gives numbers for `1` or `0.1`."""
+    if isinstance(value, Mapping):
+        return {str(k): str(v) for k, v in value.items()}
+    return value
+
+
 class TopicSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -40,9 +47,7 @@ class TopicSpec(BaseModel):
     @field_validator("config", mode="before")
     @classmethod
     def _stringify(cls, value: Any) -> Any:
-        if isinstance(value, Mapping):
-            return {str(k): str(v) for k, v in value.items()}
-        return value
+        return _config_strings(value)
 
     def configs(self) -> dict[str, str]:
         """Every topic config we manage, as the broker names them."""
@@ -57,6 +62,11 @@ class _Defaults(BaseModel):
     model_config = ConfigDict(extra="forbid")
     replication_factor: int = Field(default=1, ge=1, le=10)
     config: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("config", mode="before")
+    @classmethod
+    def _stringify(cls, value: Any) -> Any:
+        return _config_strings(value)
 
 
 @dataclass(frozen=True)
