@@ -120,10 +120,8 @@ def test_migrations_are_numbered_and_unique() -> None:
     assert migrations[0].name == "ticks"
 
 
-def test_misnamed_migration_is_an_error(tmp_path: pytest.TempPathFactory) -> None:
-    from pathlib import Path
-
-    folder = Path(str(tmp_path))
+def test_misnamed_migration_is_an_error(tmp_path: Path) -> None:
+    folder = tmp_path
     (folder / "1_bad.sql").write_text("select 1")
     with pytest.raises(MigrationError, match=r"NNNN_name\.sql"):
         load_migrations(folder)
