@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -108,18 +109,25 @@ def topics() -> None:
 @topics.command("apply")
 @click.option("--dry-run", is_flag=True, help="Print the diff only.")
 @click.option(
+    "--file",
+    "path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Catalogue to apply (default: the project's topics.yaml).",
+)
+@click.option(
     "--replication-factor",
     type=int,
     default=None,
     help="Override every topic's replication factor (production clusters).",
 )
-def topics_apply(dry_run: bool, replication_factor: int | None) -> None:
+def topics_apply(dry_run: bool, replication_factor: int | None, path: Path | None = None) -> None:
     """Create missing topics, raise partition counts and update configs; print the diff."""
     from finstream import topics as t
 
     settings = get_settings()
     try:
-        catalogue = t.load_catalogue()
+        catalogue = t.load_catalogue(path)
     except t.CatalogueError as exc:
         fail(str(exc))
         return

@@ -442,7 +442,9 @@ class Stack:
             pwd.getpwnam("postgres")
         except KeyError:
             subprocess.run(["useradd", "--system", "--create-home", "postgres"], check=False)
-        runuser = shutil.which("runuser")
+        runuser = shutil.which("runuser") or next(
+            (p for p in ("/usr/sbin/runuser", "/sbin/runuser") if Path(p).exists()), None
+        )
         if runuser is None:
             raise StackError(
                 "running as root needs `runuser` (util-linux) to start PostgreSQL as the postgres user"

@@ -41,6 +41,27 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def child_pids(pid: int) -> list[int]:
+    """Direct children of a process, from /proc (no psutil needed)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 def wait_until(
     predicate: Callable[[], Any],
     timeout: float = 60.0,
@@ -65,6 +86,8 @@ def _db_url(base: str, name: str) -> str:
 @dataclass
 class TestEnv:
     """One isolated environment: namespace, database, and the settings that point at them."""
+
+    __test__ = False  # not a test class, despite the name
 
     namespace: str
     database: str

@@ -1,0 +1,100 @@
+"""History sink against real Kafka and PostgreSQL: batches, idempotence, dead letters."""
+
+from __future__ import annotations
+
+import itertools
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+from finstream.domain.deadletter import parse_headers
+from finstream.domain.simulation import GbmMarket
+from tests.support.services import TestEnv, WorkerProcess, wait_until
+
+
+def _ticks(count: int, seed: int) -> list[tuple[str, dict]]:
+    market = GbmMarket(["AAPL", "MSFT", "BRK.B", "BTC-USD"], seed=seed, run_id=f"h{seed}")
+    start = datetime.now(UTC) - timedelta(minutes=10)
+    return [
+        (t.symbol, t.to_record())
+        for t in itertools.islice(market.ticks(start, timedelta(milliseconds=5)), count)
+    ]
+
+
+def test_ticks_land_once_and_bad_ones_become_dead_letters(env: TestEnv, log_dir: Path) -> None:
+    good = _ticks(400, seed=1)
+    now = datetime.now(UTC)
+    base = dict(good[0][1])
+    bad_records = [
+        ("AAPL", {**base, "tick_id": "neg", "price": Decimal("-1.00000000")}),
+        ("AAPL", {**base, "tick_id": "future", "ts": now + timedelta(days=1)}),
+        ("bad sym", {**base, "tick_id": "sym", "symbol": "bad sym"}),
+    ]
+    worker = WorkerProcess(env, "history", log_dir, history_batch_ms="50").start()
+    try:
+        env.produce_records("md.ticks", "Tick", good[:200])
+        env.produce("md.ticks", [(b"AAPL", b"not avro at all"), (b"AAPL", None)])
+        env.produce_records("md.ticks", "Tick", bad_records)
+        env.produce_records("md.ticks", "Tick", good[200:])
+        count = lambda: env.sql("SELECT count(*) AS n FROM ticks")[0]["n"]  # noqa: E731
+        wait_until(lambda: count() == 400, timeout=60, message="400 rows")
+
+        # Replaying the whole history (a reprocessing, a second producer) adds nothing.
+        env.produce_records("md.ticks", "Tick", good)
+        wait_until(lambda: "finstream_events_in_total" in worker.metrics(), timeout=10)
+        wait_until(
+            lambda: _consumed(worker.metrics()) >= 2 * 400 + 5,
+            timeout=60,
+            message="replay consumed",
+        )
+        assert count() == 400
+        rows = env.sql("SELECT count(DISTINCT (symbol, tick_id)) AS n, min(price) AS p FROM ticks")
+        assert rows[0]["n"] == 400
+        assert rows[0]["p"] > 0
+
+        # Prices are stored exactly (numeric, not float).
+        sample = good[7][1]
+        stored = env.sql("SELECT price, ts FROM ticks WHERE tick_id = $1", sample["tick_id"])[0]
+        assert stored["price"] == sample["price"]
+        assert stored["ts"] == sample["ts"]
+
+        letters = env.consume_all("dlq", min_count=5, timeout=20)
+        assert len(letters) == 5
+        found = sorted(
+            (
+                parse_headers(m.headers())["dlq.error.class"],
+                parse_headers(m.headers())["dlq.error.message"],
+            )
+            for m in letters
+        )
+        assert [cls for cls, _ in found] == ["DecodeError"] * 2 + ["TickValidationError"] * 3
+        messages = " | ".join(msg for _, msg in found)
+        for reason in (
+            "unknown framing",
+            "no value",
+            "non_positive_price",
+            "future_timestamp",
+            "bad_symbol",
+        ):
+            assert reason in messages
+        for m in letters:
+            h = parse_headers(m.headers())
+            assert h["dlq.source.topic"] == env.topic("md.ticks")
+            assert int(h["dlq.source.offset"]) >= 0
+            assert h["dlq.role"] == "history"
+        assert (
+            'finstream_dead_letters_total{error_class="TickValidationError"'
+            in worker.metrics().replace(
+                'role="history",source_topic="' + env.topic("md.ticks") + '",', ""
+            )
+        )
+    finally:
+        worker.stop()
+
+
+def _consumed(metrics: str) -> float:
+    total = 0.0
+    for line in metrics.splitlines():
+        if line.startswith("finstream_events_in_total{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
