@@ -1,0 +1,297 @@
+"""Message templates: one file per template, channel and locale, over shared layouts.
+
+Layout of the ``templates/`` folder (``finstream.resources.resource("templates")``)::
+
+    _layouts/email.j2  push.j2  sms.j2  inapp.j2     shared, one per channel
+    <template>/<channel>.<locale>.j2                 e.g. price_alert/email.de.j2
+
+A template file extends its channel's layout and fills the blocks the layout
+asks for: ``subject`` (email subject, push title, in-app title), ``text``
+(plain body) and, for email, optionally ``html`` (the layout derives one from
+the text otherwise). The layout renders one *part* at a time (the ``part``
+variable), so each part is rendered on its own.
+
+Locales fall back from region to language to the default (``de-AT`` ->
+``de`` -> ``en``). A template without a file for a channel does not offer
+that channel (:class:`ChannelNotAvailable`); an unknown template, a variable
+the data lacks (StrictUndefined) or anything else that fails to render is a
+:class:`TemplateError` and the request is never sent half-rendered.
+
+Rendering is sandboxed (Jinja2 ``SandboxedEnvironment``): request data is
+untrusted. The email HTML part is autoescaped; text parts are not (they are
+not HTML). Outputs are fitted to each channel's limits: single-line subjects,
+SMS within a number of segments (GSM-7 or UCS-2), push within its payload
+budget.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import SandboxedEnvironment
+
+from finstream.domain.preferences import DEFAULT_LOCALE
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+_WS = re.compile(r"\s+")
+_BLANK_LINES = re.compile(r"\n{3,}")
+MAX_JSON_CHARS = 200_000
+
+# GSM 03.38 basic set, and the extension set whose characters take two septets.
+_GSM_BASIC = frozenset(
+    "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?"
+    "¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà"
+)
+_GSM_EXTENDED = frozenset("^{}\\[~]|€\f")
+
+
+class TemplateError(Exception):
+    """The request cannot be rendered; it goes to the dead-letter topic with this reason."""
+
+
+class UnknownTemplate(TemplateError):
+    pass
+
+
+class MissingVariable(TemplateError):
+    pass
+
+
+class ChannelNotAvailable(Exception):
+    """The template has no file for this channel: the channel is skipped, not an error."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    subject_chars: int = 200
+    email_text_chars: int = 100_000
+    push_title_chars: int = 100
+    push_body_chars: int = 1000
+    # FCM and APNs accept 4096 bytes of payload; keep room for their envelopes.
+    push_payload_bytes: int = 3500
+    sms_segments: int = 3
+    inapp_body_chars: int = 4000
+
+
+@dataclass(frozen=True)
+class Rendered:
+    subject: str | None
+    text: str
+    html: str | None
+    locale: str  # the locale whose file was used
+
+
+def locale_chain(locale: str | None, default: str = DEFAULT_LOCALE) -> list[str]:
+    """``de-AT`` -> [``de-AT``, ``de``, default]."""
+    chain: list[str] = []
+    if locale:
+        chain.append(locale)
+        lang = locale.split("-")[0]
+        if lang not in chain:
+            chain.append(lang)
+    if default not in chain:
+        chain.append(default)
+    return chain
+
+
+def _from_json(value: Any) -> Any:
+    if not isinstance(value, str) or len(value) > MAX_JSON_CHARS:
+        raise TemplateError("from_json needs a JSON string")
+    try:
+        return json.loads(value)
+    except ValueError as exc:
+        raise TemplateError(f"invalid JSON in template data: {exc}") from None
+
+
+def _env(root: Path, autoescape: bool) -> SandboxedEnvironment:
+    env = SandboxedEnvironment(
+        loader=jinja2.FileSystemLoader(str(root)),
+        undefined=jinja2.StrictUndefined,
+        autoescape=autoescape,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        auto_reload=False,
+        cache_size=1000,
+    )
+    env.filters["from_json"] = _from_json
+    return env
+
+
+def truncate(text: str, limit: int, ellipsis: str = "…") -> str:
+    """At most ``limit`` characters, cut at a word boundary when one is near."""
+    if len(text) <= limit:
+        return text
+    room = max(limit - len(ellipsis), 0)
+    cut = text[:room]
+    space = cut.rfind(" ")
+    if space >= room * 0.6:
+        cut = cut[:space]
+    return cut.rstrip() + ellipsis[: max(limit - len(cut.rstrip()), 0)]
+
+
+def is_gsm7(text: str) -> bool:
+    return all(c in _GSM_BASIC or c in _GSM_EXTENDED for c in text)
+
+
+def sms_units(text: str) -> int:
+    """Length in the units segments are counted in (septets for GSM-7, characters for UCS-2)."""
+    if is_gsm7(text):
+        return sum(2 if c in _GSM_EXTENDED else 1 for c in text)
+    return sum(2 if ord(c) > 0xFFFF else 1 for c in text)  # UTF-16 code units
+
+
+def sms_max_units(text: str, segments: int) -> int:
+    if is_gsm7(text):
+        return 160 if segments == 1 else 153 * segments
+    return 70 if segments == 1 else 67 * segments
+
+
+def sms_segments(text: str) -> int:
+    units = sms_units(text)
+    if is_gsm7(text):
+        return 1 if units <= 160 else -(-units // 153)
+    return 1 if units <= 70 else -(-units // 67)
+
+
+def fit_sms(text: str, segments: int) -> str:
+    """The text within ``segments`` SMS segments, cut with "..." (GSM-7 safe) if longer."""
+    if sms_segments(text) <= segments:
+        return text
+    limit = sms_max_units(text, segments)
+    cut = text
+    while cut and sms_units(cut + "...") > limit:
+        # Shrink by the overflow (at least one character) and retry at a word boundary.
+        over = sms_units(cut + "...") - limit
+        cut = truncate(cut, max(len(cut) - over, 0), ellipsis="")
+    return cut + "..."
+
+
+def fit_push(
+    title: str | None, body: str, data: Mapping[str, str], limits: Limits
+) -> tuple[str | None, str, dict[str, str]]:
+    """Title, body and data within the push payload budget; data goes first, then body."""
+    title = truncate(title, limits.push_title_chars) if title else title
+    body = truncate(body, limits.push_body_chars)
+    used = len((title or "").encode()) + len(body.encode())
+    kept: dict[str, str] = {}
+    for key in sorted(data):
+        size = len(key.encode()) + len(data[key].encode()) + 6  # JSON quotes, colon, comma
+        if used + size > limits.push_payload_bytes:
+            continue
+        kept[key] = data[key]
+        used += size
+    while len(body.encode()) + len((title or "").encode()) > limits.push_payload_bytes and body:
+        body = truncate(body, max(len(body) - 50, 1))
+    return title, body, kept
+
+
+def _one_line(text: str) -> str:
+    # CR/LF in a subject would be a header injection; a title is one line anyway.
+    return _WS.sub(" ", text).strip()
+
+
+class Templates:
+    """Finds, renders and fits templates; compiled templates are cached."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        default_locale: str = DEFAULT_LOCALE,
+        limits: Limits | None = None,
+    ) -> None:
+        self.root = root
+        self.default_locale = default_locale
+        self.limits = limits or Limits()
+        self._text = _env(root, autoescape=False)
+        self._html = _env(root, autoescape=True)
+        self._files: dict[tuple[str, str, str], str | None] = {}
+
+    def exists(self, template: str) -> bool:
+        return bool(_NAME.match(template)) and (self.root / template).is_dir()
+
+    def _file(self, template: str, channel: str, locale: str | None) -> tuple[str, str]:
+        if not self.exists(template):
+            raise UnknownTemplate(f"unknown template {template!r}")
+        key = (template, channel, locale or "")
+        if key not in self._files:
+            found = None
+            for loc in locale_chain(locale, self.default_locale):
+                name = f"{template}/{channel}.{loc}.j2"
+                if (self.root / name).is_file():
+                    found = f"{name}|{loc}"
+                    break
+            self._files[key] = found
+        found = self._files[key]
+        if found is None:
+            raise ChannelNotAvailable(f"template {template!r} has no {channel} version")
+        name, _, loc = found.partition("|")
+        return name, loc
+
+    def _render(
+        self, env: SandboxedEnvironment, name: str, part: str, context: dict[str, Any]
+    ) -> str:
+        try:
+            return env.get_template(name).render({**context, "part": part})
+        except jinja2.UndefinedError as exc:
+            raise MissingVariable(f"template {name} ({part}): {exc.message}") from None
+        except TemplateError as exc:
+            raise TemplateError(f"template {name} ({part}): {exc}") from None
+        except jinja2.TemplateError as exc:
+            raise TemplateError(f"template {name} ({part}) failed: {exc}") from None
+        except (ValueError, TypeError, ArithmeticError, LookupError, AttributeError) as exc:
+            raise TemplateError(f"template {name} ({part}) failed: {exc!r}") from None
+
+    def render(
+        self,
+        template: str,
+        channel: str,
+        locale: str | None,
+        data: Mapping[str, str],
+        extra: Mapping[str, Any] | None = None,
+    ) -> Rendered:
+        """Render every part of one channel's message, fitted to its limits."""
+        channel = channel.lower()
+        name, used = self._file(template, channel, locale)
+        # Data keys become variables; ours win over a datum of the same name
+        # (the datum stays reachable as data["name"]).
+        context: dict[str, Any] = {
+            **data,
+            **(extra or {}),
+            "data": dict(data),
+            "locale": used,
+            "channel": channel,
+        }
+        limits = self.limits
+        if channel == "sms":
+            text = self._render(self._text, name, "text", context).strip()
+            return Rendered(
+                None, fit_sms(_BLANK_LINES.sub("\n\n", text), limits.sms_segments), None, used
+            )
+        subject = _one_line(self._render(self._text, name, "subject", context))
+        text = _BLANK_LINES.sub("\n\n", self._render(self._text, name, "text", context).strip())
+        if not text:
+            raise TemplateError(f"template {name} renders an empty body")
+        if channel == "email":
+            html = self._render(self._html, name, "html", context).strip()
+            return Rendered(
+                truncate(subject, limits.subject_chars) or None,
+                truncate(text, limits.email_text_chars),
+                html or None,
+                used,
+            )
+        if channel == "push":
+            title = truncate(subject, limits.push_title_chars) or None
+            return Rendered(title, truncate(text, limits.push_body_chars), None, used)
+        return Rendered(
+            truncate(subject, limits.subject_chars) or None,
+            truncate(text, limits.inapp_body_chars),
+            None,
+            used,
+        )
