@@ -34,6 +34,9 @@ def create_app(role: str, settings: Settings) -> faust.App:
         consumer_auto_offset_reset="earliest",
         broker_commit_interval=settings.commit_interval,
         producer_acks=-1,
+        # Changelog writes (one per table update) otherwise go out one request
+        # each; a few milliseconds of linger batches them (measured: bench_pipeline).
+        producer_linger=0.005,
         topic_replication_factor=settings.internal_topic_replication,
         table_standby_replicas=0,
         # Everything on the wire is Avro bytes that we decode ourselves.

@@ -1,9 +1,17 @@
-"""Quotes agent: md.ticks -> latest quote per symbol (faust table + Redis cache).
+"""Quotes agent: md.ticks -> latest quote per symbol (faust table + Redis cache),
+and OHLCV bars (md.bars.1m).
 
 The table holds the latest tick per symbol (its Avro bytes), recovered from
 its changelog after a restart; the Redis hash and channel serve readers. A
 tick that does not decode or fails validation becomes a dead letter and the
 partition keeps flowing.
+
+Bars (:mod:`finstream.domain.bars`) are built per symbol and width on
+exchange time in the ``bar-state`` table. Each stored state remembers the
+md.ticks offset it includes, so ticks replayed after a crash are not counted
+twice; bars are flushed to md.bars.1m before the state that published them
+is written, so none is lost either. A tick too late for a bar goes to dlq
+with the reason.
 """
 
 from __future__ import annotations
@@ -13,19 +21,25 @@ from datetime import timedelta
 from typing import Any
 
 import faust
+from prometheus_client import Counter
 
 from finstream.app import RAW, AgentContext
 from finstream.codec import DecodeError
+from finstream.domain.bars import Bar, BarState, IntervalError, add_tick, parse_intervals
 from finstream.domain.ticks import Tick, TickValidationError, validate_tick
 from finstream.domain.time import utcnow
 from finstream.runtime.faust_support import message_headers
 from finstream.runtime.logging import get_logger
 from finstream.runtime.metrics import EVENTS_IN, PROCESSING_SECONDS
-from finstream.sinks.quote_cache import QuoteCache
+from finstream.sinks.quote_cache import CoalescingQuoteWriter, QuoteCache
 from finstream.sinks.redis_client import connect
 from finstream.topics import load_catalogue
 
 log = get_logger(__name__)
+
+BARS_PUBLISHED = Counter(
+    "finstream_bars_published_total", "Bar publications (revisions included)", ["interval", "final"]
+)
 
 
 def register(app: faust.App, ctx: AgentContext) -> None:
@@ -35,10 +49,24 @@ def register(app: faust.App, ctx: AgentContext) -> None:
     ticks = app.topic(source, partitions=partitions, **RAW)
     latest = app.Table("latest-quote", partitions=partitions, key_type=bytes, value_type=bytes)
     max_future = timedelta(seconds=settings.tick_max_future_seconds)
+    bars = BarBuilder(app, ctx, partitions)
+
+    cache = QuoteCache(connect(settings), settings)
+    writer = CoalescingQuoteWriter(cache)
+
+    @app.on_rebalance_complete.connect  # type: ignore[arg-type]
+    async def _resync(sender: Any, **_: Any) -> None:
+        # The table (recovered from its changelog) is the truth; re-offering it
+        # repairs cache writes lost in a crash. Monotonic writes make this safe.
+        for value in list(latest.values()):
+            try:
+                writer.offer(Tick.from_record(ctx.codec.decode(value, "Tick")))
+            except DecodeError:
+                continue
 
     @app.agent(ticks, name="quotes")
     async def quotes(stream: faust.StreamT[Any]) -> None:
-        cache = QuoteCache(connect(settings), settings)
+        writer.start()
         async for event in stream.events():
             started = time.perf_counter()
             msg = event.message
@@ -62,7 +90,8 @@ def register(app: faust.App, ctx: AgentContext) -> None:
             current = latest.get(key)
             if current is None or _newer(ctx, tick, current):
                 latest[key] = msg.value
-            await cache.update(tick)
+            writer.offer(tick)
+            await bars.on_tick(msg, tick)
             PROCESSING_SECONDS.labels(ctx.role, "tick").observe(time.perf_counter() - started)
 
 
@@ -71,3 +100,78 @@ def _newer(ctx: AgentContext, tick: Tick, current: bytes) -> bool:
         return bool(tick.ts >= ctx.codec.decode(current, "Tick")["ts"])
     except DecodeError:
         return True
+
+
+class BarBuilder:
+    """Bars of every configured width for the ticks of this worker's partitions."""
+
+    def __init__(self, app: faust.App, ctx: AgentContext, partitions: int) -> None:
+        settings = ctx.settings
+        try:
+            self.intervals = parse_intervals(settings.bar_intervals)
+        except IntervalError as exc:
+            raise SystemExit(f"FINSTREAM_BAR_INTERVALS: {exc}") from None
+        self.lateness = timedelta(seconds=settings.bar_allowed_lateness)
+        self.ctx = ctx
+        self.topic = settings.topic("md.bars.1m")
+        self.table = app.Table("bar-state", partitions=partitions, key_type=bytes, value_type=bytes)
+        # Decoded states, reused while the table still holds the same bytes.
+        self._decoded: dict[bytes, tuple[bytes, tuple[int, int] | None, BarState]] = {}
+
+    def _load(self, key: bytes) -> tuple[tuple[int, int] | None, BarState]:
+        raw = self.table.get(key)
+        if raw is None:
+            return None, BarState()
+        hit = self._decoded.get(key)
+        if hit is not None and hit[0] is raw:
+            return hit[1], hit[2]
+        head, _, body = raw.partition(b"\n")
+        part, _, offset = head.partition(b":")
+        position = (int(part), int(offset))
+        state = BarState.from_json(body)
+        self._decoded[key] = (raw, position, state)
+        return position, state
+
+    def _store(self, key: bytes, position: tuple[int, int], state: BarState) -> None:
+        raw = b"%d:%d\n" % position + state.to_json()
+        self.table[key] = raw
+        self._decoded[key] = (raw, position, state)
+
+    async def on_tick(self, msg: Any, tick: Tick) -> None:
+        ctx = self.ctx
+        position = (msg.partition, msg.offset)
+        late: list[str] = []
+        updates: list[tuple[bytes, BarState]] = []
+        publish: list[Bar] = []
+        for interval in self.intervals:
+            key = f"{tick.symbol}|{interval.name}".encode()
+            stored, state = self._load(key)
+            if stored is not None and stored[0] == position[0] and stored[1] >= position[1]:
+                continue  # replayed after a restart: already in this state
+            update = add_tick(state, tick, interval, self.lateness)
+            if update.late is not None:
+                late.append(update.late)
+            elif not update.duplicate:
+                updates.append((key, update.state))
+                publish.extend(update.publish)
+        for bar in publish:
+            await ctx.publisher.send(
+                self.topic, bar.symbol.encode(), ctx.codec.encode("Bar", bar.to_record())
+            )
+            BARS_PUBLISHED.labels(bar.interval, str(bar.final).lower()).inc()
+        if publish:
+            # Published bars must be durable before the state that forgets them.
+            await ctx.publisher.flush()
+        for key, state in updates:
+            self._store(key, position, state)
+        if late:
+            await ctx.dead_letters.send(
+                source_topic=msg.topic,
+                partition=msg.partition,
+                offset=msg.offset,
+                key=msg.key,
+                value=msg.value,
+                error="; ".join(late),
+                error_class="LateTick",
+                headers=message_headers(msg),
+            )

@@ -5,10 +5,19 @@ published as JSON on the ``quotes:<SYMBOL>`` channel for live subscribers (the
 WebSocket API fans these out). Updates are monotonic in event time: a late or
 replayed tick never overwrites a newer quote, so at-least-once redelivery and
 replays cannot move the cache backwards.
+
+The quotes agent writes through :class:`CoalescingQuoteWriter`: it keeps only
+the newest tick per symbol and flushes them in one Redis pipeline every few
+milliseconds, so a round trip per tick never throttles the stream. Live
+subscribers therefore see a conflated feed (at most one update per symbol per
+flush), the usual trade-off of quote distribution. What a crash loses between
+flushes is restored from the agent's table when its partitions are recovered.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from decimal import Decimal
 from typing import Any
@@ -17,7 +26,10 @@ import redis.asyncio as aioredis
 
 from finstream.domain.ticks import Tick
 from finstream.domain.time import to_micros
+from finstream.runtime.logging import get_logger
 from finstream.settings import Settings
+
+log = get_logger(__name__)
 
 # KEYS[1] quote hash; ARGV[1] ts in micros, ARGV[2] channel, ARGV[3] JSON, ARGV[4..] field/value pairs.
 _UPDATE = """
@@ -71,16 +83,80 @@ class QuoteCache:
     def channel(self, symbol: str) -> str:
         return self._settings.redis_key(f"quotes:{symbol}")
 
-    async def update(self, tick: Tick) -> bool:
-        """Store the tick as the latest quote unless a newer one is there; True if stored."""
+    def _args(self, tick: Tick) -> list[Any]:
         fields = quote_fields(tick)
         args: list[Any] = [fields["ts_us"], self.channel(tick.symbol), json.dumps(fields)]
         for k, v in fields.items():
             args.extend((k, v))
-        return bool(await self._script(keys=[self.key(tick.symbol)], args=args))
+        return args
+
+    async def update(self, tick: Tick) -> bool:
+        """Store the tick as the latest quote unless a newer one is there; True if stored."""
+        return bool(await self._script(keys=[self.key(tick.symbol)], args=self._args(tick)))
+
+    async def update_many(self, ticks: list[Tick]) -> int:
+        """Several symbols in one pipeline (one round trip); returns how many were stored."""
+        if not ticks:
+            return 0
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for tick in ticks:
+                await self._script(keys=[self.key(tick.symbol)], args=self._args(tick), client=pipe)
+            results = await pipe.execute()
+        return sum(1 for r in results if r)
 
     async def get(self, symbol: str) -> dict[str, str] | None:
         raw = await self._redis.hgetall(self.key(symbol))
         if not raw:
             return None
         return {_text(k): _text(v) for k, v in raw.items()}
+
+
+class CoalescingQuoteWriter:
+    """Write-behind for the quote cache: newest tick per symbol, flushed in batches."""
+
+    def __init__(self, cache: QuoteCache, interval: float = 0.005) -> None:
+        self._cache = cache
+        self._interval = interval
+        self._pending: dict[str, Tick] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def offer(self, tick: Tick) -> None:
+        current = self._pending.get(tick.symbol)
+        if current is None or tick.ts >= current.ts:
+            self._pending[tick.symbol] = tick
+            self._wake.set()
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="quote-cache-writer")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self.flush()
+
+    async def flush(self) -> None:
+        if not self._pending:
+            return
+        batch, self._pending = list(self._pending.values()), {}
+        try:
+            await self._cache.update_many(batch)
+        except Exception as exc:
+            # Redis unavailable: keep the newest values and retry on the next flush.
+            for tick in batch:
+                # A newer tick offered meanwhile wins over the one being retried.
+                self._pending.setdefault(tick.symbol, tick)
+            self._wake.set()
+            log.warning("quote cache flush failed; will retry", error=str(exc), pending=len(batch))
+            await asyncio.sleep(0.5)
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await asyncio.sleep(self._interval)
+            await self.flush()
