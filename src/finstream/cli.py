@@ -23,6 +23,7 @@ _LAZY: dict[str, tuple[str, str]] = {
         "finstream.runtime.supervisor:run_command",
         "Run the whole pipeline locally (make run).",
     ),
+    "alerts": ("finstream.cli_alerts:alerts", "Alert rules: add, list, show, remove, back-test."),
 }
 
 

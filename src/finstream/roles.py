@@ -58,6 +58,20 @@ _ROLES = [
         ("notify.outbound.inapp",),
         "Stores in-app messages in users' Redis inboxes.",
     ),
+    RoleSpec(
+        "bars",
+        "service",
+        "finstream.sinks.bars:run",
+        ("md.bars.1m",),
+        "Stores bars in PostgreSQL (highest revision wins) and the latest ones in Redis.",
+    ),
+    RoleSpec(
+        "alerts",
+        "faust",
+        "finstream.agents.alerts:register",
+        ("md.ticks", "alerts.rules", "alerts.rules.by-symbol"),
+        "Evaluates alert rules on ticks (co-partitioned by symbol); fires alerts.fired and notify.requests.",
+    ),
 ]
 
 ROLES: dict[str, RoleSpec] = {r.name: r for r in _ROLES}

@@ -78,8 +78,27 @@ class Settings(BaseSettings):
     history_batch_ms: int = Field(default=200, gt=0)
     inbox_max_messages: int = Field(default=500, gt=0)
 
+    # Bars and alerts (issue 4). The quotes agent builds bars on exchange time
+    # for every width in bar_intervals and publishes them to md.bars.1m (the
+    # `interval` field tells widths apart); a tick that arrives more than
+    # bar_allowed_lateness seconds after its bar's end goes to dlq. The `bars`
+    # role stores bars in PostgreSQL and the latest bars_redis_keep per symbol
+    # and width in Redis. The `alerts` role evaluates rules on bars of
+    # alert_bar_interval (bar frequencies, moving windows, volume spikes).
+    bar_intervals: str = Field(default="1m", description="Bar widths, comma-separated: 1m,5m,1h.")
+    bar_allowed_lateness: float = Field(
+        default=5.0, ge=0, description="Seconds after a bar's end during which late ticks correct it."
+    )
+    bars_redis_keep: int = Field(default=500, gt=0, description="Bars kept per symbol and width.")
+    bars_batch_size: int = Field(default=500, gt=0)
+    bars_batch_ms: int = Field(default=200, gt=0)
+    alert_bar_interval: str = Field(default="1m", description="Bar width of alert evaluation.")
+    alert_max_rules_per_symbol: int = Field(
+        default=2000, gt=0, description="More rules on one symbol are refused (dead-lettered)."
+    )
+
     # -- make run (finstream run) -------------------------------------------------
-    run_roles: str = "simulator,quotes,history,router,inapp"
+    run_roles: str = "simulator,quotes,history,router,inapp,bars,alerts"
     run_base_port: int = Field(
         default=9201, description="Health/metrics ports: one per role from here."
     )

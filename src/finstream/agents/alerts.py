@@ -1,0 +1,405 @@
+"""Alerts agent: users' rules against ticks, co-partitioned by symbol.
+
+Three agents in one faust app (the ``alerts`` role):
+
+``rules-intake`` (alerts.rules, keyed by rule id)
+    Validates each rule and forwards it to ``alerts.rules.by-symbol`` with the
+    key ``SYMBOL/rule_id`` on the partition md.ticks uses for the symbol
+    (Kafka's default murmur2 partitioner). A tombstone carries no symbol, so
+    the ``alert-rule-symbol`` table remembers each rule's symbol; a rule that
+    moves to another symbol is deleted from the old one.
+
+``rulebook`` (alerts.rules.by-symbol)
+    Keeps the ``alert-rules`` table: symbol -> that symbol's rules. It is
+    co-partitioned with md.ticks, so every worker holds exactly the rules of
+    the symbols whose ticks it reads.
+
+``alerts`` (md.ticks)
+    Looks up the tick's symbol only (the cost of a tick does not grow with the
+    number of rules of other symbols), runs the pure evaluation of
+    :mod:`finstream.domain.alert_engine`, publishes an AlertFired (alerts.fired,
+    keyed by user) and a NotificationRequest (notify.requests, category
+    price_alert) per firing, and stores the symbol's evaluation state.
+
+Exactly one firing per alert across kills and rebalances: firings are flushed
+to Kafka *before* the new evaluation state is written to its changelog. A
+worker killed in between comes back with the old state, evaluates the tick
+again and sends the same firing again with the same deterministic ids
+(fired_id, request_id), which downstream consumers already deduplicate; a
+worker killed earlier sent nothing; one killed later has the new state and
+treats the replayed tick as already seen. No crossing is missed and none is
+fired under two ids.
+
+Nothing escapes an agent: bad input becomes a dead letter with its reason.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import faust
+from aiokafka.partitioner import murmur2
+from prometheus_client import Counter, Gauge
+
+from finstream.app import RAW, AgentContext
+from finstream.codec import Codec, DecodeError, EncodeError
+from finstream.domain.alert_engine import Evaluation, RuleBook, SymbolState, evaluate
+from finstream.domain.alerts import AlertRule, RuleValidationError, validate_rule
+from finstream.domain.bars import Interval, parse_interval
+from finstream.domain.ticks import Tick, TickValidationError, validate_tick
+from finstream.domain.time import utcnow
+from finstream.runtime.faust_support import message_headers
+from finstream.runtime.kafka import correlation_header
+from finstream.runtime.logging import get_logger
+from finstream.runtime.metrics import EVENTS_IN, PROCESSING_SECONDS
+from finstream.topics import load_catalogue
+
+log = get_logger(__name__)
+
+ALERTS_FIRED = Counter("finstream_alerts_fired_total", "Alert firings published", ["condition"])
+TICKS_SKIPPED = Counter(
+    "finstream_alerts_ticks_skipped_total",
+    "Ticks not evaluated: stale (older than the symbol's last) or seen before",
+    ["reason"],
+)
+SYMBOLS_WITH_RULES = Gauge(
+    "finstream_alerts_symbols_with_rules", "Symbols with at least one rule on this worker"
+)
+BY_SYMBOL = "alerts.rules.by-symbol"
+
+
+def symbol_partition(symbol: str, partitions: int) -> int:
+    """The partition Kafka's default partitioner gives the key ``symbol``."""
+    return int(murmur2(symbol.encode()) & 0x7FFFFFFF) % partitions
+
+
+def by_symbol_key(symbol: str, rule_id: str) -> bytes:
+    # Rule ids never contain "/", symbols may (RDS/A): split on the last one.
+    return f"{symbol}/{rule_id}".encode()
+
+
+def split_by_symbol_key(key: bytes) -> tuple[str, str]:
+    symbol, sep, rule_id = key.decode().rpartition("/")
+    if not sep or not symbol or not rule_id:
+        raise ValueError(f"key {key!r} is not SYMBOL/rule_id")
+    return symbol, rule_id
+
+
+class BadInput(ValueError):
+    """Input that cannot be used; its message is the dead letter's reason."""
+
+
+# -- the rules of a symbol, as stored in the alert-rules table --------------------------
+
+
+def encode_rules(codec: Codec, rules: dict[str, AlertRule]) -> bytes:
+    return json.dumps(
+        {
+            rid: base64.b64encode(codec.encode("AlertRule", r.to_record())).decode()
+            for rid, r in sorted(rules.items())
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+def decode_rules(codec: Codec, raw: bytes) -> dict[str, AlertRule]:
+    doc = json.loads(raw)
+    return {
+        rid: AlertRule.from_record(codec.decode(base64.b64decode(b), "AlertRule"))
+        for rid, b in doc.items()
+    }
+
+
+@dataclass
+class _Cached:
+    raw: bytes
+    value: Any
+
+
+class _DecodedTable:
+    """Decoded values of a bytes-valued faust table, decoded once per stored value.
+
+    The table keeps the bytes that went to (or came from) its changelog; the
+    decoded object is cached next to them and reused while the table still
+    holds the very same bytes object, so a restore or another worker's write
+    is never masked by a stale cache.
+    """
+
+    def __init__(self, table: Any, decode: Any) -> None:
+        self.table = table
+        self._decode = decode
+        self._cache: dict[bytes, _Cached] = {}
+
+    def get(self, key: bytes) -> Any:
+        raw = self.table.get(key)
+        if raw is None:
+            self._cache.pop(key, None)
+            return None
+        hit = self._cache.get(key)
+        if hit is not None and hit.raw is raw:
+            return hit.value
+        value = self._decode(raw)
+        self._cache[key] = _Cached(raw, value)
+        return value
+
+    def set(self, key: bytes, raw: bytes, value: Any) -> None:
+        self.table[key] = raw
+        self._cache[key] = _Cached(raw, value)
+
+    def delete(self, key: bytes) -> None:
+        self._cache.pop(key, None)
+        if key in self.table:
+            del self.table[key]
+
+
+def register(app: faust.App, ctx: AgentContext) -> None:
+    settings = ctx.settings
+    codec = ctx.codec
+    catalogue = load_catalogue()
+    partitions = catalogue.get("md.ticks").partitions
+    if catalogue.get(BY_SYMBOL).partitions != partitions:
+        raise SystemExit(f"topics.yaml: {BY_SYMBOL} must have as many partitions as md.ticks")
+    try:
+        interval: Interval = parse_interval(settings.alert_bar_interval)
+    except ValueError as exc:
+        raise SystemExit(f"FINSTREAM_ALERT_BAR_INTERVAL: {exc}") from None
+    max_rules = settings.alert_max_rules_per_symbol
+    rules_topic = app.topic(
+        settings.topic("alerts.rules"),
+        partitions=catalogue.get("alerts.rules").partitions,
+        **RAW,
+    )
+    by_symbol_name = settings.topic(BY_SYMBOL)
+    by_symbol_topic = app.topic(by_symbol_name, partitions=partitions, **RAW)
+    ticks_topic = app.topic(settings.topic("md.ticks"), partitions=partitions, **RAW)
+    fired_topic = settings.topic("alerts.fired")
+    requests_topic = settings.topic("notify.requests")
+
+    rule_symbol = app.Table(
+        "alert-rule-symbol",
+        partitions=catalogue.get("alerts.rules").partitions,
+        key_type=bytes,
+        value_type=bytes,
+    )
+    rules_by_symbol = _DecodedTable(
+        app.Table("alert-rules", partitions=partitions, key_type=bytes, value_type=bytes),
+        lambda raw: decode_rules(codec, raw),
+    )
+    books: dict[bytes, tuple[dict[str, AlertRule], RuleBook]] = {}
+    empty_book = RuleBook.build((), interval)
+    state_core = app.Table("alert-state", partitions=partitions, key_type=bytes, value_type=bytes)
+    state_history = app.Table(
+        "alert-history", partitions=partitions, key_type=bytes, value_type=bytes
+    )
+    states: dict[bytes, tuple[Any, Any, SymbolState]] = {}
+
+    def book_for(key: bytes) -> RuleBook:
+        rules = rules_by_symbol.get(key)
+        if not rules:
+            return empty_book
+        cached = books.get(key)
+        if cached is not None and cached[0] is rules:
+            return cached[1]
+        book = RuleBook.build(rules.values(), interval)
+        books[key] = (rules, book)
+        return book
+
+    def state_for(key: bytes) -> SymbolState:
+        core, history = state_core.get(key), state_history.get(key)
+        cached = states.get(key)
+        if cached is not None and cached[0] is core and cached[1] is history:
+            return cached[2]
+        state = SymbolState.from_json(core, history)
+        states[key] = (core, history, state)
+        return state
+
+    async def dead_letter(
+        msg: Any, error: BaseException | str, error_class: str | None = None
+    ) -> None:
+        await ctx.dead_letters.send(
+            source_topic=msg.topic,
+            partition=msg.partition,
+            offset=msg.offset,
+            key=msg.key,
+            value=msg.value,
+            error=error,
+            error_class=error_class,
+            headers=message_headers(msg),
+        )
+
+    # -- alerts.rules -> alerts.rules.by-symbol ------------------------------------------
+
+    @app.agent(rules_topic, name="rules-intake")
+    async def rules_intake(stream: faust.StreamT[Any]) -> None:
+        async for event in stream.events():
+            msg = event.message
+            EVENTS_IN.labels(ctx.role, msg.topic).inc()
+            try:
+                await _intake(msg)
+            except (BadInput, DecodeError, RuleValidationError, UnicodeDecodeError) as exc:
+                await dead_letter(msg, exc)
+            except Exception as exc:  # never stall the partition
+                log.exception("rule intake failed", offset=msg.offset)
+                await dead_letter(msg, exc, "UnexpectedError")
+
+    async def _intake(msg: Any) -> None:
+        if not msg.key:
+            raise BadInput("alerts.rules message without a key (the key is the rule id)")
+        rule_id = msg.key.decode()
+        previous = rule_symbol.get(msg.key)
+        if msg.value is None:
+            if previous is not None:
+                await _forward(previous.decode(), rule_id, None)
+                del rule_symbol[msg.key]
+            return
+        rule = validate_rule(AlertRule.from_record(codec.decode(msg.value, "AlertRule")))
+        if rule.rule_id != rule_id:
+            raise BadInput(f"key {rule_id!r} is not the rule's rule_id {rule.rule_id!r}")
+        if previous is not None and previous.decode() != rule.symbol:
+            await _forward(previous.decode(), rule_id, None)
+        await _forward(rule.symbol, rule_id, msg.value)
+        if previous != rule.symbol.encode():
+            rule_symbol[msg.key] = rule.symbol.encode()
+
+    async def _forward(symbol: str, rule_id: str, value: bytes | None) -> None:
+        await ctx.publisher.send(
+            by_symbol_name,
+            by_symbol_key(symbol, rule_id),
+            value,
+            partition=symbol_partition(symbol, partitions),
+        )
+
+    # -- alerts.rules.by-symbol -> alert-rules table --------------------------------------
+
+    @app.agent(by_symbol_topic, name="rulebook")
+    async def rulebook(stream: faust.StreamT[Any]) -> None:
+        async for event in stream.events():
+            msg = event.message
+            EVENTS_IN.labels(ctx.role, msg.topic).inc()
+            try:
+                _apply_rule(msg)
+            except (BadInput, DecodeError, RuleValidationError, ValueError) as exc:
+                await dead_letter(msg, exc)
+            except Exception as exc:
+                log.exception("rule update failed", offset=msg.offset)
+                await dead_letter(msg, exc, "UnexpectedError")
+
+    def _apply_rule(msg: Any) -> None:
+        if not msg.key:
+            raise BadInput(f"{BY_SYMBOL} message without a key")
+        symbol, rule_id = split_by_symbol_key(msg.key)
+        expected = symbol_partition(symbol, partitions)
+        if msg.partition != expected:
+            raise BadInput(f"rule for {symbol} on partition {msg.partition}, expected {expected}")
+        key = symbol.encode()
+        current: dict[str, AlertRule] = rules_by_symbol.get(key) or {}
+        if msg.value is None:
+            if rule_id not in current:
+                return
+            rules = {rid: r for rid, r in current.items() if rid != rule_id}
+        else:
+            rule = validate_rule(AlertRule.from_record(codec.decode(msg.value, "AlertRule")))
+            if (rule.symbol, rule.rule_id) != (symbol, rule_id):
+                raise BadInput(
+                    f"key {msg.key!r} does not match the rule ({rule.symbol}/{rule.rule_id})"
+                )
+            old = current.get(rule_id)
+            if old is not None and old.updated_at > rule.updated_at:
+                log.info("older rule version ignored", rule_id=rule_id)
+                return
+            if old is None and len(current) >= max_rules:
+                raise BadInput(
+                    f"{symbol} already has {len(current)} rules, the most one symbol may have "
+                    "(FINSTREAM_ALERT_MAX_RULES_PER_SYMBOL)"
+                )
+            rules = {**current, rule_id: rule}
+        if rules:
+            rules_by_symbol.set(key, encode_rules(codec, rules), rules)
+        else:
+            rules_by_symbol.delete(key)
+        log.info("rule updated", symbol=symbol, rule_id=rule_id, deleted=msg.value is None)
+
+    @app.timer(10.0)
+    async def _gauges() -> None:
+        SYMBOLS_WITH_RULES.set(len(rules_by_symbol.table))
+
+    # -- md.ticks -> alerts.fired + notify.requests ------------------------------------------
+
+    @app.agent(ticks_topic, name="alerts")
+    async def alerts(stream: faust.StreamT[Any]) -> None:
+        async for event in stream.events():
+            msg = event.message
+            EVENTS_IN.labels(ctx.role, msg.topic).inc()
+            started = time.perf_counter()
+            try:
+                await _on_tick(msg)
+            except (BadInput, DecodeError, TickValidationError) as exc:
+                await dead_letter(msg, exc)
+            except EncodeError as exc:
+                log.exception("firing could not be encoded", offset=msg.offset)
+                await dead_letter(msg, exc)
+            except Exception as exc:
+                log.exception("tick evaluation failed", offset=msg.offset)
+                await dead_letter(msg, exc, "UnexpectedError")
+            PROCESSING_SECONDS.labels(ctx.role, "tick").observe(time.perf_counter() - started)
+
+    max_future = settings.tick_max_future_seconds
+
+    async def _on_tick(msg: Any) -> None:
+        tick = validate_tick(
+            Tick.from_record(codec.decode(msg.value, "Tick")),
+            utcnow(),
+            timedelta(seconds=max_future),
+        )
+        expected = symbol_partition(tick.symbol, partitions)
+        if msg.partition != expected:
+            # The rules of this symbol live with partition `expected`; a
+            # producer that does not use Kafka's default partitioner put the
+            # tick elsewhere. Redriving it from the dlq places it correctly.
+            raise BadInput(
+                f"tick for {tick.symbol} on md.ticks partition {msg.partition}; Kafka's default "
+                f"(murmur2) partitioner puts it on {expected}, where its alert rules are"
+            )
+        key = tick.symbol.encode()
+        state = state_for(key)
+        ev: Evaluation = evaluate(state, book_for(key), tick)
+        if ev.stale or ev.duplicate:
+            TICKS_SKIPPED.labels("stale" if ev.stale else "duplicate").inc()
+            return
+        if ev.firings:
+            now = utcnow()
+            for firing in ev.firings:
+                user = firing.rule.user_id.encode()
+                headers = correlation_header(firing.fired_id)
+                await ctx.publisher.send(
+                    fired_topic, user, codec.encode("AlertFired", firing.alert_fired(now)), headers
+                )
+                await ctx.publisher.send(
+                    requests_topic,
+                    user,
+                    codec.encode("NotificationRequest", firing.notification_request(now)),
+                    headers,
+                )
+                ALERTS_FIRED.labels(firing.rule.condition).inc()
+                log.info(
+                    "alert fired",
+                    rule_id=firing.rule.rule_id,
+                    fired_id=firing.fired_id,
+                    symbol=tick.symbol,
+                    price=str(firing.price),
+                )
+            # Durable before the state that says they happened (see module doc).
+            await ctx.publisher.flush()
+        new = ev.state
+        history = state_history.get(key)
+        if ev.history_changed:
+            history = new.history_json()
+            state_history[key] = history
+        core = new.core_json()
+        state_core[key] = core
+        states[key] = (core, history, new)
