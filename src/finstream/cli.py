@@ -23,6 +23,7 @@ _LAZY: dict[str, tuple[str, str]] = {
         "finstream.runtime.supervisor:run_command",
         "Run the whole pipeline locally (make run).",
     ),
+    "api": ("finstream.api.cli:api", "Serve the API; dev tokens, OpenAPI document, live stream."),
     "alerts": ("finstream.cli_alerts:alerts", "Alert rules: add, list, show, remove, back-test."),
 }
 

@@ -59,6 +59,20 @@ _ROLES = [
         "Stores in-app messages in users' Redis inboxes.",
     ),
     RoleSpec(
+        "statestore",
+        "service",
+        "finstream.sinks.statestore_role:run",
+        ("alerts.rules", "notify.preferences"),
+        "Keeps the Redis read models of alert rules and preferences current.",
+    ),
+    RoleSpec(
+        "api",
+        "service",
+        "finstream.api.service:run",
+        (),
+        "HTTP API and WebSocket streams (uvicorn on FINSTREAM_API_PORT).",
+    ),
+    RoleSpec(
         "bars",
         "service",
         "finstream.sinks.bars:run",

@@ -47,6 +47,21 @@ redis.call('HSET', KEYS[3], ARGV[1], ARGV[4])
 return 1
 """
 
+# KEYS: user hash, version hash, index; ARGV: rule_id, deletion version (-1: last + 1).
+_DELETE_RULE = """
+local current = redis.call('HGET', KEYS[2], ARGV[1])
+local version = ARGV[2]
+if tonumber(version) < 0 then
+  version = current and string.format('%d', tonumber(current) + 1) or '1'
+elseif current and tonumber(current) > tonumber(version) then
+  version = current
+end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], version)
+redis.call('HDEL', KEYS[3], ARGV[1])
+return 1
+"""
+
 
 def _bytes(value: bytes | str) -> bytes:
     return value if isinstance(value, bytes) else value.encode()
@@ -97,6 +112,7 @@ class RulesStore:
         self._settings = settings
         self._codec = codec
         self._put = redis.register_script(_PUT_RULE_IF_NEWER)
+        self._delete = redis.register_script(_DELETE_RULE)
 
     def _user_keys(self, user_id: str) -> list[str]:
         base = self._settings.redis_key(f"rules:{{{user_id}}}")
@@ -112,14 +128,15 @@ class RulesStore:
         args = [record["rule_id"], value, to_micros(record["updated_at"]), record["user_id"]]
         return bool(await self._put(keys=keys, args=args))
 
-    async def delete(self, rule_id: str) -> None:
+    async def delete(self, rule_id: str, version: int | None = None) -> None:
+        """Remove a rule, remembering the deletion as a version (``version``
+        in micros, else just above the last one), so a late put of an older
+        version (a lagging reader of alerts.rules) cannot bring it back."""
         user = await self.owner(rule_id)
         if user is None:
             return
-        keys = self._user_keys(user)
-        await self._redis.hdel(keys[0], rule_id)
-        await self._redis.hdel(keys[1], rule_id)
-        await self._redis.hdel(self._index, rule_id)
+        keys = [*self._user_keys(user), self._index]
+        await self._delete(keys=keys, args=[rule_id, -1 if version is None else version])
 
     async def owner(self, rule_id: str) -> str | None:
         user = await self._redis.hget(self._index, rule_id)
