@@ -1,0 +1,330 @@
+"""Request and response bodies: the shapes the OpenAPI document publishes.
+
+Pydantic checks types and shapes (and names the offending field when they are
+wrong); the domain parsers (:func:`finstream.domain.alerts.parse_rule`,
+:func:`finstream.domain.preferences.parse_preferences`) then check meaning,
+so the rules live in one place for the API, the CLI and the topic readers.
+Decimals travel as strings: a JSON number goes through a binary float on the
+way in, so send ``"189.12"`` where every digit matters.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from finstream.api.auth import USER_ID_PATTERN
+from finstream.domain.alerts import CONDITIONS, FREQUENCIES
+
+Condition = Literal[
+    "CROSSING",
+    "CROSSING_UP",
+    "CROSSING_DOWN",
+    "GREATER_THAN",
+    "LESS_THAN",
+    "ENTERING_CHANNEL",
+    "EXITING_CHANNEL",
+    "INSIDE_CHANNEL",
+    "OUTSIDE_CHANNEL",
+    "MOVING_UP_PERCENT",
+    "MOVING_DOWN_PERCENT",
+    "CHANGE_FROM_PREV_CLOSE_PERCENT",
+    "VOLUME_SPIKE",
+]
+Frequency = Literal[
+    "ONLY_ONCE", "ONCE_PER_BAR", "ONCE_PER_BAR_CLOSE", "ONCE_PER_MINUTE", "EVERY_TIME"
+]
+assert set(Condition.__args__) == set(CONDITIONS), "Condition drifted from the domain"  # type: ignore[attr-defined]
+assert set(Frequency.__args__) == set(FREQUENCIES), "Frequency drifted from the domain"  # type: ignore[attr-defined]
+
+DecimalIn = Annotated[Decimal, Field(allow_inf_nan=False)]
+DecimalText = Annotated[str, Field(pattern=r"^-?\d+(\.\d+)?$", examples=["189.12"])]
+UserId = Annotated[str, Field(pattern=USER_ID_PATTERN)]
+Symbol = Annotated[str, Field(pattern=r"^[A-Za-z0-9^][A-Za-z0-9.\-=^/:_]{0,31}$")]
+Slug = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_.-]{0,63}$")]
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- market data --------------------------------------------------------------------
+
+
+class Quote(_Out):
+    symbol: str
+    price: DecimalText
+    ts: datetime
+    kind: str
+    source: str
+    tick_id: str
+    size: DecimalText | None = None
+    bid: DecimalText | None = None
+    ask: DecimalText | None = None
+    prev_close: DecimalText | None = None
+    currency: str | None = None
+
+
+class Bar(_Out):
+    symbol: str
+    interval: str
+    start: datetime
+    end: datetime
+    open: DecimalText
+    high: DecimalText
+    low: DecimalText
+    close: DecimalText
+    volume: DecimalText
+    vwap: DecimalText | None = None
+    trades: int
+    final: bool
+    revision: int
+
+
+class BarPage(_Out):
+    items: list[Bar]
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the next page; null on the last page."
+    )
+
+
+# -- alert rules ----------------------------------------------------------------------
+
+
+class RuleFields(_In):
+    symbol: Symbol
+    condition: Condition
+    value: DecimalIn | None = None
+    lower: DecimalIn | None = None
+    upper: DecimalIn | None = None
+    percent: DecimalIn | None = None
+    bars: Annotated[int, Field(ge=1, le=500)] | None = None
+    window_seconds: Annotated[int, Field(ge=1, le=86_400)] | None = None
+    multiplier: DecimalIn | None = None
+    frequency: Frequency = "ONLY_ONCE"
+    cooldown_seconds: Annotated[int, Field(ge=0, le=30 * 86_400)] | None = None
+    expires_at: AwareDatetime | None = None
+    enabled: bool = True
+    message: Annotated[str, Field(max_length=500)] | None = None
+
+
+class RulePatch(_In):
+    """JSON merge patch (RFC 7396) of a rule: given fields replace, null removes."""
+
+    symbol: Symbol | None = None
+    condition: Condition | None = None
+    value: DecimalIn | None = None
+    lower: DecimalIn | None = None
+    upper: DecimalIn | None = None
+    percent: DecimalIn | None = None
+    bars: Annotated[int, Field(ge=1, le=500)] | None = None
+    window_seconds: Annotated[int, Field(ge=1, le=86_400)] | None = None
+    multiplier: DecimalIn | None = None
+    frequency: Frequency | None = None
+    cooldown_seconds: Annotated[int, Field(ge=0, le=30 * 86_400)] | None = None
+    expires_at: AwareDatetime | None = None
+    enabled: bool | None = None
+    message: Annotated[str, Field(max_length=500)] | None = None
+
+
+class Rule(_Out):
+    rule_id: str
+    user_id: str
+    symbol: str
+    condition: Condition
+    value: DecimalText | None = None
+    lower: DecimalText | None = None
+    upper: DecimalText | None = None
+    percent: DecimalText | None = None
+    bars: int | None = None
+    window_seconds: int | None = None
+    multiplier: DecimalText | None = None
+    frequency: Frequency
+    cooldown_seconds: int | None = None
+    expires_at: datetime | None = None
+    enabled: bool
+    message: str | None = None
+    created_at: datetime
+    updated_at: datetime
+
+
+class RuleList(_Out):
+    items: list[Rule]
+
+
+# -- preferences -------------------------------------------------------------------
+
+
+class EmailContact(_In):
+    address: Annotated[str, Field(max_length=254)]
+    verified: bool = Field(
+        default=False, description="Set by verification, not by the user: ignored on input."
+    )
+    bounced: bool = Field(default=False, description="Set by delivery feedback; ignored on input.")
+
+
+class PhoneContact(_In):
+    number: Annotated[str, Field(max_length=40, description="E.164, e.g. +14155550100")]
+    verified: bool = Field(default=False, description="Set by verification; ignored on input.")
+    opted_out: bool = Field(
+        default=False, description="Set when the recipient replies STOP; ignored on input."
+    )
+
+
+class PushToken(_In):
+    platform: Literal["FCM", "APNS"]
+    token: Annotated[str, Field(min_length=1, max_length=4096)]
+    app: Annotated[str, Field(max_length=200)] | None = None
+    invalid: bool = Field(default=False, description="Set by delivery feedback; ignored on input.")
+
+
+class CategoryPreference(_In):
+    enabled: bool = True
+    channels: list[Literal["email", "push", "sms", "inapp"]] | None = None
+    digest: bool = False
+
+
+class Consent(_In):
+    purpose: Slug
+    granted: bool
+    at: AwareDatetime | None = Field(
+        default=None, description="When given; a new consent is stamped with the server's time."
+    )
+    source: Annotated[str, Field(max_length=100)] | None = None
+
+
+class QuietWindow(_In):
+    days: Annotated[list[Annotated[int, Field(ge=1, le=7)]], Field(min_length=1, max_length=7)] = [
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+        7,
+    ]
+    start: Annotated[str, Field(pattern=r"^\d\d:\d\d$", examples=["22:00"])]
+    end: Annotated[str, Field(pattern=r"^\d\d:\d\d$", examples=["07:00"])]
+
+
+class FrequencyCap(_In):
+    channel: Literal["email", "push", "sms", "inapp"] | None = None
+    category: Slug | None = None
+    limit: Annotated[int, Field(ge=1, le=100_000)]
+    window_seconds: Annotated[int, Field(ge=1, le=31 * 86_400)]
+
+
+class PreferencesIn(_In):
+    user_id: UserId | None = Field(default=None, description="If given, must be the path's user.")
+    locale: str = "en"
+    timezone: str = "UTC"
+    emails: Annotated[
+        list[EmailContact | Annotated[str, Field(max_length=254)]], Field(max_length=10)
+    ] = []
+    phones: Annotated[
+        list[PhoneContact | Annotated[str, Field(max_length=40)]], Field(max_length=10)
+    ] = []
+    push_tokens: Annotated[list[PushToken], Field(max_length=50)] = []
+    channels: dict[Literal["email", "push", "sms", "inapp"], bool] = {}
+    categories: Annotated[dict[str, CategoryPreference], Field(max_length=100)] = {}
+    global_opt_out: bool = False
+    consents: Annotated[list[Consent], Field(max_length=200)] = []
+    quiet_hours: Annotated[list[QuietWindow], Field(max_length=28)] = []
+    caps: Annotated[list[FrequencyCap], Field(max_length=50)] = []
+    updated_at: datetime | None = Field(default=None, description="Ignored: the server sets it.")
+
+
+class Preferences(_Out):
+    user_id: str
+    locale: str
+    timezone: str
+    emails: list[dict[str, Any]]
+    phones: list[dict[str, Any]]
+    push_tokens: list[dict[str, Any]]
+    channels: dict[str, bool]
+    categories: dict[str, dict[str, Any]]
+    global_opt_out: bool
+    consents: list[dict[str, Any]]
+    quiet_hours: list[dict[str, Any]]
+    caps: list[dict[str, Any]]
+    updated_at: datetime
+
+
+# -- inbox -----------------------------------------------------------------------------
+
+
+class InboxMessage(_Out):
+    model_config = ConfigDict(extra="allow")
+
+    message_id: str
+    request_id: str | None = None
+    category: str | None = None
+    priority: str | None = None
+    subject: str | None = None
+    body: str | None = None
+    data: dict[str, str] = {}
+    created_at: str | None = None
+    read: bool
+    archived: bool
+
+
+class InboxPage(_Out):
+    items: list[InboxMessage]
+    unread: int
+    total: int
+    next_before: float | None = Field(
+        description="Pass as `before` for the next (older) page; null on the last page."
+    )
+
+
+class InboxUpdate(_In):
+    read: bool | None = None
+    archived: bool | None = None
+
+
+# -- notifications ------------------------------------------------------------------
+
+
+class NotificationIn(_In):
+    user_id: UserId
+    category: Slug
+    priority: Literal["CRITICAL", "HIGH", "NORMAL", "LOW"] = "NORMAL"
+    template: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_.-]{0,63}$")]
+    data: Annotated[
+        dict[Annotated[str, Field(max_length=100)], Annotated[str, Field(max_length=4000)]],
+        Field(max_length=100),
+    ] = {}
+    channels: Annotated[list[Literal["EMAIL", "PUSH", "SMS", "INAPP"]], Field(max_length=4)] = []
+    deliver_at: AwareDatetime | None = None
+    expires_at: AwareDatetime | None = None
+    collapse_key: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+
+
+class NotificationAccepted(_Out):
+    request_id: str
+    user_id: str
+    status: Literal["accepted"]
+
+
+# -- webhooks & health ------------------------------------------------------------------
+
+
+class WebhookAck(_Out):
+    accepted: int
+    ignored: int
+
+
+class Health(_Out):
+    status: str
+
+
+class Readiness(_Out):
+    ready: bool
+    checks: dict[str, str]

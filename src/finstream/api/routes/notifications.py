@@ -1,0 +1,111 @@
+"""``POST /v1/notifications``: services ask to notify a user, idempotently.
+
+The ``Idempotency-Key`` header is required. The request id published to
+``notify.requests`` is derived from (calling service, key), so even when the
+stored answer has expired or was lost, a retry carries the same request id
+and the router sends it at most once (see ``idempotency.py``).
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Request
+from fastapi.responses import JSONResponse
+
+from finstream.api.deps import Caller, Res, correlation_id
+from finstream.api.idempotency import StoredResponse, fingerprint, parse_key
+from finstream.api.metrics import IDEMPOTENT_REPLAYS
+from finstream.api.models import NotificationAccepted, NotificationIn
+from finstream.api.policy import require_role
+from finstream.api.problems import field_problem, problem_responses
+from finstream.domain.time import utcnow
+from finstream.runtime.kafka import correlation_header
+
+router = APIRouter(tags=["notifications"])
+
+_NAMESPACE = uuid.UUID("9b6f3f7e-1c0e-4d55-8a9a-5d2b7f0e4c21")
+MAX_SCHEDULE_AHEAD = timedelta(days=366)
+
+
+def request_id_for(service: str, key: str) -> str:
+    name = service + "\x1f" + key
+    return f"api-{uuid.uuid5(_NAMESPACE, name).hex}"
+
+
+@router.post(
+    "/v1/notifications",
+    status_code=202,
+    response_model=NotificationAccepted,
+    summary="Ask to notify a user (services only)",
+    description="Requires the `service` role and an `Idempotency-Key`. Repeating a request "
+    "with the same key and body answers as the first time (`Idempotent-Replayed: true`); "
+    "the same key with another body is refused with 422, and while the first is still "
+    "being processed with 409.",
+    responses=problem_responses(400, 401, 403, 409, 413, 422, 429, 503),
+)
+async def create_notification(
+    body: NotificationIn,
+    request: Request,
+    res: Res,
+    caller: Caller,
+    idempotency_key: Annotated[
+        str,
+        Header(
+            alias="Idempotency-Key",
+            max_length=300,
+            description="A unique key per notification, e.g. a UUID (quoted or not).",
+        ),
+    ],
+) -> Any:
+    require_role(caller, "service", "post notification requests")
+    key = parse_key(idempotency_key)
+    now = utcnow()
+    if body.expires_at is not None and body.expires_at <= now:
+        raise field_problem("body", "expires_at", "expires_at: must be in the future")
+    if body.deliver_at is not None:
+        if body.deliver_at > now + MAX_SCHEDULE_AHEAD:
+            raise field_problem("body", "deliver_at", "deliver_at: at most 366 days ahead")
+        if body.expires_at is not None and body.expires_at <= body.deliver_at:
+            raise field_problem("body", "expires_at", "expires_at: must be after deliver_at")
+    raw = body.model_dump(mode="json")
+    begun = await res.idempotency.begin(
+        f"{caller.subject}:notifications", key, fingerprint("POST", "/v1/notifications", raw)
+    )
+    if isinstance(begun, StoredResponse):
+        IDEMPOTENT_REPLAYS.inc()
+        return JSONResponse(
+            begun.body, status_code=begun.status, headers={"Idempotent-Replayed": "true"}
+        )
+    request_id = request_id_for(caller.subject, key)
+    cid = correlation_id(request)
+    record = {
+        "request_id": request_id,
+        "user_id": body.user_id,
+        "category": body.category,
+        "priority": body.priority,
+        "template": body.template,
+        "data": dict(body.data),
+        "channels": list(body.channels),
+        "deliver_at": body.deliver_at,
+        "expires_at": body.expires_at,
+        "collapse_key": body.collapse_key,
+        "created_at": now,
+        "source": f"api:{caller.subject}"[:200],
+        "correlation_id": cid,
+    }
+    try:
+        await res.publisher.send_and_wait(
+            res.settings.topic("notify.requests"),
+            body.user_id.encode(),
+            res.codec.encode("NotificationRequest", record),
+            correlation_header(cid),
+        )
+    except BaseException:
+        await res.idempotency.abandon(begun)
+        raise
+    answer = NotificationAccepted(request_id=request_id, user_id=body.user_id, status="accepted")
+    await res.idempotency.complete(begun, 202, answer.model_dump())
+    return JSONResponse(answer.model_dump(), status_code=202)

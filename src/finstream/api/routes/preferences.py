@@ -1,0 +1,135 @@
+"""Notification preferences: ``/v1/users/{user_id}/preferences``.
+
+Published to the compacted ``notify.preferences`` topic (keyed by user id),
+which the router reads, and written through to the Redis read model with the
+same ``updated_at`` (see ``rules.py`` for why that is safe). Fields that the
+platform, not the user, decides (verification, bounces, STOP, invalid push
+tokens, consent timestamps) are kept as recorded: see
+:func:`finstream.api.policy.protect_preferences`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from finstream.api.deps import Caller, Res, Resources
+from finstream.api.models import Preferences, PreferencesIn
+from finstream.api.policy import (
+    merge_patch,
+    next_version,
+    protect_preferences,
+    resolve_user,
+    to_json,
+)
+from finstream.api.problems import field_problem, not_found, problem_responses, validation_problem
+from finstream.api.routes.common import IfMatch, UserPath, check_if_match, etag, publish
+from finstream.domain.preferences import PreferencesValidationError, parse_preferences
+from finstream.domain.time import utcnow
+
+router = APIRouter(tags=["preferences"])
+
+
+def _response(record: Mapping[str, Any]) -> Response:
+    return JSONResponse(to_json(record), headers={"ETag": etag(record["updated_at"])})
+
+
+async def _store(
+    res: Resources,
+    request: Request,
+    user: str,
+    data: dict[str, Any],
+    current: Mapping[str, Any] | None,
+) -> Response:
+    if data.get("user_id") not in (None, user):
+        raise field_problem("body", "user_id", "user_id: must be the user of the path")
+    data = {k: v for k, v in data.items() if k != "updated_at"}
+    data["user_id"] = user
+    now = utcnow()
+    try:
+        parsed = parse_preferences(data, now=now)
+    except PreferencesValidationError as exc:
+        raise field_problem("body", exc.field, str(exc)) from None
+    record = protect_preferences(parsed, current, now)
+    record["updated_at"] = next_version(now, current["updated_at"] if current else None)
+    value = res.codec.encode("UserPreferences", record)
+    await publish(res, request, "notify.preferences", user, value)
+    await res.prefs.put(user, value)
+    return _response(record)
+
+
+@router.get(
+    "/v1/users/{user_id}/preferences",
+    response_model=Preferences,
+    summary="The user's notification preferences",
+    responses=problem_responses(401, 403, 404, 422, 429),
+)
+async def get_preferences(user_id: UserPath, res: Res, caller: Caller) -> Any:
+    user = resolve_user(caller, user_id, write=False)
+    record = await res.prefs.get(user)
+    if record is None:
+        raise not_found()
+    return _response(record)
+
+
+@router.put(
+    "/v1/users/{user_id}/preferences",
+    response_model=Preferences,
+    summary="Replace the user's notification preferences",
+    responses=problem_responses(401, 403, 404, 409, 412, 413, 422, 429),
+)
+async def replace_preferences(
+    *,
+    user_id: UserPath,
+    body: PreferencesIn,
+    request: Request,
+    res: Res,
+    caller: Caller,
+    if_match: IfMatch = None,
+) -> Any:
+    user = resolve_user(caller, user_id, write=True)
+    data = body.model_dump(mode="json", exclude_none=True)
+    async with res.locks.hold(f"prefs:{user}"):
+        current = await res.prefs.get(user)
+        if if_match is not None:
+            if current is None:
+                raise not_found()
+            check_if_match(if_match, current["updated_at"])
+        return await _store(res, request, user, data, current)
+
+
+@router.patch(
+    "/v1/users/{user_id}/preferences",
+    response_model=Preferences,
+    summary="Change some preferences (JSON merge patch, RFC 7396; lists are replaced whole)",
+    responses=problem_responses(401, 403, 404, 409, 412, 413, 422, 429),
+)
+async def patch_preferences(
+    *,
+    user_id: UserPath,
+    request: Request,
+    res: Res,
+    caller: Caller,
+    patch: Annotated[dict[str, Any], Body(media_type="application/merge-patch+json")],
+    if_match: IfMatch = None,
+) -> Any:
+    user = resolve_user(caller, user_id, write=True)
+    async with res.locks.hold(f"prefs:{user}"):
+        current = await res.prefs.get(user)
+        if current is not None:
+            check_if_match(if_match, current["updated_at"])
+        elif if_match is not None:
+            raise not_found()
+        base = to_json(current) if current is not None else {"user_id": user}
+        merged = merge_patch(base, patch)
+        try:
+            shaped = PreferencesIn.model_validate(merged)
+        except ValidationError as exc:
+            errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]
+            raise validation_problem(errors) from None
+        data = shaped.model_dump(mode="json", exclude_none=True)
+        return await _store(res, request, user, data, current)
