@@ -48,8 +48,16 @@ _ROLES = [
         "router",
         "faust",
         "finstream.agents.router:register",
-        ("notify.requests",),
-        "Routes notification requests to outbound channel topics.",
+        ("notify.requests", "notify.preferences"),
+        "Routes notification requests by users' preferences (consent, quiet hours, caps, "
+        "digests, schedules) to outbound channel topics; keeps the preferences read model.",
+    ),
+    RoleSpec(
+        "audit",
+        "service",
+        "finstream.sinks.audit:run",
+        ("audit.events",),
+        "Hash-chains audit events into PostgreSQL (tamper-evident; `finstream audit verify`).",
     ),
     RoleSpec(
         "inapp",

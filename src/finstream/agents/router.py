@@ -1,89 +1,834 @@
-"""Router agent: notify.requests -> notify.outbound.<channel>.
+"""Router agent: notify.requests + notify.preferences -> notify.outbound.<channel>.
 
-Foundation version: every request becomes one in-app message for its user,
-with the request's ``title`` and ``body`` data as subject and text. The
-routing issue replaces this with preferences, consent, quiet hours, caps,
-templates and schedules.
+One faust agent consumes both topics (keyed by user id, co-partitioned), in
+batches. Per user it keeps, in faust tables with changelogs:
+
+* ``router-prefs``  the latest UserPreferences (Avro bytes);
+* ``router-state``  dedupe ids, collapse windows, the send log for caps (JSON);
+* ``router-holds``  held requests and open digests, released by time (JSON).
+
+Each request goes through :func:`finstream.domain.routing.decide`; the
+decision is rendered (:mod:`finstream.domain.templates`), published as one
+OutboundMessage per channel and contact, and audited on ``audit.events``.
+Consuming a preferences record also updates the Redis read model
+(:class:`~finstream.sinks.state_store.PreferencesStore`).
+
+Exactly once, as far as the user can tell: a batch's outputs are published
+and acknowledged by the broker *before* the state that says "done" is
+written, and that before faust commits the offsets. A crash before the
+outputs land re-routes the batch; a crash after them but before the state
+re-publishes messages with the same ``message_id`` (derived from request,
+channel and contact), which the delivery workers send once. A crash after
+the state only finds duplicates. Holds are released by a timer under the
+same lock, in the same order.
+
+Co-partitioning: tables are keyed by user id and written with Kafka's
+default (murmur2) partitioner, so a user's state lives in the changelog
+partition of the user's input partition. A record that arrives on another
+partition (its producer used a different partitioner, e.g. librdkafka's
+default crc32) is forwarded once to the partition murmur2 gives its key,
+and handled there; otherwise two replicas would each keep half of a user.
+
+Nothing escapes the agent: undecodable or invalid input, a template that
+cannot render (a missing variable) and any unexpected error become dead
+letters with the reason (and, for requests, a ``dropped`` audit event).
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import faust
+from aiokafka.partitioner import murmur2
+from prometheus_client import Counter, Gauge, Histogram
 
+from finstream.agents.scheduler import DueIndex
 from finstream.app import RAW, AgentContext
 from finstream.codec import DecodeError, EncodeError
-from finstream.domain.notifications import outbound_message_id
-from finstream.domain.time import utcnow
+from finstream.domain import digest as digest_
+from finstream.domain.preferences import CHANNELS, Preferences
+from finstream.domain.resilience import Backoff
+from finstream.domain.routing import (
+    Action,
+    Composed,
+    Decision,
+    Hold,
+    Holds,
+    InvalidRequest,
+    Outcome,
+    Policy,
+    Request,
+    UserState,
+    audit_event,
+    compose,
+    decide,
+    remember,
+    select_channels,
+)
+from finstream.domain.templates import (
+    ChannelNotAvailable,
+    Limits,
+    TemplateError,
+    Templates,
+)
+from finstream.domain.time import from_micros, to_micros, utcnow
+from finstream.resources import resource
 from finstream.runtime.faust_support import message_headers
-from finstream.runtime.kafka import correlation_header
+from finstream.runtime.kafka import DeadLetters, Headers, correlation_header
 from finstream.runtime.logging import correlation, correlation_from_headers, get_logger
-from finstream.runtime.metrics import EVENTS_IN
+from finstream.runtime.metrics import EVENTS_IN, EVENTS_OUT, PROCESSING_SECONDS
+from finstream.settings import Settings
 from finstream.topics import load_catalogue
 
 log = get_logger(__name__)
 
+DECISIONS = Counter("finstream_router_decisions_total", "Routing decisions by action", ["action"])
+MESSAGES = Counter("finstream_router_messages_total", "Outbound messages routed", ["channel"])
+FORWARDED = Counter(
+    "finstream_router_forwarded_total",
+    "Records moved to the partition their key hashes to (producer used another partitioner)",
+    ["topic"],
+)
+HELD_USERS = Gauge("finstream_router_held_users", "Users with held requests or open digests")
+RELEASE_DELAY = Histogram(
+    "finstream_router_release_delay_seconds",
+    "How late a hold or digest was released after its due time",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5),
+)
+PUBLISH_RETRIES = Counter(
+    "finstream_router_publish_retries_total", "Batches whose outputs had to be published again"
+)
 
-def inapp_message(request: dict[str, Any]) -> dict[str, Any]:
-    data = request.get("data") or {}
-    return {
-        "message_id": outbound_message_id(request["request_id"], "INAPP", request["user_id"]),
-        "request_id": request["request_id"],
-        "user_id": request["user_id"],
-        "channel": "INAPP",
-        "category": request["category"],
-        "priority": request.get("priority") or "NORMAL",
-        "recipient": request["user_id"],
-        "platform": None,
-        "locale": "en",
-        "subject": data.get("title"),
-        "body_text": data.get("body") or request["template"],
-        "body_html": None,
-        "data": dict(data),
-        "transactional": True,
-        "created_at": utcnow(),
-        "expires_at": request.get("expires_at"),
-        "attempt": 0,
-        "correlation_id": request.get("correlation_id"),
-    }
+PREFS_CACHE_SIZE = 20_000
+
+
+def policy_from_settings(settings: Settings) -> Policy:
+    quiet = frozenset(
+        c.strip().lower() for c in settings.router_quiet_channels.split(",") if c.strip()
+    )
+    unknown = quiet - set(CHANNELS)
+    if unknown:
+        raise ValueError(f"FINSTREAM_ROUTER_QUIET_CHANNELS: unknown channels {sorted(unknown)}")
+    return Policy(
+        quiet_channels=quiet,
+        dedupe_seconds=settings.router_dedupe_seconds,
+        collapse_seconds=settings.router_collapse_seconds,
+        digest_seconds=settings.router_digest_seconds,
+        digest_max_items=settings.router_digest_max_items,
+    )
+
+
+def key_partition(key: bytes, partitions: int) -> int:
+    """The partition Kafka's default (murmur2) partitioner gives a key."""
+    return int((murmur2(key) & 0x7FFFFFFF) % partitions)
+
+
+class CollectingPublisher:
+    """Publishes through faust's producer and keeps the delivery futures.
+
+    faust's flush waits for sends but does not raise their errors; awaiting
+    the futures does, so a batch whose outputs the broker refused is never
+    taken for done.
+    """
+
+    def __init__(self, app: faust.App, role: str) -> None:
+        self._app = app
+        self._role = role
+        self.pending: list[Awaitable[Any]] = []
+
+    async def send(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Headers = (),
+        partition: int | None = None,
+    ) -> None:
+        fut = await self._app.producer.send(
+            topic,
+            key=key,
+            value=value,
+            partition=partition,
+            timestamp=None,
+            headers=list(headers) or None,
+        )
+        self.pending.append(fut)
+        EVENTS_OUT.labels(self._role, topic).inc()
+
+    async def flush(self) -> None:
+        pending, self.pending = self.pending, []
+        await self._app.producer.flush()
+        await asyncio.gather(*pending)
+
+
+@dataclass
+class _Out:
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]] = field(default_factory=list)
+    partition: int | None = None
+
+
+@dataclass
+class _Letter:
+    source_topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    error: BaseException | str
+    headers: list[tuple[str, bytes]]
+    error_class: str | None = None
+
+
+@dataclass
+class _Work:
+    """One request being decided: its context, passed along the steps."""
+
+    request: Request
+    prefs: Preferences
+    state: UserState
+    batch: _Batch
+    now: datetime
+    letter: _Letter
+    phase: str
+    bypass_caps: bool = False
+
+
+@dataclass
+class _Batch:
+    """Everything one batch (or one release tick) changes, applied in order at the end."""
+
+    outputs: list[_Out] = field(default_factory=list)
+    letters: list[_Letter] = field(default_factory=list)
+    states: dict[str, UserState] = field(default_factory=dict)
+    holds: dict[str, Holds] = field(default_factory=dict)
+    prefs: dict[str, bytes | None] = field(default_factory=dict)  # None: forgotten
+    forgotten: set[str] = field(default_factory=set)
+    redis_ops: list[tuple[str, bytes | None, _Letter]] = field(default_factory=list)
+
+
+class Router:
+    def __init__(self, app: faust.App, ctx: AgentContext) -> None:
+        settings = ctx.settings
+        self.app = app
+        self.ctx = ctx
+        self.settings = settings
+        self.codec = ctx.codec
+        self.policy = policy_from_settings(settings)
+        self.templates = Templates(
+            resource("templates"),
+            default_locale=settings.router_default_locale,
+            limits=Limits(sms_segments=settings.router_sms_segments),
+        )
+        catalogue = load_catalogue()
+        self.requests_topic = settings.topic("notify.requests")
+        self.prefs_topic = settings.topic("notify.preferences")
+        self.audit_topic = settings.topic("audit.events")
+        self.partitions = catalogue.get("notify.requests").partitions
+        if catalogue.get("notify.preferences").partitions != self.partitions:
+            raise ValueError("notify.requests and notify.preferences must have equal partitions")
+        self._topic_partitions = {
+            self.requests_topic: self.partitions,
+            self.prefs_topic: self.partitions,
+        }
+        self.prefs_table = self._table("router-prefs")
+        self.state_table = self._table("router-state")
+        self.holds_table = self._table("router-holds")
+        self.holds_table.on_recover(self._rebuild_index)
+        self.publisher = CollectingPublisher(app, ctx.role)
+        self.dead_letters = DeadLetters(self.publisher, settings, ctx.role)
+        self.lock = asyncio.Lock()
+        self.index = DueIndex()
+        self._prefs_cache: dict[str, tuple[bytes, Preferences]] = {}
+        self._store: Any = None
+        self._backoff = Backoff(base=0.2, cap=5.0)
+
+    def _table(self, name: str) -> Any:
+        return self.app.Table(
+            name,
+            partitions=self.partitions,
+            key_type=bytes,
+            value_type=bytes,
+            # Written by key hash, not by the current event's partition: the
+            # release timer writes outside any event, and a user's state must
+            # land in the partition of the user's requests either way.
+            use_partitioner=True,
+        )
+
+    # -- batches ------------------------------------------------------------------------------
+
+    async def handle(self, events: Sequence[Any]) -> None:
+        """Route one batch of events; never raises (except on cancellation)."""
+        started = time.perf_counter()
+        async with self.lock:
+            batch = _Batch()
+            for event in events:
+                msg = event.message
+                EVENTS_IN.labels(self.ctx.role, msg.topic).inc()
+                headers = message_headers(msg)
+                try:
+                    if self._forward(msg, headers, batch):
+                        continue
+                    if msg.topic == self.prefs_topic:
+                        self._preferences(msg, headers, batch)
+                    else:
+                        self._request(msg, headers, batch)
+                except Exception as exc:  # a bug must not stall the partition
+                    log.exception("routing failed", topic=msg.topic, offset=msg.offset)
+                    batch.letters.append(
+                        _Letter(
+                            msg.topic, msg.partition, msg.offset, msg.key, msg.value, exc, headers
+                        )
+                    )
+            await self._commit(batch)
+        PROCESSING_SECONDS.labels(self.ctx.role, "batch").observe(time.perf_counter() - started)
+
+    def _forward(self, msg: Any, headers: list[tuple[str, bytes]], batch: _Batch) -> bool:
+        if msg.key is None:
+            return False
+        partitions = self._topic_partitions.get(msg.topic, self.partitions)
+        home = key_partition(msg.key, partitions)
+        if home == msg.partition:
+            return False
+        batch.outputs.append(_Out(msg.topic, msg.key, msg.value, headers, home))
+        FORWARDED.labels(msg.topic).inc()
+        return True
+
+    async def _commit(self, batch: _Batch) -> None:
+        """Publish, wait for the broker, then write state: never the other way round."""
+        attempt = 0
+        while True:
+            try:
+                for out in batch.outputs:
+                    await self.publisher.send(
+                        out.topic, out.key, out.value, out.headers, out.partition
+                    )
+                for letter in batch.letters:
+                    await self._dead_letter(letter)
+                await self.publisher.flush()
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # Everything is re-sent: message and event ids make that harmless.
+                attempt += 1
+                PUBLISH_RETRIES.inc()
+                self.publisher.pending.clear()
+                log.warning("publishing a batch failed; retrying", attempt=attempt, error=str(exc))
+                await asyncio.sleep(self._backoff.delay(attempt))
+        for user, raw in batch.prefs.items():
+            key = user.encode()
+            if raw is None:
+                self.prefs_table.pop(key, None)
+            else:
+                self.prefs_table[key] = raw
+        for user, state in batch.states.items():
+            if user in batch.forgotten:
+                continue
+            self.state_table[user.encode()] = state.to_bytes()
+        for user, holds in batch.holds.items():
+            key = user.encode()
+            if holds.empty() or user in batch.forgotten:
+                self.holds_table.pop(key, None)
+                self.index.set(user, None)
+            else:
+                self.holds_table[key] = holds.to_bytes()
+                self.index.set(user, holds.next_due())
+        for user in batch.forgotten:
+            self.state_table.pop(user.encode(), None)
+            self.holds_table.pop(user.encode(), None)
+            self.index.set(user, None)
+        HELD_USERS.set(len(self.index))
+        if batch.redis_ops:
+            await self._update_read_model(batch.redis_ops)
+
+    async def _dead_letter(self, letter: _Letter) -> None:
+        await self.dead_letters.send(
+            source_topic=letter.source_topic,
+            partition=letter.partition,
+            offset=letter.offset,
+            key=letter.key,
+            value=letter.value,
+            error=letter.error,
+            error_class=letter.error_class,
+            headers=letter.headers,
+        )
+
+    # -- the Redis read model of preferences (contract with the API and delivery) ----------
+
+    async def _update_read_model(self, ops: list[tuple[str, bytes | None, _Letter]]) -> None:
+        from finstream.sinks.redis_client import connect
+        from finstream.sinks.state_store import PreferencesStore
+
+        if self._store is None:
+            self._store = PreferencesStore(connect(self.settings), self.settings, self.codec)
+        failed: list[_Letter] = []
+        for user, raw, letter in ops:
+            for attempt in range(1, 4):
+                try:
+                    if raw is None:
+                        await self._store.delete(user)
+                    else:
+                        await self._store.put(user, raw)
+                    break
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    if attempt == 3:
+                        # Redriving the dead letter re-applies it; both writers are monotonic.
+                        letter.error = f"preferences read model (Redis) not updated: {exc}"
+                        letter.error_class = "ReadModelError"
+                        failed.append(letter)
+                    else:
+                        await asyncio.sleep(self._backoff.delay(attempt))
+        if failed:
+            batch = _Batch(letters=failed)
+            await self._commit(batch)
+
+    # -- preferences ----------------------------------------------------------------------------
+
+    def _preferences(self, msg: Any, headers: list[tuple[str, bytes]], batch: _Batch) -> None:
+        letter = _Letter(msg.topic, msg.partition, msg.offset, msg.key, msg.value, "", headers)
+        if msg.key is None:
+            letter.error = "preferences record without a key (the key is the user id)"
+            letter.error_class = "InvalidKey"
+            batch.letters.append(letter)
+            return
+        user = msg.key.decode("utf-8", "replace")
+        if msg.value is None:
+            # A tombstone forgets the user: preferences, routing state, holds.
+            batch.prefs[user] = None
+            batch.forgotten.add(user)
+            batch.states.pop(user, None)
+            batch.holds.pop(user, None)
+            self._prefs_cache.pop(user, None)
+            batch.redis_ops.append((user, None, letter))
+            log.info("preferences forgotten", user_id=user)
+            return
+        try:
+            record = self.codec.decode(msg.value, "UserPreferences")
+        except DecodeError as exc:
+            letter.error = exc
+            batch.letters.append(letter)
+            return
+        if record["user_id"] != user:
+            letter.error = f"key {user!r} does not match user_id {record['user_id']!r}"
+            letter.error_class = "InvalidKey"
+            batch.letters.append(letter)
+            return
+        current = self._prefs_bytes(user, batch)
+        if current is not None:
+            try:
+                newer = self.codec.decode(current, "UserPreferences")["updated_at"]
+            except DecodeError:
+                newer = None
+            if newer is not None and newer > record["updated_at"]:
+                log.info("older preferences ignored", user_id=user)
+                return
+        batch.prefs[user] = msg.value
+        batch.forgotten.discard(user)
+        self._prefs_cache[user] = (msg.value, Preferences.from_record(record))
+        batch.redis_ops.append((user, msg.value, letter))
+
+    def _prefs_bytes(self, user: str, batch: _Batch) -> bytes | None:
+        if user in batch.prefs:
+            return batch.prefs[user]
+        raw = self.prefs_table.get(user.encode())
+        return bytes(raw) if raw is not None else None
+
+    def _prefs(self, user: str, batch: _Batch) -> Preferences:
+        raw = self._prefs_bytes(user, batch)
+        if raw is None:
+            return Preferences.default(user)
+        cached = self._prefs_cache.get(user)
+        if cached is not None and cached[0] == raw:
+            return cached[1]
+        try:
+            prefs = Preferences.from_record(self.codec.decode(raw, "UserPreferences"))
+        except DecodeError:
+            log.error("stored preferences do not decode; using defaults", user_id=user)
+            return Preferences.default(user)
+        if len(self._prefs_cache) >= PREFS_CACHE_SIZE:
+            self._prefs_cache.pop(next(iter(self._prefs_cache)))
+        self._prefs_cache[user] = (raw, prefs)
+        return prefs
+
+    def _state(self, user: str, batch: _Batch) -> UserState:
+        state = batch.states.get(user)
+        if state is None:
+            state = UserState.from_bytes(self.state_table.get(user.encode()))
+            batch.states[user] = state
+        return state
+
+    def _holds(self, user: str, batch: _Batch) -> Holds:
+        holds = batch.holds.get(user)
+        if holds is None:
+            holds = Holds.from_bytes(self.holds_table.get(user.encode()))
+            batch.holds[user] = holds
+        return holds
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def _request(self, msg: Any, headers: list[tuple[str, bytes]], batch: _Batch) -> None:
+        letter = _Letter(msg.topic, msg.partition, msg.offset, msg.key, msg.value, "", headers)
+        try:
+            record = self.codec.decode(msg.value, "NotificationRequest")
+            request = Request.from_record(record)
+        except (DecodeError, InvalidRequest) as exc:
+            letter.error = exc
+            batch.letters.append(letter)
+            return
+        if msg.key is not None and msg.key != request.user_id.encode():
+            letter.error = f"key does not match user_id {request.user_id!r}"
+            letter.error_class = "InvalidKey"
+            batch.letters.append(letter)
+            return
+        cid = request.correlation_id or correlation_from_headers(headers)
+        with correlation(cid) as cid:
+            if request.correlation_id is None:
+                record["correlation_id"] = cid
+                request = Request.from_record(record)
+            now = utcnow()
+            prefs = self._prefs(request.user_id, batch)
+            state = self._state(request.user_id, batch)
+            state.prune(now.timestamp(), prefs, self.policy.max_seen)
+            outcome = decide(request, prefs, state, now, self.policy)
+            self._execute(_Work(request, prefs, state, batch, now, letter, "intake"), outcome)
+
+    def _execute(self, work: _Work, outcome: Outcome, extra: dict[str, str] | None = None) -> None:
+        request, prefs, state, batch, now = (
+            work.request,
+            work.prefs,
+            work.state,
+            work.batch,
+            work.now,
+        )
+        phase = work.phase
+        user = request.user_id
+        skipped = dict(outcome.skipped)
+        messages: list[Composed] = []
+        try:
+            if outcome.digest:
+                self._fold(work, outcome, skipped)
+                return
+            if outcome.send:
+                messages, missing = compose(
+                    request,
+                    prefs,
+                    outcome.send,
+                    templates=self.templates,
+                    policy=self.policy,
+                    now=now,
+                )
+                skipped.update(missing)
+            self._preflight(request, prefs, outcome)
+        except TemplateError as exc:
+            self._drop(work, exc)
+            return
+        decisions = list(outcome.decisions)
+        if outcome.send and not messages:
+            decisions = [
+                Decision(Action.SUPPRESSED, "template has no version for the chosen channels")
+                if d.action is Action.ROUTED
+                else d
+                for d in decisions
+            ]
+        if outcome.hold_all or outcome.hold:
+            assert outcome.release_at is not None
+            held = request.record if outcome.hold_all else request.with_channels(outcome.hold)
+            self._holds(user, batch).requests[request.request_id] = Hold(
+                request.request_id,
+                to_micros(outcome.release_at),
+                outcome.hold_reason or "scheduled",
+                self.codec.encode("NotificationRequest", held),
+                work.bypass_caps,
+            )
+        sent = [c for c in CHANNELS if any(m.channel == c for m in messages)]
+        remember(outcome, request, state, now, self.policy, sent=sent)
+        key = user.encode()
+        cid_header = correlation_header(request.correlation_id)
+        for m in messages:
+            batch.outputs.append(
+                _Out(
+                    self.settings.topic(f"notify.outbound.{m.channel}"),
+                    key,
+                    self.codec.encode("OutboundMessage", m.message),
+                    cid_header,
+                )
+            )
+            MESSAGES.labels(m.channel).inc()
+        for d in decisions:
+            self._audit(
+                request,
+                d,
+                now,
+                batch,
+                phase=phase,
+                messages=messages if d.action is Action.ROUTED else (),
+                skipped=skipped,
+                extra=extra,
+            )
+        log.info(
+            "request routed" if messages else "request decided",
+            request_id=request.request_id,
+            user_id=user,
+            actions=",".join(d.action for d in decisions),
+            channels=",".join(sent),
+            phase=phase,
+        )
+
+    def _preflight(self, request: Request, prefs: Preferences, outcome: Outcome) -> None:
+        """Render what is held now, so a missing variable fails at once, not at release."""
+        if outcome.hold:
+            channels: Sequence[str] = outcome.hold
+        elif outcome.hold_all:
+            channels = select_channels(request, prefs, self.policy)[0]
+        else:
+            return
+        for channel in channels:
+            try:
+                self.templates.render(request.template, channel, prefs.locale, request.data)
+            except ChannelNotAvailable:
+                continue
+
+    def _fold(self, work: _Work, outcome: Outcome, skipped: dict[str, str]) -> None:
+        request, prefs, state, batch, now = (
+            work.request,
+            work.prefs,
+            work.state,
+            work.batch,
+            work.now,
+        )
+        subject, text = self._digest_item(request, prefs)
+        holds = self._holds(request.user_id, batch)
+        buffer = holds.digests.get(request.category)
+        if buffer is not None and request.request_id in buffer.request_ids:
+            return  # folded already (a redelivered release)
+        holds.digests[request.category] = digest_.fold(
+            buffer,
+            category=request.category,
+            request_id=request.request_id,
+            subject=subject,
+            text=text,
+            at=request.record.get("created_at") or now,
+            now=now,
+            window_seconds=self.policy.digest_seconds,
+            max_items=self.policy.digest_max_items,
+        )
+        remember(outcome, request, state, now, self.policy, sent=())
+        due = holds.digests[request.category].due
+        self._audit(
+            request,
+            outcome.decisions[-1],
+            now,
+            batch,
+            phase=work.phase,
+            skipped=skipped,
+            extra={"digest_due": from_micros(due).isoformat()},
+        )
+
+    def _digest_item(self, request: Request, prefs: Preferences) -> tuple[str | None, str]:
+        for channel in ("inapp", "push", "email", "sms"):
+            try:
+                r = self.templates.render(request.template, channel, prefs.locale, request.data)
+            except ChannelNotAvailable:
+                continue
+            return r.subject, r.text
+        raise TemplateError(f"template {request.template!r} has no version for any channel")
+
+    def _drop(self, work: _Work, exc: TemplateError) -> None:
+        request = work.request
+        # Not remembered as seen: a copy redriven from the dlq (after the
+        # template or the data is fixed) is routed, not taken for a duplicate.
+        work.state.seen.pop(request.request_id, None)
+        work.letter.error = exc
+        work.batch.letters.append(work.letter)
+        self._audit(
+            request,
+            Decision(Action.DROPPED, str(exc)[:500]),
+            work.now,
+            work.batch,
+            phase=work.phase,
+        )
+        log.warning("request dropped", request_id=request.request_id, reason=str(exc)[:300])
+
+    def _audit(
+        self,
+        request: Request,
+        decision: Decision,
+        now: datetime,
+        batch: _Batch,
+        *,
+        phase: str,
+        messages: Sequence[Composed] = (),
+        skipped: dict[str, str] | None = None,
+        extra: dict[str, str] | None = None,
+    ) -> None:
+        event = audit_event(
+            request, decision, now, phase=phase, messages=messages, skipped=skipped, extra=extra
+        )
+        batch.outputs.append(
+            _Out(
+                self.audit_topic,
+                request.user_id.encode(),
+                self.codec.encode("AuditEvent", event),
+                correlation_header(request.correlation_id),
+            )
+        )
+        DECISIONS.labels(str(decision.action)).inc()
+
+    # -- the scheduler: releasing holds and digests ---------------------------------------------
+
+    def _owned_partitions(self) -> set[int]:
+        return {
+            tp.partition for tp in self.app.consumer.assignment() if tp.topic == self.requests_topic
+        }
+
+    def _busy(self) -> bool:
+        recovery = getattr(self.app.tables, "recovery", None)
+        return bool(self.app.rebalancing or getattr(recovery, "in_recovery", False))
+
+    async def _rebuild_index(self) -> None:
+        owned = self._owned_partitions()
+        self.index.clear()
+        for key, raw in list(self.holds_table.items()):
+            if key_partition(bytes(key), self.partitions) not in owned:
+                continue
+            try:
+                holds = Holds.from_bytes(raw)
+            except (ValueError, KeyError, TypeError):
+                log.error(
+                    "held state does not decode", user_id=bytes(key).decode("utf-8", "replace")
+                )
+                continue
+            self.index.set(bytes(key).decode(), holds.next_due())
+        HELD_USERS.set(len(self.index))
+        log.info("scheduler index rebuilt", users=len(self.index))
+
+    async def release_due(self) -> None:
+        """Release every hold and digest that is due on the partitions this replica owns."""
+        if self._busy():
+            return
+        due = self.index.next_due()
+        if due is None or due > to_micros(utcnow()):
+            return
+        async with self.lock:
+            now = utcnow()
+            now_us = to_micros(now)
+            owned = self._owned_partitions()
+            users = self.index.pop_due(
+                now_us, lambda u: key_partition(u.encode(), self.partitions) in owned
+            )
+            if not users:
+                return
+            batch = _Batch()
+            for user in users:
+                try:
+                    self._release_user(user, batch, now)
+                except Exception as exc:  # never let the timer die
+                    log.exception("releasing holds failed", user_id=user)
+                    batch.letters.append(
+                        _Letter(self.requests_topic, -1, -1, user.encode(), None, exc, [])
+                    )
+                # Whatever stays held (not yet due, or held again) is indexed on commit.
+                self._holds(user, batch)
+            await self._commit(batch)
+
+    def _release_user(self, user: str, batch: _Batch, now: datetime) -> None:
+        now_us = to_micros(now)
+        holds = self._holds(user, batch)
+        prefs = self._prefs(user, batch)
+        state = self._state(user, batch)
+        state.prune(now.timestamp(), prefs, self.policy.max_seen)
+        partition = key_partition(user.encode(), self.partitions)
+        for hold in sorted(holds.requests.values(), key=lambda h: h.due):
+            if hold.due > now_us:
+                continue
+            del holds.requests[hold.request_id]
+            RELEASE_DELAY.observe((now_us - hold.due) / 1e6)
+            letter = _Letter(
+                self.requests_topic, partition, -1, user.encode(), hold.request, "", []
+            )
+            try:
+                request = Request.from_record(
+                    self.codec.decode(hold.request, "NotificationRequest")
+                )
+            except (DecodeError, InvalidRequest) as exc:
+                letter.error = f"held request does not decode: {exc}"
+                batch.letters.append(letter)
+                continue
+            with correlation(request.correlation_id):
+                outcome = decide(
+                    request,
+                    prefs,
+                    state,
+                    now,
+                    self.policy,
+                    release=True,
+                    bypass_caps=hold.bypass_caps,
+                )
+                work = _Work(
+                    request,
+                    prefs,
+                    state,
+                    batch,
+                    now,
+                    letter,
+                    f"release.{hold.reason}",
+                    hold.bypass_caps,
+                )
+                self._execute(work, outcome)
+        for category, buffer in sorted(holds.digests.items()):
+            if buffer.due > now_us:
+                continue
+            del holds.digests[category]
+            RELEASE_DELAY.observe((now_us - buffer.due) / 1e6)
+            record = digest_.digest_request(user, buffer, now)
+            try:
+                encoded = self.codec.encode("NotificationRequest", record)
+            except EncodeError as exc:
+                batch.letters.append(
+                    _Letter(self.requests_topic, partition, -1, user.encode(), None, exc, [])
+                )
+                continue
+            letter = _Letter(self.requests_topic, partition, -1, user.encode(), encoded, "", [])
+            with correlation(None) as cid:
+                record["correlation_id"] = cid
+                request = Request.from_record(record)
+                outcome = decide(
+                    request, prefs, state, now, self.policy, release=True, bypass_caps=True
+                )
+                work = _Work(request, prefs, state, batch, now, letter, "digest", True)
+                self._execute(work, outcome, extra={"digest_items": str(buffer.total)})
 
 
 def register(app: faust.App, ctx: AgentContext) -> None:
     settings = ctx.settings
-    source = settings.topic("notify.requests")
-    target = settings.topic("notify.outbound.inapp")
-    requests = app.topic(
-        source, partitions=load_catalogue().get("notify.requests").partitions, **RAW
+    router = Router(app, ctx)
+    topic = app.topic(
+        router.requests_topic, router.prefs_topic, partitions=router.partitions, **RAW
     )
 
-    @app.agent(requests, name="router")
+    @app.agent(topic, name="router")
     async def route(stream: faust.StreamT[Any]) -> None:
-        async for event in stream.events():
-            msg = event.message
-            EVENTS_IN.labels(ctx.role, msg.topic).inc()
-            headers = message_headers(msg)
-            try:
-                request = ctx.codec.decode(msg.value, "NotificationRequest")
-                with correlation(
-                    request.get("correlation_id") or correlation_from_headers(headers)
-                ) as cid:
-                    request["correlation_id"] = cid
-                    out = inapp_message(request)
-                    await ctx.publisher.send(
-                        target,
-                        request["user_id"].encode(),
-                        ctx.codec.encode("OutboundMessage", out),
-                        correlation_header(cid),
-                    )
-                    log.info("routed", request_id=request["request_id"], channel="INAPP")
-            except (DecodeError, EncodeError, KeyError) as exc:
-                await ctx.dead_letters.send(
-                    source_topic=msg.topic,
-                    partition=msg.partition,
-                    offset=msg.offset,
-                    key=msg.key,
-                    value=msg.value,
-                    error=exc,
-                    headers=headers,
-                )
+        # take_events exists on faust-streaming's Stream, not on its StreamT protocol.
+        async for events in stream.take_events(  # type: ignore[attr-defined]
+            settings.router_batch_size, within=settings.router_batch_ms / 1000
+        ):
+            await router.handle(events)
+
+    @app.timer(settings.router_tick_seconds)
+    async def release() -> None:
+        try:
+            await router.release_due()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("release tick failed")

@@ -66,6 +66,8 @@ class Action(StrEnum):
 
 
 PRIORITIES = ("CRITICAL", "HIGH", "NORMAL", "LOW")
+# Request data ends up in every outbound message; keep them well inside Kafka's 1 MB.
+MAX_DATA_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,10 @@ class Request:
         priority = str(record.get("priority") or "NORMAL")
         if priority not in PRIORITIES:
             raise InvalidRequest(f"priority: unknown {priority!r}")
+        data = record.get("data") or {}
+        size = sum(len(k.encode()) + len(v.encode()) for k, v in data.items())
+        if size > MAX_DATA_BYTES:
+            raise InvalidRequest(f"data: {size} bytes, at most {MAX_DATA_BYTES}")
         channels = tuple(str(c).lower() for c in record.get("channels") or ())
         for c in channels:
             if c not in CHANNELS:
@@ -148,7 +154,7 @@ class Request:
             category=record["category"],
             priority=priority,
             template=record["template"],
-            data=dict(record.get("data") or {}),
+            data=dict(data),
             channels=tuple(c for c in CHANNELS if c in channels),
             deliver_at=record.get("deliver_at"),
             expires_at=record.get("expires_at"),
