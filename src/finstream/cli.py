@@ -25,6 +25,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     ),
     "api": ("finstream.api.cli:api", "Serve the API; dev tokens, OpenAPI document, live stream."),
     "alerts": ("finstream.cli_alerts:alerts", "Alert rules: add, list, show, remove, back-test."),
+    "dlq": ("finstream.cli_dlq:dlq", "Dead letters: list, show, redrive to their source topic."),
     "prefs": ("finstream.cli_prefs:prefs", "Users' notification preferences: set, show, forget."),
     "audit": ("finstream.cli_audit:audit", "Audit trail: verify the hash chain, show events."),
 }

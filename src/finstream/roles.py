@@ -67,6 +67,27 @@ _ROLES = [
         "Stores in-app messages in users' Redis inboxes.",
     ),
     RoleSpec(
+        "delivery-email",
+        "service",
+        "finstream.sinks.delivery.worker:run_email",
+        ("notify.outbound.email",),
+        "Sends email through the provider chain (SendGrid, SES, SMTP) with retries and failover.",
+    ),
+    RoleSpec(
+        "delivery-push",
+        "service",
+        "finstream.sinks.delivery.worker:run_push",
+        ("notify.outbound.push",),
+        "Sends push notifications (FCM, APNs); marks unregistered tokens in preferences.",
+    ),
+    RoleSpec(
+        "delivery-sms",
+        "service",
+        "finstream.sinks.delivery.worker:run_sms",
+        ("notify.outbound.sms",),
+        "Sends SMS through Twilio; marks opted-out numbers in preferences.",
+    ),
+    RoleSpec(
         "statestore",
         "service",
         "finstream.sinks.statestore_role:run",

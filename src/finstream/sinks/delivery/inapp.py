@@ -1,31 +1,38 @@
 """In-app delivery: notify.outbound.inapp -> the user's Redis inbox.
 
-Storing is idempotent on message_id (see :mod:`finstream.sinks.inbox`), so a
-redelivered batch neither duplicates a message nor publishes it twice. Every
-stored message yields a DeliveryResult on notify.delivery.
+The inbox (:mod:`finstream.sinks.inbox`) keeps read/unread state and the
+per-user cap, and publishes each new message on the user's pub/sub channel
+for live delivery. As a provider it is the one that can never show a message
+twice: storing is idempotent on message_id (its Lua script remembers the ids
+it has seen), so an uncertain store is simply repeated.
+
+The role runs the same delivery engine as email, push and SMS: the message
+is claimed in PostgreSQL before it is stored, every outcome is a
+DeliveryResult on notify.delivery and in ``delivery_results``, and a Redis
+outage is retried with backoff instead of stalling the partition.
 """
 
 from __future__ import annotations
 
-import time
-import uuid
-from collections.abc import Sequence
 from typing import Any
 
-from finstream.codec import DecodeError
-from finstream.domain.time import to_micros, utcnow
-from finstream.runtime.consumer import BatchConsumer
-from finstream.runtime.kafka import correlation_header
-from finstream.runtime.logging import correlation, correlation_from_headers, get_logger
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from finstream.domain.delivery import DeliveryError
+from finstream.domain.resilience import ErrorClass
+from finstream.domain.time import to_micros
 from finstream.runtime.worker import ServiceContext
+from finstream.settings import Settings
+from finstream.sinks.delivery.base import Message, Reconcile, Sent
 from finstream.sinks.inbox import Inbox
 from finstream.sinks.redis_client import connect
 
-log = get_logger(__name__)
 PROVIDER = "redis-inbox"
 
 
-def inbox_entry(message: dict[str, Any]) -> dict[str, Any]:
+def inbox_entry(message: Message) -> dict[str, Any]:
     return {
         "request_id": message["request_id"],
         "category": message["category"],
@@ -37,80 +44,51 @@ def inbox_entry(message: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def delivery_result(message: dict[str, Any], status: str, started: float) -> dict[str, Any]:
-    return {
-        "result_id": uuid.uuid4().hex,
-        "message_id": message["message_id"],
-        "request_id": message["request_id"],
-        "user_id": message["user_id"],
-        "channel": "INAPP",
-        "provider": PROVIDER,
-        "status": status,
-        "attempt": 1,
-        "provider_message_id": message["message_id"],
-        "error_class": None,
-        "error": None,
-        "latency_ms": (time.perf_counter() - started) * 1000,
-        "at": utcnow(),
-    }
+class InboxProvider:
+    name = PROVIDER
+    channel = "INAPP"
+    reconcile = Reconcile.IDEMPOTENT
+    rate = 10_000.0
+
+    def __init__(self, settings: Settings) -> None:
+        self._redis = connect(settings)
+        self.inbox = Inbox(self._redis, settings)
+
+    def supports(self, message: Message) -> bool:
+        return True
+
+    async def send(self, message: Message) -> Sent:
+        try:
+            stored = await self.inbox.add(
+                str(message["user_id"]),
+                str(message["message_id"]),
+                inbox_entry(message),
+                score=to_micros(message["created_at"]) / 1_000_000,
+            )
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise DeliveryError(
+                ErrorClass.TRANSIENT, f"redis: {exc}", provider=self.name, ambiguous=True
+            ) from None
+        except RedisError as exc:
+            raise DeliveryError(ErrorClass.TRANSIENT, f"redis: {exc}", provider=self.name) from None
+        return Sent(
+            str(message["message_id"]),
+            status="DELIVERED",
+            detail=None if stored else "already in the inbox",
+        )
+
+    async def lookup(self, message: Message, since: Any) -> Sent | None:
+        raise DeliveryError(ErrorClass.PERMANENT, "not needed: storing is idempotent")
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+def create(settings: Settings) -> InboxProvider:
+    return InboxProvider(settings)
 
 
 async def run(ctx: ServiceContext) -> None:
-    settings = ctx.settings
-    redis = connect(settings)
-    inbox = Inbox(redis, settings)
-    publisher = await ctx.publisher()
-    dead_letters = await ctx.dead_letters()
-    results_topic = settings.topic("notify.delivery")
+    from finstream.sinks.delivery.worker import run_channel
 
-    async def handle(records: Sequence[Any]) -> None:
-        for r in records:
-            headers = r.headers or ()
-            try:
-                message = ctx.codec.decode(r.value, "OutboundMessage")
-            except DecodeError as exc:
-                await dead_letters.send(
-                    source_topic=r.topic,
-                    partition=r.partition,
-                    offset=r.offset,
-                    key=r.key,
-                    value=r.value,
-                    error=exc,
-                    headers=headers,
-                )
-                continue
-            cid = message.get("correlation_id") or correlation_from_headers(headers)
-            with correlation(cid):
-                started = time.perf_counter()
-                stored = await inbox.add(
-                    message["user_id"],
-                    message["message_id"],
-                    inbox_entry(message),
-                    score=to_micros(message["created_at"]) / 1_000_000,
-                )
-                status = "DELIVERED" if stored else "DUPLICATE"
-                await publisher.send(
-                    results_topic,
-                    message["user_id"].encode(),
-                    ctx.codec.encode("DeliveryResult", delivery_result(message, status, started)),
-                    correlation_header(cid),
-                )
-                log.info(
-                    "in-app message stored" if stored else "in-app duplicate ignored",
-                    message_id=message["message_id"],
-                )
-
-    consumer = BatchConsumer(
-        settings,
-        ctx.role,
-        [settings.topic("notify.outbound.inapp")],
-        handle,
-        publisher=publisher,
-        batch_size=200,
-        batch_ms=100,
-        on_ready=lambda ready: ctx.health.set_ready(ready, "" if ready else "rebalancing"),
-    )
-    try:
-        await consumer.run(ctx.stop)
-    finally:
-        await redis.aclose()
+    await run_channel(ctx, "INAPP")

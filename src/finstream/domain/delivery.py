@@ -1,0 +1,835 @@
+"""Delivery policy, pure: what a provider's answer means and what to do next.
+
+Everything here is I/O free and clock-injected, so it is tested exhaustively:
+
+* error classification of every provider's documented answers
+  (:func:`classify_sendgrid`, :func:`classify_ses`, :func:`classify_fcm`,
+  :func:`classify_apns`, :func:`classify_twilio`, :func:`classify_smtp`) into
+  :class:`DeliveryError` (a :class:`~finstream.domain.resilience.ProviderError`
+  that also says whether the outcome is *ambiguous* and what feedback the
+  answer carries for the user's preferences);
+* the retry schedule (:class:`RetryPolicy`): exponential backoff with full
+  jitter, never earlier than the provider's ``Retry-After`` / rate-limit reset,
+  never past the message's deadline;
+* SMS segment counting (GSM-7 / UCS-2) and E.164 checks;
+* validation of an outbound message before any provider sees it;
+* preference feedback (:func:`apply_feedback`): unregistered push tokens and
+  opted-out phone numbers, with a monotonic ``updated_at``.
+
+An *ambiguous* error is one after which the provider may or may not have
+accepted the message (a read timeout, a dropped connection after the request
+was written, a 2xx answer without the documented shape). Retrying it blindly
+could send twice, so the engine reconciles it instead (see
+:mod:`finstream.sinks.delivery.engine`).
+"""
+
+from __future__ import annotations
+
+import copy
+import enum
+import json
+import math
+import random
+import re
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import phonenumbers
+
+from finstream.domain.resilience import Backoff, ErrorClass, ProviderError, parse_retry_after
+
+# -- errors ----------------------------------------------------------------------
+
+
+class Feedback(enum.StrEnum):
+    """What a provider's answer says about the recipient, for the user's preferences."""
+
+    TOKEN_INVALID = "push_token_invalid"  # noqa: S105 (not a secret) FCM UNREGISTERED, APNs 410 Unregistered
+    PHONE_OPTED_OUT = "phone_opted_out"  # Twilio 21610: the recipient replied STOP
+
+
+class DeliveryError(ProviderError):
+    """A classified delivery failure.
+
+    ``ambiguous``: the provider may have accepted the message (do not resend
+    blindly). ``feedback``: what to record in the user's preferences.
+    """
+
+    def __init__(
+        self,
+        error_class: ErrorClass,
+        message: str,
+        *,
+        provider: str = "",
+        retry_after: float | None = None,
+        status: int | None = None,
+        code: str | None = None,
+        ambiguous: bool = False,
+        feedback: Feedback | None = None,
+    ) -> None:
+        super().__init__(
+            error_class,
+            message,
+            provider=provider,
+            retry_after=retry_after,
+            status=status,
+            code=code,
+        )
+        self.ambiguous = ambiguous
+        self.feedback = feedback
+
+    @property
+    def message_level(self) -> bool:
+        """The message itself is undeliverable: no other provider would take it either."""
+        return self.error_class in (ErrorClass.INVALID_RECIPIENT, ErrorClass.PERMANENT)
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if self.code:
+            text += f" [{self.code}]"
+        if self.ambiguous:
+            text += " (outcome unknown)"
+        return text
+
+
+MAX_WAIT_SECONDS = 24 * 3600.0
+
+
+def throttle_delay(headers: Mapping[str, str], now: datetime) -> float | None:
+    """Seconds to wait from ``Retry-After`` or an ``X-RateLimit-Reset`` epoch (the later).
+
+    ``headers`` must have lower-case names.
+    """
+    waits: list[float] = []
+    after = parse_retry_after(headers.get("retry-after"), now)
+    if after is not None:
+        waits.append(after)
+    reset = headers.get("x-ratelimit-reset")
+    if reset:
+        try:
+            epoch = float(reset.strip())
+        except ValueError:
+            epoch = math.nan
+        if math.isfinite(epoch):
+            waits.append(min(max(epoch - now.timestamp(), 0.0), MAX_WAIT_SECONDS))
+    return max(waits) if waits else None
+
+
+def _json(body: bytes) -> Any:
+    try:
+        return json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+
+
+def _snippet(body: bytes, limit: int = 200) -> str:
+    text = body.decode("utf-8", "replace").strip().replace("\n", " ")
+    return text[:limit] + ("..." if len(text) > limit else "")
+
+
+def _by_status(
+    provider: str,
+    status: int,
+    message: str,
+    *,
+    code: str | None = None,
+    retry_after: float | None = None,
+) -> DeliveryError:
+    """The class an HTTP status implies when the body says nothing more precise."""
+    if status == 429:
+        cls = ErrorClass.THROTTLED
+    elif status in (401, 403):
+        cls = ErrorClass.AUTH
+    elif status >= 500 or status in (408, 425):
+        cls = ErrorClass.TRANSIENT
+    else:
+        cls = ErrorClass.PERMANENT
+    return DeliveryError(
+        cls,
+        message,
+        provider=provider,
+        status=status,
+        code=code,
+        retry_after=retry_after if cls.retryable else None,
+    )
+
+
+# -- SendGrid v3 ------------------------------------------------------------------
+
+_SENDGRID_RECIPIENT_FIELDS = re.compile(r"^personalizations(\.\d+)?\.(to|cc|bcc)")
+
+
+def classify_sendgrid(
+    status: int, headers: Mapping[str, str], body: bytes, now: datetime
+) -> DeliveryError | None:
+    """None when SendGrid accepted the message (202 with ``X-Message-Id``)."""
+    if 200 <= status < 300:
+        if headers.get("x-message-id"):
+            return None
+        return DeliveryError(
+            ErrorClass.MALFORMED,
+            f"HTTP {status} without X-Message-Id",
+            provider="sendgrid",
+            status=status,
+            ambiguous=True,
+        )
+    data = _json(body)
+    errors = data.get("errors") if isinstance(data, dict) else None
+    messages: list[str] = []
+    recipient_problem = False
+    if isinstance(errors, list):
+        for e in errors:
+            if not isinstance(e, dict):
+                continue
+            field = str(e.get("field") or "")
+            messages.append(f"{field}: {e.get('message')}" if field else str(e.get("message")))
+            recipient_problem |= bool(_SENDGRID_RECIPIENT_FIELDS.match(field))
+    message = "; ".join(messages) or _snippet(body) or f"HTTP {status}"
+    if status == 400 and recipient_problem:
+        return DeliveryError(
+            ErrorClass.INVALID_RECIPIENT, message, provider="sendgrid", status=status
+        )
+    return _by_status("sendgrid", status, message, retry_after=throttle_delay(headers, now))
+
+
+# -- AWS SES v2 --------------------------------------------------------------------
+
+_SES_CLASSES = {
+    "TooManyRequestsException": ErrorClass.THROTTLED,
+    "LimitExceededException": ErrorClass.THROTTLED,  # sending quota for the period
+    "MessageRejected": ErrorClass.PERMANENT,
+    "BadRequestException": ErrorClass.PERMANENT,
+    # The account or its set-up cannot send at all: provider-level, fail over.
+    "AccountSuspendedException": ErrorClass.AUTH,
+    "SendingPausedException": ErrorClass.AUTH,
+    "MailFromDomainNotVerifiedException": ErrorClass.AUTH,
+    "NotFoundException": ErrorClass.AUTH,
+    "AccessDeniedException": ErrorClass.AUTH,
+    "UnrecognizedClientException": ErrorClass.AUTH,
+    "InvalidSignatureException": ErrorClass.AUTH,
+    "SignatureDoesNotMatch": ErrorClass.AUTH,
+    "ExpiredTokenException": ErrorClass.AUTH,
+    "ThrottlingException": ErrorClass.THROTTLED,
+    "ServiceUnavailable": ErrorClass.TRANSIENT,
+    "InternalFailure": ErrorClass.TRANSIENT,
+}
+
+
+def _ses_code(headers: Mapping[str, str], data: Any) -> str | None:
+    # restJson: the type is in x-amzn-ErrorType ("Code:http://..."), or in the
+    # body's __type ("namespace#Code") or code.
+    raw = headers.get("x-amzn-errortype")
+    if not raw and isinstance(data, dict):
+        raw = data.get("__type") or data.get("code") or data.get("Code")
+    if not raw or not isinstance(raw, str):
+        return None
+    return raw.split(":", 1)[0].rsplit("#", 1)[-1].strip() or None
+
+
+def classify_ses(
+    status: int, headers: Mapping[str, str], body: bytes, now: datetime
+) -> DeliveryError | None:
+    data = _json(body)
+    if 200 <= status < 300:
+        if isinstance(data, dict) and isinstance(data.get("MessageId"), str) and data["MessageId"]:
+            return None
+        return DeliveryError(
+            ErrorClass.MALFORMED,
+            f"HTTP {status} without MessageId: {_snippet(body)}",
+            provider="ses",
+            status=status,
+            ambiguous=True,
+        )
+    code = _ses_code(headers, data)
+    message = ""
+    if isinstance(data, dict):
+        message = str(data.get("message") or data.get("Message") or "")
+    message = message or _snippet(body) or f"HTTP {status}"
+    cls = _SES_CLASSES.get(code or "")
+    if cls is None:
+        return _by_status(
+            "ses", status, message, code=code, retry_after=throttle_delay(headers, now)
+        )
+    return DeliveryError(
+        cls,
+        message,
+        provider="ses",
+        status=status,
+        code=code,
+        retry_after=throttle_delay(headers, now) if cls.retryable else None,
+    )
+
+
+# -- Firebase Cloud Messaging HTTP v1 ------------------------------------------------
+
+_FCM_ERROR_TYPE = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
+
+
+def fcm_error_code(data: Any) -> tuple[str | None, str | None, str]:
+    """(FcmError errorCode, canonical status, message) of an FCM error body."""
+    err = data.get("error") if isinstance(data, dict) else None
+    if not isinstance(err, dict):
+        return None, None, ""
+    fcm_code = None
+    for detail in err.get("details") or []:
+        if isinstance(detail, dict) and detail.get("@type") == _FCM_ERROR_TYPE:
+            fcm_code = detail.get("errorCode")
+    status = err.get("status")
+    return (
+        fcm_code if isinstance(fcm_code, str) else None,
+        status if isinstance(status, str) else None,
+        str(err.get("message") or ""),
+    )
+
+
+def classify_fcm(
+    status: int, headers: Mapping[str, str], body: bytes, now: datetime
+) -> DeliveryError | None:
+    data = _json(body)
+    if status == 200:
+        if isinstance(data, dict) and isinstance(data.get("name"), str) and data["name"]:
+            return None
+        return DeliveryError(
+            ErrorClass.MALFORMED,
+            f"HTTP 200 without a message name: {_snippet(body)}",
+            provider="fcm",
+            status=status,
+            ambiguous=True,
+        )
+    fcm_code, canonical, message = fcm_error_code(data)
+    code = fcm_code or canonical
+    message = message or _snippet(body) or f"HTTP {status}"
+    wait = throttle_delay(headers, now)
+    if code == "UNREGISTERED":
+        return DeliveryError(
+            ErrorClass.INVALID_RECIPIENT,
+            message,
+            provider="fcm",
+            status=status,
+            code=code,
+            feedback=Feedback.TOKEN_INVALID,
+        )
+    if code == "SENDER_ID_MISMATCH":
+        return DeliveryError(
+            ErrorClass.INVALID_RECIPIENT, message, provider="fcm", status=status, code=code
+        )
+    if code in ("QUOTA_EXCEEDED", "RESOURCE_EXHAUSTED"):
+        return DeliveryError(
+            ErrorClass.THROTTLED,
+            message,
+            provider="fcm",
+            status=status,
+            code=code,
+            retry_after=wait,
+        )
+    if code in ("UNAVAILABLE", "INTERNAL"):
+        return DeliveryError(
+            ErrorClass.TRANSIENT,
+            message,
+            provider="fcm",
+            status=status,
+            code=code,
+            retry_after=wait,
+        )
+    if code in ("THIRD_PARTY_AUTH_ERROR", "UNAUTHENTICATED", "PERMISSION_DENIED"):
+        return DeliveryError(ErrorClass.AUTH, message, provider="fcm", status=status, code=code)
+    if code == "INVALID_ARGUMENT":
+        return DeliveryError(
+            ErrorClass.PERMANENT, message, provider="fcm", status=status, code=code
+        )
+    return _by_status("fcm", status, message, code=code, retry_after=wait)
+
+
+# -- Apple Push Notification service ----------------------------------------------------
+
+_APNS_REASONS = {
+    "Unregistered": ErrorClass.INVALID_RECIPIENT,
+    "ExpiredToken": ErrorClass.INVALID_RECIPIENT,
+    # BadDeviceToken also means "token of the other environment" (sandbox vs
+    # production): a set-up mistake must not mark every user's token invalid,
+    # so it is rejected without feedback.
+    "BadDeviceToken": ErrorClass.INVALID_RECIPIENT,
+    "DeviceTokenNotForTopic": ErrorClass.INVALID_RECIPIENT,
+    "ExpiredProviderToken": ErrorClass.AUTH,
+    "InvalidProviderToken": ErrorClass.AUTH,
+    "MissingProviderToken": ErrorClass.AUTH,
+    "BadCertificate": ErrorClass.AUTH,
+    "BadCertificateEnvironment": ErrorClass.AUTH,
+    "Forbidden": ErrorClass.AUTH,
+    "TopicDisallowed": ErrorClass.AUTH,
+    "TooManyRequests": ErrorClass.THROTTLED,
+    "TooManyProviderTokenUpdates": ErrorClass.THROTTLED,
+    "InternalServerError": ErrorClass.TRANSIENT,
+    "ServiceUnavailable": ErrorClass.TRANSIENT,
+    "Shutdown": ErrorClass.TRANSIENT,
+}
+
+
+def classify_apns(
+    status: int, headers: Mapping[str, str], body: bytes, now: datetime
+) -> DeliveryError | None:
+    if status == 200:
+        return None
+    data = _json(body)
+    reason = data.get("reason") if isinstance(data, dict) else None
+    reason = reason if isinstance(reason, str) else None
+    message = reason or _snippet(body) or f"HTTP {status}"
+    cls = _APNS_REASONS.get(reason or "")
+    wait = throttle_delay(headers, now)
+    if cls is None:
+        return _by_status("apns", status, message, code=reason, retry_after=wait)
+    return DeliveryError(
+        cls,
+        message,
+        provider="apns",
+        status=status,
+        code=reason,
+        retry_after=wait if cls.retryable else None,
+        feedback=Feedback.TOKEN_INVALID if status == 410 else None,
+    )
+
+
+# -- Twilio Messages ---------------------------------------------------------------------
+
+_TWILIO_CODES = {
+    21610: (ErrorClass.INVALID_RECIPIENT, Feedback.PHONE_OPTED_OUT),  # replied STOP
+    21211: (ErrorClass.INVALID_RECIPIENT, None),  # invalid To
+    21612: (ErrorClass.INVALID_RECIPIENT, None),  # cannot route to this number
+    21614: (ErrorClass.INVALID_RECIPIENT, None),  # not a mobile number
+    21408: (ErrorClass.INVALID_RECIPIENT, None),  # region not enabled
+    21617: (ErrorClass.PERMANENT, None),  # body too long
+    21602: (ErrorClass.PERMANENT, None),  # body required
+    20429: (ErrorClass.THROTTLED, None),
+    20003: (ErrorClass.AUTH, None),
+    20404: (ErrorClass.AUTH, None),  # account / service not found: set-up
+    21606: (ErrorClass.AUTH, None),  # From is not ours
+    21659: (ErrorClass.AUTH, None),
+}
+
+
+def classify_twilio(
+    status: int, headers: Mapping[str, str], body: bytes, now: datetime
+) -> DeliveryError | None:
+    data = _json(body)
+    if 200 <= status < 300:
+        if isinstance(data, dict) and isinstance(data.get("sid"), str) and data["sid"]:
+            return None
+        return DeliveryError(
+            ErrorClass.MALFORMED,
+            f"HTTP {status} without a message sid: {_snippet(body)}",
+            provider="twilio",
+            status=status,
+            ambiguous=True,
+        )
+    code: int | None = None
+    message = ""
+    if isinstance(data, dict):
+        raw = data.get("code")
+        code = raw if isinstance(raw, int) and not isinstance(raw, bool) else None
+        message = str(data.get("message") or "")
+    message = message or _snippet(body) or f"HTTP {status}"
+    wait = throttle_delay(headers, now)
+    known = _TWILIO_CODES.get(code) if code is not None else None
+    if known is None:
+        return _by_status(
+            "twilio",
+            status,
+            message,
+            code=str(code) if code is not None else None,
+            retry_after=wait,
+        )
+    cls, feedback = known
+    return DeliveryError(
+        cls,
+        message,
+        provider="twilio",
+        status=status,
+        code=str(code),
+        retry_after=wait if cls.retryable else None,
+        feedback=feedback,
+    )
+
+
+# -- SMTP --------------------------------------------------------------------------------
+
+
+class SmtpStage(enum.StrEnum):
+    CONNECT = "connect"  # connect, EHLO, STARTTLS, AUTH: nothing sent yet
+    ENVELOPE = "envelope"  # MAIL FROM / RCPT TO: the server has not got the message
+    DATA = "data"  # the message is on the wire: a lost reply leaves the outcome unknown
+
+
+def classify_smtp(code: int | None, message: str, stage: SmtpStage) -> DeliveryError:
+    """An SMTP failure. ``code`` is the reply code, None when the connection failed."""
+    text = message or "no reply"
+    if code is None:
+        # Connection refused, reset or timed out: harmless before DATA, ambiguous after.
+        return DeliveryError(
+            ErrorClass.TRANSIENT,
+            f"{stage.value}: {text}",
+            provider="smtp",
+            ambiguous=stage is SmtpStage.DATA,
+        )
+    if code in (530, 534, 535, 538):
+        cls = ErrorClass.AUTH
+    elif 400 <= code < 500:
+        cls = ErrorClass.TRANSIENT
+    elif stage is SmtpStage.ENVELOPE and code in (550, 551, 553, 501):
+        cls = ErrorClass.INVALID_RECIPIENT
+    elif stage is SmtpStage.CONNECT:
+        cls = ErrorClass.AUTH  # the server refuses us, not this message
+    else:
+        cls = ErrorClass.PERMANENT
+    return DeliveryError(cls, f"{stage.value}: {code} {text}", provider="smtp", code=str(code))
+
+
+# -- retry schedule -------------------------------------------------------------------
+
+
+class RetryAction(enum.StrEnum):
+    RETRY = "retry"
+    FAIL = "fail"
+    EXPIRE = "expire"
+
+
+@dataclass(frozen=True)
+class RetryDecision:
+    action: RetryAction
+    at: datetime | None = None  # when to retry
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When a failed message is tried again, and when it is given up."""
+
+    max_attempts: int = 6
+    backoff: Backoff = field(default_factory=lambda: Backoff(base=1.0, cap=300.0))
+    max_age: float = 86400.0  # seconds after created_at when no expires_at is given
+
+    def deadline(self, created_at: datetime, expires_at: datetime | None) -> datetime:
+        limit = created_at + timedelta(seconds=self.max_age)
+        return min(limit, expires_at) if expires_at is not None else limit
+
+    def decide(
+        self,
+        *,
+        attempts: int,
+        rounds: int,
+        error: ProviderError | None,
+        wait_floor: float | None,
+        now: datetime,
+        deadline: datetime,
+        rng: random.Random | None = None,
+    ) -> RetryDecision:
+        """After ``attempts`` provider calls in ``rounds`` scheduled rounds, the last failing.
+
+        ``wait_floor``: the earliest any provider will take a call again
+        (Retry-After, a rate-limit reset, an open circuit's cool-down).
+        """
+        if error is not None and not error.error_class.retryable and not _provider_level(error):
+            return RetryDecision(RetryAction.FAIL, reason=f"not retryable: {error}")
+        if attempts >= self.max_attempts:
+            return RetryDecision(
+                RetryAction.FAIL, reason=f"gave up after {attempts} attempts (the maximum)"
+            )
+        floor = max(wait_floor or 0.0, (error.retry_after or 0.0) if error else 0.0)
+        delay = self.backoff.delay(max(rounds, 1), rng, floor=floor)
+        at = now + timedelta(seconds=delay)
+        if now >= deadline or at > deadline:
+            return RetryDecision(
+                RetryAction.EXPIRE,
+                reason=f"next try at {at.isoformat()} would be past the deadline {deadline.isoformat()}",
+            )
+        return RetryDecision(RetryAction.RETRY, at=at, reason=f"retry in {delay:.2f}s")
+
+
+def _provider_level(error: ProviderError) -> bool:
+    # AUTH is the provider's problem (credentials, suspended account): another
+    # provider, or the same one once fixed, may still deliver the message.
+    return error.error_class is ErrorClass.AUTH
+
+
+def defer_delay(provider_wait: float, rng: random.Random | None = None) -> float:
+    """Wait when every provider is closed or rate limited: its wait plus a little jitter."""
+    wait = max(provider_wait, 0.05)
+    return min(wait + (rng or random).uniform(0, min(1.0, wait * 0.1)), MAX_WAIT_SECONDS)
+
+
+# -- SMS ----------------------------------------------------------------------------------
+
+# GSM 03.38 default alphabet, and the extension table (each costs two septets:
+# the escape character plus the character).
+GSM7_BASIC = frozenset(
+    "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?"
+    "¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà"
+)
+GSM7_EXTENSION = frozenset("^{}\\[~]|€\f")
+SMS_MAX_BODY_CHARS = 1600  # Twilio's limit on Body
+
+
+@dataclass(frozen=True)
+class SmsSegments:
+    encoding: str  # "GSM-7" or "UCS-2"
+    units: int  # septets (GSM-7) or UTF-16 code units (UCS-2)
+    segments: int
+
+
+def is_gsm7(text: str) -> bool:
+    return all(c in GSM7_BASIC or c in GSM7_EXTENSION for c in text)
+
+
+def sms_segments(text: str) -> SmsSegments:
+    """How many SMS segments ``text`` takes, as a carrier counts them.
+
+    One segment holds 160 GSM-7 septets or 70 UCS-2 units; a concatenated
+    message loses room to its header (153 / 67 per segment), and a segment
+    never splits an escape sequence or a surrogate pair.
+    """
+    if is_gsm7(text):
+        costs = [2 if c in GSM7_EXTENSION else 1 for c in text]
+        return SmsSegments("GSM-7", sum(costs), _count(costs, 160, 153))
+    costs = [2 if ord(c) > 0xFFFF else 1 for c in text]
+    return SmsSegments("UCS-2", sum(costs), _count(costs, 70, 67))
+
+
+def _count(costs: Sequence[int], single: int, multi: int) -> int:
+    total = sum(costs)
+    if total <= single:
+        return 1
+    segments, used = 1, 0
+    for cost in costs:
+        if used + cost > multi:
+            segments += 1
+            used = 0
+        used += cost
+    return segments
+
+
+class RecipientError(ValueError):
+    pass
+
+
+def normalize_e164(number: str) -> str:
+    """The E.164 form of a phone number; raises RecipientError if it is not a valid one."""
+    candidate = number.strip()
+    if not candidate.startswith("+"):
+        raise RecipientError(f"not in E.164 form (no leading +): {mask(candidate)}")
+    try:
+        parsed = phonenumbers.parse(candidate, None)
+    except phonenumbers.NumberParseException as exc:
+        raise RecipientError(f"not a phone number: {exc}") from None
+    if not phonenumbers.is_valid_number(parsed):
+        raise RecipientError(f"not a valid phone number: {mask(candidate)}")
+    return str(phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164))
+
+
+def same_phone(a: str, b: str) -> bool:
+    try:
+        return normalize_e164(a) == normalize_e164(b)
+    except RecipientError:
+        return a.strip() == b.strip()
+
+
+def mask(value: str, keep: int = 4) -> str:
+    """A recipient for logs and audit: only the last characters."""
+    return ("*" * max(len(value) - keep, 0)) + value[-keep:] if value else value
+
+
+# -- email -----------------------------------------------------------------------------
+
+_EMAIL = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$")
+MAX_EMAIL_LENGTH = 254
+
+
+def validate_email_address(address: str) -> str:
+    if len(address) > MAX_EMAIL_LENGTH or not _EMAIL.match(address) or ".." in address:
+        raise RecipientError(f"not an email address: {mask(address, 8)}")
+    local, _, domain = address.rpartition("@")
+    if len(local) > 64 or "." not in domain:
+        raise RecipientError(f"not an email address: {mask(address, 8)}")
+    return address
+
+
+def unsubscribe_headers(
+    message_id: str, url_template: str | None, mailto: str | None
+) -> dict[str, str]:
+    """RFC 2369 List-Unsubscribe and RFC 8058 one-click headers (empty if none configured)."""
+    targets = []
+    if url_template:
+        targets.append(f"<{url_template.format(message_id=message_id)}>")
+    if mailto:
+        targets.append(f"<mailto:{mailto}?subject=unsubscribe%20{message_id}>")
+    if not targets:
+        return {}
+    headers = {"List-Unsubscribe": ", ".join(targets)}
+    if url_template:
+        headers["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
+    return headers
+
+
+def email_message_id(message_id: str, domain: str) -> str:
+    """The RFC 5322 Message-ID for an outbound message: the same on every try."""
+    return f"<{message_id}@{domain}>"
+
+
+@dataclass(frozen=True)
+class EmailParts:
+    """What every email provider sends, whatever its wire format."""
+
+    from_name: str
+    from_address: str
+    to: str
+    subject: str
+    text: str
+    html: str | None
+    headers: dict[str, str]  # extra headers: X-Entity-Ref-ID, List-Unsubscribe, ...
+
+    @property
+    def domain(self) -> str:
+        return self.from_address.rpartition("@")[2] or "localhost"
+
+
+def email_parts(
+    message: Mapping[str, Any],
+    sender: str,
+    unsubscribe_url: str | None,
+    unsubscribe_mailto: str | None,
+) -> EmailParts:
+    """The parts of an email; non-transactional mail carries List-Unsubscribe."""
+    from email.utils import parseaddr
+
+    name, address = parseaddr(sender)
+    if not address or "@" not in address:
+        raise DeliveryError(
+            ErrorClass.AUTH, f"delivery_email_from is not an address: {sender!r}", provider="email"
+        )
+    headers = {"X-Entity-Ref-ID": str(message["message_id"])}
+    if not message.get("transactional", True):
+        headers.update(
+            unsubscribe_headers(str(message["message_id"]), unsubscribe_url, unsubscribe_mailto)
+        )
+    return EmailParts(
+        from_name=name,
+        from_address=address,
+        to=str(message["recipient"]),
+        subject=str(message.get("subject") or ""),
+        text=str(message.get("body_text") or ""),
+        html=message.get("body_html") or None,
+        headers=headers,
+    )
+
+
+# -- push -----------------------------------------------------------------------------
+
+PUSH_MAX_PAYLOAD_BYTES = 4096  # APNs and FCM both cap the notification payload at 4 KB
+_APNS_NAMESPACE = uuid.UUID("6f1f6a4e-6d2c-4f0e-9a59-5a5d1b0e7c11")
+
+
+def apns_id(message_id: str) -> str:
+    """A stable apns-id for a message: every try of one message carries the same id."""
+    return str(uuid.uuid5(_APNS_NAMESPACE, message_id))
+
+
+# -- validation before any provider call ----------------------------------------------
+
+
+def validate_outbound(message: Mapping[str, Any], channel: str) -> None:
+    """Raise DeliveryError (permanent / invalid recipient) for a message no provider can take."""
+
+    def reject(cls: ErrorClass, text: str) -> DeliveryError:
+        return DeliveryError(cls, text, provider="validation")
+
+    if message.get("channel") != channel:
+        raise reject(
+            ErrorClass.PERMANENT,
+            f"message for channel {message.get('channel')} on the {channel} topic",
+        )
+    if not message.get("message_id"):
+        raise reject(ErrorClass.PERMANENT, "empty message_id (the idempotency key)")
+    recipient = str(message.get("recipient") or "")
+    body = str(message.get("body_text") or "")
+    try:
+        if channel == "EMAIL":
+            validate_email_address(recipient)
+            if not (message.get("subject") or "").strip():
+                raise reject(ErrorClass.PERMANENT, "email without a subject")
+            if any(c in (message.get("subject") or "") for c in "\r\n"):
+                raise reject(ErrorClass.PERMANENT, "line break in the subject")
+        elif channel == "SMS":
+            normalize_e164(recipient)
+            if not body.strip():
+                raise reject(ErrorClass.PERMANENT, "empty SMS body")
+            if len(body) > SMS_MAX_BODY_CHARS:
+                raise reject(
+                    ErrorClass.PERMANENT,
+                    f"SMS body of {len(body)} characters (at most {SMS_MAX_BODY_CHARS})",
+                )
+        elif channel == "PUSH":
+            if message.get("platform") not in ("FCM", "APNS"):
+                raise reject(
+                    ErrorClass.PERMANENT,
+                    f"push platform {message.get('platform')!r} (expected FCM or APNS)",
+                )
+            if not recipient or len(recipient) > 4096 or any(c.isspace() for c in recipient):
+                raise reject(ErrorClass.INVALID_RECIPIENT, "malformed push token")
+        elif channel == "INAPP" and not recipient:
+            raise reject(ErrorClass.INVALID_RECIPIENT, "in-app message without a user")
+    except RecipientError as exc:
+        raise reject(ErrorClass.INVALID_RECIPIENT, str(exc)) from None
+
+
+# -- feedback into preferences ---------------------------------------------------------
+
+
+def apply_feedback(
+    preferences: Mapping[str, Any], feedback: Feedback, recipient: str, now: datetime
+) -> dict[str, Any] | None:
+    """The user's preferences with the recipient marked; None if nothing changes.
+
+    ``updated_at`` only moves forward (at least one microsecond past the
+    current record), so the compacted topic and its read models never take the
+    update for an older version.
+    """
+    updated = copy.deepcopy(dict(preferences))
+    changed = False
+    if feedback is Feedback.TOKEN_INVALID:
+        for token in updated.get("push_tokens") or []:
+            if token.get("token") == recipient and not token.get("invalid"):
+                token["invalid"] = True
+                changed = True
+    elif feedback is Feedback.PHONE_OPTED_OUT:
+        for phone in updated.get("phones") or []:
+            if same_phone(str(phone.get("number") or ""), recipient) and not phone.get("opted_out"):
+                phone["opted_out"] = True
+                changed = True
+    if not changed:
+        return None
+    previous = preferences.get("updated_at")
+    floor = previous + timedelta(microseconds=1) if isinstance(previous, datetime) else now
+    updated["updated_at"] = max(now.astimezone(UTC), floor)
+    return updated
+
+
+# -- dead-letter reason -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttemptSummary:
+    attempt: int
+    provider: str
+    status: str
+    error_class: str | None
+    error: str | None
+
+
+def dead_letter_reason(verdict: str, attempts: Sequence[AttemptSummary]) -> str:
+    """The full story of an undeliverable message, for the dlq.error.message header."""
+    lines = [verdict]
+    for a in attempts:
+        what = f"{a.error_class}: {a.error}" if a.error_class else (a.error or "")
+        lines.append(f"#{a.attempt} {a.provider} {a.status} {what}".rstrip())
+    return " | ".join(lines)

@@ -1,0 +1,137 @@
+"""Twilio Programmable Messaging (``POST /2010-04-01/Accounts/{sid}/Messages.json``).
+
+Plain httpx with HTTP Basic auth and a form body, like the other HTTP
+providers. The official ``twilio`` package was not used: its API host is
+fixed (``twilio/rest/api/ApiBase.py`` passes "https://api.twilio.com" to its
+Domain), so it cannot be pointed at the local fake.
+
+``To`` is validated and normalized to E.164 (phonenumbers) and the segment
+count (GSM-7 / UCS-2) is known before sending. Twilio takes no idempotency
+key, so a resend is a second SMS; an ambiguous send is reconciled by listing
+the recipient's messages (``GET Messages.json?To=...``) and matching one
+created since the send started with the same body.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import urlencode
+
+from finstream.domain.delivery import (
+    DeliveryError,
+    RecipientError,
+    classify_twilio,
+    normalize_e164,
+    sms_segments,
+)
+from finstream.domain.resilience import ErrorClass
+from finstream.settings import Settings
+from finstream.sinks.delivery.base import HttpProvider, Message, Reconcile, Sent
+
+CLOCK_SKEW = timedelta(seconds=60)
+
+
+class TwilioSms(HttpProvider):
+    name = "twilio"
+    channel = "SMS"
+    reconcile = Reconcile.LOOKUP
+
+    def __init__(self, settings: Settings, account_sid: str, auth_token: str) -> None:
+        super().__init__(settings)
+        self.rate = settings.delivery_twilio_rate
+        self._auth = (account_sid, auth_token)
+        self._url = (
+            f"{settings.delivery_twilio_url.rstrip('/')}/2010-04-01/Accounts/"
+            f"{account_sid}/Messages.json"
+        )
+
+    def form(self, message: Message) -> dict[str, str]:
+        s = self.settings
+        try:
+            to = normalize_e164(str(message["recipient"]))
+        except RecipientError as exc:
+            raise DeliveryError(
+                ErrorClass.INVALID_RECIPIENT, str(exc), provider=self.name
+            ) from None
+        form = {"To": to, "Body": str(message["body_text"])}
+        if s.delivery_twilio_messaging_service_sid:
+            form["MessagingServiceSid"] = s.delivery_twilio_messaging_service_sid
+        else:
+            form["From"] = str(s.delivery_twilio_from)
+        if s.delivery_twilio_status_callback:
+            sep = "&" if "?" in s.delivery_twilio_status_callback else "?"
+            form["StatusCallback"] = (
+                s.delivery_twilio_status_callback
+                + sep
+                + urlencode({"message_id": str(message["message_id"])})
+            )
+        return form
+
+    async def send(self, message: Message) -> Sent:
+        form = self.form(message)
+        segments = sms_segments(form["Body"])
+        response = await self.request("POST", self._url, data=form, auth=self._auth)
+        error = classify_twilio(
+            response.status_code, self.lower_headers(response), response.content, self.now()
+        )
+        if error is not None:
+            raise error
+        data = response.json()
+        counted = data.get("num_segments") or segments.segments
+        return Sent(str(data["sid"]), detail=f"{counted} segment(s), {segments.encoding}")
+
+    async def lookup(self, message: Message, since: datetime) -> Sent | None:
+        to = self.form(message)["To"]
+        response = await self.request(
+            "GET", self._url, params={"To": to, "PageSize": "50"}, auth=self._auth
+        )
+        if response.status_code != 200:
+            error = classify_twilio(
+                response.status_code, self.lower_headers(response), response.content, self.now()
+            )
+            raise error or DeliveryError(
+                ErrorClass.MALFORMED, "message list failed", provider=self.name
+            )
+        try:
+            items = response.json().get("messages")
+        except (ValueError, AttributeError):
+            items = None
+        if not isinstance(items, list):
+            raise DeliveryError(
+                ErrorClass.MALFORMED, "message list without messages", provider=self.name
+            )
+        body = str(message["body_text"])
+        for item in items:
+            if _matches(item, body, since - CLOCK_SKEW):
+                return Sent(str(item["sid"]), detail="found in the message list")
+        return None
+
+
+def _matches(item: Any, body: str, not_before: datetime) -> bool:
+    if not isinstance(item, dict) or not item.get("sid") or item.get("body") != body:
+        return False
+    if item.get("direction", "outbound-api") not in (
+        "outbound-api",
+        "outbound-call",
+        "outbound-reply",
+    ):
+        return False
+    try:
+        created = parsedate_to_datetime(str(item.get("date_created")))
+    except (TypeError, ValueError):
+        return False
+    return created >= not_before
+
+
+def create(settings: Settings) -> TwilioSms | None:
+    s = settings
+    token = s.delivery_twilio_auth_token
+    if not s.delivery_twilio_account_sid or token is None or not token.get_secret_value():
+        return None
+    if not (s.delivery_twilio_from or s.delivery_twilio_messaging_service_sid):
+        raise ValueError(
+            "Twilio needs delivery_twilio_from or delivery_twilio_messaging_service_sid"
+        )
+    return TwilioSms(s, s.delivery_twilio_account_sid, token.get_secret_value())
