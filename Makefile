@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 FINSTREAM := $(BIN)/finstream
 PYTEST_ARGS ?=
 
-.PHONY: help install lock lint format stack-up stack-down stack-status topics migrate run test test-unit test-integration bench clean
+.PHONY: help install lock lint format stack-up stack-down stack-status topics migrate run test test-unit test-integration bench clean tools
 
 help:
 	@grep -E '^[a-z-]+:.*?## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -29,6 +29,7 @@ install: $(VENV)/.installed ## Create .venv from the lock file
 
 lock: $(UV) ## Re-resolve requirements.lock from pyproject.toml
 	$(UV) pip compile -q --python-version 3.11 --extra dev -o requirements.lock pyproject.toml
+	$(UV) pip compile -q --python-version 3.11 --generate-hashes --constraint requirements.lock -o deploy/image/requirements.txt pyproject.toml
 
 lint: install ## ruff and mypy (strict on src/)
 	$(BIN)/ruff check src tests bench
@@ -57,7 +58,7 @@ migrate: stack-up ## Apply PostgreSQL migrations
 run: install ## Run the whole pipeline locally (Ctrl-C stops it)
 	$(FINSTREAM) run
 
-test: stack-up ## Unit, integration and end-to-end tests against the real local stack
+test: stack-up tools ## Unit, integration and end-to-end tests against the real local stack
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test-unit: install
@@ -65,6 +66,9 @@ test-unit: install
 
 bench: stack-up ## Benchmarks, each against a baseline measured in the same run
 	$(BIN)/python -m bench
+
+tools: $(UV) ## helm, kubeconform, checkov, hadolint and offline schemas into .tools (idempotent)
+	UV=$(UV) PYTHON=$(PYTHON) bash deploy/tools/install.sh
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .mypy_cache .ruff_cache .pytest_cache
