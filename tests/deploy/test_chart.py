@@ -485,7 +485,8 @@ def test_monitoring_resources(renders: dict[str, Render]) -> None:
         "FinstreamConsumerLagHigh",
         "FinstreamDeadLettersGrowing",
         "FinstreamDeliverySuccessLow",
-        "FinstreamCircuitOpen",
+        "FinstreamDeliveryCircuitOpen",
+        "FinstreamMarketDataCircuitOpen",
     } <= alerts
     (dashboards,) = prod.of_kind("ConfigMap")
     for text in dashboards["data"].values():
@@ -500,3 +501,54 @@ def test_helm_test_hook_checks_the_api(renders: dict[str, Render]) -> None:
     (c,) = pod["spec"]["containers"]
     assert c["command"][0] == "finstream-healthcheck"
     assert f"http://{RELEASE}-finstream-api:8000/healthz" in c["args"]
+
+
+def promql_queries(render: Render) -> list[str]:
+    (rule,) = render.of_kind("PrometheusRule")
+    queries = [r["expr"] for g in rule["spec"]["groups"] for r in g["rules"]]
+    (dashboards,) = render.of_kind("ConfigMap")
+    for text in dashboards["data"].values():
+        for panel in json.loads(text)["panels"]:
+            # Grafana fills these in before Prometheus sees the query.
+            queries += [
+                t["expr"].replace("$__rate_interval", "5m").replace("$namespace", "finstream")
+                for t in panel["targets"]
+            ]
+    return queries
+
+
+def test_alert_and_dashboard_queries_parse_and_use_real_metrics(
+    tools: Tools, renders: dict[str, Render]
+) -> None:
+    queries = promql_queries(renders["prod"])
+    check = (
+        "import json, sys, promql_parser\n"
+        "bad = []\n"
+        "for q in json.load(sys.stdin):\n"
+        "    try:\n"
+        "        promql_parser.parse(q)\n"
+        "    except ValueError as exc:\n"
+        "        bad.append(f'{q}: {exc}')\n"
+        "print(json.dumps(bad))\n"
+    )
+    proc = subprocess.run(
+        [str(tools.python), "-c", check],
+        input=json.dumps([*queries, "sum by (role (broken"]),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    bad = json.loads(proc.stdout)
+    assert bad[-1].startswith("sum by (role (broken"), "the parser must reject bad PromQL"
+    assert bad[:-1] == [], "\n".join(bad)
+    # Every finstream metric a query names is one the code defines.
+    defined = set()
+    for path in (ROOT / "src" / "finstream").rglob("*.py"):
+        defined |= set(re.findall(r'"(finstream_[a-z0-9_]+)"', path.read_text()))
+    used = {
+        re.sub(r"_(bucket|sum|count)$", "", m)
+        for q in queries
+        for m in re.findall(r"\b(finstream_[a-z0-9_]+)\b", q)
+    }
+    assert used - defined == set(), f"queries name metrics no code defines: {used - defined}"
