@@ -47,7 +47,7 @@ from finstream.domain.resilience import Backoff, ErrorClass, ProviderError, pars
 class Feedback(enum.StrEnum):
     """What a provider's answer says about the recipient, for the user's preferences."""
 
-    TOKEN_INVALID = "push_token_invalid"  # noqa: S105 (not a secret) FCM UNREGISTERED, APNs 410 Unregistered
+    TOKEN_INVALID = "push_token_invalidated"  # noqa: S105 (not a secret) FCM UNREGISTERED, APNs 410 Unregistered
     PHONE_OPTED_OUT = "phone_opted_out"  # Twilio 21610: the recipient replied STOP
 
 
@@ -86,13 +86,20 @@ class DeliveryError(ProviderError):
         """The message itself is undeliverable: no other provider would take it either."""
         return self.error_class in (ErrorClass.INVALID_RECIPIENT, ErrorClass.PERMANENT)
 
-    def __str__(self) -> str:
-        text = super().__str__()
+    def detail(self) -> str:
+        """The message with its status and code, without provider and class (shown beside)."""
+        text = str(self.args[0])
+        if self.status is not None:
+            text += f" (status {self.status})"
         if self.code:
             text += f" [{self.code}]"
         if self.ambiguous:
             text += " (outcome unknown)"
         return text
+
+    def __str__(self) -> str:
+        where = f"{self.provider}: " if self.provider else ""
+        return f"{where}{self.error_class.value}: {self.detail()}"
 
 
 MAX_WAIT_SECONDS = 24 * 3600.0

@@ -137,7 +137,13 @@ class FakeFcm(HttpFake):
                 {"Retry-After": str(int(self.faults.retry_after))},
             )
         if kind in ("error", "timeout"):
-            return _error(503, "The service is currently unavailable.", "UNAVAILABLE")
+            # FCM asks clients to honour Retry-After on UNAVAILABLE too.
+            return _error(
+                503,
+                "The service is currently unavailable.",
+                "UNAVAILABLE",
+                {"Retry-After": str(int(self.faults.retry_after))},
+            )
         try:
             message = (await request.json())["message"]
             device = message["token"]

@@ -1015,7 +1015,7 @@ class DeliveryEngine:
         error_class: str | None = None,
         note: str | None = None,
     ) -> ResultRow:
-        text = str(error) if error else None
+        text = error.detail() if error else None
         if note:
             text = f"{text}; {note}" if text else note
         return ResultRow(
