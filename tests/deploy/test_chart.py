@@ -23,7 +23,17 @@ import yaml
 from finstream.roles import ROLES
 from finstream.topics import load_catalogue
 
-from .conftest import CHART, DIGEST, OPERATOR_APIS, RELEASE, ROOT, Render, Tools, helm_template
+from .conftest import (
+    CHART,
+    DIGEST,
+    NAMESPACE,
+    OPERATOR_APIS,
+    RELEASE,
+    ROOT,
+    Render,
+    Tools,
+    helm_template,
+)
 
 OVERLAYS = [None, "values-dev.yaml", "values-staging.yaml", "values-prod.yaml"]
 AUTOSCALED = ["staging", "staging-operators", "prod", "prod-hpa"]
@@ -443,12 +453,12 @@ def test_network_policy_limits_ingress_to_metrics_and_api(renders: dict[str, Ren
     policies = {p["metadata"]["name"]: p for p in prod.of_kind("NetworkPolicy")}
     main = policies[f"{RELEASE}-finstream"]
     assert main["spec"]["policyTypes"] == ["Ingress", "Egress"]
-    (ingress,) = main["spec"]["ingress"]
-    assert [p["port"] for p in ingress["ports"]] == [values()["workerPort"]]
+    ingress_ports = {p["port"] for rule in main["spec"]["ingress"] for p in rule["ports"]}
+    assert ingress_ports == {values()["workerPort"]}
     egress_ports = {p["port"] for rule in main["spec"]["egress"] for p in rule["ports"]}
     assert {53, 9093, 5432, 6379, 443} <= egress_ports
     api = policies[f"{RELEASE}-finstream-api"]
-    assert [p["port"] for p in api["spec"]["ingress"][0]["ports"]] == [8000]
+    assert {p["port"] for rule in api["spec"]["ingress"] for p in rule["ports"]} == {8000}
 
 
 def test_topics_and_migrations_as_code(renders: dict[str, Render]) -> None:
@@ -552,3 +562,94 @@ def test_alert_and_dashboard_queries_parse_and_use_real_metrics(
         for m in re.findall(r"\b(finstream_[a-z0-9_]+)\b", q)
     }
     assert used - defined == set(), f"queries name metrics no code defines: {used - defined}"
+
+
+def test_every_rendered_setting_exists(renders: dict[str, Render]) -> None:
+    """A misspelt FINSTREAM_* variable would be ignored by pydantic-settings: catch it here."""
+    from finstream.settings import Settings
+
+    known = {f"FINSTREAM_{name.upper()}" for name in Settings.model_fields}
+    for render in renders.values():
+        for doc in (d for d in render.docs if d["kind"] in POD_OWNERS):
+            for c in pod_spec(doc)["containers"]:
+                names = {e["name"] for e in c.get("env", [])}
+                assert names - known == set(), f"{render.name} {doc['metadata']['name']}"
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    assert not selector.get("matchExpressions"), "extend _selects for matchExpressions"
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def _peer_admits(peer: dict[str, Any], labels: dict[str, str], ns: dict[str, str]) -> bool:
+    if "ipBlock" in peer:
+        return False  # pod-to-pod traffic here
+    if "namespaceSelector" in peer:
+        in_ns = _selects(peer["namespaceSelector"], ns)
+        return in_ns and _selects(peer.get("podSelector", {}), labels)
+    return ns.get("kubernetes.io/metadata.name") == NAMESPACE and _selects(
+        peer["podSelector"], labels
+    )
+
+
+def _allowed(
+    policies: list[dict[str, Any]],
+    direction: str,
+    pod: dict[str, str],
+    peer: dict[str, str],
+    peer_ns: dict[str, str],
+    port: int,
+) -> bool:
+    kind, key = ("Ingress", "from") if direction == "ingress" else ("Egress", "to")
+    applying = [
+        p
+        for p in policies
+        if kind in p["spec"]["policyTypes"] and _selects(p["spec"]["podSelector"], pod)
+    ]
+    if not applying:
+        return True
+    for policy in applying:
+        for rule in policy["spec"].get(direction, []):
+            ports = rule.get("ports")
+            if ports and port not in [p["port"] for p in ports]:
+                continue
+            peers = rule.get(key)
+            if not peers or any(_peer_admits(x, peer, peer_ns) for x in peers):
+                return True
+    return False
+
+
+def test_network_policies_let_the_helm_test_through_and_strangers_not(
+    renders: dict[str, Render],
+) -> None:
+    prod = renders["prod"]
+    policies = prod.of_kind("NetworkPolicy")
+    here = {"kubernetes.io/metadata.name": NAMESPACE}
+    elsewhere = {"kubernetes.io/metadata.name": "someone-else"}
+    (test_pod,) = prod.of_kind("Pod")
+    tester = test_pod["metadata"]["labels"]
+    services = {s["metadata"]["name"]: s for s in prod.of_kind("Service")}
+    pods = {d["metadata"]["name"]: d["spec"]["template"] for d in prod.of_kind("Deployment")}
+    checked = 0
+    for url in test_pod["spec"]["containers"][0]["args"]:
+        host, port = re.match(r"http://([^:/]+):(\d+)/", url).groups()  # type: ignore[union-attr]
+        service = services[host]
+        (target,) = [p["targetPort"] for p in service["spec"]["ports"] if p["port"] == int(port)]
+        template = pods[host]
+        (container_port,) = [
+            p["containerPort"]
+            for p in template["spec"]["containers"][0]["ports"]
+            if p["name"] == target
+        ]
+        dest = template["metadata"]["labels"]
+        assert _allowed(policies, "egress", tester, dest, here, container_port), url
+        assert _allowed(policies, "ingress", dest, tester, here, container_port), url
+        # A pod of another namespace reaches neither metrics nor the API.
+        assert not _allowed(policies, "ingress", dest, {"app": "x"}, elsewhere, container_port)
+        checked += 1
+    assert checked == len([d for d in prod.of_kind("Deployment")]) + 1
+    # Prometheus in the monitoring namespace scrapes every role.
+    monitoring = {"kubernetes.io/metadata.name": "monitoring"}
+    for template in pods.values():
+        labels = template["metadata"]["labels"]
+        assert _allowed(policies, "ingress", labels, {"app": "prometheus"}, monitoring, 8081)

@@ -242,3 +242,15 @@ def test_compose_runs_every_role_on_the_stack(compose: dict[str, Any]) -> None:
     assert services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"
     assert services["topics"]["build"]["dockerfile"] == "Dockerfile"
     assert (ROOT / "deploy" / services["topics"]["build"]["context"] / "Dockerfile").exists()
+
+
+def test_compose_settings_exist(compose: dict[str, Any]) -> None:
+    from finstream.settings import Settings
+
+    known = {f"FINSTREAM_{name.upper()}" for name in Settings.model_fields}
+    # Read by the image's healthcheck script, not by finstream.
+    known.add("FINSTREAM_HEALTHCHECK_URL")
+    for name, service in compose["services"].items():
+        env = service.get("environment") or {}
+        used = {k for k in env if k.startswith("FINSTREAM_")}
+        assert used - known == set(), name
