@@ -26,6 +26,8 @@ _LAZY: dict[str, tuple[str, str]] = {
     "api": ("finstream.api.cli:api", "Serve the API; dev tokens, OpenAPI document, live stream."),
     "alerts": ("finstream.cli_alerts:alerts", "Alert rules: add, list, show, remove, back-test."),
     "dlq": ("finstream.cli_dlq:dlq", "Dead letters: list, show, redrive to their source topic."),
+    "connect": ("finstream.cli_connectors:connect_command", "Run market-data connectors in the foreground."),
+    "providers": ("finstream.cli_connectors:providers_group", "Market-data providers: list, check credentials and limits."),
     "prefs": ("finstream.cli_prefs:prefs", "Users' notification preferences: set, show, forget."),
     "audit": ("finstream.cli_audit:audit", "Audit trail: verify the hash chain, show events."),
 }

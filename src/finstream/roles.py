@@ -31,6 +31,13 @@ _ROLES = [
         "Simulated market feed (geometric Brownian motion) publishing to md.ticks.",
     ),
     RoleSpec(
+        "connector",
+        "service",
+        "finstream.connectors.runner:run",
+        (),
+        "Market-data provider failover chains (FINSTREAM_MD_CHAIN) publishing to md.ticks.",
+    ),
+    RoleSpec(
         "quotes",
         "faust",
         "finstream.agents.quotes:register",

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+from typing import Protocol
+
 from finstream.codec import Codec
+from finstream.connectors.metrics import PUBLISH_LATENCY, TICKS_PUBLISHED, TICKS_SUPPRESSED
+from finstream.domain.marketdata_dedupe import TickDeduper
 from finstream.domain.ticks import Tick
+from finstream.domain.time import utcnow
 from finstream.runtime.kafka import Publisher
 
 
@@ -22,3 +28,56 @@ class TickPublisher:
 
     async def flush(self) -> None:
         await self._publisher.flush()
+
+
+class TickOutput(Protocol):
+    async def publish(self, tick: Tick) -> None: ...
+
+    async def flush(self) -> None: ...
+
+
+class TickSink:
+    """Where every connector's ticks go: deduplicated, published, measured.
+
+    One sink per process, so a quote seen from two providers, a re-sent
+    WebSocket trade or a re-polled unchanged quote is published once (see
+    :class:`~finstream.domain.marketdata_dedupe.TickDeduper`). The latency
+    metric runs from a tick's ``received_at`` to Kafka's acknowledgement.
+    """
+
+    def __init__(self, out: TickOutput, window: int = 4096) -> None:
+        self.out = out
+        self.deduper = TickDeduper(window)
+        self._unflushed: list[tuple[str, datetime]] = []
+        self.published = 0
+        self.suppressed = 0
+
+    async def offer(self, provider: str, tick: Tick, historical: bool = False) -> bool:
+        """Publish ``tick`` unless it is a duplicate; True when published."""
+        reason = self.deduper.offer(tick, historical)
+        if reason is not None:
+            self.suppressed += 1
+            TICKS_SUPPRESSED.labels(provider, reason).inc()
+            return False
+        await self.out.publish(tick)
+        self._unflushed.append((provider, tick.received_at))
+        return True
+
+    def suppress(self, provider: str, reason: str) -> None:
+        self.suppressed += 1
+        TICKS_SUPPRESSED.labels(provider, reason).inc()
+
+    @property
+    def pending(self) -> int:
+        return len(self._unflushed)
+
+    async def flush(self) -> None:
+        batch, self._unflushed = self._unflushed, []
+        if not batch:
+            return
+        await self.out.flush()
+        now = utcnow()
+        for provider, received_at in batch:
+            TICKS_PUBLISHED.labels(provider).inc()
+            PUBLISH_LATENCY.labels(provider).observe(max((now - received_at).total_seconds(), 0.0))
+        self.published += len(batch)

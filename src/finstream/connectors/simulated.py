@@ -1,9 +1,16 @@
 """Simulated market feed: geometric Brownian motion ticks published to md.ticks.
 
-Symbols, rate and seed come from settings (FINSTREAM_SIM_SYMBOLS, _SIM_RATE,
-_SIM_SEED); FINSTREAM_SIM_COUNT stops the feed after that many ticks. Pacing
-is by schedule, not by sleeping a fixed gap after each send, so the offered
-rate holds even when a send is slow.
+Two ways to run it:
+
+* the ``simulator`` role (:func:`run`): symbols, rate and seed from settings
+  (FINSTREAM_SIM_SYMBOLS, _SIM_RATE, _SIM_SEED); FINSTREAM_SIM_COUNT stops the
+  feed after that many ticks;
+* the provider ``simulated`` (:class:`SimulatedConnector`) of a failover
+  chain, which is what the ``connector`` role runs by default
+  (FINSTREAM_MD_CHAIN=simulated): the same market, as an always-healthy stream.
+
+Pacing is by schedule, not by sleeping a fixed gap after each send, so the
+offered rate holds even when a send is slow.
 """
 
 from __future__ import annotations
@@ -12,8 +19,12 @@ import asyncio
 import contextlib
 import time
 import uuid
+from collections.abc import Sequence
+from typing import ClassVar
 
+from finstream.connectors.base import ConnectorOptions, Emit, StreamConnector, sleep_or_stop
 from finstream.connectors.publish import TickPublisher
+from finstream.domain.marketdata_failover import ProviderGate
 from finstream.domain.simulation import GbmMarket
 from finstream.domain.time import utcnow
 from finstream.runtime.logging import get_logger
@@ -53,3 +64,62 @@ async def run(ctx: ServiceContext) -> None:
                 await asyncio.wait_for(ctx.stop.wait(), timeout=delay)
     await publisher.flush()
     log.info("simulated feed stopped", sent=sent)
+
+
+class SimulatedConnector(StreamConnector):
+    """The simulated market as a chain provider: ``rate`` ticks per second over the wanted symbols."""
+
+    name: ClassVar[str] = "simulated"
+    description: ClassVar[str] = "Simulated market (geometric Brownian motion), no network"
+    documented_limits: ClassVar[str] = "none (local)"
+
+    def __init__(
+        self,
+        gate: ProviderGate,
+        options: ConnectorOptions,
+        symbols: Sequence[str],
+        rate: float,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(gate, options)
+        self.market = GbmMarket(
+            list(symbols),
+            seed=seed,
+            run_id=f"sim{seed}" if seed is not None else f"sim-{uuid.uuid4().hex[:8]}",
+        )
+        self.universe = frozenset(symbols)
+        self.rate = rate
+        self.running = False
+
+    def healthy(self, now: float) -> bool:
+        return self.running and bool(self.want & self.universe)
+
+    async def run(self, emit: Emit, stop: asyncio.Event) -> None:
+        self.running = True
+        try:
+            sent = 0
+            started = time.monotonic()
+            while not stop.is_set():
+                if not self.want & self.universe:
+                    self._changed.clear()
+                    waiter = asyncio.create_task(self._changed.wait())
+                    stopper = asyncio.create_task(stop.wait())
+                    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                    waiter.cancel()
+                    stopper.cancel()
+                    sent, started = 0, time.monotonic()
+                    continue
+                due = int((time.monotonic() - started) * self.rate) + 1
+                while sent < due:
+                    # Round-robin over the whole universe keeps each symbol's path the
+                    # same whatever subset is wanted; unwanted symbols are skipped.
+                    for _ in range(len(self.universe)):
+                        tick = self.market.next_tick(utcnow())
+                        if tick.symbol in self.want:
+                            await emit(self.name, tick)
+                            break
+                    sent += 1
+                if await sleep_or_stop(stop, started + sent / self.rate - time.monotonic()):
+                    return
+        finally:
+            self.running = False
