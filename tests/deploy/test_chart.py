@@ -308,12 +308,35 @@ def test_maximum_above_partitions_is_capped(tools: Tools) -> None:
 # -- values and the role registry --------------------------------------------------
 
 
+def worker_entry(name: str) -> str:
+    """A values.yaml entry for a role of roles.py, to paste when a role is added."""
+    spec = ROLES[name]
+    scaling = "lag" if spec.inputs else "singleton"
+    autoscaling = (
+        "{enabled: true, minReplicas: 1, lagThreshold: 1000}"
+        if spec.inputs
+        else ("{enabled: false}")
+    )
+    return (
+        f"  {name}:\n    enabled: true\n    kind: {spec.kind}\n"
+        f"    inputs: [{', '.join(spec.inputs)}]\n"
+        f"    description: {json.dumps(spec.description)}\n    scaling: {scaling}\n"
+        f"    replicas: 1\n    startupSeconds: {300 if spec.kind == 'faust' else 60}\n"
+        "    resources:\n      requests: {cpu: 100m, memory: 192Mi}\n"
+        "      limits: {cpu: 500m, memory: 384Mi}\n"
+        f"    autoscaling: {autoscaling}\n    env: {{}}\n"
+    )
+
+
 def test_chart_workers_match_roles_py() -> None:
     """values.yaml `workers:` lists exactly the roles of src/finstream/roles.py."""
     workers = values()["workers"]
     missing = sorted(set(ROLES) - set(workers))
     extra = sorted(set(workers) - set(ROLES))
-    hint = f"helm/finstream/values.yaml workers out of step with roles.py: add {missing}, remove {extra}"
+    hint = (
+        f"helm/finstream/values.yaml `workers:` is out of step with roles.py: remove {extra}, "
+        "add (then tune resources and scaling):\n" + "".join(worker_entry(n) for n in missing)
+    )
     assert not missing, hint
     assert not extra, hint
     for name, spec in ROLES.items():
@@ -632,7 +655,9 @@ def test_network_policies_let_the_helm_test_through_and_strangers_not(
     pods = {d["metadata"]["name"]: d["spec"]["template"] for d in prod.of_kind("Deployment")}
     checked = 0
     for url in test_pod["spec"]["containers"][0]["args"]:
-        host, port = re.match(r"http://([^:/]+):(\d+)/", url).groups()  # type: ignore[union-attr]
+        match = re.match(r"http://([^:/]+):(\d+)/", url)
+        assert match, url
+        host, port = match.groups()
         service = services[host]
         (target,) = [p["targetPort"] for p in service["spec"]["ports"] if p["port"] == int(port)]
         template = pods[host]

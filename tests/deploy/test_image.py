@@ -229,6 +229,8 @@ def test_compose_runs_every_role_on_the_stack(compose: dict[str, Any]) -> None:
     feed = services["feed"]["command"]
     assert feed[:2] == ["run", "--no-prepare"]
     assert feed[feed.index("--roles") + 1] == "simulator"
+    missing = set(ROLES) - set(workers) - {"simulator"}
+    assert not missing, f"deploy/compose.yaml: add a service `worker <role>` for {sorted(missing)}"
     assert set(workers) | {"simulator"} == set(ROLES)
     for name, service in services.items():
         for dep in service.get("depends_on", {}):
