@@ -44,8 +44,8 @@ FROM base AS runtime
 RUN apt-get update \
  && apt-get install -y --no-install-recommends tini=0.19.0-1+b3 \
  && rm -rf /var/lib/apt/lists/* \
- && groupadd --system --gid 10001 finstream \
- && useradd --system --uid 10001 --gid 10001 --no-create-home \
+ && groupadd --gid 10001 finstream \
+ && useradd --uid 10001 --gid 10001 --no-create-home --no-log-init \
       --home-dir /var/lib/finstream --shell /usr/sbin/nologin finstream \
  && install -d -o 10001 -g 10001 -m 0750 /var/lib/finstream
 COPY --from=build /opt/finstream /opt/finstream
