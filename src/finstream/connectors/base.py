@@ -312,6 +312,13 @@ class HttpConnector(PollingConnector):
                 provider=self.name,
                 code="timeout",
             ) from None
+        except httpx.InvalidURL as exc:
+            raise ProviderError(
+                ErrorClass.PERMANENT,
+                f"invalid URL: {self.scrub(str(exc))}",
+                provider=self.name,
+                code="config",
+            ) from None
         except httpx.HTTPError as exc:
             raise ProviderError(
                 ErrorClass.TRANSIENT,

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import functools
 import time
+import traceback
 from collections.abc import Sequence
 from datetime import timedelta
 
@@ -44,7 +45,7 @@ from finstream.connectors.metrics import (
 )
 from finstream.connectors.publish import TickPublisher, TickSink
 from finstream.connectors.registry import ChainSpec, ConfigError, build, chain_specs
-from finstream.domain.marketdata import LOCAL_RATE_LIMIT, STREAM_NOT_READY
+from finstream.domain.marketdata import LOCAL_RATE_LIMIT, STREAM_NOT_READY, scrub
 from finstream.domain.marketdata_dedupe import Gap, GapTracker
 from finstream.domain.marketdata_failover import (
     Attempt,
@@ -108,6 +109,10 @@ class ChainRunner:
         self._streams_stop = asyncio.Event()
         self._background: set[asyncio.Task[int]] = set()
 
+    def scrub(self, text: str) -> str:
+        """``text`` without any connector's credentials (exception texts may quote URLs)."""
+        return scrub(text, [s for c in self.connectors.values() for s in c.secrets])
+
     # -- running -------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         loops = [asyncio.create_task(self._chain_loop(c, stop)) for c in self.chains]
@@ -138,9 +143,14 @@ class ChainRunner:
         while not stop.is_set():
             try:
                 await self.run_cycle(chain)
-            except Exception:
+            except Exception as exc:
                 # A bug in one cycle must not end the feed; the next cycle starts clean.
-                log.exception("market-data cycle failed", chain=chain.name)
+                log.error(
+                    "market-data cycle failed",
+                    chain=chain.name,
+                    error=self.scrub(f"{type(exc).__name__}: {exc}"),
+                    traceback=self.scrub("".join(traceback.format_exception(exc))),
+                )
             next_at += self.poll_interval
             now = time.monotonic()
             next_at = max(next_at, now)  # after an overrun, no burst of catch-up cycles
@@ -183,7 +193,13 @@ class ChainRunner:
         except ProviderError as exc:  # connectors report in the result; be safe anyway
             result = PollResult(error=exc)
         except Exception as exc:
-            log.exception("connector raised", provider=conn.name)
+            # A bug, not provider trouble: keep the traceback, minus any credential.
+            log.error(
+                "connector raised",
+                provider=conn.name,
+                error=self.scrub(f"{type(exc).__name__}: {exc}"),
+                traceback=self.scrub("".join(traceback.format_exception(exc))),
+            )
             result = PollResult(
                 error=ProviderError(
                     ErrorClass.TRANSIENT, f"unexpected {type(exc).__name__}", provider=conn.name
@@ -233,7 +249,10 @@ class ChainRunner:
         exc = task.exception()
         if exc is not None:
             log.error(
-                "stream ended with an error", provider=name, error=f"{type(exc).__name__}: {exc}"
+                "stream ended with an error; it restarts when next needed",
+                provider=name,
+                error=self.scrub(f"{type(exc).__name__}: {exc}"),
+                traceback=self.scrub("".join(traceback.format_exception(exc))),
             )
 
     def _update_streams(self) -> None:
