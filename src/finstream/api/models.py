@@ -328,3 +328,61 @@ class Health(_Out):
 class Readiness(_Out):
     ready: bool
     checks: dict[str, str]
+
+
+# -- examples (documentation, and seeds for the API's fuzz tests) -------------------------
+
+
+def _examples(**named: dict[str, Any]) -> dict[str, Any]:
+    return {
+        name: {"summary": name.replace("_", " "), "value": value} for name, value in named.items()
+    }
+
+
+RULE_EXAMPLES = _examples(
+    above_a_price={"symbol": "AAPL", "condition": "GREATER_THAN", "value": "190"},
+    entering_a_channel={
+        "symbol": "MSFT",
+        "condition": "ENTERING_CHANNEL",
+        "lower": "400",
+        "upper": "420",
+        "frequency": "ONCE_PER_BAR",
+    },
+    falling_five_percent={
+        "symbol": "TSLA",
+        "condition": "MOVING_DOWN_PERCENT",
+        "percent": "5",
+        "bars": 3,
+        "frequency": "EVERY_TIME",
+        "cooldown_seconds": 600,
+        "message": "TSLA is sliding",
+    },
+)
+RULE_PATCH_EXAMPLES = _examples(disable={"enabled": False}, move_level={"value": "195.5"})
+PREFERENCES_EXAMPLES = _examples(
+    contacts_and_quiet_hours={
+        "locale": "en-GB",
+        "timezone": "Europe/London",
+        "emails": [{"address": "alice@example.com"}],
+        "phones": [{"number": "+447700900123"}],
+        "channels": {"email": True, "sms": False},
+        "categories": {"price_alert": {"enabled": True, "channels": ["push", "inapp"]}},
+        "consents": [{"purpose": "marketing", "granted": False}],
+        "quiet_hours": [{"days": [1, 2, 3, 4, 5], "start": "22:00", "end": "07:00"}],
+        "caps": [{"channel": "sms", "limit": 5, "window_seconds": 86400}],
+    }
+)
+PREFERENCES_PATCH_EXAMPLES = _examples(
+    change_locale={"locale": "fr"}, clear_quiet_hours={"quiet_hours": None}
+)
+INBOX_EXAMPLES = _examples(mark_read={"read": True}, archive={"archived": True})
+NOTIFICATION_EXAMPLES = _examples(
+    order_shipped={
+        "user_id": "alice",
+        "category": "account",
+        "priority": "HIGH",
+        "template": "order_shipped",
+        "data": {"order": "42"},
+        "channels": ["EMAIL", "INAPP"],
+    }
+)

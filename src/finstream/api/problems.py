@@ -202,11 +202,15 @@ PROBLEM_SCHEMA: dict[str, Any] = {
 
 
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses`` entries for the given error statuses."""
+    """OpenAPI ``responses`` entries for the given error statuses.
+
+    400 (a body that is not even text, a bad Content-Length) and 503 (a backing
+    service is down) can happen to any operation, so every one documents them.
+    """
     return {
         s: {
             "description": HTTPStatus(s).phrase,
             "content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}},
         }
-        for s in statuses
+        for s in sorted({400, 503, *statuses})
     }

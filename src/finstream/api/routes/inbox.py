@@ -5,11 +5,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Body, Query
 from fastapi.responses import JSONResponse
 
 from finstream.api.deps import Caller, Res
-from finstream.api.models import InboxMessage, InboxPage, InboxUpdate
+from finstream.api.models import INBOX_EXAMPLES, InboxMessage, InboxPage, InboxUpdate
 from finstream.api.policy import resolve_user
 from finstream.api.problems import not_found, problem_responses
 from finstream.api.routes.common import MessageIdPath, UserPath
@@ -85,7 +85,11 @@ async def get_message(
     responses=problem_responses(401, 403, 404, 413, 422, 429),
 )
 async def update_message(
-    user_id: UserPath, message_id: MessageIdPath, body: InboxUpdate, res: Res, caller: Caller
+    user_id: UserPath,
+    message_id: MessageIdPath,
+    body: Annotated[InboxUpdate, Body(openapi_examples=INBOX_EXAMPLES)],
+    res: Res,
+    caller: Caller,
 ) -> Any:
     user = resolve_user(caller, user_id, write=True)
     if body.read is not None and not await res.inbox.mark_read(user, message_id, body.read):

@@ -12,13 +12,13 @@ import uuid
 from datetime import timedelta
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Body, Header, Request
 from fastapi.responses import JSONResponse
 
 from finstream.api.deps import Caller, Res, correlation_id
 from finstream.api.idempotency import StoredResponse, fingerprint, parse_key
 from finstream.api.metrics import IDEMPOTENT_REPLAYS
-from finstream.api.models import NotificationAccepted, NotificationIn
+from finstream.api.models import NOTIFICATION_EXAMPLES, NotificationAccepted, NotificationIn
 from finstream.api.policy import require_role
 from finstream.api.problems import field_problem, problem_responses
 from finstream.domain.time import utcnow
@@ -47,7 +47,7 @@ def request_id_for(service: str, key: str) -> str:
     responses=problem_responses(400, 401, 403, 409, 413, 422, 429, 503),
 )
 async def create_notification(
-    body: NotificationIn,
+    body: Annotated[NotificationIn, Body(openapi_examples=NOTIFICATION_EXAMPLES)],
     request: Request,
     res: Res,
     caller: Caller,

@@ -18,7 +18,12 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from finstream.api.deps import Caller, Res, Resources
-from finstream.api.models import Preferences, PreferencesIn
+from finstream.api.models import (
+    PREFERENCES_EXAMPLES,
+    PREFERENCES_PATCH_EXAMPLES,
+    Preferences,
+    PreferencesIn,
+)
 from finstream.api.policy import (
     merge_patch,
     next_version,
@@ -85,7 +90,7 @@ async def get_preferences(user_id: UserPath, res: Res, caller: Caller) -> Any:
 async def replace_preferences(
     *,
     user_id: UserPath,
-    body: PreferencesIn,
+    body: Annotated[PreferencesIn, Body(openapi_examples=PREFERENCES_EXAMPLES)],
     request: Request,
     res: Res,
     caller: Caller,
@@ -114,7 +119,13 @@ async def patch_preferences(
     request: Request,
     res: Res,
     caller: Caller,
-    patch: Annotated[dict[str, Any], Body(media_type="application/merge-patch+json")],
+    patch: Annotated[
+        dict[str, Any],
+        Body(
+            media_type="application/merge-patch+json",
+            openapi_examples=PREFERENCES_PATCH_EXAMPLES,
+        ),
+    ],
     if_match: IfMatch = None,
 ) -> Any:
     user = resolve_user(caller, user_id, write=True)

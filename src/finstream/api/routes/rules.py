@@ -20,7 +20,14 @@ from fastapi.responses import JSONResponse
 from finstream.api.deps import Caller, Res, Resources
 from finstream.api.idempotency import Claim, StoredResponse, fingerprint, parse_key
 from finstream.api.metrics import IDEMPOTENT_REPLAYS
-from finstream.api.models import Rule, RuleFields, RuleList, RulePatch
+from finstream.api.models import (
+    RULE_EXAMPLES,
+    RULE_PATCH_EXAMPLES,
+    Rule,
+    RuleFields,
+    RuleList,
+    RulePatch,
+)
 from finstream.api.policy import merge_patch, next_version, resolve_user
 from finstream.api.problems import Problem, field_problem, not_found, problem_responses
 from finstream.api.routes.common import IfMatch, RuleIdPath, UserPath, check_if_match, etag, publish
@@ -88,7 +95,7 @@ async def list_rules(user_id: UserPath, res: Res, caller: Caller) -> Any:
 async def create_rule(
     *,
     user_id: UserPath,
-    body: RuleFields,
+    body: Annotated[RuleFields, Body(openapi_examples=RULE_EXAMPLES)],
     request: Request,
     res: Res,
     caller: Caller,
@@ -169,7 +176,7 @@ async def replace_rule(
     *,
     user_id: UserPath,
     rule_id: RuleIdPath,
-    body: RuleFields,
+    body: Annotated[RuleFields, Body(openapi_examples=RULE_EXAMPLES)],
     request: Request,
     res: Res,
     caller: Caller,
@@ -197,7 +204,7 @@ async def patch_rule(
     caller: Caller,
     body: Annotated[
         RulePatch,
-        Body(media_type="application/merge-patch+json"),
+        Body(media_type="application/merge-patch+json", openapi_examples=RULE_PATCH_EXAMPLES),
     ],
     if_match: IfMatch = None,
 ) -> Any:
