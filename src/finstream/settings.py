@@ -269,7 +269,7 @@ class Settings(BaseSettings):
     audit_batch_ms: int = Field(default=200, gt=0)
 
     # -- make run (finstream run) -------------------------------------------------
-    run_roles: str = "connector,quotes,history,router,inapp,bars,alerts,audit"
+    run_roles: str = "connector,quotes,history,router,inapp,bars,alerts,audit,statestore,api"
     run_base_port: int = Field(
         default=9201, description="Health/metrics ports: one per role from here."
     )
