@@ -144,14 +144,19 @@ def epoch_to_utc(value: Any, provider: str, unit: str = "s", field: str = "time"
     """An epoch timestamp in seconds, milliseconds or nanoseconds as an aware UTC datetime."""
     if isinstance(value, bool) or not isinstance(value, (int, Decimal, str)):
         raise malformed(provider, f"{field} {value!r} is not an epoch number", "bad_time")
-    try:
-        number = Decimal(str(value).strip())
-    except ArithmeticError:
-        raise malformed(provider, f"{field} {value!r} is not an epoch number", "bad_time") from None
-    if not number.is_finite():
-        raise malformed(provider, f"{field} is {number}", "bad_time")
     divisor = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}[unit]
-    micros = int(number * 1_000_000 / divisor)
+    if isinstance(value, int):  # the common case, exact without Decimal
+        micros = value * 1_000_000 // divisor
+    else:
+        try:
+            number = Decimal(str(value).strip())
+        except ArithmeticError:
+            raise malformed(
+                provider, f"{field} {value!r} is not an epoch number", "bad_time"
+            ) from None
+        if not number.is_finite():
+            raise malformed(provider, f"{field} is {number}", "bad_time")
+        micros = int(number * 1_000_000 / divisor)
     try:
         when = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=micros)
     except OverflowError:
