@@ -192,6 +192,9 @@ class StreamConnector(Connector):
                         f"; first tick {got[0].price}" if got else ""
                     )
                 await asyncio.sleep(0.05)
+            last: ProviderError | None = getattr(self, "last_error", None)
+            if last is not None:
+                raise last  # the provider's own answer (auth failed, ...) says more
             raise ProviderError(
                 ErrorClass.TRANSIENT,
                 f"not subscribed within {self.options.timeout:g}s ({self.status(time.monotonic())})",

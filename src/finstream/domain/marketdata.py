@@ -166,9 +166,13 @@ def epoch_to_utc(value: Any, provider: str, unit: str = "s", field: str = "time"
     return when
 
 
-def zone(name: str | None, provider: str) -> ZoneInfo:
+def zone(name: Any, provider: str) -> ZoneInfo:
     """The provider's named time zone; Alpha Vantage says "US/Eastern", an alias of New York."""
-    if not name or name.strip() in ("US/Eastern", "America/New_York", "EST5EDT"):
+    if name is None:
+        return EASTERN
+    if not isinstance(name, str):
+        raise malformed(provider, f"time zone {name!r} is not a name", "bad_time")
+    if name.strip() in ("", "US/Eastern", "America/New_York", "EST5EDT"):
         return EASTERN
     try:
         return ZoneInfo(name.strip())
