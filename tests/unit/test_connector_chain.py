@@ -288,3 +288,28 @@ async def test_every_registered_provider_builds_from_default_settings() -> None:
 def test_prices_stay_decimal_end_to_end() -> None:
     tick = Tick("x", "AAPL", Decimal("1.10000000"), datetime.now(UTC), datetime.now(UTC), "t")
     assert isinstance(tick.to_record()["price"], Decimal)
+
+
+async def test_a_failed_publish_is_reported_not_hidden() -> None:
+    market = FakeMarket(list(SYMS))
+    av = FakeAlphaVantage(market)
+
+    class Flaky(ListOutput):
+        broken = True
+
+        async def flush(self) -> None:
+            if self.broken:
+                raise RuntimeError("KafkaTimeoutError: broker unreachable")
+
+    out = Flaky()
+    async with serve(av) as url:
+        conn = AlphaVantageConnector(gate("alphavantage"), options(), url, av.api_key)
+        runner = runner_for({"alphavantage": conn}, ("alphavantage",), out)
+        with pytest.raises(RuntimeError):
+            await runner.run_cycle(runner.chains[0])
+        assert "publishing to Kafka failed" in (runner.readiness_problem() or "")
+        out.broken = False
+        market.step = 0.001  # a new quote for the next cycle
+        await runner.run_cycle(runner.chains[0])
+        assert runner.readiness_problem() is None
+        await runner.close()

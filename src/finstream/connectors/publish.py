@@ -51,6 +51,7 @@ class TickSink:
         self._unflushed: list[tuple[str, datetime]] = []
         self.published = 0
         self.suppressed = 0
+        self.last_error: str | None = None  # the last failed flush, until one succeeds
 
     async def offer(self, provider: str, tick: Tick, historical: bool = False) -> bool:
         """Publish ``tick`` unless it is a duplicate; True when published."""
@@ -75,7 +76,15 @@ class TickSink:
         batch, self._unflushed = self._unflushed, []
         if not batch:
             return
-        await self.out.flush()
+        try:
+            await self.out.flush()
+        except Exception as exc:
+            # The producer has already retried for its request timeout: these ticks
+            # are lost. Say so (readiness, logs) rather than pretend.
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            TICKS_SUPPRESSED.labels("-", "publish_failed").inc(len(batch))
+            raise
+        self.last_error = None
         now = utcnow()
         for provider, received_at in batch:
             TICKS_PUBLISHED.labels(provider).inc()

@@ -208,6 +208,9 @@ class ChainRunner:
         for tick in result.ticks:
             if tick.symbol in result.served:
                 await self.sink.offer(conn.name, tick)
+        for symbol in sorted(result.unknown):
+            PROVIDER_ERRORS.labels(conn.name, ErrorClass.UNKNOWN_SYMBOL.value).inc()
+            log.warning("symbol unknown to provider", provider=conn.name, symbol=symbol)
         return result
 
     async def _stream_attempt(self, conn: StreamConnector, attempt: Attempt) -> Outcome:
@@ -354,6 +357,8 @@ class ChainRunner:
     def readiness_problem(self) -> str | None:
         if self.cycles == 0:
             return "first poll cycle not done"
+        if self.sink.last_error is not None:
+            return f"publishing to Kafka failed: {self.sink.last_error}"
         down = [c.name for c in self.chains if c.active is None]
         return f"no provider serving chain(s) {down}" if down else None
 
