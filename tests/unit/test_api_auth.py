@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -226,3 +227,12 @@ async def test_development_tokens_verify(tmp_path: Path) -> None:
     # The key is made once and reused.
     assert mint_token(settings, "x").count(".") == 2
     assert len(list((tmp_path / "api").glob("*.pem"))) == 1
+
+
+async def test_verified_tokens_are_cached_until_they_expire(keys: Keys) -> None:
+    v = verifier(keys, leeway=0)
+    token = keys.token(ttl=1)
+    first = await v.verify(token)
+    assert await v.verify(token) is first, "the second check is served from the cache"
+    await asyncio.sleep(max(first.expires_at - time.time(), 0) + 0.05)
+    assert await reason(v, token) == "expired"

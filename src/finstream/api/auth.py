@@ -51,6 +51,7 @@ _ASYMMETRIC = {
 _HMAC = {"HS256"}
 _MIN_REFRESH = 30.0
 _MAX_TOKEN_CHARS = 8192
+_CACHE_SIZE = 10_000
 # User ids end up in Redis keys inside {hash tags} and in URLs: no braces, slashes or spaces.
 USER_ID_PATTERN = r"^[A-Za-z0-9._:@|+=-]{1,128}$"
 USER_ID_RE = re.compile(USER_ID_PATTERN)
@@ -82,7 +83,7 @@ class Principal:
 
 
 def token_hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()[:32]
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 @dataclass
@@ -227,6 +228,7 @@ class TokenVerifier:
         self.roles_claim = roles_claim
         self.keyset = keyset
         self._secret = hs256_secret
+        self._verified: dict[str, Principal] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TokenVerifier:
@@ -262,6 +264,21 @@ class TokenVerifier:
     async def verify(self, token: str) -> Principal:
         if not token or len(token) > _MAX_TOKEN_CHARS or token.count(".") != 2:
             raise AuthError("malformed", "the bearer token is not a JWT")
+        # A token verified before is not verified again (an ECDSA or RSA check costs
+        # more than the rest of a quote request); expiry is still checked every time.
+        digest = token_hash(token)
+        cached = self._verified.get(digest)
+        if cached is not None:
+            if time.time() < cached.expires_at + self.leeway:
+                return cached
+            del self._verified[digest]
+        principal = await self._verify(token, digest)
+        if len(self._verified) >= _CACHE_SIZE:
+            self._verified.pop(next(iter(self._verified)))
+        self._verified[digest] = principal
+        return principal
+
+    async def _verify(self, token: str, digest: str) -> Principal:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -317,7 +334,7 @@ class TokenVerifier:
         return Principal(
             subject=sub,
             roles=roles,
-            token_hash=token_hash(token),
+            token_hash=digest,
             expires_at=float(claims["exp"]),
             claims=claims,
         )

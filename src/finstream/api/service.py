@@ -47,6 +47,9 @@ def uvicorn_config(settings: Settings, app: Any, host: str, port: int) -> uvicor
         server_header=False,
         lifespan="on",
         ws_max_size=max(WS_FRAME_LIMIT, settings.api_ws_max_message_bytes),
+        # Compression is per connection: with fan-out the same frame would be
+        # deflated once per client, which costs more CPU than small JSON frames save.
+        ws_per_message_deflate=False,
         ws_ping_interval=20.0,
         ws_ping_timeout=20.0,
         timeout_graceful_shutdown=10,

@@ -49,6 +49,7 @@ from finstream.domain.ticks import SYMBOL_RE
 from finstream.runtime.logging import get_logger
 
 log = get_logger(__name__)
+_SENT = WS_MESSAGES.labels("out")
 
 SUBPROTOCOL = "finstream.v1"
 _BEARER_PROTOCOL = "bearer."
@@ -88,6 +89,7 @@ class StreamClient:
         self.heartbeat: float = settings.api_ws_heartbeat_seconds
         self.subscriptions: dict[str, dict[str, str]] = {}
         self.closing: tuple[int, str] | None = None
+        self.sending_since: float | None = None
         self._bucket = TokenBucket(rate=20.0, burst=40.0)
 
     # -- outbound ------------------------------------------------------------------
@@ -120,15 +122,30 @@ class StreamClient:
         self.offer(_dumps(obj))
 
     async def writer(self) -> None:
+        get, send = self.queue.get, self.ws.send_text
         while True:
-            frame = await self.queue.get()
+            frame = await get()
             if frame is None:
                 break
-            await asyncio.wait_for(self.ws.send_text(frame), SEND_TIMEOUT)
-            WS_MESSAGES.labels("out").inc()
+            # No asyncio.wait_for per frame (in 3.11 it makes a task per call, which
+            # dominated fan-out CPU); the watchdog times out a stuck send instead.
+            self.sending_since = time.monotonic()
+            await send(frame)
+            self.sending_since = None
+            _SENT.inc()
         code, reason = self.closing or (1000, "")
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.ws.close(code, reason), SEND_TIMEOUT)
+
+    async def watchdog(self, writer: asyncio.Task[None]) -> None:
+        """Give up on a client whose socket has not taken a frame for SEND_TIMEOUT."""
+        while not writer.done():
+            await asyncio.sleep(1.0)
+            since = self.sending_since
+            if since is not None and time.monotonic() - since > SEND_TIMEOUT:
+                WS_DROPPED.labels("send_timeout").inc()
+                writer.cancel()
+                return
 
     async def heartbeats(self) -> None:
         while True:
@@ -377,19 +394,19 @@ async def stream_endpoint(ws: WebSocket) -> None:
                 "expires_at": principal.expires_at,
             }
         )
+        writer = asyncio.create_task(client.writer())
         tasks = [
-            asyncio.create_task(client.writer()),
+            writer,
             asyncio.create_task(client.reader()),
             asyncio.create_task(client.heartbeats()),
             asyncio.create_task(client.expiry()),
+            asyncio.create_task(client.watchdog(writer)),
         ]
         # The writer ends when the server closes; the reader when the client leaves.
         done, _ = await asyncio.wait(tasks[:2], return_when=asyncio.FIRST_COMPLETED)
         for task in done:
-            failure = task.exception()
-            if isinstance(failure, TimeoutError):
-                WS_DROPPED.labels("send_timeout").inc()
-            elif failure is not None and not isinstance(failure, WebSocketDisconnect):
+            failure = None if task.cancelled() else task.exception()
+            if failure is not None and not isinstance(failure, WebSocketDisconnect):
                 log.warning("stream connection failed", error_class=type(failure).__name__)
         if tasks[1] in done and client.closing is not None and not tasks[0].done():
             # The reader asked to close: let the writer send the notice and close.
