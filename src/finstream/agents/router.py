@@ -104,6 +104,10 @@ PUBLISH_RETRIES = Counter(
     "finstream_router_publish_retries_total", "Batches whose outputs had to be published again"
 )
 
+STATE_ERRORS = Counter(
+    "finstream_router_state_errors_total", "Batches whose routing state could not be written"
+)
+
 PREFS_CACHE_SIZE = 20_000
 
 
@@ -126,6 +130,21 @@ def policy_from_settings(settings: Settings) -> Policy:
 def key_partition(key: bytes, partitions: int) -> int:
     """The partition Kafka's default (murmur2) partitioner gives a key."""
     return int((murmur2(key) & 0x7FFFFFFF) % partitions)
+
+
+class UserTable(faust.Table[bytes, bytes]):
+    """A table keyed by user id whose changelog partition is the key's murmur2 partition.
+
+    faust writes a changelog entry to the partition of the event being
+    processed, or, with ``use_partitioner``, asks the producer to partition
+    it *eagerly*, which fails (``partitions_for_topic`` is None) until the
+    producer has fetched the changelog topic's metadata: on a fresh start the
+    first write crashed the agent. Naming the partition ourselves needs no
+    metadata and works outside any event (the release timer writes too).
+    """
+
+    def partition_for_key(self, key: Any) -> int | None:
+        return key_partition(bytes(key), self.partitions or 1)
 
 
 class CollectingPublisher:
@@ -250,17 +269,17 @@ class Router:
         self._store: Any = None
         self._backoff = Backoff(base=0.2, cap=5.0)
 
-    def _table(self, name: str) -> Any:
-        return self.app.Table(
-            name,
+    def _table(self, name: str) -> UserTable:
+        table = UserTable(
+            self.app,
+            name=name,
+            beacon=self.app.tables.beacon,
             partitions=self.partitions,
             key_type=bytes,
             value_type=bytes,
-            # Written by key hash, not by the current event's partition: the
-            # release timer writes outside any event, and a user's state must
-            # land in the partition of the user's requests either way.
-            use_partitioner=True,
         )
+        self.app.tables.add(table)
+        return table
 
     # -- batches ------------------------------------------------------------------------------
 
@@ -323,6 +342,18 @@ class Router:
                 self.publisher.pending.clear()
                 log.warning("publishing a batch failed; retrying", attempt=attempt, error=str(exc))
                 await asyncio.sleep(self._backoff.delay(attempt))
+        try:
+            self._write_state(batch)
+        except Exception:
+            # The outputs are out; without the state a replay re-sends them
+            # with the same ids (harmless downstream). Never crash the agent:
+            # faust would ack the batch anyway and drop what it had buffered.
+            STATE_ERRORS.inc()
+            log.exception("writing routing state failed")
+        if batch.redis_ops:
+            await self._update_read_model(batch.redis_ops)
+
+    def _write_state(self, batch: _Batch) -> None:
         for user, raw in batch.prefs.items():
             key = user.encode()
             if raw is None:
@@ -346,8 +377,6 @@ class Router:
             self.holds_table.pop(user.encode(), None)
             self.index.set(user, None)
         HELD_USERS.set(len(self.index))
-        if batch.redis_ops:
-            await self._update_read_model(batch.redis_ops)
 
     async def _dead_letter(self, letter: _Letter) -> None:
         await self.dead_letters.send(
@@ -710,7 +739,7 @@ class Router:
                 continue
             self.index.set(bytes(key).decode(), holds.next_due())
         HELD_USERS.set(len(self.index))
-        log.info("scheduler index rebuilt", users=len(self.index))
+        log.info("scheduler index rebuilt", users=len(self.index), partitions=sorted(owned))
 
     async def release_due(self) -> None:
         """Release every hold and digest that is due on the partitions this replica owns."""
@@ -822,7 +851,12 @@ def register(app: faust.App, ctx: AgentContext) -> None:
         async for events in stream.take_events(  # type: ignore[attr-defined]
             settings.router_batch_size, within=settings.router_batch_ms / 1000
         ):
-            await router.handle(events)
+            try:
+                await router.handle(events)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # handle() dead-letters per event; this is a last resort
+                log.exception("routing batch failed")
 
     @app.timer(settings.router_tick_seconds)
     async def release() -> None:
