@@ -243,6 +243,27 @@ async def test_one_shared_pubsub_connection_fans_out(
     assert res.hub.subscribers(channel) == 0
 
 
+async def test_lost_pubsub_connection_is_restored_and_clients_told(
+    server: tuple[str, Resources], keys: Keys, settings: Settings
+) -> None:
+    _, res = server
+    async with await connect(server, keys.token("gus")) as ws:
+        await next_frame(ws, "welcome")
+        await subscribe(ws, stream="quotes", symbol="GAP")
+        name = f"{settings.namespace}finstream-api-hub"
+        hub = [c for c in await res.redis.client_list() if c.get("name") == name]
+        await res.redis.execute_command("CLIENT", "KILL", "ID", hub[0]["id"])
+        gap = await next_frame(ws, "gap", wait=10)
+        assert "refetch" in gap["message"]
+        # Re-subscribed on the new connection: live quotes flow again.
+        now = utcnow()
+        await res.quotes.update(
+            make_tick(symbol="GAP", price="7", ts=now, received_at=now, source="t")
+        )
+        assert (await next_frame(ws, "quote"))["data"]["price"] == "7"
+        assert res.hub.healthy
+
+
 async def test_slow_client_is_told_and_dropped(server: tuple[str, Resources], keys: Keys) -> None:
     _, res = server
     channel = res.settings.redis_key("bars:1m:SLOW")

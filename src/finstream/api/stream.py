@@ -39,6 +39,7 @@ import re
 import time
 from typing import Any
 
+from redis.exceptions import RedisError
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from finstream.api.auth import AuthError, KeysUnavailable, Principal, bearer_token
@@ -275,7 +276,11 @@ class StreamClient:
                 }
             )
             return
-        await self.res.hub.subscribe(channel, self, render)
+        try:
+            await self.res.hub.subscribe(channel, self, render)
+        except (RedisError, OSError):
+            self.send({"type": "error", "code": "unavailable", "message": "retry shortly", **ref})
+            return
         self.subscriptions[channel] = desc
         self.send({"type": "subscribed", **desc, **ref})
         if desc["stream"] == "quotes":
