@@ -216,3 +216,22 @@ def test_frames_are_always_json(payload: str) -> None:
         expected = payload
     assert frame["data"] == expected
     assert json.loads(GAP_FRAME)["type"] == "gap"
+
+
+async def test_rate_limiter_lets_requests_through_when_redis_is_down() -> None:
+    import redis.asyncio as aioredis
+
+    from finstream.api.limits import RateLimiter
+    from finstream.api.metrics import RATE_LIMITER_ERRORS
+    from finstream.settings import Settings
+    from tests.support.services import free_port
+
+    before = RATE_LIMITER_ERRORS._value.get()
+    down = aioredis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.5)
+    try:
+        decision = await RateLimiter(down, Settings(api_rate_limit=5)).hit("token-hash")
+    finally:
+        await down.aclose()
+    assert decision.allowed
+    assert decision.limit == 5
+    assert RATE_LIMITER_ERRORS._value.get() == before + 1, "and it is counted"
