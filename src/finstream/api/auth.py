@@ -52,6 +52,7 @@ _HMAC = {"HS256"}
 _MIN_REFRESH = 30.0
 _MAX_TOKEN_CHARS = 8192
 _CACHE_SIZE = 10_000
+_CACHE_SECONDS = 60.0
 # User ids end up in Redis keys inside {hash tags} and in URLs: no braces, slashes or spaces.
 USER_ID_PATTERN = r"^[A-Za-z0-9._:@|+=-]{1,128}$"
 USER_ID_RE = re.compile(USER_ID_PATTERN)
@@ -228,7 +229,7 @@ class TokenVerifier:
         self.roles_claim = roles_claim
         self.keyset = keyset
         self._secret = hs256_secret
-        self._verified: dict[str, Principal] = {}
+        self._verified: dict[str, tuple[Principal, float]] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TokenVerifier:
@@ -266,16 +267,20 @@ class TokenVerifier:
             raise AuthError("malformed", "the bearer token is not a JWT")
         # A token verified before is not verified again (an ECDSA or RSA check costs
         # more than the rest of a quote request); expiry is still checked every time.
+        # Entries live at most _CACHE_SECONDS, so a key withdrawn from the JWKS
+        # stops working within that time even for tokens seen before.
         digest = token_hash(token)
+        now = time.time()
         cached = self._verified.get(digest)
         if cached is not None:
-            if time.time() < cached.expires_at + self.leeway:
-                return cached
+            principal, checked_at = cached
+            if now < principal.expires_at + self.leeway and now - checked_at < _CACHE_SECONDS:
+                return principal
             del self._verified[digest]
         principal = await self._verify(token, digest)
         if len(self._verified) >= _CACHE_SIZE:
             self._verified.pop(next(iter(self._verified)))
-        self._verified[digest] = principal
+        self._verified[digest] = (principal, now)
         return principal
 
     async def _verify(self, token: str, digest: str) -> Principal:
