@@ -57,16 +57,21 @@ def test_bars_are_built_corrected_stored_and_published(env: TestEnv, log_dir: Pa
                 tick("MSFT", 12, "401", s(70)),
             ],
         )
-        rows = wait_until(
-            lambda: (
-                rows
-                if len(rows := env.sql("SELECT * FROM bars ORDER BY symbol, interval, start")) >= 5
-                and any(x["interval"] == "5m" and x["final"] for x in rows)
-                else None
-            ),
-            timeout=90,
-            message="bars in PostgreSQL",
-        )
+        expected = {
+            ("IBM", "1m", T0),
+            ("IBM", "1m", s(60)),
+            ("IBM", "1m", s(120)),
+            ("IBM", "1m", s(300)),
+            ("IBM", "5m", T0),
+            ("MSFT", "1m", T0),
+        }
+
+        def stored() -> list[Any] | None:
+            rows = env.sql("SELECT * FROM bars ORDER BY symbol, interval, start")
+            done = {(x["symbol"], x["interval"], x["start"]) for x in rows if x["final"]}
+            return rows if done >= expected else None
+
+        rows = wait_until(stored, timeout=90, message="bars in PostgreSQL")
         dlq = wait_until(
             lambda: [m for m in env.consume_all("dlq", timeout=5) if m.key() == b"IBM"] or None,
             timeout=30,
@@ -99,7 +104,7 @@ def test_bars_are_built_corrected_stored_and_published(env: TestEnv, log_dir: Pa
     assert [(x["start"], x["high"], x["trades"], x["final"]) for x in five] == [
         (T0, Decimal("120"), 8, True)
     ]
-    assert any(x["symbol"] == "MSFT" and x["start"] == T0 for x in rows)
+    assert {(x["symbol"], x["interval"], x["start"]) for x in rows} == expected
 
     # Every publication on the topic, in order: rev 0, the correction, then final.
     published = [

@@ -46,6 +46,7 @@ import faust
 from aiokafka.partitioner import murmur2
 from prometheus_client import Counter, Gauge
 
+from finstream.agents.gaps import GapGuard
 from finstream.app import RAW, AgentContext
 from finstream.codec import Codec, DecodeError, EncodeError
 from finstream.domain.alert_engine import Evaluation, RuleBook, SymbolState, evaluate
@@ -197,6 +198,24 @@ def register(app: faust.App, ctx: AgentContext) -> None:
         "alert-history", partitions=partitions, key_type=bytes, value_type=bytes
     )
     states: dict[bytes, tuple[Any, Any, SymbolState]] = {}
+    guard = GapGuard(settings, ctx.role)
+
+    @app.on_before_shutdown.connect  # type: ignore[arg-type]
+    async def _stop_guard(sender: Any, **_: Any) -> None:
+        await guard.stop()
+
+    async def guarded(msg: Any, handle: Any) -> None:
+        """Process what the consumer skipped before msg (see GapGuard), then msg."""
+        try:
+            missed = await guard.missing(msg)
+        except Exception:
+            log.exception(
+                "could not read skipped offsets", topic=msg.topic, partition=msg.partition
+            )
+            missed = []
+        for record in missed:
+            await handle(record)
+        await handle(msg)
 
     def book_for(key: bytes) -> RuleBook:
         rules = rules_by_symbol.get(key)
@@ -237,15 +256,17 @@ def register(app: faust.App, ctx: AgentContext) -> None:
     @app.agent(rules_topic, name="rules-intake")
     async def rules_intake(stream: faust.StreamT[Any]) -> None:
         async for event in stream.events():
-            msg = event.message
-            EVENTS_IN.labels(ctx.role, msg.topic).inc()
-            try:
-                await _intake(msg)
-            except (BadInput, DecodeError, RuleValidationError, UnicodeDecodeError) as exc:
-                await dead_letter(msg, exc)
-            except Exception as exc:  # never stall the partition
-                log.exception("rule intake failed", offset=msg.offset)
-                await dead_letter(msg, exc, "UnexpectedError")
+            await guarded(event.message, _intake_one)
+
+    async def _intake_one(msg: Any) -> None:
+        EVENTS_IN.labels(ctx.role, msg.topic).inc()
+        try:
+            await _intake(msg)
+        except (BadInput, DecodeError, RuleValidationError, UnicodeDecodeError) as exc:
+            await dead_letter(msg, exc)
+        except Exception as exc:  # never stall the partition
+            log.exception("rule intake failed", offset=msg.offset)
+            await dead_letter(msg, exc, "UnexpectedError")
 
     async def _intake(msg: Any) -> None:
         if not msg.key:
@@ -279,15 +300,17 @@ def register(app: faust.App, ctx: AgentContext) -> None:
     @app.agent(by_symbol_topic, name="rulebook")
     async def rulebook(stream: faust.StreamT[Any]) -> None:
         async for event in stream.events():
-            msg = event.message
-            EVENTS_IN.labels(ctx.role, msg.topic).inc()
-            try:
-                _apply_rule(msg)
-            except (BadInput, DecodeError, RuleValidationError, ValueError) as exc:
-                await dead_letter(msg, exc)
-            except Exception as exc:
-                log.exception("rule update failed", offset=msg.offset)
-                await dead_letter(msg, exc, "UnexpectedError")
+            await guarded(event.message, _apply_one)
+
+    async def _apply_one(msg: Any) -> None:
+        EVENTS_IN.labels(ctx.role, msg.topic).inc()
+        try:
+            _apply_rule(msg)
+        except (BadInput, DecodeError, RuleValidationError, ValueError) as exc:
+            await dead_letter(msg, exc)
+        except Exception as exc:
+            log.exception("rule update failed", offset=msg.offset)
+            await dead_letter(msg, exc, "UnexpectedError")
 
     def _apply_rule(msg: Any) -> None:
         if not msg.key:
@@ -333,20 +356,22 @@ def register(app: faust.App, ctx: AgentContext) -> None:
     @app.agent(ticks_topic, name="alerts")
     async def alerts(stream: faust.StreamT[Any]) -> None:
         async for event in stream.events():
-            msg = event.message
-            EVENTS_IN.labels(ctx.role, msg.topic).inc()
-            started = time.perf_counter()
-            try:
-                await _on_tick(msg)
-            except (BadInput, DecodeError, TickValidationError) as exc:
-                await dead_letter(msg, exc)
-            except EncodeError as exc:
-                log.exception("firing could not be encoded", offset=msg.offset)
-                await dead_letter(msg, exc)
-            except Exception as exc:
-                log.exception("tick evaluation failed", offset=msg.offset)
-                await dead_letter(msg, exc, "UnexpectedError")
-            PROCESSING_SECONDS.labels(ctx.role, "tick").observe(time.perf_counter() - started)
+            await guarded(event.message, _tick_one)
+
+    async def _tick_one(msg: Any) -> None:
+        EVENTS_IN.labels(ctx.role, msg.topic).inc()
+        started = time.perf_counter()
+        try:
+            await _on_tick(msg)
+        except (BadInput, DecodeError, TickValidationError) as exc:
+            await dead_letter(msg, exc)
+        except EncodeError as exc:
+            log.exception("firing could not be encoded", offset=msg.offset)
+            await dead_letter(msg, exc)
+        except Exception as exc:
+            log.exception("tick evaluation failed", offset=msg.offset)
+            await dead_letter(msg, exc, "UnexpectedError")
+        PROCESSING_SECONDS.labels(ctx.role, "tick").observe(time.perf_counter() - started)
 
     max_future = settings.tick_max_future_seconds
 
@@ -393,13 +418,17 @@ def register(app: faust.App, ctx: AgentContext) -> None:
                     symbol=tick.symbol,
                     price=str(firing.price),
                 )
-            # Durable before the state that says they happened (see module doc).
-            await ctx.publisher.flush()
         new = ev.state
         history = state_history.get(key)
         if ev.history_changed:
+            # Another changelog topic than the core's: no ordering between the
+            # two, so the history must be durable before the core that expects
+            # it (a history ahead of its core is trimmed on load).
             history = new.history_json()
             state_history[key] = history
+        if ev.firings or ev.history_changed:
+            # Firings durable before the state that says they happened (module doc).
+            await ctx.publisher.flush()
         core = new.core_json()
         state_core[key] = core
         states[key] = (core, history, new)

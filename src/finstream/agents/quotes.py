@@ -23,6 +23,7 @@ from typing import Any
 import faust
 from prometheus_client import Counter
 
+from finstream.agents.gaps import GapGuard
 from finstream.app import RAW, AgentContext
 from finstream.codec import DecodeError
 from finstream.domain.bars import Bar, BarState, IntervalError, add_tick, parse_intervals
@@ -64,35 +65,62 @@ def register(app: faust.App, ctx: AgentContext) -> None:
             except DecodeError:
                 continue
 
-    @app.agent(ticks, name="quotes")
-    async def quotes(stream: faust.StreamT[Any]) -> None:
-        writer.start()
-        async for event in stream.events():
-            started = time.perf_counter()
-            msg = event.message
-            EVENTS_IN.labels(ctx.role, msg.topic).inc()
-            try:
-                tick = validate_tick(
-                    Tick.from_record(ctx.codec.decode(msg.value, "Tick")), utcnow(), max_future
-                )
-            except (DecodeError, TickValidationError) as exc:
-                await ctx.dead_letters.send(
-                    source_topic=msg.topic,
-                    partition=msg.partition,
-                    offset=msg.offset,
-                    key=msg.key,
-                    value=msg.value,
-                    error=exc,
-                    headers=message_headers(msg),
-                )
-                continue
+    guard = GapGuard(settings, ctx.role)
+
+    @app.on_before_shutdown.connect  # type: ignore[arg-type]
+    async def _stop_guard(sender: Any, **_: Any) -> None:
+        await guard.stop()
+
+    async def process(msg: Any) -> None:
+        started = time.perf_counter()
+        EVENTS_IN.labels(ctx.role, msg.topic).inc()
+        try:
+            tick = validate_tick(
+                Tick.from_record(ctx.codec.decode(msg.value, "Tick")), utcnow(), max_future
+            )
+        except (DecodeError, TickValidationError) as exc:
+            await _dead_letter(ctx, msg, exc)
+            return
+        try:
             key = tick.symbol.encode()
             current = latest.get(key)
             if current is None or _newer(ctx, tick, current):
                 latest[key] = msg.value
             writer.offer(tick)
             await bars.on_tick(msg, tick)
-            PROCESSING_SECONDS.labels(ctx.role, "tick").observe(time.perf_counter() - started)
+        except Exception as exc:  # never stall the partition
+            log.exception("tick processing failed", offset=msg.offset)
+            await _dead_letter(ctx, msg, exc, "UnexpectedError")
+        PROCESSING_SECONDS.labels(ctx.role, "tick").observe(time.perf_counter() - started)
+
+    @app.agent(ticks, name="quotes")
+    async def quotes(stream: faust.StreamT[Any]) -> None:
+        writer.start()
+        async for event in stream.events():
+            msg = event.message
+            try:
+                missed = await guard.missing(msg)
+            except Exception:
+                log.exception("could not read skipped offsets", partition=msg.partition)
+                missed = []
+            for record in missed:
+                await process(record)
+            await process(msg)
+
+
+async def _dead_letter(
+    ctx: AgentContext, msg: Any, error: BaseException, error_class: str | None = None
+) -> None:
+    await ctx.dead_letters.send(
+        source_topic=msg.topic,
+        partition=msg.partition,
+        offset=msg.offset,
+        key=msg.key,
+        value=msg.value,
+        error=error,
+        error_class=error_class,
+        headers=message_headers(msg),
+    )
 
 
 def _newer(ctx: AgentContext, tick: Tick, current: bytes) -> bool:
