@@ -399,14 +399,15 @@ class Router:
         if self._store is None:
             self._store = PreferencesStore(connect(self.settings), self.settings, self.codec)
         failed: list[_Letter] = []
-        for user, raw, letter in ops:
+
+        async def apply(user: str, raw: bytes | None, letter: _Letter) -> None:
             for attempt in range(1, 4):
                 try:
                     if raw is None:
                         await self._store.delete(user)
                     else:
                         await self._store.put(user, raw)
-                    break
+                    return
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
@@ -417,6 +418,12 @@ class Router:
                         failed.append(letter)
                     else:
                         await asyncio.sleep(self._backoff.delay(attempt))
+
+        # Several users at once; one user's versions stay in order (one op each per batch).
+        latest = {user: (user, raw, letter) for user, raw, letter in ops}
+        pending = list(latest.values())
+        for i in range(0, len(pending), 64):
+            await asyncio.gather(*(apply(*op) for op in pending[i : i + 64]))
         if failed:
             batch = _Batch(letters=failed)
             await self._commit(batch)
@@ -604,7 +611,7 @@ class Router:
                 skipped=skipped,
                 extra=extra,
             )
-        log.info(
+        log.debug(
             "request routed" if messages else "request decided",
             request_id=request.request_id,
             user_id=user,
