@@ -48,12 +48,12 @@ def test_connect_dry_run_prints_normalized_ticks() -> None:
     with FakeThread(yahoo) as fakes:
         url = fakes.urls[0]
         done = finstream(
-            "connect", "-p", "yahoo", "-s", "aapl,MSFT", "--dry-run", "--duration", "1.2", "--poll-interval", "0.2",
+            "connect", "-p", "yahoo", "-s", "aapl,MSFT", "--dry-run", "--duration", "3", "--poll-interval", "0.2",
             md_yahoo_url=url, md_yahoo_cookie_url=f"{url}/fc",
         )  # fmt: skip
     assert done.returncode == 0, done.stderr
     rows = [json.loads(line) for line in done.stdout.splitlines()]
-    assert {r["symbol"] for r in rows} == {"AAPL", "MSFT"}
+    assert {r["symbol"] for r in rows} == {"AAPL", "MSFT"}, done.stderr
     assert {r["source"] for r in rows} == {"yahoo"}
     assert len({r["tick_id"] for r in rows}) == len(rows)
     assert "(dry run)" in done.stderr

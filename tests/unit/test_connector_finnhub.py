@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections import Counter
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -187,8 +188,10 @@ async def test_resent_trades_carry_the_same_id(market: FakeMarket) -> None:
     async with serve(fake) as url:
         got = await _stream(ws_connector(url, fake.token), 0.5, {"AAPL"})
     ids = [t.tick_id for t in got]
-    assert len(ids) >= 4
-    assert len(set(ids)) * 2 == len(ids)
+    counts = Counter(ids)
+    assert len(counts) >= 2
+    # Every trade came twice with the same id (the stop may cut the last pair).
+    assert all(n == 2 for tid, n in counts.items() if tid != ids[-1])
 
 
 async def test_a_silent_connection_is_detected_and_replaced(market: FakeMarket) -> None:

@@ -208,8 +208,10 @@ class StreamConnector(Connector):
 
 
 async def sleep_or_stop(stop: asyncio.Event, seconds: float) -> bool:
-    """Sleep up to ``seconds``; True when ``stop`` was set meanwhile."""
+    """Sleep up to ``seconds``; True when ``stop`` was set meanwhile. Always yields,
+    so a loop that is behind schedule cannot starve the event loop."""
     if seconds <= 0:
+        await asyncio.sleep(0)
         return stop.is_set()
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), timeout=seconds)

@@ -109,7 +109,8 @@ class SimulatedConnector(StreamConnector):
                     stopper.cancel()
                     sent, started = 0, time.monotonic()
                     continue
-                due = int((time.monotonic() - started) * self.rate) + 1
+                # The first tick one period in: by then the chain has assigned the symbols.
+                due = int((time.monotonic() - started) * self.rate)
                 while sent < due:
                     # Round-robin over the whole universe keeps each symbol's path the
                     # same whatever subset is wanted; unwanted symbols are skipped.
@@ -119,7 +120,7 @@ class SimulatedConnector(StreamConnector):
                             await emit(self.name, tick)
                             break
                     sent += 1
-                if await sleep_or_stop(stop, started + sent / self.rate - time.monotonic()):
+                if await sleep_or_stop(stop, started + (sent + 1) / self.rate - time.monotonic()):
                     return
         finally:
             self.running = False
