@@ -32,6 +32,7 @@ class Faults:
     error_rate: float = 0.0
     error_kind: str = "error"
     hang: float = 3.0
+    latency: float = 0.0  # added to every answer (a slow provider)
     retry_after: float = 1.0
     seed: int = 7
     script: deque[str] = field(default_factory=deque)
@@ -59,6 +60,7 @@ class Faults:
     def reset(self) -> None:
         self.mode = "ok"
         self.error_rate = 0.0
+        self.latency = 0.0
         self.script.clear()
 
 
@@ -128,6 +130,8 @@ class HttpFake:
         self.recorder.requests += 1
         kind = self.faults.next()
         self.recorder.faults_served[kind] += 1
+        if self.faults.latency:
+            await asyncio.sleep(self.faults.latency)
         if kind == "timeout":
             await asyncio.sleep(self.faults.hang)
         elif kind == "drop":

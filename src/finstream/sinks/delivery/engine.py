@@ -185,6 +185,7 @@ class DeliveryEngine:
             "audit": settings.topic("audit.events"),
         }
         self._outbox_ready = asyncio.Event()
+        self._finished: list[tuple[str, str]] = []
         self._user_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
             weakref.WeakValueDictionary()
         )
@@ -329,14 +330,27 @@ class DeliveryEngine:
         return found
 
     async def _mark_finished(self, job: Job) -> None:
+        """Queue the Redis marker of a final state (written in batches by the relay loop)."""
+        self._finished.append((job.message_id, job.state))
+        self._outbox_ready.set()
+
+    async def flush_markers(self) -> None:
+        """Write the queued markers: after PostgreSQL has the final state, never before."""
+        if not self._finished:
+            return
+        items, self._finished = self._finished, []
         try:
-            await self.redis.set(
-                self._redis_key(job.message_id),
-                job.state,
-                ex=self.settings.delivery_idempotency_ttl,
-            )
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for message_id, state in items:
+                    pipe.set(
+                        self._redis_key(message_id),
+                        state,
+                        ex=self.settings.delivery_idempotency_ttl,
+                    )
+                await pipe.execute()
         except RedisError as exc:
-            log.warning("redis idempotency marker not written", error=str(exc))
+            # Only the fast path suffers: PostgreSQL still recognizes the message.
+            log.warning("redis idempotency markers not written", error=str(exc), count=len(items))
 
     async def _record_duplicates(
         self, duplicates: list[tuple[NewDelivery, dict[str, Any], str]]
@@ -1136,6 +1150,8 @@ class DeliveryEngine:
             await asyncio.gather(relay, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await self.relay_once()
+            with contextlib.suppress(Exception):
+                await self.flush_markers()
             for slot in self.slots:
                 with contextlib.suppress(Exception):
                     await slot.provider.close()
@@ -1166,15 +1182,18 @@ class DeliveryEngine:
                     log.warning("claims of a stopped worker to reconcile", count=swept)
                 room = self.queue.maxsize - self.queue.qsize()
                 for job in await self.store.claim_due(self.channel, room, uuid.uuid4()):
-                    self.queue.put_nowait(job)
-            except (asyncpg.PostgresError, OSError) as exc:
-                log.warning("schedule scan failed", error=str(exc))
+                    # Intake may have filled the queue meanwhile: wait, do not drop.
+                    await self.queue.put(job)
+            except Exception as exc:
+                # This loop is what retries and takes over lapsed claims: it must not die.
+                log.warning("schedule scan failed", error=f"{type(exc).__name__}: {exc}")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(halt.wait(), timeout=interval)
 
     async def _relay_loop(self, halt: asyncio.Event) -> None:
         while not halt.is_set():
             try:
+                await self.flush_markers()
                 moved = await self.relay_once()
             except Exception as exc:
                 log.warning("outbox relay failed; will retry", error=str(exc))

@@ -133,6 +133,36 @@ _COLUMNS = """message_id, claim_token, state, channel, user_id, request_id, atte
     source_offset, message, last_error_class, last_error"""
 
 
+_TRANSITION = """
+WITH moved AS (
+    UPDATE deliveries SET
+        state = $3,
+        provider_message_id = coalesce($4, provider_message_id),
+        last_error_class = $5, last_error = $6,
+        next_attempt_at = coalesce($7, next_attempt_at),
+        claim_token = CASE WHEN $8 THEN claim_token ELSE NULL END,
+        lease_until = CASE WHEN $8 THEN lease_until ELSE NULL END,
+        rounds = rounds + CASE WHEN $9 THEN 1 ELSE 0 END,
+        finished_at = CASE WHEN $10 THEN now() ELSE NULL END,
+        updated_at = now()
+    WHERE message_id = $1 AND claim_token = $2 AND state = $11
+    RETURNING message_id),
+result AS (
+    INSERT INTO delivery_results (result_id, message_id, request_id, user_id, channel,
+        provider, status, attempt, provider_message_id, error_class, error, latency_ms, at)
+    SELECT $12, moved.message_id, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23
+    FROM moved WHERE $12::text IS NOT NULL
+    ON CONFLICT (result_id) DO NOTHING),
+box AS (
+    INSERT INTO delivery_outbox (topic, key, value, headers)
+    SELECT o.topic, o.key, o.value, o.headers
+    FROM moved, unnest($24::text[], $25::bytea[], $26::bytea[], $27::jsonb[])
+         WITH ORDINALITY AS o(topic, key, value, headers, n)
+    ORDER BY o.n)
+SELECT count(*) FROM moved
+"""
+
+
 class LostClaim(RuntimeError):
     """The row is no longer ours (lease ran out and another worker took it)."""
 
@@ -349,24 +379,16 @@ class DeliveryStore:
     ) -> None:
         """Move the row we hold, add the attempt's result and the outbox records, atomically.
 
-        Raises LostClaim when the row is not ours any more.
+        One statement (data-modifying CTEs) rather than a transaction of
+        several: one round trip per outcome, and nothing is inserted unless
+        the conditional UPDATE matched. Raises LostClaim when the row is not
+        ours any more.
         """
         final = change.state in FINAL_STATES
-        async with self.pool.acquire() as conn, conn.transaction():
-            status = await conn.execute(
-                """
-                UPDATE deliveries SET
-                    state = $3,
-                    provider_message_id = coalesce($4, provider_message_id),
-                    last_error_class = $5, last_error = $6,
-                    next_attempt_at = coalesce($7, next_attempt_at),
-                    claim_token = CASE WHEN $8 THEN claim_token ELSE NULL END,
-                    lease_until = CASE WHEN $8 THEN lease_until ELSE NULL END,
-                    rounds = rounds + CASE WHEN $9 THEN 1 ELSE 0 END,
-                    finished_at = CASE WHEN $10 THEN now() ELSE NULL END,
-                    updated_at = now()
-                WHERE message_id = $1 AND claim_token = $2 AND state = $11
-                """,
+        r = result
+        async with self.pool.acquire() as conn:
+            moved = await conn.fetchval(
+                _TRANSITION,
                 job.message_id,
                 job.token,
                 change.state,
@@ -378,12 +400,25 @@ class DeliveryStore:
                 change.add_round,
                 final,
                 job.state,
+                r.result_id if r else None,
+                r.request_id if r else None,
+                r.user_id if r else None,
+                r.channel if r else None,
+                r.provider if r else None,
+                r.status if r else None,
+                r.attempt if r else None,
+                r.provider_message_id if r else None,
+                r.error_class if r else None,
+                r.error if r else None,
+                r.latency_ms if r else None,
+                r.at if r else None,
+                [o.topic for o in outbox],
+                [o.key for o in outbox],
+                [o.value for o in outbox],
+                [o.headers_json() for o in outbox],
             )
-            if not status.endswith(" 1"):
-                raise LostClaim(f"{job.message_id}: no longer held in state {job.state}")
-            if result is not None:
-                await insert_result(conn, result)
-            await insert_outbox(conn, outbox)
+        if not moved:
+            raise LostClaim(f"{job.message_id}: no longer held in state {job.state}")
         job.state = change.state
         if change.add_round:
             job.rounds += 1
