@@ -471,7 +471,7 @@ class WebSocketConnector(StreamConnector):
                 ping_interval=max(self.options.silence_timeout / 2, 1.0),
                 ping_timeout=self.options.silence_timeout,
                 max_size=2**22,
-                proxy=None,
+                # proxy: the default, HTTPS_PROXY / NO_PROXY from the environment, as httpx does
             ) as ws:
                 self.connections += 1
                 # Healthy means "delivered lately": a fresh connection proves nothing until
