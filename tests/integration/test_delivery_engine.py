@@ -24,14 +24,14 @@ import redis.asyncio as aioredis
 
 from finstream.codec import Codec
 from finstream.domain.deadletter import parse_headers
-from finstream.domain.resilience import CircuitBreaker, RateLimiter
+from finstream.domain.resilience import RateLimiter
 from finstream.domain.time import utcnow
 from finstream.runtime.consumer import BatchConsumer
 from finstream.runtime.kafka import AiokafkaPublisher
 from finstream.settings import Settings
 from finstream.sinks.delivery import metrics as m
 from finstream.sinks.delivery.base import CHANNEL_TOPICS, build_chain
-from finstream.sinks.delivery.engine import DeliveryEngine
+from finstream.sinks.delivery.engine import Breaker, DeliveryEngine
 from finstream.sinks.redis_client import connect
 from finstream.sinks.state_store import PreferencesStore
 from tests.fakes.delivery.kit import DeliveryFakes
@@ -55,7 +55,7 @@ class Rig:
         self.fakes.reset()
         for engine in self.engines.values():
             for slot in engine.slots:
-                slot.breaker = CircuitBreaker(
+                slot.breaker = Breaker(
                     failure_threshold=self.settings.delivery_circuit_failures,
                     reset_timeout=self.settings.delivery_circuit_reset,
                 )
@@ -224,22 +224,29 @@ async def test_email_fails_over_sendgrid_to_ses_to_smtp_and_back(rig: Rig) -> No
     f = rig.fakes
     f.sendgrid.faults.mode = "error"  # 503 on every call
     f.ses.faults.mode = "throttle"  # 429 TooManyRequestsException
-    first = [email() for _ in range(4)]
+    f.ses.faults.retry_after = 5.0
+    first = [email() for _ in range(3)]
     await rig.produce("EMAIL", *first)
     states = await rig.settled(*(x["message_id"] for x in first))
     assert set(states.values()) == {"sent"}
-    smtp_ids = f.smtp.recorder.ids()
-    assert {x["message_id"] for x in first} <= smtp_ids
+    assert {x["message_id"] for x in first} <= f.smtp.recorder.ids()
     chains = [
         [(r["provider"], r["status"]) for r in await rig.results(x["message_id"])] for x in first
     ]
     assert all(c[-1] == ("smtp", "SENT") for c in chains)
     assert [("sendgrid", "RETRYING"), ("ses", "RETRYING"), ("smtp", "SENT")] in chains
-    # SES's 429 paused it and SendGrid's failures opened its circuit: the
-    # messages after them skipped straight to what still worked.
-    assert any(len(c) < 3 for c in chains)
-    assert f.sendgrid.recorder.requests + f.ses.recorder.requests < 2 * len(first) + 2
-    assert m.CIRCUIT.labels("EMAIL", "sendgrid")._value.get() == 2  # open
+    assert m.CIRCUIT.labels("EMAIL", "sendgrid")._value.get() == 2  # open after 3 failures
+
+    # Next messages skip what is known broken: SendGrid's circuit is open (at
+    # most one half-open probe) and SES asked for 5 s of quiet.
+    sendgrid_calls, ses_calls = f.sendgrid.recorder.requests, f.ses.recorder.requests
+    second = [email() for _ in range(3)]
+    await rig.produce("EMAIL", *second)
+    assert set((await rig.settled(*(x["message_id"] for x in second))).values()) == {"sent"}
+    assert f.ses.recorder.requests == ses_calls
+    assert f.sendgrid.recorder.requests - sendgrid_calls <= 1
+    assert {x["message_id"] for x in second} <= f.smtp.recorder.ids()
+    f.ses.faults.retry_after = 1.0
 
     # SendGrid recovers; after the cool-down a probe closes its circuit again.
     f.reset()
@@ -251,6 +258,31 @@ async def test_email_fails_over_sendgrid_to_ses_to_smtp_and_back(rig: Rig) -> No
         ("sendgrid", "SENT")
     ]
     assert m.CIRCUIT.labels("EMAIL", "sendgrid")._value.get() == 0
+
+
+async def test_a_probe_answered_about_the_message_closes_the_circuit(rig: Rig) -> None:
+    rig.fresh_circuits()
+    f = rig.fakes
+    f.sendgrid.faults.mode = "error"
+    opening = [email() for _ in range(3)]
+    await rig.produce("EMAIL", *opening)
+    await rig.settled(*(x["message_id"] for x in opening))
+    assert m.CIRCUIT.labels("EMAIL", "sendgrid")._value.get() == 2
+    f.sendgrid.faults.reset()
+    f.sendgrid.bounce_addresses.add("bounced@example.com")
+    await asyncio.sleep(rig.settings.delivery_circuit_reset + 0.1)
+    # The half-open probe gets a clear answer about its recipient (400 on `to`):
+    # SendGrid works, so its circuit closes rather than hanging half-open.
+    probe = email(recipient="bounced@example.com")
+    await rig.produce("EMAIL", probe)
+    assert (await rig.settled(probe["message_id"]))[probe["message_id"]] == "rejected"
+    assert m.CIRCUIT.labels("EMAIL", "sendgrid")._value.get() == 0
+    after = email()
+    await rig.produce("EMAIL", after)
+    await rig.settled(after["message_id"])
+    assert [(r["provider"], r["status"]) for r in await rig.results(after["message_id"])] == [
+        ("sendgrid", "SENT")
+    ]
 
 
 async def test_throttling_pauses_the_provider_and_honours_retry_after(rig: Rig) -> None:
@@ -275,24 +307,27 @@ async def test_throttling_pauses_the_provider_and_honours_retry_after(rig: Rig) 
 async def test_a_waiting_retry_does_not_block_the_partition(rig: Rig) -> None:
     rig.fresh_circuits()
     f = rig.fakes
-    f.fcm.faults.retry_after = 1.0
-    f.fcm.faults.then("error")  # 503 UNAVAILABLE with Retry-After: 1
+    f.fcm.faults.retry_after = 2.0
+    f.fcm.faults.then("error")  # 503 UNAVAILABLE with Retry-After: 2
     user = f"u-{uuid.uuid4().hex[:8]}"  # one key: one partition
     slow = outbound("PUSH", "fcm-slow", platform="FCM", user_id=user)
     await rig.produce("PUSH", slow)
     await eventually(lambda: rig.results(slow["message_id"]), 10, "the first attempt")
     quick = [outbound("PUSH", f"fcm-quick-{i}", platform="FCM", user_id=user) for i in range(3)]
     await rig.produce("PUSH", *quick)
-    await rig.settled(*(x["message_id"] for x in quick))
-    # The later messages of the same partition went out while `slow` waits.
-    assert await rig.state(slow["message_id"]) == "retry"
-    await rig.settled(slow["message_id"])
+    await rig.settled(slow["message_id"], *(x["message_id"] for x in quick))
+    f.fcm.faults.retry_after = 1.0
     results = await rig.results(slow["message_id"])
     assert [(r["status"], r["error_class"]) for r in results] == [
         ("RETRYING", "transient"),
         ("SENT", None),
     ]
-    assert (results[1]["at"] - results[0]["at"]).total_seconds() >= 0.95
+    assert (results[1]["at"] - results[0]["at"]).total_seconds() >= 1.95
+    # The later messages of the same partition went out while `slow` waited.
+    for q in quick:
+        sent = await rig.results(q["message_id"])
+        assert [r["status"] for r in sent] == ["SENT"]
+        assert sent[0]["at"] < results[1]["at"]
 
 
 async def test_push_goes_to_each_platforms_provider_and_retries(rig: Rig) -> None:

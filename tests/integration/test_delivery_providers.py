@@ -214,6 +214,33 @@ async def test_smtp_starttls_auth_and_stages(cfg: Settings, fakes: DeliveryFakes
     assert (err.error_class, err.ambiguous) == (ErrorClass.TRANSIENT, False)
 
 
+async def test_smtp_implicit_tls(cfg: Settings, fakes: DeliveryFakes) -> None:
+    from tests.fakes.delivery.base import FakeThread
+    from tests.fakes.delivery.kit import SMTP_PASSWORD, SMTP_USER
+    from tests.fakes.delivery.smtp import FakeSmtp
+
+    smtps = FakeSmtp(fakes.certs, {SMTP_USER: SMTP_PASSWORD}, implicit_tls=True)
+    with FakeThread([smtps]):
+        tls = cfg.model_copy(
+            update={"delivery_smtp_port": smtps.port, "delivery_smtp_security": "tls"}
+        )
+        provider = smtp.create(tls)
+        plain = smtp.create(tls.model_copy(update={"delivery_smtp_security": "none"}))
+        assert provider is not None
+        assert plain is not None
+        try:
+            msg = message()
+            await provider.send(msg)
+            # The server speaks only TLS: a plain-text client gets nowhere.
+            err = await fails(plain.send(message()))
+            assert err.error_class is ErrorClass.TRANSIENT
+        finally:
+            await provider.close()
+            await plain.close()
+    assert [e["message_id"] for e in smtps.recorder.accepted] == [msg["message_id"]]
+    assert smtps.recorder.accepted[0]["authenticated"]
+
+
 def _closed_port() -> int:
     from tests.support.services import free_port
 

@@ -1,7 +1,7 @@
 """A real SMTP server (aiosmtpd) recording what it accepts.
 
-STARTTLS (with the test CA's certificate) and AUTH (LOGIN/PLAIN, required
-after TLS) are switched on by the constructor. ``refused_recipients`` get
+STARTTLS or implicit TLS (with the test CA's certificate) and AUTH
+(LOGIN/PLAIN, required after TLS) are switched on by the constructor. ``refused_recipients`` get
 550 5.1.1 at RCPT; the fault switches act at DATA: ``throttle`` and ``error``
 answer 451 4.3.0 (try again later), ``auth`` 535, ``timeout`` holds the reply
 for ``hang`` seconds (not accepting), ``accept_hang`` records the message and
@@ -56,7 +56,7 @@ class _Handler:
             list_unsubscribe=mail.get("List-Unsubscribe"),
             content_type=mail.get_content_type(),
             parts=[p.get_content_type() for p in mail.walk()],
-            tls=session.ssl is not None,
+            tls=session.ssl is not None,  # STARTTLS; an implicit-TLS server speaks nothing else
             authenticated=bool(session.authenticated),
             at=time.time(),
         )
@@ -66,12 +66,19 @@ class _Handler:
 
 
 class FakeSmtp:
-    def __init__(self, certs: Certs | None = None, users: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        certs: Certs | None = None,
+        users: dict[str, str] | None = None,
+        *,
+        implicit_tls: bool = False,
+    ) -> None:
         self.recorder = Recorder()
         self.faults = Faults()
         self.refused_recipients: set[str] = set()
         self.certs = certs
         self.users = users or {}
+        self.implicit_tls = implicit_tls
         self.port = 0
         self.url = ""
         self._controller: Controller | None = None
@@ -92,13 +99,17 @@ class FakeSmtp:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         kwargs: dict[str, Any] = {}
-        if self.certs is not None:
+        if self.certs is not None and self.implicit_tls:
+            kwargs["ssl_context"] = self.certs.server_context()  # SMTPS: TLS from the first byte
+        elif self.certs is not None:
             kwargs["tls_context"] = self.certs.server_context()
             kwargs["require_starttls"] = True
         if self.users:
             kwargs["authenticator"] = self._authenticate
             kwargs["auth_required"] = True
-            kwargs["auth_require_tls"] = self.certs is not None
+            # aiosmtpd only counts STARTTLS as TLS (SMTP._tls_protocol): with
+            # implicit TLS it would hide AUTH although every byte is encrypted.
+            kwargs["auth_require_tls"] = self.certs is not None and not self.implicit_tls
         self._controller = Controller(
             _Handler(self), hostname="127.0.0.1", port=self.port, ready_timeout=10, **kwargs
         )

@@ -56,6 +56,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -107,8 +108,8 @@ from finstream.sinks.state_store import PreferencesStore
 log = get_logger(__name__)
 
 OUTBOX_BATCH = 500
+BACKLOG_EVERY = 5.0  # seconds between backlog counts
 REDIS_CLAIMED = b"claimed"
-_RESULT_NS = uuid.UUID("0b6f3c1e-3f7d-4a51-9a43-2f5c0c9e7d20")
 
 
 def _error_class(value: str | None) -> ErrorClass:
@@ -118,13 +119,26 @@ def _error_class(value: str | None) -> ErrorClass:
         return ErrorClass.TRANSIENT
 
 
+class Breaker(CircuitBreaker):
+    """The shared circuit breaker, plus handing back a half-open probe that was not used.
+
+    A probe is granted before the row is claimed for sending; when the claim
+    turns out to be lost, no call happens and nothing would ever resolve the
+    probe, leaving the circuit half-open and refusing every call.
+    """
+
+    def release(self) -> None:
+        if self._probes > 0:
+            self._probes -= 1
+
+
 class ProviderSlot:
     """A provider with its own circuit breaker and rate limiter."""
 
     def __init__(self, provider: Provider, settings: Settings, channel: str) -> None:
         self.provider = provider
         self.channel = channel
-        self.breaker = CircuitBreaker(
+        self.breaker = Breaker(
             failure_threshold=settings.delivery_circuit_failures,
             reset_timeout=settings.delivery_circuit_reset,
         )
@@ -221,7 +235,10 @@ class DeliveryEngine:
             if state in FINAL_STATES:
                 duplicates.append((row, message, "postgres"))
             elif state == "redrive":
-                job = await self.store.reopen_redriven(row, token)
+                # An operator sent it back on purpose: it gets a fresh deadline
+                # even if its expires_at has passed.
+                renewed = max(row.deadline, utcnow() + timedelta(seconds=self.policy.max_age))
+                job = await self.store.reopen_redriven(replace(row, deadline=renewed), token)
                 if job is not None:
                     job.message = message
                     jobs.append(job)
@@ -461,6 +478,7 @@ class DeliveryEngine:
                 await self._park(job, last, wait)
                 return
             if not await self.store.start_sending(job, slot.name, self.sending_hold):
+                slot.breaker.release()
                 log.warning("claim lost before sending", message_id=job.message_id)
                 return
             sent, error, latency = await self._call(slot, job)
@@ -545,6 +563,10 @@ class DeliveryEngine:
         self.ratio.record(self.channel, slot.name, ok=False)
         if error.error_class.counts_against_provider:
             slot.breaker.record_failure(now)
+        else:
+            # It answered, clearly, about this message: the provider itself is fine
+            # (and a half-open probe must be resolved one way or the other).
+            slot.breaker.record_success(now)
         if error.error_class is ErrorClass.THROTTLED:
             slot.limiter.pause_for(error.retry_after if error.retry_after is not None else 1.0, now)
         slot.publish_state()
@@ -901,7 +923,6 @@ class DeliveryEngine:
                     details=details,
                     correlation_id=job.correlation_id,
                     subject_type="preferences",
-                    event_key=f"{job.message_id}:feedback",
                 )
             ]
         updated = apply_feedback(current, feedback, recipient, utcnow())
@@ -928,7 +949,6 @@ class DeliveryEngine:
                 details=details,
                 correlation_id=job.correlation_id,
                 subject_type="preferences",
-                event_key=f"{job.message_id}:feedback",
             ),
         ]
 
@@ -1033,7 +1053,8 @@ class DeliveryEngine:
         if note:
             text = f"{text}; {note}" if text else note
         return ResultRow(
-            result_id=uuid.uuid5(_RESULT_NS, f"{subject.message_id}/{attempt}/{status}").hex,
+            # Random: a redriven message counts its attempts from 1 again.
+            result_id=uuid.uuid4().hex,
             message_id=subject.message_id,
             request_id=subject.request_id,
             user_id=subject.user_id,
@@ -1099,11 +1120,10 @@ class DeliveryEngine:
         details: dict[str, str],
         correlation_id: str | None,
         subject_type: str = "message",
-        event_key: str | None = None,
     ) -> OutboxRecord:
         event = {
-            # Derived, so a republished outbox record is recognizably the same event.
-            "event_id": uuid.uuid5(_RESULT_NS, f"audit/{event_key or subject_id}/{action}").hex,
+            # The outbox keeps the encoded event: a republished record has the same id.
+            "event_id": uuid.uuid4().hex,
             "at": utcnow(),
             "actor": self.actor,
             "action": action,
@@ -1173,8 +1193,13 @@ class DeliveryEngine:
 
     async def _schedule_loop(self, halt: asyncio.Event) -> None:
         interval = self.settings.delivery_poll_interval
+        counted = 0.0
         while not halt.is_set():
             try:
+                if time.monotonic() - counted >= BACKLOG_EVERY:
+                    counted = time.monotonic()
+                    for state, n in (await self.store.backlog(self.channel)).items():
+                        m.BACKLOG.labels(self.channel, state).set(n)
                 swept = await self.store.sweep_lapsed(
                     self.channel, self.settings.delivery_reconcile_delay
                 )

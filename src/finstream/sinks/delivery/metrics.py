@@ -68,6 +68,12 @@ CIRCUIT = Gauge(
     "Circuit breaker per provider: 0 closed, 1 half-open, 2 open",
     ["channel", "provider"],
 )
+BACKLOG = Gauge(
+    "finstream_delivery_backlog",
+    "Messages claimed but not finished, by state (queued, sending, retry, unknown); "
+    "retries wait here, not in Kafka, so consumer lag alone does not show them",
+    ["channel", "state"],
+)
 CIRCUIT_VALUE = {CircuitState.CLOSED: 0, CircuitState.HALF_OPEN: 1, CircuitState.OPEN: 2}
 
 

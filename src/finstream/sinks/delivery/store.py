@@ -305,6 +305,18 @@ class DeliveryStore:
             )
         return [Job.from_row(r) for r in rows]
 
+    async def backlog(self, channel: str) -> dict[str, int]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                """SELECT state, count(*) AS n FROM deliveries
+                   WHERE channel = $1 AND state IN ('queued', 'sending', 'retry', 'unknown')
+                   GROUP BY state""",
+                channel,
+            )
+        counts = dict.fromkeys(("queued", "sending", "retry", "unknown"), 0)
+        counts.update({r["state"]: int(r["n"]) for r in rows})
+        return counts
+
     async def release(self, tokens: Sequence[uuid.UUID]) -> None:
         """On shutdown: our queued rows may be taken at once by another worker."""
         if not tokens:
