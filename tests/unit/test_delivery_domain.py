@@ -519,3 +519,15 @@ def test_dead_letter_reason_and_apns_id() -> None:
     )
     assert apns_id("m-1") == apns_id("m-1") != apns_id("m-2")
     assert len(apns_id("m-1")) == 36
+
+
+def test_contacts_are_scrubbed_from_error_texts() -> None:
+    from finstream.domain.delivery import scrub_contacts
+
+    text = "identities failed the check: ann.smith@example.co.uk; To +1 415 555 2671 is opted out"
+    out = scrub_contacts(text)
+    assert "ann.smith" not in out
+    assert "555 2671" not in out
+    assert out.endswith("2671 is opted out")
+    assert "co.uk" in out  # the tail is kept, enough to tell recipients apart
+    assert scrub_contacts("status 503 (retry in 2.5s)") == "status 503 (retry in 2.5s)"

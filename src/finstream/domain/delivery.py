@@ -646,6 +646,21 @@ def mask(value: str, keep: int = 4) -> str:
     return ("*" * max(len(value) - keep, 0)) + value[-keep:] if value else value
 
 
+_EMAIL_IN_TEXT = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
+_PHONE_IN_TEXT = re.compile(r"\+\d[\d ()-]{6,18}\d")
+
+
+def scrub_contacts(text: str) -> str:
+    """Provider error texts with addresses and numbers masked.
+
+    Providers quote the recipient in their errors (SES: "...failed the check
+    ...: ann@example.com"); results, dead-letter reasons and audit events are
+    read far more widely than the message itself.
+    """
+    text = _EMAIL_IN_TEXT.sub(lambda m: mask(m.group(0), 6), text)
+    return _PHONE_IN_TEXT.sub(lambda m: mask(m.group(0), 4), text)
+
+
 # -- email -----------------------------------------------------------------------------
 
 _EMAIL = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$")

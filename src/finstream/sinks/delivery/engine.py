@@ -23,7 +23,8 @@ preference feedback, audit events) to Kafka.
 
 Never twice
 -----------
-At intake, Redis ``SET dlv:<id> claimed NX GET`` answers "already finished"
+At intake, Redis ``SET dlv:<id> claimed NX GET`` (Redis 7.0+; on older
+servers the fast path is skipped with a warning) answers "already finished"
 without a PostgreSQL round trip (the marker is overwritten with the final
 state only after PostgreSQL recorded it); everything else is decided by the
 ``deliveries`` primary key and the conditional state transitions, so a
@@ -76,6 +77,7 @@ from finstream.domain.delivery import (
     dead_letter_reason,
     defer_delay,
     mask,
+    scrub_contacts,
     validate_outbound,
 )
 from finstream.domain.resilience import (
@@ -412,7 +414,7 @@ class DeliveryEngine:
                 "delivery_rejected",
                 row.message_id,
                 user_id=row.user_id,
-                reason=str(err),
+                reason=scrub_contacts(str(err)),
                 details={"channel": self.channel, "stage": "validation"},
                 correlation_id=row.correlation_id,
             ),
@@ -919,7 +921,7 @@ class DeliveryEngine:
                     str(feedback),
                     job.user_id,
                     user_id=job.user_id,
-                    reason=f"{error}; no preferences record to update",
+                    reason=scrub_contacts(f"{error}; no preferences record to update"),
                     details=details,
                     correlation_id=job.correlation_id,
                     subject_type="preferences",
@@ -945,7 +947,7 @@ class DeliveryEngine:
                 str(feedback),
                 job.user_id,
                 user_id=job.user_id,
-                reason=str(error),
+                reason=scrub_contacts(str(error)),
                 details=details,
                 correlation_id=job.correlation_id,
                 subject_type="preferences",
@@ -1049,7 +1051,7 @@ class DeliveryEngine:
         error_class: str | None = None,
         note: str | None = None,
     ) -> ResultRow:
-        text = error.detail() if error else None
+        text = scrub_contacts(error.detail()) if error else None
         if note:
             text = f"{text}; {note}" if text else note
         return ResultRow(
