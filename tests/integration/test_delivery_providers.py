@@ -418,6 +418,23 @@ async def test_inbox_provider_is_idempotent(stack: Settings) -> None:
         await provider.close()
 
 
+async def test_inbox_provider_classifies_redis_outages_as_transient(
+    base_settings: Settings,
+) -> None:
+    from pydantic import SecretStr
+
+    down = base_settings.model_copy(
+        update={"redis_url": SecretStr(f"redis://127.0.0.1:{_closed_port()}/0")}
+    )
+    provider = inapp.create(down)
+    try:
+        err = await fails(provider.send(message("INAPP", recipient="u-1")))
+        assert err.error_class is ErrorClass.TRANSIENT
+        assert provider.reconcile is Reconcile.IDEMPOTENT  # so a retry is always safe
+    finally:
+        await provider.close()
+
+
 def test_chains_leave_out_unconfigured_providers(base_settings: Settings, cfg: Settings) -> None:
     notes: list[str] = []
     only_smtp = base_settings.model_copy(
