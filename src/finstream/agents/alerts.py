@@ -36,6 +36,7 @@ Nothing escapes an agent: bad input becomes a dead letter with its reason.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -74,6 +75,7 @@ SYMBOLS_WITH_RULES = Gauge(
 BY_SYMBOL = "alerts.rules.by-symbol"
 
 
+@functools.lru_cache(maxsize=65_536)
 def symbol_partition(symbol: str, partitions: int) -> int:
     """The partition Kafka's default partitioner gives the key ``symbol``."""
     return int(murmur2(symbol.encode()) & 0x7FFFFFFF) % partitions
@@ -359,7 +361,7 @@ def register(app: faust.App, ctx: AgentContext) -> None:
             await guarded(event.message, _tick_one)
 
     async def _tick_one(msg: Any) -> None:
-        EVENTS_IN.labels(ctx.role, msg.topic).inc()
+        ticks_in.inc()
         started = time.perf_counter()
         try:
             await _on_tick(msg)
@@ -371,9 +373,11 @@ def register(app: faust.App, ctx: AgentContext) -> None:
         except Exception as exc:
             log.exception("tick evaluation failed", offset=msg.offset)
             await dead_letter(msg, exc, "UnexpectedError")
-        PROCESSING_SECONDS.labels(ctx.role, "tick").observe(time.perf_counter() - started)
+        tick_seconds.observe(time.perf_counter() - started)
 
     max_future = settings.tick_max_future_seconds
+    ticks_in = EVENTS_IN.labels(ctx.role, settings.topic("md.ticks"))
+    tick_seconds = PROCESSING_SECONDS.labels(ctx.role, "tick")
 
     async def _on_tick(msg: Any) -> None:
         tick = validate_tick(

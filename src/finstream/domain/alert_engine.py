@@ -40,7 +40,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from bisect import bisect_right
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -48,7 +49,7 @@ from typing import Any
 
 from finstream.domain.alerts import (
     CHANNEL_CONDITIONS,
-    EDGE_CONDITIONS,
+    LEVEL_CONDITIONS,
     MOVING_CONDITIONS,
     AlertRule,
 )
@@ -139,24 +140,36 @@ class SymbolState:
     bar: EvalBar | None = None
     history: tuple[EvalBar, ...] = ()
     rules: Mapping[str, RuleState] = field(default_factory=dict)
+    # Not part of the state proper: the book the rules were last checked
+    # against (no pruning while it stays the same) and the rules' JSON.
+    book: Any = field(default=None, compare=False, repr=False)
+    rules_json: str | None = field(default=None, compare=False, repr=False)
 
     # The agent stores ``history`` apart from the rest: the core changes on
     # every tick, the history only when a bar closes.
     def core_json(self) -> bytes:
-        return json.dumps(
-            {
-                "p": str(self.last_price) if self.last_price is not None else None,
-                "t": self.last_ts,
-                "i": sorted(self.last_ids),
-                "c": str(self.prev_close) if self.prev_close is not None else None,
-                "b": self.bar.pack() if self.bar is not None else None,
-                "r": {
+        rules = self.rules_json
+        if rules is None:
+            rules = json.dumps(
+                {
                     rid: [s.version, s.done, s.last_fired_ts, s.last_fired_bar]
                     for rid, s in self.rules.items()
                 },
-            },
+                separators=(",", ":"),
+            )
+            # A cache of a pure function of ``rules``, which never changes.
+            object.__setattr__(self, "rules_json", rules)
+        doc = json.dumps(
+            [
+                str(self.last_price) if self.last_price is not None else None,
+                self.last_ts,
+                sorted(self.last_ids),
+                str(self.prev_close) if self.prev_close is not None else None,
+                self.bar.pack() if self.bar is not None else None,
+            ],
             separators=(",", ":"),
-        ).encode()
+        )
+        return f'{{"s":{doc},"r":{rules}}}'.encode()
 
     def history_json(self) -> bytes:
         return json.dumps([b.pack() for b in self.history], separators=(",", ":")).encode()
@@ -167,17 +180,18 @@ class SymbolState:
         if not core:
             return cls(history=bars)
         doc = json.loads(core)
-        bar = EvalBar.unpack(doc["b"]) if doc["b"] is not None else None
+        price, last_ts, ids, prev_close, packed = doc["s"]
+        bar = EvalBar.unpack(packed) if packed is not None else None
         if bar is not None:
             # Killed between storing the history and the core: the history may
             # already hold the bar the core still calls forming. Replaying the
             # tick that closed it appends it again.
             bars = tuple(b for b in bars if b.start < bar.start)
         return cls(
-            last_price=Decimal(doc["p"]) if doc["p"] is not None else None,
-            last_ts=doc["t"],
-            last_ids=frozenset(doc["i"]),
-            prev_close=Decimal(doc["c"]) if doc["c"] is not None else None,
+            last_price=Decimal(price) if price is not None else None,
+            last_ts=last_ts,
+            last_ids=frozenset(ids),
+            prev_close=Decimal(prev_close) if prev_close is not None else None,
             bar=bar,
             history=bars,
             rules={rid: RuleState(v[0], v[1], v[2], v[3]) for rid, v in doc["r"].items()},
@@ -186,14 +200,52 @@ class SymbolState:
 
 # -- rule books ------------------------------------------------------------------------
 
+Check = Callable[["_View"], bool]
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledRule:
+    """A rule with everything evaluation needs precomputed (times in micros)."""
+
+    rule: AlertRule
+    rule_id: str
+    version: int  # updated_at
+    created: int
+    expires: int | None
+    frequency: str
+    cooldown: int
+    check: Check
+
+    @classmethod
+    def of(cls, rule: AlertRule, interval: Interval) -> CompiledRule:
+        return cls(
+            rule=rule,
+            rule_id=rule.rule_id,
+            version=to_micros(rule.updated_at),
+            created=to_micros(rule.created_at),
+            expires=to_micros(rule.expires_at) if rule.expires_at is not None else None,
+            frequency=rule.frequency,
+            cooldown=(rule.cooldown_seconds or 0) * 1_000_000,
+            check=_compile(rule, interval),
+        )
+
 
 @dataclass(frozen=True)
 class RuleBook:
-    """One symbol's rules, prepared for evaluation (ordered by rule id, so firings are too)."""
+    """One symbol's rules, prepared for evaluation.
+
+    Crossing rules evaluated on ticks sit in an index sorted by level: a tick
+    can only cross the levels between the previous price and its own, found
+    by bisection, so a tick costs the same however many crossing levels a
+    symbol has. The other rules are checked one by one with precompiled
+    conditions. Firings come out ordered by rule id.
+    """
 
     interval: Interval
-    tick_rules: tuple[AlertRule, ...]
-    close_rules: tuple[AlertRule, ...]
+    levels: tuple[Decimal, ...]  # sorted; levels[i] belongs to level_rules[i]
+    level_rules: tuple[CompiledRule, ...]
+    tick_rules: tuple[CompiledRule, ...]  # every other rule evaluated on ticks
+    close_rules: tuple[CompiledRule, ...]
     history_needed: int
     versions: Mapping[str, int]  # rule id -> updated_at in micros
 
@@ -209,20 +261,28 @@ class RuleBook:
                     need = max(need, r.bars - 1)
                 elif r.window_seconds is not None:
                     need = max(need, -(-r.window_seconds // interval.seconds) + 1)
-        close_rules = tuple(r for r in ordered if r.frequency == "ONCE_PER_BAR_CLOSE")
+        compiled = [CompiledRule.of(r, interval) for r in ordered]
+        close_rules = tuple(c for c in compiled if c.frequency == "ONCE_PER_BAR_CLOSE")
         if close_rules:
             need = max(need, 1)  # the previous bar's close is the previous price
+        on_ticks = [c for c in compiled if c.frequency != "ONCE_PER_BAR_CLOSE"]
+        indexed = sorted(
+            (c for c in on_ticks if c.rule.condition in LEVEL_EDGE_CONDITIONS),
+            key=lambda c: (c.rule.value, c.rule_id),
+        )
         return cls(
             interval=interval,
-            tick_rules=tuple(r for r in ordered if r.frequency != "ONCE_PER_BAR_CLOSE"),
+            levels=tuple(c.rule.value for c in indexed if c.rule.value is not None),
+            level_rules=tuple(indexed),
+            tick_rules=tuple(c for c in on_ticks if c.rule.condition not in LEVEL_EDGE_CONDITIONS),
             close_rules=close_rules,
             history_needed=need,
-            versions={r.rule_id: to_micros(r.updated_at) for r in ordered},
+            versions={c.rule_id: c.version for c in compiled},
         )
 
     @property
     def empty(self) -> bool:
-        return not self.tick_rules and not self.close_rules
+        return not self.level_rules and not self.tick_rules and not self.close_rules
 
 
 # -- firings ---------------------------------------------------------------------------
@@ -320,14 +380,10 @@ class Evaluation:
 
 # -- conditions ------------------------------------------------------------------------
 
-
-def _inside(rule: AlertRule, price: Decimal) -> bool:
-    assert rule.lower is not None
-    assert rule.upper is not None
-    return rule.lower <= price <= rule.upper
+LEVEL_EDGE_CONDITIONS = frozenset({"CROSSING", "CROSSING_UP", "CROSSING_DOWN"})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _View:
     """What a condition looks at: the price, the one before, and the bars around it."""
 
@@ -338,98 +394,138 @@ class _View:
     history: tuple[EvalBar, ...]  # completed bars before ``current``, oldest first
     prev_close: Decimal | None
     interval: Interval
+    # Window extremes and volume sums, computed once per view for all rules.
+    memo: dict[tuple[Any, ...], Any] = field(default_factory=dict)
+
+    def window(self, bars: int | None, seconds: int | None) -> tuple[Decimal, Decimal]:
+        """(lowest low, highest high) over the window, the current bar included."""
+        key = ("w", bars, seconds)
+        hit = self.memo.get(key)
+        if hit is None:
+            if bars is not None:
+                earlier: Sequence[EvalBar] = self.history[-(bars - 1) :] if bars > 1 else ()
+            else:
+                assert seconds is not None
+                since = self.ts - seconds * 1_000_000
+                width = self.interval.micros
+                earlier = [b for b in self.history if b.start + width > since]
+            low, high = self.current.low, self.current.high
+            for b in earlier:
+                low = min(low, b.low)
+                high = max(high, b.high)
+            hit = self.memo[key] = (low, high)
+        return hit
+
+    def volume_total(self, bars: int) -> Decimal | None:
+        """Total volume of the last ``bars`` completed bars, or None without that many."""
+        key = ("v", bars)
+        if key not in self.memo:
+            window = self.history[-bars:] if len(self.history) >= bars else None
+            self.memo[key] = (
+                sum((b.volume for b in window), Decimal(0)) if window is not None else None
+            )
+        return self.memo[key]  # type: ignore[no-any-return]
 
 
-def condition_met(rule: AlertRule, v: _View) -> bool:
+def _inside(lower: Decimal, upper: Decimal, price: Decimal) -> bool:
+    return lower <= price <= upper
+
+
+def _given(value: Decimal | None) -> Decimal:
+    assert value is not None  # validate_rule guarantees the condition's parameters
+    return value
+
+
+def _compile(rule: AlertRule, interval: Interval) -> Check:
+    """The rule's condition as a function of a view (see the table in domain.alerts)."""
     c = rule.condition
-    price = v.price
-    if c in EDGE_CONDITIONS:
-        if v.prev is None:
-            return False
-        if c in CHANNEL_CONDITIONS:
-            was, now = _inside(rule, v.prev), _inside(rule, price)
-            return (not was and now) if c == "ENTERING_CHANNEL" else (was and not now)
+    if c in LEVEL_CONDITIONS:
         level = rule.value
         assert level is not None
-        up = v.prev < level <= price
-        down = v.prev >= level > price
         if c == "CROSSING_UP":
-            return up
+            return lambda v: v.prev is not None and v.prev < level <= v.price
         if c == "CROSSING_DOWN":
-            return down
-        return up or down
-    if c == "GREATER_THAN":
-        assert rule.value is not None
-        return price > rule.value
-    if c == "LESS_THAN":
-        assert rule.value is not None
-        return price < rule.value
-    if c == "INSIDE_CHANNEL":
-        return _inside(rule, price)
-    if c == "OUTSIDE_CHANNEL":
-        return not _inside(rule, price)
+            return lambda v: v.prev is not None and v.prev >= level > v.price
+        if c == "CROSSING":
+            return lambda v: (
+                v.prev is not None and (v.prev < level <= v.price or v.prev >= level > v.price)
+            )
+        if c == "GREATER_THAN":
+            return lambda v: v.price > level
+        return lambda v: v.price < level
+    if c in CHANNEL_CONDITIONS:
+        lo, hi = rule.lower, rule.upper
+        assert lo is not None
+        assert hi is not None
+        if c == "ENTERING_CHANNEL":
+            return lambda v: v.prev is not None and not lo <= v.prev <= hi and lo <= v.price <= hi
+        if c == "EXITING_CHANNEL":
+            return lambda v: v.prev is not None and lo <= v.prev <= hi and not lo <= v.price <= hi
+        if c == "INSIDE_CHANNEL":
+            return lambda v: lo <= v.price <= hi
+        return lambda v: not lo <= v.price <= hi
     if c in MOVING_CONDITIONS:
-        return _moved(rule, v)
+        pct, bars, seconds = _given(rule.percent), rule.bars, rule.window_seconds
+        if c == "MOVING_UP_PERCENT":
+
+            def up(v: _View) -> bool:
+                low = v.window(bars, seconds)[0]
+                return (v.price - low) * _HUNDRED >= pct * low
+
+            return up
+
+        def down(v: _View) -> bool:
+            high = v.window(bars, seconds)[1]
+            return (high - v.price) * _HUNDRED >= pct * high
+
+        return down
     if c == "CHANGE_FROM_PREV_CLOSE_PERCENT":
-        pc = v.prev_close
-        assert rule.percent is not None
-        return pc is not None and abs(price - pc) * _HUNDRED >= rule.percent * pc
+        pct = _given(rule.percent)
+        return lambda v: (
+            v.prev_close is not None
+            and abs(v.price - v.prev_close) * _HUNDRED >= pct * v.prev_close
+        )
     if c == "VOLUME_SPIKE":
-        assert rule.bars is not None
-        assert rule.multiplier is not None
-        if len(v.history) < rule.bars:
-            return False
-        window = v.history[-rule.bars :]
-        total = sum((b.volume for b in window), Decimal(0))
-        # current >= multiplier x (total / bars), without dividing.
-        return total > 0 and v.current.volume * rule.bars >= rule.multiplier * total
+        n, mult = rule.bars, rule.multiplier
+        assert n is not None
+        assert mult is not None
+
+        def spike(v: _View) -> bool:
+            total = v.volume_total(n)
+            # current >= multiplier x (total / n), without dividing.
+            return total is not None and total > 0 and v.current.volume * n >= mult * total
+
+        return spike
     raise ValueError(f"unknown condition {c}")
 
 
-def _window(rule: AlertRule, v: _View) -> list[EvalBar]:
-    if rule.bars is not None:
-        earlier = list(v.history[-(rule.bars - 1) :]) if rule.bars > 1 else []
-    else:
-        assert rule.window_seconds is not None
-        since = v.ts - rule.window_seconds * 1_000_000
-        width = v.interval.micros
-        earlier = [b for b in v.history if b.start + width > since]
-    return [*earlier, v.current]
-
-
-def _moved(rule: AlertRule, v: _View) -> bool:
-    assert rule.percent is not None
-    bars = _window(rule, v)
-    if rule.condition == "MOVING_UP_PERCENT":
-        low = min(b.low for b in bars)
-        return (v.price - low) * _HUNDRED >= rule.percent * low
-    high = max(b.high for b in bars)
-    return (high - v.price) * _HUNDRED >= rule.percent * high
+def condition_met(rule: AlertRule, view: _View) -> bool:
+    """Whether ``rule``'s condition holds for ``view`` (compiles the rule each call)."""
+    return _compile(rule, view.interval)(view)
 
 
 # -- frequencies -------------------------------------------------------------------------
 
 
-def _may_fire(rule: AlertRule, st: RuleState | None, ts: int, bar_start: int) -> bool:
+def _may_fire(c: CompiledRule, st: RuleState | None, ts: int, bar_start: int) -> bool:
     if st is None:
         return True
-    f = rule.frequency
+    f = c.frequency
     if f == "ONLY_ONCE":
         return not st.done
     if f in ("ONCE_PER_BAR", "ONCE_PER_BAR_CLOSE"):
         return st.last_fired_bar != bar_start
     if f == "ONCE_PER_MINUTE":
         return st.last_fired_ts is None or ts - st.last_fired_ts >= MINUTE_US
-    cooldown = (rule.cooldown_seconds or 0) * 1_000_000
-    return st.last_fired_ts is None or ts - st.last_fired_ts >= cooldown
+    return st.last_fired_ts is None or ts - st.last_fired_ts >= c.cooldown
 
 
-def _armed(rule: AlertRule, ts: int, respect_created_at: bool) -> bool:
-    if not rule.enabled:
+def _armed(c: CompiledRule, ts: int, respect_created_at: bool) -> bool:
+    if not c.rule.enabled:
         return False
-    if rule.expires_at is not None and ts >= to_micros(rule.expires_at):
+    if c.expires is not None and ts >= c.expires:
         return False
-    return not (respect_created_at and ts < to_micros(rule.created_at))
+    return not (respect_created_at and ts < c.created)
 
 
 # -- evaluation --------------------------------------------------------------------------
@@ -445,41 +541,47 @@ def evaluate(
     turns this off to ask what the rule would have done.
     """
     ts = to_micros(tick.ts)
-    if state.last_ts is not None and ts <= state.last_ts:
-        if ts < state.last_ts:
+    last_ts = state.last_ts
+    if last_ts is not None and ts <= last_ts:
+        if ts < last_ts:
             return Evaluation(state, stale=True)
         if tick.tick_id in state.last_ids:
             return Evaluation(state, duplicate=True)
     interval = book.interval
     start = ts - ts % interval.micros
-    versions = book.versions
-    # Forget rules that are gone, and the memory of a rule's older version.
-    rule_states = {rid: rs for rid, rs in state.rules.items() if versions.get(rid) == rs.version}
+    rule_states: Mapping[str, RuleState] = state.rules
+    rules_json = state.rules_json
+    if state.book is not book and rule_states:
+        # The rules changed (or the state was just loaded): forget rules that
+        # are gone and the memory of a rule's older version.
+        versions = book.versions
+        pruned = {rid: rs for rid, rs in rule_states.items() if versions.get(rid) == rs.version}
+        if len(pruned) != len(rule_states):
+            rule_states, rules_json = pruned, None
+    fired: dict[str, RuleState] = {}
     firings: list[Firing] = []
     history = state.history
     bar = state.bar
     if bar is not None and bar.start < start:
         # The forming bar has closed: evaluate the bar-close rules on it.
-        for rule in book.close_rules:
-            if not _armed(rule, bar.last_ts, respect_created_at):
-                continue
+        if book.close_rules:
             prev = history[-1].close if history else None
             view = _View(bar.close, prev, bar.last_ts, bar, history, state.prev_close, interval)
-            rs = rule_states.get(rule.rule_id)
-            if _may_fire(rule, rs, bar.last_ts, bar.start) and condition_met(rule, view):
-                firings.append(
-                    Firing(
-                        fired_id(rule.rule_id, bar.last_tick_id),
-                        rule,
-                        bar.close,
-                        bar.last_tick_id,
-                        from_micros(bar.last_ts),
-                        at_bar_close=True,
+            for c in book.close_rules:
+                if not c.check(view) or not _armed(c, bar.last_ts, respect_created_at):
+                    continue
+                if _may_fire(c, rule_states.get(c.rule_id), bar.last_ts, bar.start):
+                    firings.append(
+                        Firing(
+                            fired_id(c.rule_id, bar.last_tick_id),
+                            c.rule,
+                            bar.close,
+                            bar.last_tick_id,
+                            from_micros(bar.last_ts),
+                            at_bar_close=True,
+                        )
                     )
-                )
-                rule_states[rule.rule_id] = RuleState(
-                    versions[rule.rule_id], True, bar.last_ts, bar.start
-                )
+                    fired[c.rule_id] = RuleState(c.version, True, bar.last_ts, bar.start)
         history = (*history, bar)
         bar = None
     keep = book.history_needed
@@ -488,32 +590,41 @@ def evaluate(
     history_changed = history is not state.history and history != state.history
     bar = EvalBar.first(start, tick, ts) if bar is None else bar.add(tick, ts)
     prev_close = tick.prev_close if tick.prev_close is not None else state.prev_close
+    price, prev = tick.price, state.last_price
+    view = _View(price, prev, ts, bar, history, prev_close, interval)
+    met: list[CompiledRule] = []
+    if book.levels and prev is not None and prev != price:
+        lo, hi = (prev, price) if prev < price else (price, prev)
+        # Only levels in (lo, hi] can have been crossed (up or down).
+        first = bisect_right(book.levels, lo)
+        last = bisect_right(book.levels, hi)
+        met.extend(c for c in book.level_rules[first:last] if c.check(view))
     if book.tick_rules:
-        view = _View(tick.price, state.last_price, ts, bar, history, prev_close, interval)
-        for rule in book.tick_rules:
-            if not _armed(rule, ts, respect_created_at):
+        met.extend(c for c in book.tick_rules if c.check(view))
+    if met:
+        if len(met) > 1:
+            met.sort(key=lambda c: c.rule_id)
+        for c in met:
+            if not _armed(c, ts, respect_created_at):
                 continue
-            rs = rule_states.get(rule.rule_id)
-            if _may_fire(rule, rs, ts, start) and condition_met(rule, view):
+            rs = fired.get(c.rule_id) or rule_states.get(c.rule_id)
+            if _may_fire(c, rs, ts, start):
                 firings.append(
-                    Firing(
-                        fired_id(rule.rule_id, tick.tick_id),
-                        rule,
-                        tick.price,
-                        tick.tick_id,
-                        tick.ts,
-                    )
+                    Firing(fired_id(c.rule_id, tick.tick_id), c.rule, price, tick.tick_id, tick.ts)
                 )
-                rule_states[rule.rule_id] = RuleState(versions[rule.rule_id], True, ts, start)
+                fired[c.rule_id] = RuleState(c.version, True, ts, start)
+    if fired:
+        rule_states = {**rule_states, **fired}
+        rules_json = None
     new_state = SymbolState(
-        last_price=tick.price,
+        last_price=price,
         last_ts=ts,
-        last_ids=state.last_ids | {tick.tick_id}
-        if ts == state.last_ts
-        else frozenset((tick.tick_id,)),
+        last_ids=state.last_ids | {tick.tick_id} if ts == last_ts else frozenset((tick.tick_id,)),
         prev_close=prev_close,
         bar=bar,
         history=history,
         rules=rule_states,
+        book=book,
+        rules_json=rules_json,
     )
     return Evaluation(new_state, tuple(firings), history_changed=history_changed)
