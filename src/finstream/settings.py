@@ -62,6 +62,12 @@ class Settings(BaseSettings):
     faust_store: str = "memory://"
     faust_data_dir: Path | None = None
     commit_interval: float = 1.0
+    consumer_session_timeout: float = Field(
+        default=30.0,
+        ge=6.0,
+        description="Seconds before a silent consumer loses its partitions (service roles); "
+        "the broker's group.min.session.timeout.ms is 6 s.",
+    )
     internal_topic_replication: int = Field(
         default=1, description="Replication of faust's changelog and repartition topics."
     )
@@ -94,14 +100,18 @@ class Settings(BaseSettings):
         default=60.0, ge=0, description="Pause after throttling that names no Retry-After."
     )
     md_unknown_symbol_retry: float = Field(
-        default=600.0, gt=0, description="Seconds before asking a provider again for a symbol it did not know."
+        default=600.0,
+        gt=0,
+        description="Seconds before asking a provider again for a symbol it did not know.",
     )
     md_silence_timeout: float = Field(
         default=30.0, gt=0, description="WebSocket: reconnect after this long without a message."
     )
     md_reconnect_base: float = Field(default=0.5, gt=0)
     md_reconnect_cap: float = Field(default=30.0, gt=0)
-    md_dedupe_window: int = Field(default=4096, gt=0, description="Recent tick ids kept per symbol.")
+    md_dedupe_window: int = Field(
+        default=4096, gt=0, description="Recent tick ids kept per symbol."
+    )
     md_backfill_gaps: bool = Field(
         default=True, description="Fill coverage gaps from intraday bars when a provider has them."
     )
@@ -122,7 +132,9 @@ class Settings(BaseSettings):
     md_iex_url: str = "https://cloud.iexapis.com"
     md_iex_key: SecretStr | None = None
     md_iex_limits: str = "100/sec"
-    md_replay_path: Path | None = Field(default=None, description="CSV or Parquet of ticks or bars.")
+    md_replay_path: Path | None = Field(
+        default=None, description="CSV or Parquet of ticks or bars."
+    )
     md_replay_speed: str = Field(default="1", description="Playback speed: 1, 10, ... or max.")
 
     # -- sinks -------------------------------------------------------------------
@@ -149,7 +161,9 @@ class Settings(BaseSettings):
     delivery_backoff_base: float = Field(default=1.0, gt=0)
     delivery_backoff_cap: float = Field(default=300.0, gt=0)
     delivery_max_age: float = Field(
-        default=86_400.0, gt=0, description="Seconds after created_at when a message without expires_at expires."
+        default=86_400.0,
+        gt=0,
+        description="Seconds after created_at when a message without expires_at expires.",
     )
     delivery_timeout: float = Field(default=10.0, gt=0, description="Provider request timeout.")
     delivery_lease_seconds: float = Field(
@@ -230,7 +244,9 @@ class Settings(BaseSettings):
     # alert_bar_interval (bar frequencies, moving windows, volume spikes).
     bar_intervals: str = Field(default="1m", description="Bar widths, comma-separated: 1m,5m,1h.")
     bar_allowed_lateness: float = Field(
-        default=5.0, ge=0, description="Seconds after a bar's end during which late ticks correct it."
+        default=5.0,
+        ge=0,
+        description="Seconds after a bar's end during which late ticks correct it.",
     )
     bars_redis_keep: int = Field(default=500, gt=0, description="Bars kept per symbol and width.")
     bars_batch_size: int = Field(default=500, gt=0)

@@ -24,8 +24,13 @@ def test_history_sink_killed_mid_run_loses_and_duplicates_nothing(
     def count() -> int:
         return int(env.sql("SELECT count(*) AS n FROM ticks")[0]["n"])
 
-    # Small batches so the kill lands between a write and its commit.
-    settings = {"history_batch_size": "200", "history_batch_ms": "20"}
+    # Small batches so the kill lands between a write and its commit; a short
+    # session so the restarted member gets the partitions without a 30 s wait.
+    settings = {
+        "history_batch_size": "200",
+        "history_batch_ms": "20",
+        "consumer_session_timeout": "6",
+    }
     first = WorkerProcess(env, "history", log_dir, **settings).start()
     wait_until(lambda: count() > 3_000, timeout=90, message="sink progress")
     first.kill()

@@ -49,8 +49,9 @@ def consumer_config(settings: Settings, group: str) -> dict[str, Any]:
         "auto_offset_reset": "earliest",
         "isolation_level": "read_committed",
         "max_poll_interval_ms": 300_000,
-        "session_timeout_ms": 30_000,
-        "heartbeat_interval_ms": 3_000,
+        "session_timeout_ms": int(settings.consumer_session_timeout * 1000),
+        # Kafka's guidance: heartbeat at most a third of the session timeout.
+        "heartbeat_interval_ms": int(settings.consumer_session_timeout * 1000 / 10),
     }
 
 
