@@ -53,8 +53,8 @@ _ROLES = [
     ),
     RoleSpec(
         "router",
-        "faust",
-        "finstream.agents.router:register",
+        "service",
+        "finstream.agents.router:run",
         ("notify.requests", "notify.preferences"),
         "Routes notification requests by users' preferences (consent, quiet hours, caps, "
         "digests, schedules) to outbound channel topics; keeps the preferences read model.",

@@ -130,6 +130,14 @@ def test_router_killed_mid_stream_loses_and_duplicates_nothing(
             finally:
                 r.close()
 
+            # The consumer never jumped over an offset.
+            skipped = [
+                line
+                for line in second.metrics().splitlines()
+                if line.startswith("finstream_router_skipped_offsets_total{")
+            ]
+            assert all(float(line.split()[-1]) == 0 for line in skipped), skipped
+
             # Every decision audited once (replays carry the same event id).
             events = env.decode_all("audit.events", "AuditEvent", timeout=10)
             routed_ids = {e["event_id"]: e["subject_id"] for e in events if e["action"] == "routed"}

@@ -1,11 +1,13 @@
-"""Router agent: notify.requests + notify.preferences -> notify.outbound.<channel>.
+"""Router: notify.requests + notify.preferences -> notify.outbound.<channel> and audit.events.
 
-One faust agent consumes both topics (keyed by user id, co-partitioned), in
-batches. Per user it keeps, in faust tables with changelogs:
+One consumer (group ``<namespace>finstream-router``) reads both topics, keyed
+by user id and co-partitioned (range assignment: partition p of both topics
+goes to the same replica), in batches. Per user it keeps, in changelog-backed
+stores (:mod:`finstream.agents.router_state`):
 
-* ``router-prefs``  the latest UserPreferences (Avro bytes);
-* ``router-state``  dedupe ids, collapse windows, the send log for caps (JSON);
-* ``router-holds``  held requests and open digests, released by time (JSON).
+* ``prefs``  the latest UserPreferences (Avro bytes);
+* ``state``  dedupe ids, collapse windows, the send log for caps (JSON);
+* ``holds``  held requests and open digests, released by time (JSON).
 
 Each request goes through :func:`finstream.domain.routing.decide`; the
 decision is rendered (:mod:`finstream.domain.templates`), published as one
@@ -13,23 +15,32 @@ OutboundMessage per channel and contact, and audited on ``audit.events``.
 Consuming a preferences record also updates the Redis read model
 (:class:`~finstream.sinks.state_store.PreferencesStore`).
 
-Exactly once, as far as the user can tell: a batch's outputs are published
-and acknowledged by the broker *before* the state that says "done" is
-written, and that before faust commits the offsets. A crash before the
-outputs land re-routes the batch; a crash after them but before the state
-re-publishes messages with the same ``message_id`` (derived from request,
-channel and contact), which the delivery workers send once. A crash after
-the state only finds duplicates. Holds are released by a timer under the
-same lock, in the same order.
+Exactly once, as far as the user can tell. A batch goes: publish its outputs
+(messages, audit events, dead letters) and wait for the broker; then write
+its state changes to the changelogs and wait; then commit the input offsets.
+A crash before the outputs land re-routes the batch; a crash after them but
+before the state re-publishes messages with the same ``message_id``
+(request, channel, contact), which the delivery workers send once; a crash
+after the state only finds duplicates. The release timer (holds and digests)
+runs under the same lock, in the same order.
 
-Co-partitioning: tables are keyed by user id and written with Kafka's
-default (murmur2) partitioner, so a user's state lives in the changelog
-partition of the user's input partition. A record that arrives on another
-partition (its producer used a different partitioner, e.g. librdkafka's
-default crc32) is forwarded once to the partition murmur2 gives its key,
-and handled there; otherwise two replicas would each keep half of a user.
+Co-partitioning: state lives in the changelog partition that Kafka's
+default (murmur2) partitioner gives the user id. A record that arrives on
+another partition (its producer used another partitioner, e.g. librdkafka's
+default crc32) is forwarded once to its home partition and handled there.
 
-Nothing escapes the agent: undecodable or invalid input, a template that
+Why not a faust agent and faust tables (the foundation's router was one):
+in the SIGKILL-and-restart test, faust-streaming 0.15.3's consumer, right
+after table recovery, handed the agent offset 193 after offset 127 on every
+partition at once (same generation), and its gap tracking then committed
+past the records it never delivered: requests were lost (faust-streaming
+issues #216 "Recovery ... resumes from kafka before seeking to committed
+offsets" and #606 "Wrong offset commit in case of gaps" describe the same
+class of bug). A plain aiokafka consumer that commits after the batch is
+done has no such path. The role still detects skipped offsets
+(``finstream_router_skipped_offsets_total``), which must stay 0.
+
+Nothing escapes a batch: undecodable or invalid input, a template that
 cannot render (a missing variable) and any unexpected error become dead
 letters with the reason (and, for requests, a ``dropped`` audit event).
 """
@@ -37,18 +48,20 @@ letters with the reason (and, for requests, a ``dropped`` audit event).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import faust
-from aiokafka.partitioner import murmur2
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from aiokafka.errors import CommitFailedError, RebalanceInProgressError
 from prometheus_client import Counter, Gauge, Histogram
 
+from finstream.agents.router_state import ChangelogStore, ensure_changelogs, key_partition, restore
 from finstream.agents.scheduler import DueIndex
-from finstream.app import RAW, AgentContext
 from finstream.codec import DecodeError, EncodeError
 from finstream.domain import digest as digest_
 from finstream.domain.preferences import CHANNELS, Preferences
@@ -78,10 +91,11 @@ from finstream.domain.templates import (
 )
 from finstream.domain.time import from_micros, to_micros, utcnow
 from finstream.resources import resource
-from finstream.runtime.faust_support import message_headers
-from finstream.runtime.kafka import DeadLetters, Headers, correlation_header
+from finstream.runtime.consumer import consumer_config
+from finstream.runtime.kafka import AiokafkaPublisher, DeadLetters, correlation_header
 from finstream.runtime.logging import correlation, correlation_from_headers, get_logger
-from finstream.runtime.metrics import EVENTS_IN, EVENTS_OUT, PROCESSING_SECONDS
+from finstream.runtime.metrics import CONSUMER_LAG, EVENTS_IN, PROCESSING_SECONDS
+from finstream.runtime.worker import ServiceContext
 from finstream.settings import Settings
 from finstream.topics import load_catalogue
 
@@ -104,6 +118,11 @@ PUBLISH_RETRIES = Counter(
     "finstream_router_publish_retries_total", "Batches whose outputs had to be published again"
 )
 
+SKIPPED_OFFSETS = Counter(
+    "finstream_router_skipped_offsets_total",
+    "Offsets of notify.requests the consumer jumped over (should stay 0; see Router._track)",
+    ["partition"],
+)
 STATE_ERRORS = Counter(
     "finstream_router_state_errors_total", "Batches whose routing state could not be written"
 )
@@ -125,64 +144,6 @@ def policy_from_settings(settings: Settings) -> Policy:
         digest_seconds=settings.router_digest_seconds,
         digest_max_items=settings.router_digest_max_items,
     )
-
-
-def key_partition(key: bytes, partitions: int) -> int:
-    """The partition Kafka's default (murmur2) partitioner gives a key."""
-    return int((murmur2(key) & 0x7FFFFFFF) % partitions)
-
-
-class UserTable(faust.Table[bytes, bytes]):
-    """A table keyed by user id whose changelog partition is the key's murmur2 partition.
-
-    faust writes a changelog entry to the partition of the event being
-    processed, or, with ``use_partitioner``, asks the producer to partition
-    it *eagerly*, which fails (``partitions_for_topic`` is None) until the
-    producer has fetched the changelog topic's metadata: on a fresh start the
-    first write crashed the agent. Naming the partition ourselves needs no
-    metadata and works outside any event (the release timer writes too).
-    """
-
-    def partition_for_key(self, key: Any) -> int | None:
-        return key_partition(bytes(key), self.partitions or 1)
-
-
-class CollectingPublisher:
-    """Publishes through faust's producer and keeps the delivery futures.
-
-    faust's flush waits for sends but does not raise their errors; awaiting
-    the futures does, so a batch whose outputs the broker refused is never
-    taken for done.
-    """
-
-    def __init__(self, app: faust.App, role: str) -> None:
-        self._app = app
-        self._role = role
-        self.pending: list[Awaitable[Any]] = []
-
-    async def send(
-        self,
-        topic: str,
-        key: bytes | None,
-        value: bytes | None,
-        headers: Headers = (),
-        partition: int | None = None,
-    ) -> None:
-        fut = await self._app.producer.send(
-            topic,
-            key=key,
-            value=value,
-            partition=partition,
-            timestamp=None,
-            headers=list(headers) or None,
-        )
-        self.pending.append(fut)
-        EVENTS_OUT.labels(self._role, topic).inc()
-
-    async def flush(self) -> None:
-        pending, self.pending = self.pending, []
-        await self._app.producer.flush()
-        await asyncio.gather(*pending)
 
 
 @dataclass
@@ -234,9 +195,8 @@ class _Batch:
 
 
 class Router:
-    def __init__(self, app: faust.App, ctx: AgentContext) -> None:
+    def __init__(self, ctx: ServiceContext, publisher: AiokafkaPublisher) -> None:
         settings = ctx.settings
-        self.app = app
         self.ctx = ctx
         self.settings = settings
         self.codec = ctx.codec
@@ -257,41 +217,59 @@ class Router:
             self.requests_topic: self.partitions,
             self.prefs_topic: self.partitions,
         }
-        self.prefs_table = self._table("router-prefs")
-        self.state_table = self._table("router-state")
-        self.holds_table = self._table("router-holds")
-        self.holds_table.on_recover(self._rebuild_index)
-        self.publisher = CollectingPublisher(app, ctx.role)
-        self.dead_letters = DeadLetters(self.publisher, settings, ctx.role)
+        group = settings.group(ctx.role)
+        self.prefs_store = ChangelogStore("prefs", f"{group}-prefs-changelog", self.partitions)
+        self.state_store = ChangelogStore("state", f"{group}-state-changelog", self.partitions)
+        self.holds_store = ChangelogStore("holds", f"{group}-holds-changelog", self.partitions)
+        self.stores = (self.prefs_store, self.state_store, self.holds_store)
+        self.publisher = publisher
+        self.dead_letters = DeadLetters(publisher, settings, ctx.role)
         self.lock = asyncio.Lock()
         self.index = DueIndex()
+        self.owned: set[int] = set()
         self._prefs_cache: dict[str, tuple[bytes, Preferences]] = {}
         self._store: Any = None
         self._backoff = Backoff(base=0.2, cap=5.0)
+        self._positions: dict[int, int] = {}
 
-    def _table(self, name: str) -> UserTable:
-        table = UserTable(
-            self.app,
-            name=name,
-            beacon=self.app.tables.beacon,
-            partitions=self.partitions,
-            key_type=bytes,
-            value_type=bytes,
-        )
-        self.app.tables.add(table)
-        return table
+    # -- partitions: restore on assignment, drop on revocation --------------------------------
+
+    async def assigned(self, partitions: set[int]) -> None:
+        async with self.lock:
+            started = time.perf_counter()
+            for store in self.stores:
+                store.drop(store.loaded - partitions)
+            new = partitions - self.prefs_store.loaded
+            read = await restore(self.settings, self.stores, new)
+            self.owned = set(partitions)
+            self._positions = {p: o for p, o in self._positions.items() if p in partitions}
+            self._prefs_cache.clear()
+            self._rebuild_index()
+            log.info(
+                "partitions assigned",
+                partitions=sorted(partitions),
+                restored=sorted(new),
+                records=read,
+                seconds=round(time.perf_counter() - started, 3),
+                held_users=len(self.index),
+            )
+
+    async def revoked(self) -> None:
+        async with self.lock:
+            # Kept until the next assignment says which partitions stay ours.
+            self.owned = set()
 
     # -- batches ------------------------------------------------------------------------------
 
-    async def handle(self, events: Sequence[Any]) -> None:
-        """Route one batch of events; never raises (except on cancellation)."""
+    async def handle(self, records: Sequence[Any]) -> None:
+        """Route one batch of records; never raises (except on cancellation)."""
         started = time.perf_counter()
         async with self.lock:
             batch = _Batch()
-            for event in events:
-                msg = event.message
+            for msg in records:
                 EVENTS_IN.labels(self.ctx.role, msg.topic).inc()
-                headers = message_headers(msg)
+                self._track(msg)
+                headers = [(k, bytes(v or b"")) for k, v in (msg.headers or ())]
                 try:
                     if self._forward(msg, headers, batch):
                         continue
@@ -309,6 +287,25 @@ class Router:
             await self._commit(batch)
         PROCESSING_SECONDS.labels(self.ctx.role, "batch").observe(time.perf_counter() - started)
 
+    def _track(self, msg: Any) -> None:
+        """Notice when the consumer hands us a requests offset past one it never gave us.
+
+        notify.requests is neither compacted nor transactional, so its offsets
+        have no holes: a jump means records were skipped (faust's consumer did
+        so; see the module notes). Positions are forgotten on reassignment.
+        """
+        if msg.topic != self.requests_topic:
+            return
+        last = self._positions.get(msg.partition)
+        if last is not None and msg.offset > last + 1:
+            SKIPPED_OFFSETS.labels(str(msg.partition)).inc(msg.offset - last - 1)
+            log.error(
+                "consumer skipped offsets", partition=msg.partition, after=last, offset=msg.offset
+            )
+        elif last is not None and msg.offset <= last:
+            log.info("consumer went back", partition=msg.partition, after=last, offset=msg.offset)
+        self._positions[msg.partition] = msg.offset
+
     def _forward(self, msg: Any, headers: list[tuple[str, bytes]], batch: _Batch) -> bool:
         if msg.key is None:
             return False
@@ -321,7 +318,22 @@ class Router:
         return True
 
     async def _commit(self, batch: _Batch) -> None:
-        """Publish, wait for the broker, then write state: never the other way round."""
+        """Publish, wait for the broker, then write state and wait: never the other way round."""
+        await self._publish(batch)
+        try:
+            writes = self._write_state(batch)
+        except Exception:
+            # The outputs are out; without the state a replay re-sends them
+            # with the same ids (harmless downstream).
+            STATE_ERRORS.inc()
+            log.exception("writing routing state failed")
+            writes = []
+        if writes:
+            await self._publish(_Batch(outputs=writes))
+        if batch.redis_ops:
+            await self._update_read_model(batch.redis_ops)
+
+    async def _publish(self, batch: _Batch) -> None:
         attempt = 0
         while True:
             try:
@@ -332,51 +344,45 @@ class Router:
                 for letter in batch.letters:
                     await self._dead_letter(letter)
                 await self.publisher.flush()
-                break
+                return
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 # Everything is re-sent: message and event ids make that harmless.
                 attempt += 1
                 PUBLISH_RETRIES.inc()
-                self.publisher.pending.clear()
                 log.warning("publishing a batch failed; retrying", attempt=attempt, error=str(exc))
                 await asyncio.sleep(self._backoff.delay(attempt))
-        try:
-            self._write_state(batch)
-        except Exception:
-            # The outputs are out; without the state a replay re-sends them
-            # with the same ids (harmless downstream). Never crash the agent:
-            # faust would ack the batch anyway and drop what it had buffered.
-            STATE_ERRORS.inc()
-            log.exception("writing routing state failed")
-        if batch.redis_ops:
-            await self._update_read_model(batch.redis_ops)
 
-    def _write_state(self, batch: _Batch) -> None:
+    def _write_state(self, batch: _Batch) -> list[_Out]:
+        """Apply the batch's state changes in memory; return their changelog records."""
+        writes: list[_Out] = []
+
+        def put(store: ChangelogStore, user: str, value: bytes | None) -> None:
+            key = user.encode()
+            if value is None and store.get(key) is None:
+                return
+            partition = store.put(key, value)
+            writes.append(_Out(store.topic, key, value, [], partition))
+
         for user, raw in batch.prefs.items():
-            key = user.encode()
-            if raw is None:
-                self.prefs_table.pop(key, None)
-            else:
-                self.prefs_table[key] = raw
+            put(self.prefs_store, user, raw)
         for user, state in batch.states.items():
-            if user in batch.forgotten:
-                continue
-            self.state_table[user.encode()] = state.to_bytes()
+            if user not in batch.forgotten:
+                put(self.state_store, user, state.to_bytes())
         for user, holds in batch.holds.items():
-            key = user.encode()
             if holds.empty() or user in batch.forgotten:
-                self.holds_table.pop(key, None)
+                put(self.holds_store, user, None)
                 self.index.set(user, None)
             else:
-                self.holds_table[key] = holds.to_bytes()
+                put(self.holds_store, user, holds.to_bytes())
                 self.index.set(user, holds.next_due())
         for user in batch.forgotten:
-            self.state_table.pop(user.encode(), None)
-            self.holds_table.pop(user.encode(), None)
+            put(self.state_store, user, None)
+            put(self.holds_store, user, None)
             self.index.set(user, None)
         HELD_USERS.set(len(self.index))
+        return writes
 
     async def _dead_letter(self, letter: _Letter) -> None:
         await self.dead_letters.send(
@@ -425,8 +431,7 @@ class Router:
         for i in range(0, len(pending), 64):
             await asyncio.gather(*(apply(*op) for op in pending[i : i + 64]))
         if failed:
-            batch = _Batch(letters=failed)
-            await self._commit(batch)
+            await self._publish(_Batch(letters=failed))
 
     # -- preferences ----------------------------------------------------------------------------
 
@@ -476,8 +481,7 @@ class Router:
     def _prefs_bytes(self, user: str, batch: _Batch) -> bytes | None:
         if user in batch.prefs:
             return batch.prefs[user]
-        raw = self.prefs_table.get(user.encode())
-        return bytes(raw) if raw is not None else None
+        return self.prefs_store.get(user.encode())
 
     def _prefs(self, user: str, batch: _Batch) -> Preferences:
         raw = self._prefs_bytes(user, batch)
@@ -499,14 +503,14 @@ class Router:
     def _state(self, user: str, batch: _Batch) -> UserState:
         state = batch.states.get(user)
         if state is None:
-            state = UserState.from_bytes(self.state_table.get(user.encode()))
+            state = UserState.from_bytes(self.state_store.get(user.encode()))
             batch.states[user] = state
         return state
 
     def _holds(self, user: str, batch: _Batch) -> Holds:
         holds = batch.holds.get(user)
         if holds is None:
-            holds = Holds.from_bytes(self.holds_table.get(user.encode()))
+            holds = Holds.from_bytes(self.holds_store.get(user.encode()))
             batch.holds[user] = holds
         return holds
 
@@ -722,43 +726,26 @@ class Router:
 
     # -- the scheduler: releasing holds and digests ---------------------------------------------
 
-    def _owned_partitions(self) -> set[int]:
-        return {
-            tp.partition for tp in self.app.consumer.assignment() if tp.topic == self.requests_topic
-        }
-
-    def _busy(self) -> bool:
-        recovery = getattr(self.app.tables, "recovery", None)
-        return bool(self.app.rebalancing or getattr(recovery, "in_recovery", False))
-
-    async def _rebuild_index(self) -> None:
-        owned = self._owned_partitions()
+    def _rebuild_index(self) -> None:
         self.index.clear()
-        for key, raw in list(self.holds_table.items()):
-            if key_partition(bytes(key), self.partitions) not in owned:
-                continue
+        for key, raw in self.holds_store.items():
             try:
                 holds = Holds.from_bytes(raw)
             except (ValueError, KeyError, TypeError):
-                log.error(
-                    "held state does not decode", user_id=bytes(key).decode("utf-8", "replace")
-                )
+                log.error("held state does not decode", user_id=key.decode("utf-8", "replace"))
                 continue
-            self.index.set(bytes(key).decode(), holds.next_due())
+            self.index.set(key.decode(), holds.next_due())
         HELD_USERS.set(len(self.index))
-        log.info("scheduler index rebuilt", users=len(self.index), partitions=sorted(owned))
 
     async def release_due(self) -> None:
         """Release every hold and digest that is due on the partitions this replica owns."""
-        if self._busy():
-            return
         due = self.index.next_due()
         if due is None or due > to_micros(utcnow()):
             return
         async with self.lock:
             now = utcnow()
             now_us = to_micros(now)
-            owned = self._owned_partitions()
+            owned = self.owned
             users = self.index.pop_due(
                 now_us, lambda u: key_partition(u.encode(), self.partitions) in owned
             )
@@ -845,31 +832,85 @@ class Router:
                 self._execute(work, outcome, extra={"digest_items": str(buffer.total)})
 
 
-def register(app: faust.App, ctx: AgentContext) -> None:
-    settings = ctx.settings
-    router = Router(app, ctx)
-    topic = app.topic(
-        router.requests_topic, router.prefs_topic, partitions=router.partitions, **RAW
-    )
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, router: Router) -> None:
+        self._router = router
 
-    @app.agent(topic, name="router")
-    async def route(stream: faust.StreamT[Any]) -> None:
-        # take_events exists on faust-streaming's Stream, not on its StreamT protocol.
-        async for events in stream.take_events(  # type: ignore[attr-defined]
-            settings.router_batch_size, within=settings.router_batch_ms / 1000
-        ):
-            try:
-                await router.handle(events)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # handle() dead-letters per event; this is a last resort
-                log.exception("routing batch failed")
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        self._router.ctx.health.set_ready(False, "rebalancing")
+        await self._router.revoked()
 
-    @app.timer(settings.router_tick_seconds)
-    async def release() -> None:
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        router = self._router
+        await router.assigned(
+            {tp.partition for tp in assigned if tp.topic == router.requests_topic}
+        )
+        router.ctx.health.set_ready(True, "")
+
+
+async def _ticker(router: Router, stop: asyncio.Event) -> None:
+    interval = router.settings.router_tick_seconds
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=interval)
+        if stop.is_set():
+            return
         try:
             await router.release_due()
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("release tick failed")
+
+
+async def _report_lag(consumer: AIOKafkaConsumer, role: str) -> None:
+    for tp in consumer.assignment():
+        highwater = consumer.highwater(tp)
+        if highwater is None:
+            continue
+        position = await consumer.position(tp)
+        CONSUMER_LAG.labels(role, tp.topic, str(tp.partition)).set(max(highwater - position, 0))
+
+
+async def run(ctx: ServiceContext) -> None:
+    settings = ctx.settings
+    publisher = await ctx.publisher()
+    router = Router(ctx, publisher)
+    await ensure_changelogs(settings, router.stores)
+    consumer = AIOKafkaConsumer(
+        **{
+            **consumer_config(settings, settings.group(ctx.role)),
+            # Range assignment gives partition p of both topics to one replica:
+            # a user's requests and preferences meet where the user's state is.
+            "partition_assignment_strategy": (RangePartitionAssignor,),
+        }
+    )
+    consumer.subscribe([router.requests_topic, router.prefs_topic], listener=_Rebalance(router))
+    await consumer.start()
+    ticker = asyncio.create_task(_ticker(router, ctx.stop))
+    last_lag = 0.0
+    log.info("routing", topics=[router.requests_topic, router.prefs_topic])
+    try:
+        while not ctx.stop.is_set():
+            batches = await consumer.getmany(
+                timeout_ms=settings.router_batch_ms, max_records=settings.router_batch_size
+            )
+            records = [r for tp_records in batches.values() for r in tp_records]
+            if records:
+                await router.handle(records)
+                offsets = {tp: recs[-1].offset + 1 for tp, recs in batches.items() if recs}
+                try:
+                    await consumer.commit(offsets)
+                except (CommitFailedError, RebalanceInProgressError) as exc:
+                    # The partitions moved on; their new owner reads the batch
+                    # again, and finds the state that says what was done.
+                    log.warning("commit failed after rebalance", error=str(exc))
+            if time.monotonic() - last_lag > 5.0:
+                last_lag = time.monotonic()
+                await _report_lag(consumer, ctx.role)
+    finally:
+        ctx.health.set_ready(False, "stopping")
+        ticker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await ticker
+        await consumer.stop()

@@ -1,18 +1,18 @@
 """The router's scheduler: which users have holds or digests due, and when.
 
 Held requests (``deliver_at``, quiet hours) and open digests live in the
-router's ``router-holds`` faust table, keyed by user id; its changelog makes
-them durable across restarts and rebalances. This index is the in-memory
-view the release timer scans: user -> earliest due time, in a heap. It is
-rebuilt from the table after every recovery (faust calls the table's recover
-callbacks once a rebalance has restored state), and a user whose partition
-this replica no longer owns is skipped and forgotten, so two replicas never
-release the same hold.
+router's ``holds`` store, keyed by user id; its compacted changelog makes them
+durable across restarts and rebalances (:mod:`finstream.agents.router_state`).
+This index is the in-memory view the release timer scans: user -> earliest
+due time, in a heap. It is rebuilt from the store after every assignment,
+and a user whose partition this replica no longer owns is skipped and
+forgotten, so two replicas never release the same hold.
 
 Why not ``notify.scheduled``: releasing a hold needs the user's routing state
-(dedupe, caps, digests) and the table already holds the held requests
-durably, so a separate topic would be a second copy to keep in step. The
-router releases holds itself, within ``router_tick_seconds`` of their time.
+(dedupe, caps, digests), which lives with the router, and the holds store
+already keeps the held requests durably, so a separate topic would be a
+second copy to keep in step. The router releases holds itself, within
+``router_tick_seconds`` of their time.
 """
 
 from __future__ import annotations
