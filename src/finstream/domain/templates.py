@@ -217,10 +217,10 @@ class Templates:
         return bool(_NAME.match(template)) and (self.root / template).is_dir()
 
     def _file(self, template: str, channel: str, locale: str | None) -> tuple[str, str]:
-        if not self.exists(template):
-            raise UnknownTemplate(f"unknown template {template!r}")
         key = (template, channel, locale or "")
         if key not in self._files:
+            if not self.exists(template):
+                raise UnknownTemplate(f"unknown template {template!r}")
             found = None
             for loc in locale_chain(locale, self.default_locale):
                 name = f"{template}/{channel}.{loc}.j2"
