@@ -401,3 +401,59 @@ def test_records_from_other_partitioners_are_moved_home(
         if line.startswith("finstream_router_forwarded_total{")
     ]
     assert sum(forwarded) > 0
+
+
+def _cli(env: TestEnv, *args: str) -> Any:
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "finstream.cli", *args],
+        env=env.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_prefs_commands_set_and_show_through_the_router(
+    env: TestEnv, router: WorkerProcess
+) -> None:
+    user = "u-cli"
+    done = _cli(
+        env,
+        "prefs",
+        "set",
+        user,
+        "--email",
+        "cli@example.com",
+        "--verified",
+        "--category",
+        "price_alert=email,inapp",
+        "--quiet",
+        "22:00-07:00@1,2,3,4,5",
+    )
+    assert done.returncode == 0, done.stderr
+    assert "cli@example.com" not in done.stdout  # masked
+    assert "c**@example.com" in done.stdout
+    wait_until(lambda: read_model(env, user), timeout=30, message="read model")
+    shown = _cli(env, "prefs", "show", user)
+    assert shown.returncode == 0, shown.stderr
+    record = json.loads(shown.stdout)
+    assert record["categories"]["price_alert"]["channels"] == ["email", "inapp"]
+    assert record["emails"][0]["address"] == "c**@example.com"
+    # A second set merges onto the current version.
+    assert _cli(env, "prefs", "set", user, "--channel", "push=off").returncode == 0
+    wait_until(
+        lambda: (m := read_model(env, user)) and m["channels"] == {"push": False},
+        timeout=30,
+        message="merged update",
+    )
+    model = read_model(env, user)
+    assert model is not None
+    assert model["quiet_hours"][0]["start"] == "22:00"
+    bad = _cli(env, "prefs", "set", user, "--phone", "12345")
+    assert bad.returncode == 1
+    assert "phones[0].number" in bad.stderr
+    assert _cli(env, "prefs", "show", "nobody").returncode == 1
