@@ -4,6 +4,7 @@ routed message, including requests held for later when it died."""
 from __future__ import annotations
 
 import collections
+import json
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -150,3 +151,65 @@ def test_router_killed_mid_stream_loses_and_duplicates_nothing(
         producer.join()
         first.kill()
         inapp.stop()
+
+
+def test_two_replicas_share_users_and_release_each_hold_once(env: TestEnv, log_dir: Path) -> None:
+    from finstream.domain.preferences import parse_preferences
+
+    users = [f"rep-{i}" for i in range(30)]
+    prefs = [
+        (
+            u,
+            parse_preferences(
+                {"user_id": u, "emails": [f"{u}@example.com"]}, now=datetime.now(UTC)
+            ),
+        )
+        for u in users
+    ]
+    env.produce_records("notify.preferences", "UserPreferences", prefs)
+    settings = {
+        "router_batch_size": str(BATCH),
+        "router_tick_seconds": "0.1",
+        "consumer_session_timeout": "6",
+    }
+    a = WorkerProcess(env, "router", log_dir, **settings).start()
+    b = WorkerProcess(env, "router", log_dir, **settings).start()
+    try:
+        due = datetime.now(UTC) + timedelta(seconds=5)
+        held = [(u, _request(u, f"rep-held-{u}", due)) for u in users]
+        now_ = [(users[i % 30], _request(users[i % 30], f"rep-now-{i}")) for i in range(300)]
+        env.produce_records("notify.requests", "NotificationRequest", held + now_)
+        expected = {r["request_id"] for _, r in held + now_}
+
+        def routed() -> list[Any]:
+            messages = env.decode_all("notify.outbound.inapp", "OutboundMessage", timeout=5)
+            return [m for m in messages if m["request_id"].startswith("rep-")]
+
+        wait_until(
+            lambda: {m["request_id"] for m in routed()} >= expected,
+            timeout=60,
+            message="all routed",
+        )
+        time.sleep(1.0)
+        ids = collections.Counter(m["message_id"] for m in routed())
+        assert len(ids) == len(expected)
+        assert sum(n - 1 for n in ids.values()) <= BATCH
+        for m in routed():
+            if m["request_id"].startswith("rep-held-"):
+                assert m["created_at"] >= due
+        # Both replicas own partitions; each user's state is on exactly one.
+        owned = []
+        for w in (a, b):
+            assigned = [
+                json.loads(line)
+                for line in w.log_path.read_text().splitlines()
+                if '"partitions assigned"' in line
+            ]
+            owned.append(set(assigned[-1]["partitions"]))
+        assert owned[0]
+        assert owned[1]
+        assert not owned[0] & owned[1]
+        assert owned[0] | owned[1] == set(range(6))
+    finally:
+        assert a.stop() == 0, a.log_tail()
+        assert b.stop() == 0, b.log_tail()
