@@ -35,6 +35,7 @@ Nothing escapes an agent: bad input becomes a dead letter with its reason.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import functools
 import json
@@ -48,6 +49,7 @@ from aiokafka.partitioner import murmur2
 from prometheus_client import Counter, Gauge
 
 from finstream.agents.gaps import GapGuard
+from finstream.agents.ordering import EventAck, KeyedWrites, table_delete, table_write
 from finstream.app import RAW, AgentContext
 from finstream.codec import Codec, DecodeError, EncodeError
 from finstream.domain.alert_engine import Evaluation, RuleBook, SymbolState, evaluate
@@ -58,7 +60,7 @@ from finstream.domain.time import utcnow
 from finstream.runtime.faust_support import message_headers
 from finstream.runtime.kafka import correlation_header
 from finstream.runtime.logging import get_logger
-from finstream.runtime.metrics import EVENTS_IN, PROCESSING_SECONDS
+from finstream.runtime.metrics import EVENTS_IN, EVENTS_OUT, PROCESSING_SECONDS
 from finstream.topics import load_catalogue
 
 log = get_logger(__name__)
@@ -68,6 +70,9 @@ TICKS_SKIPPED = Counter(
     "finstream_alerts_ticks_skipped_total",
     "Ticks not evaluated: stale (older than the symbol's last) or seen before",
     ["reason"],
+)
+HELD_WRITES = Gauge(
+    "finstream_alerts_held_writes", "State writes waiting for their firings to be delivered"
 )
 SYMBOLS_WITH_RULES = Gauge(
     "finstream_alerts_symbols_with_rules", "Symbols with at least one rule on this worker"
@@ -150,14 +155,9 @@ class _DecodedTable:
         self._cache[key] = _Cached(raw, value)
         return value
 
-    def set(self, key: bytes, raw: bytes, value: Any) -> None:
-        self.table[key] = raw
+    def remember(self, key: bytes, raw: bytes, value: Any) -> None:
+        """The decoded form of bytes just written to the table under ``key``."""
         self._cache[key] = _Cached(raw, value)
-
-    def delete(self, key: bytes) -> None:
-        self._cache.pop(key, None)
-        if key in self.table:
-            del self.table[key]
 
 
 def register(app: faust.App, ctx: AgentContext) -> None:
@@ -172,14 +172,14 @@ def register(app: faust.App, ctx: AgentContext) -> None:
     except ValueError as exc:
         raise SystemExit(f"FINSTREAM_ALERT_BAR_INTERVAL: {exc}") from None
     max_rules = settings.alert_max_rules_per_symbol
+    rules_topic_name = settings.topic("alerts.rules")
     rules_topic = app.topic(
-        settings.topic("alerts.rules"),
-        partitions=catalogue.get("alerts.rules").partitions,
-        **RAW,
+        rules_topic_name, partitions=catalogue.get("alerts.rules").partitions, **RAW
     )
     by_symbol_name = settings.topic(BY_SYMBOL)
     by_symbol_topic = app.topic(by_symbol_name, partitions=partitions, **RAW)
-    ticks_topic = app.topic(settings.topic("md.ticks"), partitions=partitions, **RAW)
+    ticks_name = settings.topic("md.ticks")
+    ticks_topic = app.topic(ticks_name, partitions=partitions, **RAW)
     fired_topic = settings.topic("alerts.fired")
     requests_topic = settings.topic("notify.requests")
 
@@ -199,25 +199,48 @@ def register(app: faust.App, ctx: AgentContext) -> None:
     state_history = app.Table(
         "alert-history", partitions=partitions, key_type=bytes, value_type=bytes
     )
+    # Decoded states, reused while the tables hold the same bytes objects.
     states: dict[bytes, tuple[Any, Any, SymbolState]] = {}
+    # States evaluated but not yet written (their firings are in flight).
+    live: dict[bytes, SymbolState] = {}
+    held = KeyedWrites()
+    crashing: set[Any] = set()
     guard = GapGuard(settings, ctx.role)
+
+    def failed(exc: BaseException) -> None:
+        # A firing or state write the producer could not deliver: its event is
+        # never acked, and the worker restarts to process it again.
+        log.error("delivery failed; restarting the worker", error=str(exc))
+        crashing.add(asyncio.ensure_future(app.crash(exc)))
+
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
+    async def _revoked(sender: Any, revoked: Any, **_: Any) -> None:
+        # Held writes of revoked partitions are dropped: their events were not
+        # acked and are processed again by whoever owns the partitions next.
+        lost = {tp.partition for tp in revoked if tp.topic in (ticks_name, rules_topic_name)}
+        for key in held.drop_partitions(lost):
+            live.pop(key, None)
 
     @app.on_before_shutdown.connect  # type: ignore[arg-type]
     async def _stop_guard(sender: Any, **_: Any) -> None:
         await guard.stop()
 
-    async def guarded(msg: Any, handle: Any) -> None:
-        """Process what the consumer skipped before msg (see GapGuard), then msg."""
-        try:
-            missed = await guard.missing(msg)
-        except Exception:
-            log.exception(
-                "could not read skipped offsets", topic=msg.topic, partition=msg.partition
-            )
-            missed = []
-        for record in missed:
-            await handle(record)
-        await handle(msg)
+    async def consume(stream: Any, handle: Any) -> None:
+        """Manual acks (see agents.ordering); skipped offsets first (see GapGuard)."""
+        async for event in stream.noack().events():
+            msg = event.message
+            ack = EventAck(event, failed)
+            try:
+                missed = await guard.missing(msg)
+            except Exception:
+                log.exception(
+                    "could not read skipped offsets", topic=msg.topic, partition=msg.partition
+                )
+                missed = []
+            for record in missed:
+                await handle(record, ack)
+            await handle(msg, ack)
+            ack.seal()
 
     def book_for(key: bytes) -> RuleBook:
         rules = rules_by_symbol.get(key)
@@ -231,6 +254,9 @@ def register(app: faust.App, ctx: AgentContext) -> None:
         return book
 
     def state_for(key: bytes) -> SymbolState:
+        pending = live.get(key)
+        if pending is not None:
+            return pending
         core, history = state_core.get(key), state_history.get(key)
         cached = states.get(key)
         if cached is not None and cached[0] is core and cached[1] is history:
@@ -253,44 +279,68 @@ def register(app: faust.App, ctx: AgentContext) -> None:
             headers=message_headers(msg),
         )
 
+    async def publish(
+        topic: str, key: bytes, value: bytes | None, partition: int | None = None, headers: Any = ()
+    ) -> Any:
+        """Send and return the delivery future (faust's producer, flushed before commits)."""
+        fut = await app.producer.send(
+            topic,
+            key=key,
+            value=value,
+            partition=partition,
+            timestamp=None,
+            headers=list(headers) or None,
+        )
+        EVENTS_OUT.labels(ctx.role, topic).inc()
+        return fut
+
     # -- alerts.rules -> alerts.rules.by-symbol ------------------------------------------
 
     @app.agent(rules_topic, name="rules-intake")
     async def rules_intake(stream: faust.StreamT[Any]) -> None:
-        async for event in stream.events():
-            await guarded(event.message, _intake_one)
+        await consume(stream, _intake_one)
 
-    async def _intake_one(msg: Any) -> None:
+    async def _intake_one(msg: Any, ack: EventAck) -> None:
         EVENTS_IN.labels(ctx.role, msg.topic).inc()
         try:
-            await _intake(msg)
+            await _intake(msg, ack)
         except (BadInput, DecodeError, RuleValidationError, UnicodeDecodeError) as exc:
             await dead_letter(msg, exc)
         except Exception as exc:  # never stall the partition
             log.exception("rule intake failed", offset=msg.offset)
             await dead_letter(msg, exc, "UnexpectedError")
 
-    async def _intake(msg: Any) -> None:
+    async def _intake(msg: Any, ack: EventAck) -> None:
         if not msg.key:
             raise BadInput("alerts.rules message without a key (the key is the rule id)")
         rule_id = msg.key.decode()
         previous = rule_symbol.get(msg.key)
+        forwarded: list[Any] = []
         if msg.value is None:
-            if previous is not None:
-                await _forward(previous.decode(), rule_id, None)
-                del rule_symbol[msg.key]
-            return
-        rule = validate_rule(AlertRule.from_record(codec.decode(msg.value, "AlertRule")))
-        if rule.rule_id != rule_id:
-            raise BadInput(f"key {rule_id!r} is not the rule's rule_id {rule.rule_id!r}")
-        if previous is not None and previous.decode() != rule.symbol:
-            await _forward(previous.decode(), rule_id, None)
-        await _forward(rule.symbol, rule_id, msg.value)
-        if previous != rule.symbol.encode():
-            rule_symbol[msg.key] = rule.symbol.encode()
+            if previous is None:
+                return
+            forwarded.append(await _forward(previous.decode(), rule_id, None))
+            write = table_delete(rule_symbol, msg.partition, msg.key)
+        else:
+            rule = validate_rule(AlertRule.from_record(codec.decode(msg.value, "AlertRule")))
+            if rule.rule_id != rule_id:
+                raise BadInput(f"key {rule_id!r} is not the rule's rule_id {rule.rule_id!r}")
+            if previous is not None and previous.decode() != rule.symbol:
+                forwarded.append(await _forward(previous.decode(), rule_id, None))
+            forwarded.append(await _forward(rule.symbol, rule_id, msg.value))
+            if previous == rule.symbol.encode():
+                for fut in forwarded:
+                    ack.wait_for(fut)
+                return
+            write = table_write(rule_symbol, msg.partition, msg.key, rule.symbol.encode())
+        # The rule's symbol is remembered only once the forwards are delivered:
+        # a replayed tombstone must still find the symbol to delete from.
+        for fut in forwarded:
+            ack.wait_for(fut)
+        held.hold(("rule", msg.key), msg.partition, forwarded, [write], ack)
 
-    async def _forward(symbol: str, rule_id: str, value: bytes | None) -> None:
-        await ctx.publisher.send(
+    async def _forward(symbol: str, rule_id: str, value: bytes | None) -> Any:
+        return await publish(
             by_symbol_name,
             by_symbol_key(symbol, rule_id),
             value,
@@ -301,20 +351,19 @@ def register(app: faust.App, ctx: AgentContext) -> None:
 
     @app.agent(by_symbol_topic, name="rulebook")
     async def rulebook(stream: faust.StreamT[Any]) -> None:
-        async for event in stream.events():
-            await guarded(event.message, _apply_one)
+        await consume(stream, _apply_one)
 
-    async def _apply_one(msg: Any) -> None:
+    async def _apply_one(msg: Any, ack: EventAck) -> None:
         EVENTS_IN.labels(ctx.role, msg.topic).inc()
         try:
-            _apply_rule(msg)
+            _apply_rule(msg, ack)
         except (BadInput, DecodeError, RuleValidationError, ValueError) as exc:
             await dead_letter(msg, exc)
         except Exception as exc:
             log.exception("rule update failed", offset=msg.offset)
             await dead_letter(msg, exc, "UnexpectedError")
 
-    def _apply_rule(msg: Any) -> None:
+    def _apply_rule(msg: Any, ack: EventAck) -> None:
         if not msg.key:
             raise BadInput(f"{BY_SYMBOL} message without a key")
         symbol, rule_id = split_by_symbol_key(msg.key)
@@ -344,27 +393,33 @@ def register(app: faust.App, ctx: AgentContext) -> None:
                 )
             rules = {**current, rule_id: rule}
         if rules:
-            rules_by_symbol.set(key, encode_rules(codec, rules), rules)
+            raw = encode_rules(codec, rules)
+            ack.wait_for(table_write(rules_by_symbol.table, msg.partition, key, raw)())
+            rules_by_symbol.remember(key, raw, rules)
         else:
-            rules_by_symbol.delete(key)
+            ack.wait_for(table_delete(rules_by_symbol.table, msg.partition, key)())
         log.info("rule updated", symbol=symbol, rule_id=rule_id, deleted=msg.value is None)
 
     @app.timer(10.0)
     async def _gauges() -> None:
         SYMBOLS_WITH_RULES.set(len(rules_by_symbol.table))
+        HELD_WRITES.set(len(held))
 
     # -- md.ticks -> alerts.fired + notify.requests ------------------------------------------
 
     @app.agent(ticks_topic, name="alerts")
     async def alerts(stream: faust.StreamT[Any]) -> None:
-        async for event in stream.events():
-            await guarded(event.message, _tick_one)
+        await consume(stream, _tick_one)
 
-    async def _tick_one(msg: Any) -> None:
+    max_future = timedelta(seconds=settings.tick_max_future_seconds)
+    ticks_in = EVENTS_IN.labels(ctx.role, ticks_name)
+    tick_seconds = PROCESSING_SECONDS.labels(ctx.role, "tick")
+
+    async def _tick_one(msg: Any, ack: EventAck) -> None:
         ticks_in.inc()
         started = time.perf_counter()
         try:
-            await _on_tick(msg)
+            await _on_tick(msg, ack)
         except (BadInput, DecodeError, TickValidationError) as exc:
             await dead_letter(msg, exc)
         except EncodeError as exc:
@@ -375,15 +430,9 @@ def register(app: faust.App, ctx: AgentContext) -> None:
             await dead_letter(msg, exc, "UnexpectedError")
         tick_seconds.observe(time.perf_counter() - started)
 
-    max_future = settings.tick_max_future_seconds
-    ticks_in = EVENTS_IN.labels(ctx.role, settings.topic("md.ticks"))
-    tick_seconds = PROCESSING_SECONDS.labels(ctx.role, "tick")
-
-    async def _on_tick(msg: Any) -> None:
+    async def _on_tick(msg: Any, ack: EventAck) -> None:
         tick = validate_tick(
-            Tick.from_record(codec.decode(msg.value, "Tick")),
-            utcnow(),
-            timedelta(seconds=max_future),
+            Tick.from_record(codec.decode(msg.value, "Tick")), utcnow(), max_future
         )
         expected = symbol_partition(tick.symbol, partitions)
         if msg.partition != expected:
@@ -395,25 +444,20 @@ def register(app: faust.App, ctx: AgentContext) -> None:
                 f"(murmur2) partitioner puts it on {expected}, where its alert rules are"
             )
         key = tick.symbol.encode()
-        state = state_for(key)
-        ev: Evaluation = evaluate(state, book_for(key), tick)
+        ev: Evaluation = evaluate(state_for(key), book_for(key), tick)
         if ev.stale or ev.duplicate:
             TICKS_SKIPPED.labels("stale" if ev.stale else "duplicate").inc()
             return
+        outputs: list[Any] = []
         if ev.firings:
             now = utcnow()
             for firing in ev.firings:
                 user = firing.rule.user_id.encode()
                 headers = correlation_header(firing.fired_id)
-                await ctx.publisher.send(
-                    fired_topic, user, codec.encode("AlertFired", firing.alert_fired(now)), headers
-                )
-                await ctx.publisher.send(
-                    requests_topic,
-                    user,
-                    codec.encode("NotificationRequest", firing.notification_request(now)),
-                    headers,
-                )
+                fired = codec.encode("AlertFired", firing.alert_fired(now))
+                request = codec.encode("NotificationRequest", firing.notification_request(now))
+                outputs.append(await publish(fired_topic, user, fired, headers=headers))
+                outputs.append(await publish(requests_topic, user, request, headers=headers))
                 ALERTS_FIRED.labels(firing.rule.condition).inc()
                 log.info(
                     "alert fired",
@@ -423,16 +467,33 @@ def register(app: faust.App, ctx: AgentContext) -> None:
                     price=str(firing.price),
                 )
         new = ev.state
-        history = state_history.get(key)
+        partition = msg.partition
+        history = state_history.get(key) if not held.blocked(key) else None
         if ev.history_changed:
-            # Another changelog topic than the core's: no ordering between the
-            # two, so the history must be durable before the core that expects
-            # it (a history ahead of its core is trimmed on load).
+            # Another changelog topic than the core's, so no ordering between
+            # the two: the core waits for the history it expects (a history
+            # ahead of its core is trimmed on load).
             history = new.history_json()
-            state_history[key] = history
-        if ev.firings or ev.history_changed:
-            # Firings durable before the state that says they happened (module doc).
-            await ctx.publisher.flush()
+            outputs.append(table_write(state_history, partition, key, history)())
         core = new.core_json()
-        state_core[key] = core
+        for fut in outputs:
+            ack.wait_for(fut)
+        if outputs or held.blocked(key):
+            live[key] = new
+
+            def applied(key: bytes = key, new: SymbolState = new, core: bytes = core) -> None:
+                if not held.blocked(key):
+                    live.pop(key, None)
+                    states[key] = (core, state_history.get(key), new)
+
+            held.hold(
+                key,
+                partition,
+                outputs,
+                [table_write(state_core, partition, key, core)],
+                ack,
+                on_applied=applied,
+            )
+            return
+        ack.wait_for(table_write(state_core, partition, key, core)())
         states[key] = (core, history, new)

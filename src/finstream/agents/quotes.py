@@ -9,29 +9,31 @@ partition keeps flowing.
 Bars (:mod:`finstream.domain.bars`) are built per symbol and width on
 exchange time in the ``bar-state`` table. Each stored state remembers the
 md.ticks offset it includes, so ticks replayed after a crash are not counted
-twice; bars are flushed to md.bars.1m before the state that published them
-is written, so none is lost either. A tick too late for a bar goes to dlq
-with the reason.
+twice; a state that published bars is written only once the bars are
+delivered, so none is lost either (see :mod:`finstream.agents.ordering`).
+A tick too late for a bar goes to dlq with the reason.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 import faust
 from prometheus_client import Counter
 
 from finstream.agents.gaps import GapGuard
+from finstream.agents.ordering import EventAck, KeyedWrites, table_write
 from finstream.app import RAW, AgentContext
 from finstream.codec import DecodeError
-from finstream.domain.bars import Bar, BarState, IntervalError, add_tick, parse_intervals
+from finstream.domain.bars import BarState, IntervalError, add_tick, parse_intervals
 from finstream.domain.ticks import Tick, TickValidationError, validate_tick
 from finstream.domain.time import utcnow
 from finstream.runtime.faust_support import message_headers
 from finstream.runtime.logging import get_logger
-from finstream.runtime.metrics import EVENTS_IN, PROCESSING_SECONDS
+from finstream.runtime.metrics import EVENTS_IN, EVENTS_OUT, PROCESSING_SECONDS
 from finstream.sinks.quote_cache import CoalescingQuoteWriter, QuoteCache
 from finstream.sinks.redis_client import connect
 from finstream.topics import load_catalogue
@@ -66,12 +68,23 @@ def register(app: faust.App, ctx: AgentContext) -> None:
                 continue
 
     guard = GapGuard(settings, ctx.role)
+    crashing: set[Any] = set()
+
+    def failed(exc: BaseException) -> None:
+        # A bar or state write the producer could not deliver: its tick is
+        # never acked, and the worker restarts to process it again.
+        log.error("delivery failed; restarting the worker", error=str(exc))
+        crashing.add(asyncio.ensure_future(app.crash(exc)))
+
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
+    async def _revoked(sender: Any, revoked: Any, **_: Any) -> None:
+        bars.forget({tp.partition for tp in revoked if tp.topic == source})
 
     @app.on_before_shutdown.connect  # type: ignore[arg-type]
     async def _stop_guard(sender: Any, **_: Any) -> None:
         await guard.stop()
 
-    async def process(msg: Any) -> None:
+    async def process(msg: Any, ack: EventAck) -> None:
         started = time.perf_counter()
         EVENTS_IN.labels(ctx.role, msg.topic).inc()
         try:
@@ -85,9 +98,9 @@ def register(app: faust.App, ctx: AgentContext) -> None:
             key = tick.symbol.encode()
             current = latest.get(key)
             if current is None or _newer(ctx, tick, current):
-                latest[key] = msg.value
+                ack.wait_for(table_write(latest, msg.partition, key, msg.value)())
             writer.offer(tick)
-            await bars.on_tick(msg, tick)
+            await bars.on_tick(msg, tick, ack)
         except Exception as exc:  # never stall the partition
             log.exception("tick processing failed", offset=msg.offset)
             await _dead_letter(ctx, msg, exc, "UnexpectedError")
@@ -96,16 +109,20 @@ def register(app: faust.App, ctx: AgentContext) -> None:
     @app.agent(ticks, name="quotes")
     async def quotes(stream: faust.StreamT[Any]) -> None:
         writer.start()
-        async for event in stream.events():
+        # Manual acks: a tick is acked once its bars and state are durable
+        # (see finstream.agents.ordering); skipped offsets first (GapGuard).
+        async for event in cast(Any, stream).noack().events():
             msg = event.message
+            ack = EventAck(event, failed)
             try:
                 missed = await guard.missing(msg)
             except Exception:
                 log.exception("could not read skipped offsets", partition=msg.partition)
                 missed = []
             for record in missed:
-                await process(record)
-            await process(msg)
+                await process(record, ack)
+            await process(msg, ack)
+            ack.seal()
 
 
 async def _dead_letter(
@@ -131,7 +148,12 @@ def _newer(ctx: AgentContext, tick: Tick, current: bytes) -> bool:
 
 
 class BarBuilder:
-    """Bars of every configured width for the ticks of this worker's partitions."""
+    """Bars of every configured width for the ticks of this worker's partitions.
+
+    A state that published bars is written once those bars are delivered
+    (later states of the same symbol and width queue behind it), so a crash
+    never leaves a state that forgot a bar nobody received.
+    """
 
     def __init__(self, app: faust.App, ctx: AgentContext, partitions: int) -> None:
         settings = ctx.settings
@@ -140,13 +162,25 @@ class BarBuilder:
         except IntervalError as exc:
             raise SystemExit(f"FINSTREAM_BAR_INTERVALS: {exc}") from None
         self.lateness = timedelta(seconds=settings.bar_allowed_lateness)
+        self.app = app
         self.ctx = ctx
         self.topic = settings.topic("md.bars.1m")
         self.table = app.Table("bar-state", partitions=partitions, key_type=bytes, value_type=bytes)
         # Decoded states, reused while the table still holds the same bytes.
         self._decoded: dict[bytes, tuple[bytes, tuple[int, int] | None, BarState]] = {}
+        # States computed but held back until their bars are delivered.
+        self._live: dict[bytes, tuple[tuple[int, int], BarState]] = {}
+        self._held = KeyedWrites()
+
+    def forget(self, partitions: set[int]) -> None:
+        """Partitions revoked: drop what is held for them (their ticks will be replayed)."""
+        for key in self._held.drop_partitions(partitions):
+            self._live.pop(key, None)
 
     def _load(self, key: bytes) -> tuple[tuple[int, int] | None, BarState]:
+        live = self._live.get(key)
+        if live is not None:
+            return live
         raw = self.table.get(key)
         if raw is None:
             return None, BarState()
@@ -160,17 +194,10 @@ class BarBuilder:
         self._decoded[key] = (raw, position, state)
         return position, state
 
-    def _store(self, key: bytes, position: tuple[int, int], state: BarState) -> None:
-        raw = b"%d:%d\n" % position + state.to_json()
-        self.table[key] = raw
-        self._decoded[key] = (raw, position, state)
-
-    async def on_tick(self, msg: Any, tick: Tick) -> None:
+    async def on_tick(self, msg: Any, tick: Tick, ack: EventAck) -> None:
         ctx = self.ctx
         position = (msg.partition, msg.offset)
         late: list[str] = []
-        updates: list[tuple[bytes, BarState]] = []
-        publish: list[Bar] = []
         for interval in self.intervals:
             key = f"{tick.symbol}|{interval.name}".encode()
             stored, state = self._load(key)
@@ -179,19 +206,41 @@ class BarBuilder:
             update = add_tick(state, tick, interval, self.lateness)
             if update.late is not None:
                 late.append(update.late)
-            elif not update.duplicate:
-                updates.append((key, update.state))
-                publish.extend(update.publish)
-        for bar in publish:
-            await ctx.publisher.send(
-                self.topic, bar.symbol.encode(), ctx.codec.encode("Bar", bar.to_record())
-            )
-            BARS_PUBLISHED.labels(bar.interval, str(bar.final).lower()).inc()
-        if publish:
-            # Published bars must be durable before the state that forgets them.
-            await ctx.publisher.flush()
-        for key, state in updates:
-            self._store(key, position, state)
+                continue
+            if update.duplicate:
+                continue
+            delivered = []
+            for bar in update.publish:
+                delivered.append(
+                    await self.app.producer.send(
+                        self.topic,
+                        key=bar.symbol.encode(),
+                        value=ctx.codec.encode("Bar", bar.to_record()),
+                        partition=None,
+                        timestamp=None,
+                        headers=None,
+                    )
+                )
+                EVENTS_OUT.labels(ctx.role, self.topic).inc()
+                BARS_PUBLISHED.labels(bar.interval, str(bar.final).lower()).inc()
+            raw = b"%d:%d\n" % position + update.state.to_json()
+            write = table_write(self.table, msg.partition, key, raw)
+            for fut in delivered:
+                ack.wait_for(fut)
+            if delivered or self._held.blocked(key):
+                self._live[key] = (position, update.state)
+
+                def applied(
+                    key: bytes = key, raw: bytes = raw, state: BarState = update.state
+                ) -> None:
+                    self._decoded[key] = (raw, position, state)
+                    if not self._held.blocked(key):
+                        self._live.pop(key, None)
+
+                self._held.hold(key, msg.partition, delivered, [write], ack, on_applied=applied)
+            else:
+                ack.wait_for(write())
+                self._decoded[key] = (raw, position, update.state)
         if late:
             await ctx.dead_letters.send(
                 source_topic=msg.topic,
