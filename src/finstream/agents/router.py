@@ -757,12 +757,35 @@ class Router:
                     self._release_user(user, batch, now)
                 except Exception as exc:  # never let the timer die
                     log.exception("releasing holds failed", user_id=user)
-                    batch.letters.append(
-                        _Letter(self.requests_topic, -1, -1, user.encode(), None, exc, [])
-                    )
+                    self._dead_letter_due(user, batch, now_us, exc)
                 # Whatever stays held (not yet due, or held again) is indexed on commit.
                 self._holds(user, batch)
             await self._commit(batch)
+
+    def _dead_letter_due(self, user: str, batch: _Batch, now_us: int, exc: Exception) -> None:
+        """A bug while releasing: the user's due holds go to the dlq, not round the timer again.
+
+        The user's half-done changes are discarded; each due request becomes a
+        dead letter (redriving it routes it afresh: it is no longer "seen").
+        """
+        key = user.encode()
+        partition = key_partition(key, self.partitions)
+        batch.holds.pop(user, None)
+        batch.states.pop(user, None)
+        holds = self._holds(user, batch)
+        state = self._state(user, batch)
+        for hold in [h for h in holds.requests.values() if h.due <= now_us]:
+            del holds.requests[hold.request_id]
+            state.seen.pop(hold.request_id, None)
+            batch.letters.append(
+                _Letter(self.requests_topic, partition, -1, key, hold.request, exc, [])
+            )
+        for category in [c for c, d in holds.digests.items() if d.due <= now_us]:
+            buffer = holds.digests.pop(category)
+            value = self.codec.encode(
+                "NotificationRequest", digest_.digest_request(user, buffer, from_micros(now_us))
+            )
+            batch.letters.append(_Letter(self.requests_topic, partition, -1, key, value, exc, []))
 
     def _release_user(self, user: str, batch: _Batch, now: datetime) -> None:
         now_us = to_micros(now)
