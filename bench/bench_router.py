@@ -3,7 +3,7 @@ loaded, and routing latency p50/p99, each beside a baseline measured in the same
 
 1. 100,000 users' preferences (email, push token, a quiet window for a tenth of
    them, caps for another tenth) go to notify.preferences; the router loads
-   them into its table and the Redis read model.
+   them into its changelog-backed store and the Redis read model.
 2. Baseline: a plain aiokafka loop over the same requests: consume, decode,
    encode one OutboundMessage, produce, wait for the broker (the least any
    router must do, with no preferences, templates, state or audit).
@@ -340,7 +340,7 @@ def main() -> None:
             time.sleep(0.5)
         load = time.perf_counter() - started
         print(
-            f"router: {USERS:,} users' preferences loaded (table + Redis read model) in {load:.1f}s ({USERS / load:,.0f}/s)"
+            f"router: {USERS:,} users' preferences loaded (changelog store + Redis read model) in {load:.1f}s ({USERS / load:,.0f}/s)"
         )
 
         # Throughput: the same requests (new ids) into notify.requests while the router runs.
