@@ -314,6 +314,7 @@ def redrive_command(  # noqa: PLR0917 (click passes options positionally)
     from confluent_kafka import Producer
 
     from finstream.codec import DecodeError, default_codec
+    from finstream.topics import load_catalogue
 
     if not refs and not everything:
         _fail("name dead letters (PARTITION:OFFSET) or pass --all")
@@ -335,10 +336,14 @@ def redrive_command(  # noqa: PLR0917 (click passes options positionally)
             {
                 "bootstrap.servers": settings.kafka_bootstrap,
                 "enable.idempotence": True,
+                # murmur2 like aiokafka and the Java clients: a redriven key must land
+                # on the partition its co-partitioned state lives on.
+                "partitioner": "murmur2_random",
                 "log_level": 3,
             }
         )
     )
+    catalogue_names = set(load_catalogue().names)
     sent = skipped = 0
     for letter in letters:
         target = letter.source_topic
@@ -347,6 +352,11 @@ def redrive_command(  # noqa: PLR0917 (click passes options positionally)
             skipped += 1
             continue
         name = target.removeprefix(settings.namespace)
+        if not target.startswith(settings.namespace) or name not in catalogue_names:
+            # e.g. webhook:twilio — the letter came from outside Kafka; nothing to send it back to.
+            click.echo(f"{letter.ref}: skipped ({target} is not a topic of the catalogue)")
+            skipped += 1
+            continue
         if name.startswith(OUTBOUND_PREFIX) and letter.value is not None:
             try:
                 message_id = default_codec().decode(letter.value, "OutboundMessage")["message_id"]

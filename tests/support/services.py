@@ -115,11 +115,14 @@ class TestEnv:
 
     # -- Kafka --------------------------------------------------------------------
     def producer(self) -> Producer:
+        # murmur2: the partitioner of aiokafka and the Java clients, so test keys
+        # land on the partitions finstream's own producers would choose.
         return Producer(
             {
                 "bootstrap.servers": self.settings.kafka_bootstrap,
                 "linger.ms": 5,
                 "enable.idempotence": True,
+                "partitioner": "murmur2_random",
                 "log_level": 3,
             }
         )
