@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import sys
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,17 @@ _LAZY: dict[str, tuple[str, str]] = {
         "finstream.runtime.supervisor:run_command",
         "Run the whole pipeline locally (make run).",
     ),
-    "api": ("finstream.api.cli:api", "Serve the API; dev tokens, OpenAPI document, live stream."),
     "alerts": ("finstream.cli_alerts:alerts", "Alert rules: add, list, show, remove, back-test."),
     "dlq": ("finstream.cli_dlq:dlq", "Dead letters: list, show, redrive to their source topic."),
-    "connect": ("finstream.cli_connectors:connect_command", "Run market-data connectors in the foreground."),
-    "providers": ("finstream.cli_connectors:providers_group", "Market-data providers: list, check credentials and limits."),
+    "api": ("finstream.api.cli:api", "Serve the API; dev tokens, OpenAPI document, live stream."),
+    "connect": (
+        "finstream.cli_connectors:connect_command",
+        "Run market-data connectors in the foreground.",
+    ),
+    "providers": (
+        "finstream.cli_connectors:providers_group",
+        "Market-data providers: list, check credentials and limits.",
+    ),
     "prefs": ("finstream.cli_prefs:prefs", "Users' notification preferences: set, show, forget."),
     "audit": ("finstream.cli_audit:audit", "Audit trail: verify the hash chain, show events."),
 }
@@ -177,6 +184,105 @@ def topics_list() -> None:
             f"{settings.topic(spec.name):<28} p={spec.partitions:<3} {spec.cleanup_policy:<14} "
             f"key={spec.key:<14} value={spec.value_schema}"
         )
+
+
+def _when(value: str | None) -> datetime | None:
+    """ISO 8601 (a zone is required) or relative to now: -15m, -2h, -7d."""
+    if value is None:
+        return None
+    from finstream.domain.time import utcnow
+
+    text = value.strip()
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text[:1] in "+-" and text[-1:] in units and text[1:-1].isdigit():
+        sign = -1 if text[0] == "-" else 1
+        return utcnow() + timedelta(seconds=sign * int(text[1:-1]) * units[text[-1]])
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither ISO 8601 nor relative like -15m") from None
+    if parsed.tzinfo is None:
+        raise click.BadParameter(f"{value!r} has no time zone (add Z or +00:00)")
+    return parsed
+
+
+@topics.command("tail")
+@click.argument("topic")
+@click.option("-n", "--lines", default=10, show_default=True, help="Last N messages per partition.")
+def topics_tail(topic: str, lines: int) -> None:
+    """The last messages of a catalogue topic, decoded, as JSON lines."""
+    from finstream import replay
+    from finstream.codec import default_codec
+
+    settings = get_settings()
+    name = settings.topic(topic)
+    try:
+        records = replay.read_range(settings, name, None, None, tail=lines)
+        replay.write_jsonl(
+            records, sys.stdout, default_codec(), replay.value_schema(settings, name)
+        )
+    except replay.ReplayError as exc:
+        fail(str(exc))
+
+
+@topics.command("replay")
+@click.argument("topic")
+@click.option("--from", "start", required=True, help="Start time: ISO 8601 with zone, or -2h.")
+@click.option("--to", "end", default=None, help="End time (exclusive); default: now.")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write decoded JSON lines to this file ('-' for stdout).",
+)
+@click.option("--to-topic", default=None, help="Copy the records into this sandbox topic instead.")
+def topics_replay(
+    topic: str, start: str, end: str | None, out: Path | None, to_topic: str | None
+) -> None:
+    """Replay a topic over a time range into a file or a sandbox topic."""
+    from tqdm import tqdm
+
+    from finstream import replay
+    from finstream.codec import default_codec
+
+    if (out is None) == (to_topic is None):
+        fail("give exactly one of --out FILE or --to-topic NAME")
+    settings = get_settings()
+    name = settings.topic(topic)
+    t1, t2 = _when(start), _when(end)
+    if t1 is not None and t2 is not None and t2 <= t1:
+        fail("--to must be after --from")
+    bar = tqdm(unit="msg", file=sys.stderr, disable=None)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        records = replay.read_range(settings, name, t1, t2, on_progress=progress)
+        if to_topic is not None:
+            target = settings.topic(to_topic)
+            replay.ensure_sandbox(settings, name, target)
+            count = replay.copy_to_topic(settings, records, target)
+            where = target
+        elif str(out) == "-":
+            count = replay.write_jsonl(
+                records, sys.stdout, default_codec(), replay.value_schema(settings, name)
+            )
+            where = "stdout"
+        else:
+            assert out is not None
+            with out.open("w") as fh:
+                count = replay.write_jsonl(
+                    records, fh, default_codec(), replay.value_schema(settings, name)
+                )
+            where = str(out)
+    except replay.ReplayError as exc:
+        bar.close()
+        fail(str(exc))
+        return
+    bar.close()
+    click.echo(f"replayed {count} message(s) of {name} into {where}", err=True)
 
 
 # -- database -------------------------------------------------------------------
