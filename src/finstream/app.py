@@ -33,6 +33,10 @@ def create_app(role: str, settings: Settings) -> faust.App:
         autodiscover=False,
         consumer_auto_offset_reset="earliest",
         broker_commit_interval=settings.commit_interval,
+        # One setting for every role (faust or not) decides how long a dead
+        # member keeps its partitions.
+        broker_session_timeout=settings.consumer_session_timeout,
+        broker_heartbeat_interval=settings.consumer_session_timeout / 10,
         producer_acks=-1,
         # Changelog writes (one per table update) otherwise go out one request
         # each; a few milliseconds of linger batches them (measured: bench_pipeline).

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 from confluent_kafka import Producer
 
 from finstream.backtest import Backtest
@@ -119,12 +118,10 @@ def rules_loaded(env: TestEnv, expected: int) -> bool:
 
 
 def test_alerts_worker_killed_mid_stream_fires_each_alert_exactly_once(
-    env: TestEnv, log_dir: Path, monkeypatch: pytest.MonkeyPatch
+    env: TestEnv, log_dir: Path
 ) -> None:
-    # faust reads its own settings from the environment: a short session lets
-    # the restarted worker take the dead one's partitions in seconds, not 60.
-    monkeypatch.setenv("BROKER_SESSION_TIMEOUT", "8")
-    monkeypatch.setenv("BROKER_HEARTBEAT_INTERVAL", "1")
+    # consumer_session_timeout=8: the restarted worker takes the dead one's
+    # partitions in seconds rather than after the default 30.
     market = GbmMarket(SYMBOLS, seed=7, run_id="kill")
     ticks = list(itertools.islice(market.ticks(START, timedelta(milliseconds=50)), TOTAL))
     rules = [r for s in SYMBOLS for r in rules_for(s, [t.price for t in ticks if t.symbol == s])]
@@ -144,7 +141,7 @@ def test_alerts_worker_killed_mid_stream_fires_each_alert_exactly_once(
             value=env.codec.encode("AlertRule", r.to_record()),
         )
     assert p.flush(30) == 0
-    first = WorkerProcess(env, "alerts", log_dir).start()
+    first = WorkerProcess(env, "alerts", log_dir, consumer_session_timeout="8").start()
     wait_until(lambda: rules_loaded(env, len(rules)), timeout=90, message="rules loaded")
     for t in ticks:
         p.produce(
@@ -166,7 +163,7 @@ def test_alerts_worker_killed_mid_stream_fires_each_alert_exactly_once(
     at_kill = len({m.value() for m in env.consume_all("alerts.fired", timeout=10)})
     assert at_kill < len(expected), "the worker finished before the kill; raise TOTAL"
 
-    second = WorkerProcess(env, "alerts", log_dir).start()
+    second = WorkerProcess(env, "alerts", log_dir, consumer_session_timeout="8").start()
     try:
 
         def all_fired() -> list[dict[str, Any]] | None:
