@@ -3,6 +3,7 @@ demo notification reaches the in-app inbox, and Ctrl-C stops everything cleanly.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -19,7 +20,10 @@ def test_run_brings_the_pipeline_up_and_stops_cleanly_on_ctrl_c(
 ) -> None:
     base_port = free_port()
     run_env = env.env(
-        run_base_port=str(base_port), sim_rate="50", stack_dir=str(log_dir / f"run-{base_port}")
+        run_base_port=str(base_port),
+        api_port=str(free_port()),
+        sim_rate="50",
+        stack_dir=str(log_dir / f"run-{base_port}"),
     )
     # The run's logs and state go to their own folder; the services are the shared stack's.
     out = (log_dir / f"make-run-{base_port}.log").open("wb")
@@ -42,7 +46,22 @@ def test_run_brings_the_pipeline_up_and_stops_cleanly_on_ctrl_c(
             message="quote:* keys in Redis",
         )
         inbox = env.settings.redis_key("inbox:{demo-user}:msgs")
-        wait_until(lambda: r.hlen(inbox) >= 1, timeout=60, message="demo message in the inbox")
+
+        def categories() -> set[str]:
+            return {json.loads(m)["category"] for m in r.hvals(inbox)}
+
+        # The demo alert fires on the simulated feed, is routed by the demo
+        # user's preferences to the in-app inbox and to the email outbound topic.
+        wait_until(
+            lambda: {"account", "price_alert"} <= categories(),
+            timeout=90,
+            message="welcome and price alert in the demo inbox",
+        )
+        fired = env.decode_all("alerts.fired", "AlertFired", min_count=1, timeout=30)
+        assert {f["user_id"] for f in fired} == {"demo-user"}
+        emails = env.decode_all("notify.outbound.email", "OutboundMessage", min_count=1, timeout=30)
+        assert "price_alert" in {e["category"] for e in emails}
+        assert {e["recipient"] for e in emails} == {"demo@example.com"}
         children = child_pids(proc.pid)
         assert len(children) >= 5
 
@@ -62,4 +81,5 @@ def test_run_brings_the_pipeline_up_and_stops_cleanly_on_ctrl_c(
     assert "psql" in text
     assert "redis-cli" in text
     assert "/metrics" in text
+    assert "finstream api stream" in text
     assert "stopped." in text

@@ -19,7 +19,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import click
 
@@ -64,36 +64,81 @@ def _prepare(settings: Settings) -> None:
     ctx.invoke(db_migrate)
 
 
-async def _send_demo_request(settings: Settings) -> None:
-    from finstream.codec import default_codec
+def _demo_symbol(settings: Settings) -> str:
+    return (settings.md_symbols or settings.sim_symbols).split(",")[0].strip().upper()
+
+
+def demo_records(settings: Settings) -> list[tuple[str, str, str, dict[str, Any]]]:
+    """The demo's (topic, key, schema, record): the demo user's preferences, a price
+    alert that fires within seconds on the simulated feed, and a welcome message."""
+    from finstream.domain.alerts import parse_rule
+    from finstream.domain.preferences import parse_preferences
     from finstream.domain.time import utcnow
-    from finstream.runtime.kafka import AiokafkaPublisher, correlation_header
+
+    now = utcnow()
+    symbol = _demo_symbol(settings)
+    prefs = parse_preferences(
+        {
+            "user_id": DEMO_USER,
+            "locale": "en",
+            "timezone": "UTC",
+            "emails": [{"address": "demo@example.com", "verified": True}],
+            "categories": {"price_alert": {"channels": ["email", "inapp"]}},
+        },
+        now=now,
+        consent_source="finstream-run",
+    )
+    # Every simulated price is above a cent, so this fires on the first tick and
+    # then once a minute while the demo runs.
+    rule = parse_rule(
+        {
+            "rule_id": f"demo-{symbol.lower()}-above",
+            "user_id": DEMO_USER,
+            "symbol": symbol,
+            "condition": "greater-than",
+            "value": "0.01",
+            "frequency": "once-per-minute",
+            "message": "Demo alert from `finstream run`",
+        },
+        now=now,
+    )
+    cid = uuid.uuid4().hex
+    welcome: dict[str, Any] = {
+        "request_id": f"demo-{uuid.uuid4().hex[:12]}",
+        "user_id": DEMO_USER,
+        "category": "account",
+        "priority": "NORMAL",
+        "template": "welcome",
+        "data": {"title": "Welcome to finstream", "body": "Your pipeline is running."},
+        "channels": [],
+        "deliver_at": None,
+        "expires_at": None,
+        "collapse_key": None,
+        "created_at": now,
+        "source": "finstream-run",
+        "correlation_id": cid,
+    }
+    return [
+        ("notify.preferences", DEMO_USER, "UserPreferences", prefs),
+        ("alerts.rules", rule.rule_id, "AlertRule", rule.to_record()),
+        ("notify.requests", DEMO_USER, "NotificationRequest", welcome),
+    ]
+
+
+async def _send_demo(settings: Settings) -> None:
+    from finstream.codec import default_codec
+    from finstream.runtime.kafka import AiokafkaPublisher
 
     pub = AiokafkaPublisher(settings, "run")
     await pub.start()
     try:
-        cid = uuid.uuid4().hex
-        request: dict[str, object] = {
-            "request_id": f"demo-{uuid.uuid4().hex[:12]}",
-            "user_id": DEMO_USER,
-            "category": "account",
-            "priority": "NORMAL",
-            "template": "welcome",
-            "data": {"title": "Welcome to finstream", "body": "Your pipeline is running."},
-            "channels": [],
-            "deliver_at": None,
-            "expires_at": None,
-            "collapse_key": None,
-            "created_at": utcnow(),
-            "source": "finstream-run",
-            "correlation_id": cid,
-        }
-        await pub.send(
-            settings.topic("notify.requests"),
-            DEMO_USER.encode(),
-            default_codec().encode("NotificationRequest", request),
-            correlation_header(cid),
-        )
+        for topic, key, schema, record in demo_records(settings):
+            # Preferences first, in their own flush: the router must know the
+            # user before the alert's request arrives.
+            await pub.send(
+                settings.topic(topic), key.encode(), default_codec().encode(schema, record)
+            )
+            await pub.flush()
     finally:
         await pub.stop()
 
@@ -120,7 +165,37 @@ async def _progress(settings: Settings) -> str:
             parts.append(f"{DEMO_USER} inbox: {inbox}")
         finally:
             await r.aclose()
+    with contextlib.suppress(Exception):
+        counts = await asyncio.to_thread(
+            _topic_sizes, settings, ["alerts.fired", "notify.outbound.email"]
+        )
+        parts += [f"{name}: {n}" for name, n in counts.items()]
     return ", ".join(parts)
+
+
+def _topic_sizes(settings: Settings, names: list[str]) -> dict[str, int]:
+    """Messages ever written to each topic (sum of high watermarks)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "group.id": "finstream-run-progress",
+            "log_level": 3,
+        }
+    )
+    try:
+        sizes = {}
+        for name in names:
+            topic = settings.topic(name)
+            partitions = consumer.list_topics(topic, timeout=5).topics[topic].partitions
+            sizes[name] = sum(
+                consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=5)[1]
+                for p in partitions
+            )
+        return sizes
+    finally:
+        consumer.close()
 
 
 def _where_to_look(settings: Settings, ports: dict[str, int]) -> str:
@@ -130,9 +205,17 @@ def _where_to_look(settings: Settings, ports: dict[str, int]) -> str:
         "",
         "finstream is running. Look at:",
         f"  psql '{db}' -c 'SELECT symbol, count(*), max(ts) FROM ticks GROUP BY symbol'",
-        f"  redis-cli -u {redis_url} HGETALL {settings.redis_key('quote:AAPL')}",
+        f"  redis-cli -u {redis_url} HGETALL {settings.redis_key('quote:' + _demo_symbol(settings))}",
         f"  redis-cli -u {redis_url} HVALS '{settings.redis_key('inbox:{' + DEMO_USER + '}:msgs')}'",
+        "  .venv/bin/finstream topics tail notify.outbound.email     # the demo alert's email",
+        "  .venv/bin/finstream topics tail alerts.fired",
     ]
+    if "api" in ports:
+        lines += [
+            f"  .venv/bin/finstream api stream {_demo_symbol(settings)}"
+            "     # live quotes over WebSocket (dev token for demo-user)",
+            f"  http://{settings.api_host}:{settings.api_port}/docs     # the API",
+        ]
     lines += [
         f"  metrics of {role:<10} http://127.0.0.1:{port}/metrics" for role, port in ports.items()
     ]
@@ -200,8 +283,11 @@ def run_command(roles_opt: str | None, no_prepare: bool, duration: float | None)
         c.start({})
         click.echo(f"started {c.role:<10} pid {c.proc.pid if c.proc else '?':<7} log {c.log_path}")
     if settings.run_demo:
-        asyncio.run(_send_demo_request(settings))
-        click.echo(f"sent a demo notification request for {DEMO_USER}")
+        asyncio.run(_send_demo(settings))
+        click.echo(
+            f"demo: preferences, a price alert and a welcome message for {DEMO_USER} "
+            "(in-app inbox and email)"
+        )
     click.echo(_where_to_look(settings, ports))
     started = time.monotonic()
     last_report = 0.0
