@@ -199,7 +199,11 @@ def _caught_up(env: TestEnv) -> bool:
     try:
         parts = c.list_topics(topic, timeout=10).topics[topic].partitions
         committed = c.committed([TopicPartition(topic, p) for p in parts], timeout=10)
-        return all(tp.offset == c.get_watermark_offsets(tp, timeout=10)[1] for tp in committed)
+        # A partition nothing was written to has no committed offset at all.
+        highs = [c.get_watermark_offsets(tp, timeout=10)[1] for tp in committed]
+        return all(
+            high == 0 or tp.offset == high for tp, high in zip(committed, highs, strict=True)
+        )
     finally:
         c.close()
 

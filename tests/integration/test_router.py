@@ -393,11 +393,31 @@ def test_tombstone_forgets_the_user(env: TestEnv, router: WorkerProcess) -> None
 def test_records_from_other_partitioners_are_moved_home(
     env: TestEnv, router: WorkerProcess
 ) -> None:
-    # The test producer (librdkafka) hashes keys with crc32, not Kafka's murmur2.
-    text = router.metrics()
+    # librdkafka's default partitioner hashes keys with crc32, not Kafka's
+    # murmur2: such a producer puts most users on the "wrong" partition.
+    from confluent_kafka import Producer
+
+    users = [f"crc-{n}" for n in range(12)]
+    producer = Producer(
+        {
+            "bootstrap.servers": env.settings.kafka_bootstrap,
+            "partitioner": "consistent_random",
+            "log_level": 3,
+        }
+    )
+    for user in users:
+        record = request(user, f"crc-{user}")
+        producer.produce(
+            env.topic("notify.requests"),
+            key=user.encode(),
+            value=env.codec.encode("NotificationRequest", record),
+        )
+    assert producer.flush(10) == 0
+    for user in users:
+        assert outbound(env, "inapp", user, 1)[0]["request_id"] == f"crc-{user}"
     forwarded = [
         float(line.split()[-1])
-        for line in text.splitlines()
+        for line in router.metrics().splitlines()
         if line.startswith("finstream_router_forwarded_total{")
     ]
     assert sum(forwarded) > 0
