@@ -57,7 +57,6 @@ from finstream.domain.alerts import AlertRule, RuleValidationError, validate_rul
 from finstream.domain.bars import Interval, parse_interval
 from finstream.domain.ticks import Tick, TickValidationError, validate_tick
 from finstream.domain.time import utcnow
-from finstream.runtime.faust_support import message_headers
 from finstream.runtime.kafka import correlation_header
 from finstream.runtime.logging import get_logger
 from finstream.runtime.metrics import EVENTS_IN, EVENTS_OUT, PROCESSING_SECONDS
@@ -268,16 +267,7 @@ def register(app: faust.App, ctx: AgentContext) -> None:
     async def dead_letter(
         msg: Any, error: BaseException | str, error_class: str | None = None
     ) -> None:
-        await ctx.dead_letters.send(
-            source_topic=msg.topic,
-            partition=msg.partition,
-            offset=msg.offset,
-            key=msg.key,
-            value=msg.value,
-            error=error,
-            error_class=error_class,
-            headers=message_headers(msg),
-        )
+        await ctx.dead_letters.send_message(msg, error, error_class=error_class)
 
     async def publish(
         topic: str, key: bytes, value: bytes | None, partition: int | None = None, headers: Any = ()

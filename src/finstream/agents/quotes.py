@@ -31,7 +31,6 @@ from finstream.codec import DecodeError
 from finstream.domain.bars import BarState, IntervalError, add_tick, parse_intervals
 from finstream.domain.ticks import Tick, TickValidationError, validate_tick
 from finstream.domain.time import utcnow
-from finstream.runtime.faust_support import message_headers
 from finstream.runtime.logging import get_logger
 from finstream.runtime.metrics import EVENTS_IN, EVENTS_OUT, PROCESSING_SECONDS
 from finstream.sinks.quote_cache import CoalescingQuoteWriter, QuoteCache
@@ -128,16 +127,7 @@ def register(app: faust.App, ctx: AgentContext) -> None:
 async def _dead_letter(
     ctx: AgentContext, msg: Any, error: BaseException, error_class: str | None = None
 ) -> None:
-    await ctx.dead_letters.send(
-        source_topic=msg.topic,
-        partition=msg.partition,
-        offset=msg.offset,
-        key=msg.key,
-        value=msg.value,
-        error=error,
-        error_class=error_class,
-        headers=message_headers(msg),
-    )
+    await ctx.dead_letters.send_message(msg, error, error_class=error_class)
 
 
 def _newer(ctx: AgentContext, tick: Tick, current: bytes) -> bool:
@@ -242,13 +232,4 @@ class BarBuilder:
                 ack.wait_for(write())
                 self._decoded[key] = (raw, position, update.state)
         if late:
-            await ctx.dead_letters.send(
-                source_topic=msg.topic,
-                partition=msg.partition,
-                offset=msg.offset,
-                key=msg.key,
-                value=msg.value,
-                error="; ".join(late),
-                error_class="LateTick",
-                headers=message_headers(msg),
-            )
+            await ctx.dead_letters.send_message(msg, "; ".join(late), error_class="LateTick")

@@ -15,14 +15,6 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 
-def message_headers(message: Any) -> list[tuple[str, bytes]]:
-    """A faust message's headers as (name, bytes) pairs, whatever shape faust kept."""
-    headers = getattr(message, "headers", None) or ()
-    if isinstance(headers, dict):
-        return [(k, bytes(v or b"")) for k, v in headers.items()]
-    return [(k, bytes(v or b"")) for k, v in headers]
-
-
 def _readiness_problem(app: faust.App) -> str | None:
     if app.rebalancing:
         return "rebalancing"

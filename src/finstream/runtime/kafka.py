@@ -102,6 +102,27 @@ class AiokafkaPublisher:
 class DeadLetters:
     """Writes dead letters to the dlq topic and moves the counters."""
 
+    async def send_message(
+        self,
+        message: Any,
+        error: BaseException | str,
+        *,
+        error_class: str | None = None,
+        attempts: int | None = None,
+    ) -> None:
+        """Dead-letter a consumed message (an aiokafka record or a faust message) as it is."""
+        await self.send(
+            source_topic=message.topic,
+            partition=message.partition,
+            offset=message.offset,
+            key=message.key,
+            value=message.value,
+            error=error,
+            error_class=error_class,
+            headers=message_header_pairs(message.headers),
+            attempts=attempts,
+        )
+
     def __init__(self, publisher: Publisher, settings: Settings, role: str) -> None:
         self._publisher = publisher
         self._topic = settings.topic("dlq")
@@ -150,6 +171,12 @@ class DeadLetters:
             error_class=error_class,
             reason=reason[:300],
         )
+
+
+def message_header_pairs(headers: Any) -> list[tuple[str, bytes]]:
+    """Headers of an aiokafka record or a faust message as (name, bytes) pairs."""
+    pairs = headers.items() if isinstance(headers, dict) else (headers or ())
+    return [(k, v.encode() if isinstance(v, str) else bytes(v or b"")) for k, v in pairs]
 
 
 def correlation_header(correlation_id: str | None) -> list[tuple[str, bytes]]:

@@ -215,15 +215,7 @@ async def run(ctx: ServiceContext) -> None:
             try:
                 events.append(ctx.codec.decode(r.value, "AuditEvent"))
             except DecodeError as exc:
-                await dead_letters.send(
-                    source_topic=r.topic,
-                    partition=r.partition,
-                    offset=r.offset,
-                    key=r.key,
-                    value=r.value,
-                    error=exc,
-                    headers=r.headers or (),
-                )
+                await dead_letters.send_message(r, exc)
         stored = await writer.append(events)
         log.debug("audit batch stored", received=len(records), stored=stored)
 

@@ -155,15 +155,7 @@ async def decode_bars(records: Sequence[Any], codec: Codec, dead_letters: DeadLe
         try:
             bars.append(validate_bar(Bar.from_record(codec.decode(r.value, "Bar"))))
         except (DecodeError, BarValidationError) as exc:
-            await dead_letters.send(
-                source_topic=r.topic,
-                partition=r.partition,
-                offset=r.offset,
-                key=r.key,
-                value=r.value,
-                error=exc,
-                headers=r.headers or (),
-            )
+            await dead_letters.send_message(r, exc)
     return bars
 
 

@@ -98,15 +98,7 @@ async def decode_ticks(
             tick = Tick.from_record(codec.decode(r.value, "Tick"))
             ticks.append(validate_tick(tick, now, max_future))
         except (DecodeError, TickValidationError) as exc:
-            await dead_letters.send(
-                source_topic=r.topic,
-                partition=r.partition,
-                offset=r.offset,
-                key=r.key,
-                value=r.value,
-                error=exc,
-                headers=r.headers or (),
-            )
+            await dead_letters.send_message(r, exc)
     return ticks
 
 

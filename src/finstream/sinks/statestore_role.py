@@ -64,15 +64,7 @@ async def run(ctx: ServiceContext) -> None:
             try:
                 await apply(r)
             except (DecodeError, KeyMismatch, UnicodeDecodeError) as exc:
-                await dead_letters.send(
-                    source_topic=r.topic,
-                    partition=r.partition,
-                    offset=r.offset,
-                    key=r.key,
-                    value=r.value,
-                    error=exc,
-                    headers=r.headers or (),
-                )
+                await dead_letters.send_message(r, exc)
 
     consumer = BatchConsumer(
         settings,

@@ -256,26 +256,13 @@ class DeliveryEngine:
         try:
             message = self.codec.decode(r.value, "OutboundMessage")
         except DecodeError as exc:
-            await self.dead_letters.send(
-                source_topic=r.topic,
-                partition=r.partition,
-                offset=r.offset,
-                key=r.key,
-                value=r.value,
-                error=exc,
-                headers=headers,
-            )
+            await self.dead_letters.send_message(r, exc)
             return None
         if not message["message_id"]:
-            await self.dead_letters.send(
-                source_topic=r.topic,
-                partition=r.partition,
-                offset=r.offset,
-                key=r.key,
-                value=r.value,
-                error="empty message_id: no idempotency key, refusing to send",
+            await self.dead_letters.send_message(
+                r,
+                "empty message_id: no idempotency key, refusing to send",
                 error_class=ErrorClass.PERMANENT.value,
-                headers=headers,
             )
             return None
         cid = message.get("correlation_id") or correlation_from_headers(headers)
