@@ -31,6 +31,13 @@ def _config_strings(value: Any) -> Any:
     return value
 
 
+def min_insync_replicas(replication_factor: int) -> str:
+    """With 3 or more replicas, acks=all writes need 2 in sync (one broker may be
+    down, none is lost); with fewer, requiring more than 1 would stop all writes
+    when a single broker is down."""
+    return "2" if replication_factor >= 3 else "1"
+
+
 class TopicSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -49,9 +56,15 @@ class TopicSpec(BaseModel):
     def _stringify(cls, value: Any) -> Any:
         return _config_strings(value)
 
-    def configs(self) -> dict[str, str]:
-        """Every topic config we manage, as the broker names them."""
+    def configs(self, replication_factor: int | None = None) -> dict[str, str]:
+        """Every topic config we manage, as the broker names them.
+
+        ``min.insync.replicas`` follows the replication factor in force (an
+        override such as production's 3 included) unless the topic sets it.
+        """
+        rf = replication_factor or self.replication_factor
         return {
+            "min.insync.replicas": min_insync_replicas(rf),
             **self.config,
             "cleanup.policy": self.cleanup_policy,
             "retention.ms": str(self.retention_ms),
@@ -178,7 +191,7 @@ def plan(
         name = f"{namespace}{spec.name}"
         rf = replication_factor or spec.replication_factor
         have = existing.get(name)
-        wanted = spec.configs()
+        wanted = spec.configs(rf)
         if have is None:
             changes.append(
                 Change(

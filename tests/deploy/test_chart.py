@@ -491,7 +491,9 @@ def test_topics_and_migrations_as_code(renders: dict[str, Render]) -> None:
     for spec in catalogue.topics:
         kt = topics[spec.name]
         assert kt["spec"]["partitions"] == spec.partitions
-        assert kt["spec"]["config"] == spec.configs()
+        assert kt["spec"]["config"] == spec.configs(
+            values("values-prod.yaml")["topics"]["replicationFactor"]
+        )
         assert kt["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
         assert kt["metadata"]["labels"]["strimzi.io/cluster"] == "kafka"
     staging_ns = values("values-staging.yaml")["config"]["namespace"]

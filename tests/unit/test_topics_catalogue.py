@@ -147,3 +147,24 @@ def test_plan_warns_about_replication_it_cannot_change() -> None:
     }
     changes = plan(CAT, existing)
     assert [c.kind for c in changes] == ["warn"]
+
+
+def test_min_insync_replicas_follows_the_replication_factor() -> None:
+    cat = parse_catalogue("topics:\n  - {name: a, partitions: 3, key: k, value_schema: raw}\n")
+    assert plan(cat, {})[0].configs["min.insync.replicas"] == "1"
+    production = plan(cat, {}, replication_factor=3)[0]
+    assert production.configs["min.insync.replicas"] == "2"
+    existing = {
+        "a": ExistingTopic(
+            3,
+            3,
+            {"min.insync.replicas": "1", "cleanup.policy": "delete", "retention.ms": "604800000"},
+        )
+    }
+    [change] = plan(cat, existing, replication_factor=3)
+    assert change.kind == "config"
+    assert change.configs == {"min.insync.replicas": "2"}
+    explicit = parse_catalogue(
+        "topics:\n  - {name: a, partitions: 3, key: k, value_schema: raw, config: {min.insync.replicas: 3}}\n"
+    )
+    assert plan(explicit, {}, replication_factor=5)[0].configs["min.insync.replicas"] == "3"
