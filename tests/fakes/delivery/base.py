@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import random
@@ -100,8 +101,8 @@ class Fake(Protocol):
     async def stop(self) -> None: ...
 
 
-class HttpFake:
-    """An aiohttp-served fake."""
+class HttpFake(abc.ABC):
+    """An aiohttp-served fake; each provider's fake builds its routes in ``app``."""
 
     def __init__(self) -> None:
         self.recorder = Recorder()
@@ -109,8 +110,8 @@ class HttpFake:
         self.url = ""
         self._runner: web.AppRunner | None = None
 
-    def app(self) -> web.Application:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def app(self) -> web.Application: ...
 
     async def start(self) -> str:
         self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=0.2)
