@@ -215,9 +215,13 @@ def ensure_sandbox(settings: Settings, source: str, target: str) -> None:
     if target in topics:
         return
     partitions = len(topics[source].partitions)
-    futures = admin.create_topics(
-        [NewTopic(target, num_partitions=partitions, replication_factor=1)]
+    # Replayed records keep their original timestamps; under time-based retention
+    # the broker would delete old ones at its next check. A sandbox is kept until
+    # an operator deletes it.
+    sandbox = NewTopic(
+        target, num_partitions=partitions, replication_factor=1, config={"retention.ms": "-1"}
     )
+    futures = admin.create_topics([sandbox])
     for fut in futures.values():
         fut.result(timeout=30)
 

@@ -9,9 +9,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from finstream.domain.ticks import make_tick
+from finstream.topics import describe
 from tests.support.services import TestEnv
 
-BASE = datetime(2024, 5, 10, 14, 0, tzinfo=UTC)
+# Recent times: the broker deletes records older than md.ticks' 7-day retention,
+# which would make the test depend on when its retention check runs.
+BASE = (datetime.now(UTC) - timedelta(hours=2)).replace(second=0, microsecond=0)
 
 
 def _cli(env: TestEnv, *args: str) -> subprocess.CompletedProcess[str]:
@@ -70,6 +73,8 @@ def test_replay_a_time_range_to_a_file_and_a_sandbox_topic(env: TestEnv, tmp_pat
     )
     assert sandbox.returncode == 0, sandbox.stderr
     copied = env.consume_all("sandbox.ticks", min_count=60)
+    sandbox_configs = describe(env.settings.kafka_bootstrap, [env.topic("sandbox.ticks")])
+    assert sandbox_configs[env.topic("sandbox.ticks")].configs["retention.ms"] == "-1"
     original = env.consume_all("md.ticks", min_count=60)
     assert sorted((m.partition(), m.key(), m.value()) for m in copied) == sorted(
         (m.partition(), m.key(), m.value()) for m in original
@@ -79,7 +84,8 @@ def test_replay_a_time_range_to_a_file_and_a_sandbox_topic(env: TestEnv, tmp_pat
     assert refused.returncode == 1
     assert "is a catalogue topic" in refused.stderr
 
-    bad = _cli(env, "replay", "md.ticks", "--from", "2024-05-10T14:00:00", "--out", str(out))
+    naive = BASE.replace(tzinfo=None).isoformat()
+    bad = _cli(env, "replay", "md.ticks", "--from", naive, "--out", str(out))
     assert bad.returncode == 2
     assert "no time zone" in bad.stderr
 
