@@ -35,6 +35,7 @@ from finstream.domain.marketdata import (
     optional_positive,
     optional_size,
     price,
+    provider_tick,
     quote_id,
     quote_marker,
     require,
@@ -44,7 +45,7 @@ from finstream.domain.marketdata import (
 from finstream.domain.marketdata_dedupe import SnapshotClock
 from finstream.domain.marketdata_failover import ProviderGate
 from finstream.domain.resilience import ErrorClass, ProviderError
-from finstream.domain.ticks import Tick, TickValidationError, make_tick, normalize_symbol
+from finstream.domain.ticks import Tick, TickValidationError, normalize_symbol
 from finstream.domain.time import utcnow
 
 NAME = "alphavantage"
@@ -120,22 +121,18 @@ def parse_global_quote(
     day = _trading_day(require(quote, "07. latest trading day", NAME, "'Global Quote'"))
     content = f"{day}:{last}:{volume}"
     ts = clock.stamp(symbol, content, received_at) if clock else received_at
-    try:
-        return make_tick(
-            tick_id=quote_id(symbol, f"d{day}", last, volume),
-            symbol=symbol,
-            kind="QUOTE",
-            price=last,
-            size=volume,
-            prev_close=optional_positive(
-                quote.get("08. previous close"), NAME, "08. previous close"
-            ),
-            ts=ts,
-            received_at=received_at,
-            source=NAME,
-        )
-    except TickValidationError as exc:
-        raise malformed(NAME, exc.detail, exc.reason) from None
+    return provider_tick(
+        NAME,
+        tick_id=quote_id(symbol, f"d{day}", last, volume),
+        symbol=symbol,
+        kind="QUOTE",
+        price=last,
+        size=volume,
+        prev_close=optional_positive(quote.get("08. previous close"), NAME, "08. previous close"),
+        ts=ts,
+        received_at=received_at,
+        source=NAME,
+    )
 
 
 def parse_intraday(
@@ -164,21 +161,19 @@ def parse_intraday(
         start = local_to_utc(stamp, NAME, tz)
         close = price(require(bar, "4. close", NAME, f"bar {stamp}"), NAME, "4. close")
         volume = optional_size(bar.get("5. volume"), NAME, "5. volume")
-        try:
-            ticks.append(
-                make_tick(
-                    tick_id=quote_id(symbol, f"bar{interval}:{quote_marker(start)}", close, volume),
-                    symbol=symbol,
-                    kind="QUOTE",
-                    price=close,
-                    size=volume,
-                    ts=min(start + width, received_at),
-                    received_at=received_at,
-                    source=NAME,
-                )
+        ticks.append(
+            provider_tick(
+                NAME,
+                tick_id=quote_id(symbol, f"bar{interval}:{quote_marker(start)}", close, volume),
+                symbol=symbol,
+                kind="QUOTE",
+                price=close,
+                size=volume,
+                ts=min(start + width, received_at),
+                received_at=received_at,
+                source=NAME,
             )
-        except TickValidationError as exc:
-            raise malformed(NAME, exc.detail, exc.reason) from None
+        )
     ticks.sort(key=lambda t: t.ts)
     return ticks
 

@@ -38,6 +38,7 @@ from finstream.domain.marketdata import (
     optional_positive,
     optional_size,
     price,
+    provider_tick,
     quote_id,
     quote_marker,
     require,
@@ -47,7 +48,7 @@ from finstream.domain.marketdata import (
 )
 from finstream.domain.marketdata_failover import ProviderGate
 from finstream.domain.resilience import ErrorClass, ProviderError
-from finstream.domain.ticks import Tick, TickValidationError, make_tick, normalize_symbol
+from finstream.domain.ticks import Tick, TickValidationError, normalize_symbol
 
 NAME = "finnhub"
 WS_NAME = "finnhub-ws"
@@ -77,19 +78,17 @@ def parse_quote(body: bytes | str, symbol: str, received_at: datetime) -> Tick:
         )
     last = price(current, NAME, "c")
     ts = epoch_to_utc(require(data, "t", NAME, "quote"), NAME, "s", "t")
-    try:
-        return make_tick(
-            tick_id=quote_id(symbol, quote_marker(ts), last, None),
-            symbol=symbol,
-            kind="QUOTE",
-            price=last,
-            prev_close=optional_positive(data.get("pc"), NAME, "pc"),
-            ts=ts,
-            received_at=received_at,
-            source=NAME,
-        )
-    except TickValidationError as exc:
-        raise malformed(NAME, exc.detail, exc.reason) from None
+    return provider_tick(
+        NAME,
+        tick_id=quote_id(symbol, quote_marker(ts), last, None),
+        symbol=symbol,
+        kind="QUOTE",
+        price=last,
+        prev_close=optional_positive(data.get("pc"), NAME, "pc"),
+        ts=ts,
+        received_at=received_at,
+        source=NAME,
+    )
 
 
 def parse_ws_message(
@@ -130,19 +129,17 @@ def _trade(item: Any, received_at: datetime) -> Tick:
     last = price(require(item, "p", WS_NAME, "trade"), WS_NAME, "p")
     ts = epoch_to_utc(require(item, "t", WS_NAME, "trade"), WS_NAME, "ms", "t")
     size = optional_size(item.get("v"), WS_NAME, "v")
-    try:
-        return make_tick(
-            tick_id=trade_id(symbol, ts, last, size),
-            symbol=symbol,
-            kind="TRADE",
-            price=last,
-            size=size,
-            ts=ts,
-            received_at=received_at,
-            source=NAME,
-        )
-    except TickValidationError as exc:
-        raise malformed(WS_NAME, exc.detail, exc.reason) from None
+    return provider_tick(
+        WS_NAME,
+        tick_id=trade_id(symbol, ts, last, size),
+        symbol=symbol,
+        kind="TRADE",
+        price=last,
+        size=size,
+        ts=ts,
+        received_at=received_at,
+        source=NAME,
+    )
 
 
 class FinnhubConnector(HttpConnector):

@@ -23,6 +23,7 @@ from finstream.domain.marketdata import (
     optional_positive,
     optional_size,
     price,
+    provider_tick,
     quote_id,
     quote_marker,
     require,
@@ -30,7 +31,7 @@ from finstream.domain.marketdata import (
 )
 from finstream.domain.marketdata_failover import ProviderGate
 from finstream.domain.resilience import ErrorClass, ProviderError
-from finstream.domain.ticks import Tick, TickValidationError, make_tick, normalize_symbol
+from finstream.domain.ticks import Tick, TickValidationError, normalize_symbol
 from finstream.runtime.logging import get_logger
 
 log = get_logger(__name__)
@@ -50,23 +51,21 @@ def parse_legacy_quote(body: bytes | str, symbol: str, received_at: datetime) ->
     last = price(require(data, "latestPrice", NAME, "quote"), NAME, "latestPrice")
     ts = epoch_to_utc(require(data, "latestUpdate", NAME, "quote"), NAME, "ms", "latestUpdate")
     volume = optional_size(data.get("latestVolume"), NAME, "latestVolume")
-    try:
-        return make_tick(
-            tick_id=quote_id(symbol, quote_marker(ts), last, volume),
-            symbol=symbol,
-            kind="QUOTE",
-            price=last,
-            size=volume,
-            bid=optional_positive(data.get("iexBidPrice"), NAME, "iexBidPrice"),
-            ask=optional_positive(data.get("iexAskPrice"), NAME, "iexAskPrice"),
-            prev_close=optional_positive(data.get("previousClose"), NAME, "previousClose"),
-            currency="USD",
-            ts=ts,
-            received_at=received_at,
-            source=NAME,
-        )
-    except TickValidationError as exc:
-        raise malformed(NAME, exc.detail, exc.reason) from None
+    return provider_tick(
+        NAME,
+        tick_id=quote_id(symbol, quote_marker(ts), last, volume),
+        symbol=symbol,
+        kind="QUOTE",
+        price=last,
+        size=volume,
+        bid=optional_positive(data.get("iexBidPrice"), NAME, "iexBidPrice"),
+        ask=optional_positive(data.get("iexAskPrice"), NAME, "iexAskPrice"),
+        prev_close=optional_positive(data.get("previousClose"), NAME, "previousClose"),
+        currency="USD",
+        ts=ts,
+        received_at=received_at,
+        source=NAME,
+    )
 
 
 class IexConnector(HttpConnector):

@@ -40,13 +40,14 @@ from finstream.domain.marketdata import (
     optional_positive,
     optional_size,
     price,
+    provider_tick,
     quote_id,
     quote_marker,
     trade_id,
 )
 from finstream.domain.marketdata_failover import ProviderGate
 from finstream.domain.resilience import ProviderError
-from finstream.domain.ticks import Tick, TickValidationError, make_tick, normalize_symbol
+from finstream.domain.ticks import Tick, TickValidationError, normalize_symbol
 from finstream.domain.time import utcnow
 from finstream.runtime.logging import get_logger
 
@@ -124,23 +125,21 @@ def row_to_tick(row: Mapping[str, Any], received_at: datetime) -> Tick:
     else:
         tick_id = quote_id(symbol, ("bar:" if is_bar else "") + quote_marker(ts), last, size)
     currency = row.get("currency")
-    try:
-        return make_tick(
-            tick_id=tick_id,
-            symbol=symbol,
-            kind=kind,
-            price=last,
-            size=size,
-            bid=optional_positive(row.get("bid"), NAME, "bid"),
-            ask=optional_positive(row.get("ask"), NAME, "ask"),
-            prev_close=optional_positive(row.get("prev_close"), NAME, "prev_close"),
-            currency=str(currency).upper() if currency not in (None, "") else None,
-            ts=ts,
-            received_at=received_at,
-            source=NAME,
-        )
-    except TickValidationError as exc:
-        raise malformed(NAME, exc.detail, exc.reason) from None
+    return provider_tick(
+        NAME,
+        tick_id=tick_id,
+        symbol=symbol,
+        kind=kind,
+        price=last,
+        size=size,
+        bid=optional_positive(row.get("bid"), NAME, "bid"),
+        ask=optional_positive(row.get("ask"), NAME, "ask"),
+        prev_close=optional_positive(row.get("prev_close"), NAME, "prev_close"),
+        currency=str(currency).upper() if currency not in (None, "") else None,
+        ts=ts,
+        received_at=received_at,
+        source=NAME,
+    )
 
 
 def read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:

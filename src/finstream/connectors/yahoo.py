@@ -30,6 +30,7 @@ from finstream.domain.marketdata import (
     optional_positive,
     optional_size,
     price,
+    provider_tick,
     quote_id,
     quote_marker,
     require,
@@ -186,22 +187,20 @@ def parse_chart(body: bytes | str, symbol: str, received_at: datetime) -> list[T
         start = epoch_to_utc(stamp, NAME, "s", "timestamp")
         last = price(close, NAME, "close")
         size = optional_size(volume, NAME, "volume")
-        try:
-            ticks.append(
-                make_tick(
-                    tick_id=quote_id(symbol, f"bar{minutes}m:{quote_marker(start)}", last, size),
-                    symbol=symbol,
-                    kind="QUOTE",
-                    price=last,
-                    size=size,
-                    currency=currency,
-                    ts=min(start + width, received_at),
-                    received_at=received_at,
-                    source=NAME,
-                )
+        ticks.append(
+            provider_tick(
+                NAME,
+                tick_id=quote_id(symbol, f"bar{minutes}m:{quote_marker(start)}", last, size),
+                symbol=symbol,
+                kind="QUOTE",
+                price=last,
+                size=size,
+                currency=currency,
+                ts=min(start + width, received_at),
+                received_at=received_at,
+                source=NAME,
             )
-        except TickValidationError as exc:
-            raise malformed(NAME, exc.detail, exc.reason) from None
+        )
     return ticks
 
 

@@ -33,7 +33,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from finstream.domain.resilience import ErrorClass, ProviderError
-from finstream.domain.ticks import TickValidationError, to_decimal
+from finstream.domain.ticks import Tick, TickValidationError, make_tick, to_decimal
 
 EASTERN = ZoneInfo("America/New_York")
 # Far above any quote response; a bigger body is not what we asked for.
@@ -51,6 +51,15 @@ STREAM_NOT_READY = "stream_not_ready"  # a stream still (re)connecting; it keeps
 
 def malformed(provider: str, message: str, code: str = "malformed") -> ProviderError:
     return ProviderError(ErrorClass.MALFORMED, message, provider=provider, code=code)
+
+
+def provider_tick(provider: str, **fields: Any) -> Tick:
+    """``make_tick`` for a provider's values: what fails validation is the
+    provider's malformed answer (a classified ProviderError), never a tick."""
+    try:
+        return make_tick(**fields)
+    except TickValidationError as exc:
+        raise malformed(provider, exc.detail, exc.reason) from None
 
 
 def _reject_constant(name: str) -> Any:
