@@ -5,9 +5,7 @@
 #   docker run --rm --read-only -v /tmp -v /var/lib/finstream finstream worker quotes
 #
 # linux/amd64: every runtime dependency has a manylinux wheel for it (checked
-# with `uv pip compile --only-binary :all: --python-platform x86_64-manylinux_2_28`);
-# faust-streaming publishes no aarch64 wheel, so an arm64 image would need a
-# compiler in the build stage.
+# with `uv pip compile --only-binary :all: --python-platform x86_64-manylinux_2_28`).
 #
 # Base image: python:3.11-slim-bookworm, pinned by the digest that tag resolved
 # to in a public build log of 2026-09-05 (CPython 3.11.16), also pinned by an
@@ -53,15 +51,15 @@ COPY --chmod=0755 deploy/image/healthcheck.py /usr/local/bin/finstream-healthche
 
 # Read-only root filesystem: Python writes no bytecode (pip compiled it at
 # install), and everything finstream writes goes to /tmp or the state dir
-# (faust's tables, the dev API key pair), both volumes.
+# (the dev API key pair), both volumes. Stream roles keep their state in
+# memory, restored from changelog topics.
 ENV PATH=/opt/finstream/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     HOME=/var/lib/finstream \
     FINSTREAM_HTTP_HOST=0.0.0.0 \
     FINSTREAM_API_HOST=0.0.0.0 \
-    FINSTREAM_STACK_DIR=/var/lib/finstream/stack \
-    FINSTREAM_FAUST_DATA_DIR=/var/lib/finstream/faust
+    FINSTREAM_STACK_DIR=/var/lib/finstream/stack
 VOLUME ["/tmp", "/var/lib/finstream"]
 WORKDIR /var/lib/finstream
 USER 10001:10001

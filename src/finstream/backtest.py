@@ -220,7 +220,7 @@ class KafkaSource:
         as the live agent does (its rules live elsewhere)."""
         from confluent_kafka import Consumer, TopicPartition
 
-        from finstream.agents.alerts import symbol_partition
+        from finstream.domain.partitioning import key_partition
 
         consumer = Consumer(self._config())
         try:
@@ -241,7 +241,7 @@ class KafkaSource:
                         except DecodeError:
                             self.undecodable += 1
                             continue
-                        if symbol_partition(tick.symbol, partitions) != partition:
+                        if key_partition(tick.symbol.encode(), partitions) != partition:
                             self.misrouted += 1
                             continue
                         yield tick

@@ -2,7 +2,7 @@
 
 Core commands live here; each capability adds its command group in its own
 module and one line in ``_LAZY`` (loaded only when used, so `finstream stack
-status` does not pay for importing faust).
+status` does not pay for importing the stream roles).
 """
 
 from __future__ import annotations

@@ -117,10 +117,10 @@ def read_rules(settings: Settings, timeout: float = 15.0) -> dict[str, AlertRule
 
 
 def _publish(settings: Settings, items: list[tuple[str, bytes | None]]) -> None:
-    from finstream.runtime.kafka import AiokafkaPublisher
+    from finstream.runtime.kafka import KafkaPublisher
 
     async def go() -> None:
-        pub = AiokafkaPublisher(settings, "cli")
+        pub = KafkaPublisher(settings, "cli")
         await pub.start()
         try:
             for key, value in items:

@@ -121,18 +121,18 @@ async def _connect(
     from finstream.domain.resilience import ProviderError
     from finstream.domain.ticks import Tick
     from finstream.domain.time import utcnow
-    from finstream.runtime.kafka import AiokafkaPublisher
+    from finstream.runtime.kafka import KafkaPublisher
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    kafka: AiokafkaPublisher | None = None
+    kafka: KafkaPublisher | None = None
     out: TickOutput
     if dry_run:
         out = PrintOutput()
     else:
-        kafka = AiokafkaPublisher(settings, "connect")
+        kafka = KafkaPublisher(settings, "connect")
         await kafka.start()
         out = TickPublisher(default_codec(), kafka, settings.topic("md.ticks"))
     sink = TickSink(out, settings.md_dedupe_window)

@@ -336,7 +336,7 @@ def redrive_command(  # noqa: PLR0917 (click passes options positionally)
             {
                 "bootstrap.servers": settings.kafka_bootstrap,
                 "enable.idempotence": True,
-                # murmur2 like aiokafka and the Java clients: a redriven key must land
+                # murmur2 like the Java clients and every finstream producer: a redriven key must land
                 # on the partition its co-partitioned state lives on.
                 "partitioner": "murmur2_random",
                 "log_level": 3,

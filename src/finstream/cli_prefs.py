@@ -179,9 +179,9 @@ async def _current(settings: Settings, user: str) -> dict[str, Any] | None:
 
 
 async def _publish(settings: Settings, user: str, value: bytes | None) -> None:
-    from finstream.runtime.kafka import AiokafkaPublisher
+    from finstream.runtime.kafka import KafkaPublisher
 
-    pub = AiokafkaPublisher(settings, "cli")
+    pub = KafkaPublisher(settings, "cli")
     await pub.start()
     try:
         # Kafka's default (murmur2) partitioner, like every finstream producer.

@@ -86,6 +86,8 @@ class SchemaCatalog:
         self.current: dict[str, SchemaVersion] = {}
         self.by_fingerprint: dict[bytes, SchemaVersion] = {}
         self.history: dict[str, list[SchemaVersion]] = {}
+        # The 10-byte single-object header of every known schema: one lookup per decode.
+        self.by_header: dict[bytes, SchemaVersion] = {}
         for path in sorted(root.glob("*.avsc")):
             sv = _load(path, "current")
             self.current[sv.name] = sv
@@ -97,6 +99,7 @@ class SchemaCatalog:
                     sv = _load(path, path.stem)
                     self.history.setdefault(sv.name, []).append(sv)
                     self.by_fingerprint.setdefault(sv.fingerprint, sv)
+        self.by_header = {SINGLE_OBJECT_MAGIC + fp: sv for fp, sv in self.by_fingerprint.items()}
 
     def get(self, name: str) -> SchemaVersion:
         try:
@@ -195,8 +198,11 @@ class Codec:
             raise DecodeError(f"expected {reader.name}, got {writer.name}")
         buf = io.BytesIO(data)
         buf.seek(body_start)
+        # Schema resolution costs a third of a decode; data written with the
+        # current schema (nearly all of it) needs none.
+        resolve = None if writer is reader else reader.parsed
         try:
-            record = fastavro.schemaless_reader(buf, writer.parsed, reader.parsed)
+            record = fastavro.schemaless_reader(buf, writer.parsed, resolve)
         except Exception as exc:
             raise DecodeError(f"{reader.name}: corrupt body: {type(exc).__name__}: {exc}") from exc
         if buf.tell() != len(data):
@@ -206,6 +212,9 @@ class Codec:
         return record
 
     def _writer_for(self, data: bytes) -> tuple[SchemaVersion, int]:
+        known = self.catalog.by_header.get(data[:10])
+        if known is not None:
+            return known, 10
         if data[:2] == SINGLE_OBJECT_MAGIC:
             if len(data) < 10:
                 raise DecodeError("truncated single-object header")

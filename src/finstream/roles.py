@@ -16,8 +16,11 @@ from typing import Literal
 @dataclass(frozen=True)
 class RoleSpec:
     name: str
-    kind: Literal["faust", "service"]
-    target: str  # "module:function": register(app, ctx) for faust, run(ctx) for services
+    # stream: exactly-once on the stream engine with changelog-backed state;
+    # sink: the stream engine at least once, writing idempotently outside Kafka;
+    # service: no consumer group (sources, the API).
+    kind: Literal["stream", "sink", "service"]
+    target: str  # "module:function", an async run(ctx)
     inputs: tuple[str, ...]
     description: str
 
@@ -39,21 +42,21 @@ _ROLES = [
     ),
     RoleSpec(
         "quotes",
-        "faust",
-        "finstream.agents.quotes:register",
+        "stream",
+        "finstream.agents.quotes:run",
         ("md.ticks",),
-        "Latest quote per symbol in a faust table and the Redis quote cache.",
+        "Latest quote per symbol (Redis cache) and OHLCV bars to md.bars.1m, exactly once.",
     ),
     RoleSpec(
         "history",
-        "service",
+        "sink",
         "finstream.sinks.history:run",
         ("md.ticks",),
         "Writes ticks to PostgreSQL in idempotent batches.",
     ),
     RoleSpec(
         "router",
-        "service",
+        "stream",
         "finstream.agents.router:run",
         ("notify.requests", "notify.preferences"),
         "Routes notification requests by users' preferences (consent, quiet hours, caps, "
@@ -61,42 +64,42 @@ _ROLES = [
     ),
     RoleSpec(
         "audit",
-        "service",
+        "sink",
         "finstream.sinks.audit:run",
         ("audit.events",),
         "Hash-chains audit events into PostgreSQL (tamper-evident; `finstream audit verify`).",
     ),
     RoleSpec(
         "inapp",
-        "service",
+        "sink",
         "finstream.sinks.delivery.inapp:run",
         ("notify.outbound.inapp",),
         "Stores in-app messages in users' Redis inboxes.",
     ),
     RoleSpec(
         "delivery-email",
-        "service",
+        "sink",
         "finstream.sinks.delivery.worker:run_email",
         ("notify.outbound.email",),
         "Sends email through the provider chain (SendGrid, SES, SMTP) with retries and failover.",
     ),
     RoleSpec(
         "delivery-push",
-        "service",
+        "sink",
         "finstream.sinks.delivery.worker:run_push",
         ("notify.outbound.push",),
         "Sends push notifications (FCM, APNs); marks unregistered tokens in preferences.",
     ),
     RoleSpec(
         "delivery-sms",
-        "service",
+        "sink",
         "finstream.sinks.delivery.worker:run_sms",
         ("notify.outbound.sms",),
         "Sends SMS through Twilio; marks opted-out numbers in preferences.",
     ),
     RoleSpec(
         "statestore",
-        "service",
+        "sink",
         "finstream.sinks.statestore_role:run",
         ("alerts.rules", "notify.preferences"),
         "Keeps the Redis read models of alert rules and preferences current.",
@@ -110,15 +113,15 @@ _ROLES = [
     ),
     RoleSpec(
         "bars",
-        "service",
+        "sink",
         "finstream.sinks.bars:run",
         ("md.bars.1m",),
         "Stores bars in PostgreSQL (highest revision wins) and the latest ones in Redis.",
     ),
     RoleSpec(
         "alerts",
-        "faust",
-        "finstream.agents.alerts:register",
+        "stream",
+        "finstream.agents.alerts:run",
         ("md.ticks", "alerts.rules", "alerts.rules.by-symbol"),
         "Evaluates alert rules on ticks (co-partitioned by symbol); fires alerts.fired and notify.requests.",
     ),

@@ -4,7 +4,7 @@ Each field is read from ``FINSTREAM_<FIELD>`` (upper case). The defaults work
 with the local stack that ``finstream stack up`` starts, so a fresh checkout
 needs no configuration. Nothing outside this module reads ``os.environ``.
 
-``namespace`` prefixes every topic, consumer group, Redis key and faust app id.
+``namespace`` prefixes every topic, consumer group and Redis key.
 Tests use it to run side by side on one broker without seeing each other's
 data; operators can use it to run several environments on one cluster.
 """
@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     )
     database_url: SecretStr = SecretStr("postgresql://finstream:finstream@127.0.0.1:5432/finstream")
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    redis_timeout: float = Field(
+        default=5.0, gt=0, description="Seconds before a Redis connect or command gives up."
+    )
 
     # -- local stack (finstream stack up) ----------------------------------------
     stack_dir: Path = Field(default_factory=_default_stack_dir)
@@ -59,17 +62,45 @@ class Settings(BaseSettings):
     # -- worker runtime ------------------------------------------------------------
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8081, description="Health and metrics port of a worker.")
-    faust_store: str = "memory://"
-    faust_data_dir: Path | None = None
-    commit_interval: float = 1.0
+    # The stream engine (finstream.runtime.engine) under every consuming role.
+    # Latency against throughput: a transaction (exactly-once roles) or an
+    # offset commit (sinks) every commit_interval seconds. Outputs of
+    # exactly-once roles become visible to read_committed consumers only at
+    # that commit, so it bounds their latency; a longer interval amortizes the
+    # commit (a few milliseconds on a local broker) over more records. Batches
+    # are at most stream_batch_size records, waiting at most
+    # stream_batch_wait_ms to fill: a partial batch is processed as soon as
+    # the wait is over, so the wait bounds the latency added at low rates.
+    commit_interval: float = Field(
+        default=0.1, gt=0, description="Seconds between commits (transactions) of stream roles."
+    )
+    stream_batch_size: int = Field(default=5000, gt=0, description="Records per batch, at most.")
+    stream_batch_wait_ms: int = Field(
+        default=20, ge=0, description="Longest wait for a batch to fill."
+    )
+    stream_transaction_timeout_ms: int = Field(
+        default=10_000,
+        ge=1000,
+        description="How long the broker keeps a dead worker's open transaction before aborting it.",
+    )
+    instance_id: str | None = Field(
+        default=None,
+        pattern=r"^[a-zA-Z0-9._-]+$",
+        description="Stable identity of this replica (the pod name): its transactional id is "
+        "<group>-<instance_id>, so a restarted replica fences its predecessor at once. "
+        "Unique per live replica; unset, a random id per process.",
+    )
+    kafka_linger_ms: float = Field(
+        default=5.0, ge=0, description="Producers wait this long to batch records."
+    )
     consumer_session_timeout: float = Field(
         default=30.0,
         ge=6.0,
-        description="Seconds before a silent consumer loses its partitions (service roles); "
+        description="Seconds before a silent consumer loses its partitions; "
         "the broker's group.min.session.timeout.ms is 6 s.",
     )
     internal_topic_replication: int = Field(
-        default=1, description="Replication of faust's changelog and repartition topics."
+        default=1, description="Replication of the stream roles' changelog topics."
     )
 
     # -- market data -------------------------------------------------------------
@@ -330,7 +361,7 @@ class Settings(BaseSettings):
         description="SendGrid Event Webhook verification key (base64 DER or PEM, ECDSA P-256).",
     )
 
-    @field_validator("stack_dir", "faust_data_dir", mode="after")
+    @field_validator("stack_dir", mode="after")
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
         return value.expanduser().resolve() if value is not None else None

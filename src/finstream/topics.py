@@ -11,12 +11,21 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from finstream.domain.partitioning import key_partition
 from finstream.resources import resource
 
 
@@ -49,12 +58,24 @@ class TopicSpec(BaseModel):
     retention_ms: int = Field(default=604_800_000, ge=-1)
     key: str
     value_schema: str
+    type: str = Field(
+        default="record",
+        description="What a consumer receives, decoded and validated: a name in CONTRACT_TYPES.",
+    )
     config: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("config", mode="before")
     @classmethod
     def _stringify(cls, value: Any) -> Any:
         return _config_strings(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_type(cls, data: Any) -> Any:
+        # Without a type, a topic's consumers get the Avro record as is (raw: the bytes).
+        if isinstance(data, dict) and "type" not in data:
+            return {**data, "type": "raw" if data.get("value_schema") == "raw" else "record"}
+        return data
 
     def configs(self, replication_factor: int | None = None) -> dict[str, str]:
         """Every topic config we manage, as the broker names them.
@@ -136,6 +157,12 @@ def parse_catalogue(text: str, schemas: set[str] | None = None) -> Catalogue:
             raise CatalogueError(
                 f"topics.yaml {label}: value_schema {spec.value_schema!r} has no schemas/*.avsc"
             )
+        if spec.type not in CONTRACT_TYPES:
+            raise CatalogueError(
+                f"topics.yaml {label}: type {spec.type!r} is not one of {sorted(CONTRACT_TYPES)}"
+            )
+        if (spec.type == "raw") != (spec.value_schema == "raw"):
+            raise CatalogueError(f"topics.yaml {label}: type raw goes with value_schema raw only")
         seen.add(spec.name)
         topics.append(spec)
     return Catalogue(tuple(topics))
@@ -152,6 +179,109 @@ def load_catalogue(path: Path | None = None) -> Catalogue:
     path = path or resource("topics.yaml")
     schemas = {p.stem for p in resource("schemas").glob("*.avsc")}
     return parse_catalogue(path.read_text(), schemas)
+
+
+# -- contracts: what each topic carries, decoded once at the edge ----------------
+
+
+@dataclass(frozen=True)
+class DecodeContext:
+    """What validation needs beyond the bytes: the time, and how far ahead a tick may be."""
+
+    now: datetime
+    tick_max_future: timedelta = timedelta(minutes=5)
+
+
+def _tick(record: dict[str, Any], ctx: DecodeContext) -> Any:
+    from finstream.domain.ticks import Tick, validate_tick
+
+    return validate_tick(Tick.from_record(record), ctx.now, ctx.tick_max_future)
+
+
+def _bar(record: dict[str, Any], ctx: DecodeContext) -> Any:
+    from finstream.domain.bars import Bar, validate_bar
+
+    return validate_bar(Bar.from_record(record))
+
+
+def _rule(record: dict[str, Any], ctx: DecodeContext) -> Any:
+    from finstream.domain.alerts import AlertRule, validate_rule
+
+    return validate_rule(AlertRule.from_record(record))
+
+
+def _request(record: dict[str, Any], ctx: DecodeContext) -> Any:
+    from finstream.domain.routing import Request
+
+    return Request.from_record(record)
+
+
+def _preferences(record: dict[str, Any], ctx: DecodeContext) -> Any:
+    from finstream.domain.preferences import Preferences
+
+    return Preferences.from_record(record)
+
+
+def _record(record: dict[str, Any], ctx: DecodeContext) -> Any:
+    return record
+
+
+# A topic's ``type``: how its decoded Avro record becomes what consumers get.
+# Each converter validates; a ValueError (DecodeError, TickValidationError,
+# InvalidRequest, ...) makes the message a dead letter with that reason.
+CONTRACT_TYPES: dict[str, Any] = {
+    "Tick": _tick,
+    "Bar": _bar,
+    "AlertRule": _rule,
+    "Request": _request,
+    "Preferences": _preferences,
+    "record": _record,
+    "raw": None,
+}
+
+
+@dataclass(frozen=True)
+class Contract:
+    """One catalogue topic as its producers and consumers see it.
+
+    ``name`` is the namespaced topic name; ``decode`` turns a value into the
+    validated domain object of the topic's ``type`` (raising ValueError, with
+    the reason, for anything else); ``partition`` places a key as Kafka's
+    default partitioner does.
+    """
+
+    spec: TopicSpec
+    name: str
+    codec: Any
+
+    @property
+    def schema(self) -> str:
+        return self.spec.value_schema
+
+    @property
+    def partitions(self) -> int:
+        return self.spec.partitions
+
+    def decode(self, value: bytes | None, ctx: DecodeContext) -> Any:
+        convert = CONTRACT_TYPES[self.spec.type]
+        if convert is None:
+            return value
+        return convert(self.codec.decode(value, self.spec.value_schema), ctx)
+
+    def encode(self, record: Mapping[str, Any]) -> bytes:
+        return bytes(self.codec.encode(self.spec.value_schema, record))
+
+    def partition(self, key: bytes) -> int:
+        return key_partition(key, self.spec.partitions)
+
+
+def contract(name: str, namespace: str = "", codec: Any = None) -> Contract:
+    """The contract of catalogue topic ``name`` (un-namespaced), named within ``namespace``."""
+    if codec is None:
+        from finstream.codec import default_codec
+
+        codec = default_codec()
+    return Contract(load_catalogue().get(name), f"{namespace}{name}", codec)
 
 
 # -- planning ------------------------------------------------------------------

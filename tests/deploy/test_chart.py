@@ -321,7 +321,7 @@ def worker_entry(name: str) -> str:
         f"  {name}:\n    enabled: true\n    kind: {spec.kind}\n"
         f"    inputs: [{', '.join(spec.inputs)}]\n"
         f"    description: {json.dumps(spec.description)}\n    scaling: {scaling}\n"
-        f"    replicas: 1\n    startupSeconds: {300 if spec.kind == 'faust' else 60}\n"
+        f"    replicas: 1\n    startupSeconds: {300 if spec.kind == 'stream' else 60}\n"
         "    resources:\n      requests: {cpu: 100m, memory: 192Mi}\n"
         "      limits: {cpu: 500m, memory: 384Mi}\n"
         f"    autoscaling: {autoscaling}\n    env: {{}}\n"
@@ -458,8 +458,8 @@ def test_workers_have_probes_budgets_and_graceful_stop(renders: dict[str, Render
             assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
             assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
             budget = c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"]
-            if ROLES[role].kind == "faust":
-                assert budget >= 120, f"{name}: {budget}s to recover tables"
+            if ROLES[role].kind == "stream":
+                assert budget >= 120, f"{name}: {budget}s to restore state"
             assert pod["terminationGracePeriodSeconds"] >= 30
             assert name in services
             if render.name != "dev":
@@ -468,7 +468,11 @@ def test_workers_have_probes_budgets_and_graceful_stop(renders: dict[str, Render
                 assert keys == {"topology.kubernetes.io/zone", "kubernetes.io/hostname"}
             env = {e["name"]: e for e in c["env"]}
             assert env["FINSTREAM_HTTP_HOST"]["value"] == "0.0.0.0"
-            assert env["FINSTREAM_FAUST_DATA_DIR"]["value"].startswith("/var/lib/finstream")
+            # Each replica's transactional id is its pod name (a restarted
+            # container fences its predecessor at once).
+            assert env["FINSTREAM_INSTANCE_ID"]["valueFrom"]["fieldRef"] == {
+                "fieldPath": "metadata.name"
+            }
 
 
 def test_network_policy_limits_ingress_to_metrics_and_api(renders: dict[str, Render]) -> None:

@@ -135,7 +135,7 @@ def test_base_image_pinned_and_runtime_hardened() -> None:
     volumes = json.loads(next(rest for w, rest in runtime if w == "VOLUME"))
     assert set(volumes) == {"/tmp", "/var/lib/finstream"}
     env = " ".join(rest for w, rest in runtime if w == "ENV")
-    assert "FINSTREAM_FAUST_DATA_DIR=/var/lib/finstream/" in env
+    assert "FINSTREAM_STACK_DIR=/var/lib/finstream/" in env
     assert "PYTHONDONTWRITEBYTECODE=1" in env
     build = dict(all_stages)["build"]
     run = " ".join(rest for w, rest in build if w == "RUN")

@@ -1,12 +1,12 @@
 """SIGKILL the alerts worker mid-stream: after a restart every expected alert has
-fired, under its one deterministic id, and nothing else has."""
+fired exactly once (read_committed), under its one deterministic id, and
+nothing else has."""
 
 from __future__ import annotations
 
 import itertools
 import json
 import re
-import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -20,7 +20,7 @@ from finstream.backtest import Backtest
 from finstream.domain.alerts import AlertRule, parse_rule
 from finstream.domain.bars import parse_interval
 from finstream.domain.simulation import GbmMarket
-from tests.support.services import TestEnv, WorkerProcess, wait_until
+from tests.support.services import TestEnv, WorkerProcess, group_caught_up, wait_until
 
 SYMBOLS = ["AAPL", "MSFT", "NVDA", "TSLA", "JPM", "META"]
 TOTAL = 24_000
@@ -66,7 +66,7 @@ def rules_for(symbol: str, prices: list[Decimal]) -> list[AlertRule]:
 
 
 def producer(env: TestEnv) -> Producer:
-    # Kafka's default partitioner, as every finstream producer (aiokafka) uses.
+    # Kafka's default partitioner, as every finstream producer uses.
     return Producer(
         {
             "bootstrap.servers": env.settings.kafka_bootstrap,
@@ -89,25 +89,6 @@ def fired_so_far(worker: WorkerProcess) -> int:
             for v in re.findall(r"^finstream_alerts_fired_total\{[^}]*\} (\S+)$", text, re.M)
         )
     )
-
-
-def committed_offsets(env: TestEnv) -> dict[int, int]:
-    """The alerts group's committed md.ticks offsets (-1001: none yet)."""
-    from confluent_kafka import Consumer, TopicPartition
-
-    c = Consumer(
-        {
-            "bootstrap.servers": env.settings.kafka_bootstrap,
-            "group.id": env.settings.group("alerts"),
-            "enable.auto.commit": False,
-            "log_level": 3,
-        }
-    )
-    try:
-        tps = [TopicPartition(env.topic("md.ticks"), p) for p in range(6)]
-        return {tp.partition: tp.offset for tp in c.committed(tps, timeout=10)}
-    finally:
-        c.close()
 
 
 def rules_loaded(env: TestEnv, expected: int) -> bool:
@@ -141,7 +122,8 @@ def test_alerts_worker_killed_mid_stream_fires_each_alert_exactly_once(
             value=env.codec.encode("AlertRule", r.to_record()),
         )
     assert p.flush(30) == 0
-    first = WorkerProcess(env, "alerts", log_dir, consumer_session_timeout="8").start()
+    settings = {"consumer_session_timeout": "8", "instance_id": "alerts-0"}
+    first = WorkerProcess(env, "alerts", log_dir, **settings).start()
     wait_until(lambda: rules_loaded(env, len(rules)), timeout=90, message="rules loaded")
     for t in ticks:
         p.produce(
@@ -159,38 +141,26 @@ def test_alerts_worker_killed_mid_stream_fires_each_alert_exactly_once(
         message="firings under way",
     )
     first.kill()
-    committed = committed_offsets(env)
-    at_kill = len({m.value() for m in env.consume_all("alerts.fired", timeout=10)})
+    at_kill = len(env.consume_all("alerts.fired", timeout=10))
     assert at_kill < len(expected), "the worker finished before the kill; raise TOTAL"
 
-    second = WorkerProcess(env, "alerts", log_dir, consumer_session_timeout="8").start()
+    second = WorkerProcess(env, "alerts", log_dir, **settings).start()
     try:
-
-        def all_fired() -> list[dict[str, Any]] | None:
-            msgs = env.decode_all("alerts.fired", "AlertFired", timeout=10)
-            return msgs if {m["fired_id"] for m in msgs} >= set(expected) else None
-
-        fired = wait_until(all_fired, timeout=180, interval=1.0, message="every expected firing")
-        time.sleep(2.0)  # anything extra would show up now
-        fired = env.decode_all("alerts.fired", "AlertFired", timeout=10)
+        wait_until(
+            lambda: group_caught_up(env, env.settings.group("alerts"), ["md.ticks"]),
+            timeout=180,
+            interval=1.0,
+            message="alerts caught up with md.ticks",
+        )
     finally:
         second.stop()
 
+    fired = env.decode_all("alerts.fired", "AlertFired", timeout=10)
     got = Counter(m["fired_id"] for m in fired)
-    # Exactly the expected alerts: none missing, none extra, no alert under two ids.
+    # Exactly the expected alerts, each once: none missing, none extra, none repeated.
     assert set(got) == set(expected)
-    # A repeat can only come from a tick the restarted worker read again because
-    # its offset was not committed yet, and carries the same ids, which
-    # downstream consumers deduplicate (the router by request_id).
-    where = {
-        env.codec.decode(m.value(), "Tick")["tick_id"]: (m.partition(), m.offset())
-        for m in env.consume_all("md.ticks", timeout=10)
-    }
-    by_id = {f.fired_id: f for f in backtest.firings}
-    for fid, n in got.items():
-        if n > 1:
-            partition, offset = where[by_id[fid].tick_id]
-            assert offset >= committed[partition], (fid, partition, offset, committed)
-    requests = env.decode_all("notify.requests", "NotificationRequest", min_count=len(fired))
-    assert {r["request_id"] for r in requests} == {"alert-" + f[2:] for f in expected}
-    assert len(requests) == len(fired)
+    assert set(got.values()) == {1}
+    requests = env.decode_all("notify.requests", "NotificationRequest", timeout=10)
+    per_request = Counter(r["request_id"] for r in requests)
+    assert set(per_request) == {"alert-" + f[2:] for f in expected}
+    assert set(per_request.values()) == {1}

@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 from confluent_kafka import Producer
 
-from finstream.agents.alerts import symbol_partition
 from finstream.codec import Codec
 from finstream.domain.alerts import AlertRule, parse_rule
 from finstream.domain.deadletter import H_ERROR_CLASS, H_ERROR_MESSAGE, parse_headers
+from finstream.domain.partitioning import key_partition
 from finstream.domain.ticks import make_tick
 from tests.support.services import TestEnv, WorkerProcess, wait_until
 
@@ -32,7 +32,7 @@ CODEC = Codec()
 
 
 def kafka_producer(env: TestEnv) -> Producer:
-    # Kafka's default (Java, aiokafka) partitioner; librdkafka's default differs.
+    # Kafka's default (Java client's) partitioner; librdkafka's default differs.
     return Producer(
         {
             "bootstrap.servers": env.settings.kafka_bootstrap,
@@ -169,7 +169,7 @@ def test_rules_ticks_firings_and_the_same_firings_from_a_backtest(
     ccc = ticks_for("CCC", ["5", "6"], T0, 5, "x")
     send(env, "md.ticks", [(k, v) for k, v, _ in aaa + bbb + ccc])
     # Bad input must not stall anything: garbage, and a tick on the wrong partition.
-    wrong = (symbol_partition("AAA", PARTITIONS) + 1) % PARTITIONS
+    wrong = (key_partition(b"AAA", PARTITIONS) + 1) % PARTITIONS
     stray = ticks_for("AAA", ["50"], T0 + timedelta(minutes=3), 1, "stray")
     send(env, "md.ticks", [(b"AAA", b"\xc3\x01garbage")])
     send(env, "md.ticks", [(k, v) for k, v, _ in stray], partition=wrong)

@@ -26,12 +26,14 @@ from finstream.codec import Codec
 from finstream.domain.deadletter import parse_headers
 from finstream.domain.resilience import RateLimiter
 from finstream.domain.time import utcnow
-from finstream.runtime.consumer import BatchConsumer
-from finstream.runtime.kafka import AiokafkaPublisher
+from finstream.runtime.engine import StreamEngine
+from finstream.runtime.health import HealthServer
+from finstream.runtime.kafka import KafkaPublisher
 from finstream.settings import Settings
 from finstream.sinks.delivery import metrics as m
 from finstream.sinks.delivery.base import CHANNEL_TOPICS, build_chain
 from finstream.sinks.delivery.engine import Breaker, DeliveryEngine
+from finstream.sinks.delivery.worker import Intake
 from finstream.sinks.redis_client import connect
 from finstream.sinks.state_store import PreferencesStore
 from tests.fakes.delivery.kit import DeliveryFakes
@@ -141,11 +143,12 @@ async def rig(env: TestEnv, fakes: DeliveryFakes) -> AsyncIterator[Rig]:
         settings.database_url.get_secret_value(), min_size=2, max_size=40
     )
     redis = connect(settings)
-    publisher = AiokafkaPublisher(settings, "delivery-test")
+    publisher = KafkaPublisher(settings, "delivery-test")
     await publisher.start()
     rig = Rig(env, settings, fakes, pool, redis)
     stop = asyncio.Event()
     tasks = []
+    healths: list[HealthServer] = []
     for channel in ("EMAIL", "PUSH", "SMS", "INAPP"):
         role = f"delivery-{channel.lower()}"
         engine = DeliveryEngine(
@@ -159,20 +162,23 @@ async def rig(env: TestEnv, fakes: DeliveryFakes) -> AsyncIterator[Rig]:
             publisher=publisher,
         )
         rig.engines[channel] = engine
-        consumer = BatchConsumer(
+        health = HealthServer(role, "127.0.0.1", 0)
+        healths.append(health)
+        consumer = StreamEngine(
             settings,
             role,
-            [settings.topic(CHANNEL_TOPICS[channel])],
-            engine.intake,
-            publisher=publisher,
+            [CHANNEL_TOPICS[channel]],
+            Intake(engine, publisher),
+            health,
+            guarantee="at_least_once",
             batch_size=100,
-            batch_ms=50,
+            batch_wait=0.05,
         )
         tasks.append(asyncio.create_task(consumer.run(stop)))
         tasks.append(asyncio.create_task(engine.run(stop)))
     try:
         # Consumers are assigned and reading before the first test produces.
-        await asyncio.sleep(0.5)
+        await eventually(lambda: _all_ready(healths), 60, "delivery consumers assigned")
         yield rig
     finally:
         stop.set()
@@ -180,6 +186,10 @@ async def rig(env: TestEnv, fakes: DeliveryFakes) -> AsyncIterator[Rig]:
         await publisher.stop()
         await redis.aclose()
         await pool.close()
+
+
+async def _all_ready(healths: list[HealthServer]) -> bool:
+    return all(h.readiness()[0] for h in healths)
 
 
 def outbound(channel: str, recipient: str, **over: Any) -> dict[str, Any]:

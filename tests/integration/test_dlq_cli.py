@@ -7,9 +7,8 @@ import subprocess
 import sys
 from datetime import UTC, datetime
 
-from aiokafka.partitioner import DefaultPartitioner
-
 from finstream.domain.deadletter import DeadLetter
+from finstream.domain.partitioning import key_partition
 from tests.support.services import TestEnv
 
 
@@ -49,6 +48,6 @@ def test_redrive_keeps_co_partitioning_and_refuses_non_topics(env: TestEnv) -> N
     assert "12 redriven, 1 skipped" in result.stdout
 
     partitions = list(range(6))
-    expected = {key: DefaultPartitioner()(key, partitions, partitions) for key in keys}
+    expected = {key: key_partition(key, len(partitions)) for key in keys}
     redriven = env.consume_all("notify.requests", min_count=12, timeout=30)
     assert {m.key(): m.partition() for m in redriven} == expected

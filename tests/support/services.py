@@ -24,7 +24,7 @@ from urllib.parse import urlparse, urlunparse
 
 import asyncpg
 import httpx
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from finstream.codec import Codec
@@ -115,7 +115,7 @@ class TestEnv:
 
     # -- Kafka --------------------------------------------------------------------
     def producer(self) -> Producer:
-        # murmur2: the partitioner of aiokafka and the Java clients, so test keys
+        # murmur2: the partitioner of the Java clients and of finstream's producers, so test keys
         # land on the partitions finstream's own producers would choose.
         return Producer(
             {
@@ -144,50 +144,52 @@ class TestEnv:
     ) -> None:
         self.produce(name, [(k.encode(), self.codec.encode(schema, r)) for k, r in records])
 
-    def consume_all(self, name: str, timeout: float = 10.0, min_count: int = 0) -> list[Any]:
-        """Every message of a topic from the beginning (waits for at least min_count)."""
+    def consume_all(
+        self,
+        name: str,
+        timeout: float = 10.0,
+        min_count: int = 0,
+        isolation: str = "read_committed",
+    ) -> list[Any]:
+        """Every message of a topic from the beginning, as a downstream consumer sees
+        it (read_committed: committed transactions only; waits up to ``timeout`` for
+        at least ``min_count``; returns as soon as that many and the end are reached)."""
         c = Consumer(
             {
                 "bootstrap.servers": self.settings.kafka_bootstrap,
                 "group.id": f"test-reader-{uuid.uuid4().hex}",
                 "auto.offset.reset": "earliest",
                 "enable.auto.commit": False,
+                "isolation.level": isolation,
+                # The end of a transactional partition is a commit marker, not a
+                # message: librdkafka says when it reaches the end.
+                "enable.partition.eof": True,
                 "log_level": 3,
             }
         )
         topic = self.topic(name)
         md = c.list_topics(topic, timeout=10)
-        parts = md.topics[topic].partitions
-        tps = [TopicPartition(topic, p, 0) for p in parts]
-        highs = {}
-        for tp in tps:
-            _low, high = c.get_watermark_offsets(tp, timeout=10)
-            highs[tp.partition] = high
-        c.assign(tps)
+        parts = list(md.topics[topic].partitions)
+        c.assign([TopicPartition(topic, p, 0) for p in parts])
         out: list[Any] = []
+        at_end: set[int] = set()
         deadline = time.monotonic() + timeout
-        done = {p for p, h in highs.items() if h == 0}
-        while time.monotonic() < deadline:
-            msg = c.poll(0.2)
-            if msg is None:
-                if len(done) == len(highs) and len(out) >= min_count:
+        try:
+            while time.monotonic() < deadline:
+                if len(at_end) == len(parts) and len(out) >= min_count:
                     break
-                if len(out) >= min_count and len(done) == len(highs):
-                    break
-                # Refresh watermarks when waiting for more.
-                if len(out) < min_count:
-                    for tp in tps:
-                        _low, high = c.get_watermark_offsets(tp, timeout=5)
-                        if high > highs[tp.partition]:
-                            highs[tp.partition] = high
-                            done.discard(tp.partition)
-                continue
-            if msg.error():
-                continue
-            out.append(msg)
-            if msg.offset() + 1 >= highs[msg.partition()]:
-                done.add(msg.partition())
-        c.close()
+                msg = c.poll(0.2)
+                if msg is None:
+                    continue
+                err = msg.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        at_end.add(msg.partition())
+                    continue
+                at_end.discard(msg.partition())
+                out.append(msg)
+        finally:
+            c.close()
         return out
 
     def decode_all(self, name: str, schema: str, **kwargs: Any) -> list[dict[str, Any]]:
@@ -203,6 +205,63 @@ class TestEnv:
                 await conn.close()
 
         return asyncio.run(go())
+
+
+def group_caught_up(env: TestEnv, group: str, names: list[str]) -> bool:
+    """The group has committed every partition of these topics up to its end."""
+    c = Consumer(
+        {
+            "bootstrap.servers": env.settings.kafka_bootstrap,
+            "group.id": group,
+            "enable.auto.commit": False,
+            "isolation.level": "read_uncommitted",
+            "log_level": 3,
+        }
+    )
+    try:
+        for name in names:
+            topic = env.topic(name)
+            parts = c.list_topics(topic, timeout=10).topics[topic].partitions
+            tps = [TopicPartition(topic, p) for p in parts]
+            for tp in c.committed(tps, timeout=10):
+                _low, high = c.get_watermark_offsets(tp, timeout=10)
+                if high > 0 and tp.offset < high:
+                    return False
+        return True
+    finally:
+        c.close()
+
+
+def committed_count(env: TestEnv, group: str, name: str) -> int:
+    """How many records of a topic the group has committed (sum of committed offsets)."""
+    c = Consumer(
+        {
+            "bootstrap.servers": env.settings.kafka_bootstrap,
+            "group.id": group,
+            "enable.auto.commit": False,
+            "log_level": 3,
+        }
+    )
+    try:
+        topic = env.topic(name)
+        parts = c.list_topics(topic, timeout=10).topics[topic].partitions
+        committed = c.committed([TopicPartition(topic, p) for p in parts], timeout=10)
+        return sum(max(tp.offset, 0) for tp in committed)
+    finally:
+        c.close()
+
+
+def metric_value(worker: WorkerProcess, name: str) -> float:
+    """The sum of a metric family's samples (every label) on a worker's /metrics; 0 if down."""
+    try:
+        text = worker.metrics()
+    except httpx.HTTPError:
+        return 0.0
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and line[len(name) : len(name) + 1] in ("{", " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 def create_env(base: Settings, label: str = "t") -> TestEnv:

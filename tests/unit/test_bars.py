@@ -211,3 +211,22 @@ def test_validate_bar_refuses_inconsistent_bars() -> None:
     ):
         with pytest.raises(BarValidationError):
             validate_bar(bad)
+
+
+def test_a_tick_resent_within_the_window_counts_once_and_beyond_it_again() -> None:
+    from finstream.domain.bars import DEDUPE_WINDOW
+
+    first = tick(0, "10", T0)
+    state = add_tick(BarState(), first, M1, timedelta(0)).state
+    for i in range(1, DEDUPE_WINDOW):
+        state = add_tick(
+            state, tick(i, "10", T0 + timedelta(milliseconds=i)), M1, timedelta(0)
+        ).state
+    assert add_tick(state, first, M1, timedelta(0)).duplicate
+    state = add_tick(
+        state, tick(DEDUPE_WINDOW, "10", T0 + timedelta(seconds=1)), M1, timedelta(0)
+    ).state
+    # 128 newer ticks since: the first one's fingerprint has left the window.
+    again = add_tick(state, first, M1, timedelta(0))
+    assert not again.duplicate
+    assert again.state.bars[0].trades == DEDUPE_WINDOW + 2

@@ -85,7 +85,6 @@ rolls pods for nothing), then the Secret references. */}}
   "FINSTREAM_HTTP_PORT" (toString $root.Values.workerPort)
   "FINSTREAM_API_HOST" "0.0.0.0"
   "FINSTREAM_STACK_DIR" "/var/lib/finstream/stack"
-  "FINSTREAM_FAUST_DATA_DIR" "/var/lib/finstream/faust"
 }}
 {{- if $c.schemaRegistryUrl }}
 {{- $_ := set $env "FINSTREAM_SCHEMA_REGISTRY_URL" $c.schemaRegistryUrl }}
@@ -98,6 +97,11 @@ rolls pods for nothing), then the Secret references. */}}
 - name: {{ $name }}
   value: {{ index $env $name | toString | quote }}
 {{- end }}
+{{- /* A replica's transactional id: a restarted container fences its predecessor at once. */}}
+- name: FINSTREAM_INSTANCE_ID
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
 {{- range $name := keys $root.Values.secrets.env | sortAlpha }}
 {{- $ref := index $root.Values.secrets.env $name }}
 - name: {{ $name }}

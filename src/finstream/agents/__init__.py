@@ -1,1 +1,1 @@
-"""faust agents: thin glue from topics to domain/ and sinks/."""
+"""Stream roles: one module per role, thin wiring of topics to domain/ and sinks/ on the stream engine."""

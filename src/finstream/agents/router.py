@@ -1,69 +1,52 @@
-"""Router: notify.requests + notify.preferences -> notify.outbound.<channel> and audit.events.
+"""Router role: notify.requests + notify.preferences -> notify.outbound.<channel> and audit.events.
 
-One consumer (group ``<namespace>finstream-router``) reads both topics, keyed
-by user id and co-partitioned (range assignment: partition p of both topics
-goes to the same replica), in batches. Per user it keeps, in changelog-backed
-stores (:mod:`finstream.agents.router_state`):
+Runs on the stream engine, exactly once. Both inputs are keyed by user id and
+co-partitioned (range assignment gives partition p of both topics to one
+replica). Per user it keeps three stores, restored from their changelogs
+before a partition is routed:
 
-* ``prefs``  the latest UserPreferences (Avro bytes);
+* ``prefs``  the latest UserPreferences (its Avro bytes, decoded on first use);
 * ``state``  dedupe ids, collapse windows, the send log for caps (JSON);
 * ``holds``  held requests and open digests, released by time (JSON).
 
 Each request goes through :func:`finstream.domain.routing.decide`; the
 decision is rendered (:mod:`finstream.domain.templates`), published as one
 OutboundMessage per channel and contact, and audited on ``audit.events``.
+Outputs, dead letters, the stores' changelogs and the input offsets commit in
+one Kafka transaction, so a replica killed anywhere comes back with the state
+of its last commit and routes what followed again; what it had published
+since was aborted and is never seen by read_committed consumers. The release
+of held requests and digests (every ``router_tick_seconds``) runs between
+batches, in the same transactions.
+
 Consuming a preferences record also updates the Redis read model
-(:class:`~finstream.sinks.state_store.PreferencesStore`).
+(:class:`~finstream.sinks.state_store.PreferencesStore`), before the commit.
 
-Exactly once, as far as the user can tell. A batch goes: publish its outputs
-(messages, audit events, dead letters) and wait for the broker; then write
-its state changes to the changelogs and wait; then commit the input offsets.
-A crash before the outputs land re-routes the batch; a crash after them but
-before the state re-publishes messages with the same ``message_id``
-(request, channel, contact), which the delivery workers send once; a crash
-after the state only finds duplicates. The release timer (holds and digests)
-runs under the same lock, in the same order.
+Co-partitioning: state lives in the partition that Kafka's default (murmur2)
+partitioner gives the user id. A record that arrives on another partition
+(its producer used another partitioner, e.g. librdkafka's default crc32) is
+forwarded once, in the transaction, to its home partition and handled there.
 
-Co-partitioning: state lives in the changelog partition that Kafka's
-default (murmur2) partitioner gives the user id. A record that arrives on
-another partition (its producer used another partitioner, e.g. librdkafka's
-default crc32) is forwarded once to its home partition and handled there.
-
-Why not a faust agent and faust tables (the foundation's router was one):
-in the SIGKILL-and-restart test, faust-streaming 0.15.3's consumer, right
-after table recovery, handed the agent offset 193 after offset 127 on every
-partition at once (same generation), and its gap tracking then committed
-past the records it never delivered: requests were lost (faust-streaming
-issues #216 "Recovery ... resumes from kafka before seeking to committed
-offsets" and #606 "Wrong offset commit in case of gaps" describe the same
-class of bug). A plain aiokafka consumer that commits after the batch is
-done has no such path. The role still detects skipped offsets
-(``finstream_router_skipped_offsets_total``), which must stay 0.
-
-Nothing escapes a batch: undecodable or invalid input, a template that
-cannot render (a missing variable) and any unexpected error become dead
-letters with the reason (and, for requests, a ``dropped`` audit event).
+Nothing escapes a batch: undecodable or invalid input (the engine's
+contracts), a template that cannot render (a missing variable) and any
+unexpected error become dead letters with the reason (and, for requests, a
+``dropped`` audit event).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.coordinator.assignors.range import RangePartitionAssignor
-from aiokafka.errors import CommitFailedError, RebalanceInProgressError
 from prometheus_client import Counter, Gauge, Histogram
 
-from finstream.agents.router_state import ChangelogStore, ensure_changelogs, key_partition, restore
 from finstream.agents.scheduler import DueIndex
-from finstream.codec import DecodeError, EncodeError
+from finstream.codec import Codec, DecodeError, EncodeError
 from finstream.domain import digest as digest_
+from finstream.domain.partitioning import key_partition
 from finstream.domain.preferences import CHANNELS, Preferences
 from finstream.domain.resilience import Backoff
 from finstream.domain.routing import (
@@ -91,13 +74,13 @@ from finstream.domain.templates import (
 )
 from finstream.domain.time import from_micros, to_micros, utcnow
 from finstream.resources import resource
-from finstream.runtime.consumer import consumer_config
-from finstream.runtime.kafka import AiokafkaPublisher, DeadLetters, correlation_header
+from finstream.runtime.engine import Event, Output, Processor, StreamEngine
+from finstream.runtime.kafka import correlation_header
 from finstream.runtime.logging import correlation, correlation_from_headers, get_logger
-from finstream.runtime.metrics import CONSUMER_LAG, EVENTS_IN, PROCESSING_SECONDS
+from finstream.runtime.state import Store
 from finstream.runtime.worker import ServiceContext
 from finstream.settings import Settings
-from finstream.topics import load_catalogue
+from finstream.topics import contract
 
 log = get_logger(__name__)
 
@@ -114,20 +97,10 @@ RELEASE_DELAY = Histogram(
     "How late a hold or digest was released after its due time",
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5),
 )
-PUBLISH_RETRIES = Counter(
-    "finstream_router_publish_retries_total", "Batches whose outputs had to be published again"
+READ_MODEL_ERRORS = Counter(
+    "finstream_router_read_model_errors_total",
+    "Preferences the Redis read model could not take (dead-lettered for redrive)",
 )
-
-SKIPPED_OFFSETS = Counter(
-    "finstream_router_skipped_offsets_total",
-    "Offsets of notify.requests the consumer jumped over (should stay 0; see Router._track)",
-    ["partition"],
-)
-STATE_ERRORS = Counter(
-    "finstream_router_state_errors_total", "Batches whose routing state could not be written"
-)
-
-PREFS_CACHE_SIZE = 20_000
 
 
 def policy_from_settings(settings: Settings) -> Policy:
@@ -144,6 +117,23 @@ def policy_from_settings(settings: Settings) -> Policy:
         digest_seconds=settings.router_digest_seconds,
         digest_max_items=settings.router_digest_max_items,
     )
+
+
+class StoredPrefs:
+    """A user's preferences as stored: the Avro bytes, decoded the first time they are needed."""
+
+    __slots__ = ("_codec", "_prefs", "raw")
+
+    def __init__(self, raw: bytes, codec: Codec, prefs: Preferences | None = None) -> None:
+        self.raw = raw
+        self._codec = codec
+        self._prefs = prefs
+
+    @property
+    def prefs(self) -> Preferences:
+        if self._prefs is None:
+            self._prefs = Preferences.from_record(self._codec.decode(self.raw, "UserPreferences"))
+        return self._prefs
 
 
 @dataclass
@@ -183,19 +173,23 @@ class _Work:
 
 @dataclass
 class _Batch:
-    """Everything one batch (or one release tick) changes, applied in order at the end."""
+    """Everything one batch (or one release tick) changes, applied in order at the end.
+
+    States and holds here are copies of the stored ones: a user whose release
+    fails is dropped from the batch and the stores keep what was committed.
+    """
 
     outputs: list[_Out] = field(default_factory=list)
     letters: list[_Letter] = field(default_factory=list)
     states: dict[str, UserState] = field(default_factory=dict)
     holds: dict[str, Holds] = field(default_factory=dict)
-    prefs: dict[str, bytes | None] = field(default_factory=dict)  # None: forgotten
+    prefs: dict[str, StoredPrefs | None] = field(default_factory=dict)  # None: forgotten
     forgotten: set[str] = field(default_factory=set)
     redis_ops: list[tuple[str, bytes | None, _Letter]] = field(default_factory=list)
 
 
-class Router:
-    def __init__(self, ctx: ServiceContext, publisher: AiokafkaPublisher) -> None:
+class Router(Processor):
+    def __init__(self, ctx: ServiceContext) -> None:
         settings = ctx.settings
         self.ctx = ctx
         self.settings = settings
@@ -206,186 +200,112 @@ class Router:
             default_locale=settings.router_default_locale,
             limits=Limits(sms_segments=settings.router_sms_segments),
         )
-        catalogue = load_catalogue()
-        self.requests_topic = settings.topic("notify.requests")
-        self.prefs_topic = settings.topic("notify.preferences")
-        self.audit_topic = settings.topic("audit.events")
-        self.partitions = catalogue.get("notify.requests").partitions
-        if catalogue.get("notify.preferences").partitions != self.partitions:
+        ns = settings.namespace
+        requests = contract("notify.requests", ns, ctx.codec)
+        prefs = contract("notify.preferences", ns, ctx.codec)
+        self.requests_topic = requests.name
+        self.prefs_topic = prefs.name
+        self.audit = contract("audit.events", ns, ctx.codec)
+        self.audit_topic = self.audit.name
+        self.outbound = {c: contract(f"notify.outbound.{c}", ns, ctx.codec) for c in CHANNELS}
+        self.partitions = requests.partitions
+        if prefs.partitions != self.partitions:
             raise ValueError("notify.requests and notify.preferences must have equal partitions")
-        self._topic_partitions = {
-            self.requests_topic: self.partitions,
-            self.prefs_topic: self.partitions,
-        }
-        group = settings.group(ctx.role)
-        self.prefs_store = ChangelogStore("prefs", f"{group}-prefs-changelog", self.partitions)
-        self.state_store = ChangelogStore("state", f"{group}-state-changelog", self.partitions)
-        self.holds_store = ChangelogStore("holds", f"{group}-holds-changelog", self.partitions)
-        self.stores = (self.prefs_store, self.state_store, self.holds_store)
-        self.publisher = publisher
-        self.dead_letters = DeadLetters(publisher, settings, ctx.role)
-        self.lock = asyncio.Lock()
+        codec = ctx.codec
+        self.prefs_store: Store[StoredPrefs] = Store(
+            "prefs", lambda p: p.raw, lambda raw: StoredPrefs(raw, codec)
+        )
+        self.state_store: Store[UserState] = Store(
+            "state", UserState.to_bytes, UserState.from_bytes
+        )
+        self.holds_store: Store[Holds] = Store("holds", Holds.to_bytes, Holds.from_bytes)
+        self.stores: list[Store[Any]] = [self.prefs_store, self.state_store, self.holds_store]
         self.index = DueIndex()
-        self.owned: set[int] = set()
-        self._prefs_cache: dict[str, tuple[bytes, Preferences]] = {}
-        self._store: Any = None
+        self.owned: frozenset[int] = frozenset()
+        self._read_model: Any = None
         self._backoff = Backoff(base=0.2, cap=5.0)
-        self._positions: dict[int, int] = {}
 
-    # -- partitions: restore on assignment, drop on revocation --------------------------------
+    def _partition(self, user: str) -> int:
+        return key_partition(user.encode(), self.partitions)
 
-    async def assigned(self, partitions: set[int]) -> None:
-        async with self.lock:
-            started = time.perf_counter()
-            for store in self.stores:
-                store.drop(store.loaded - partitions)
-            new = partitions - self.prefs_store.loaded
-            read = await restore(self.settings, self.stores, new)
-            self.owned = set(partitions)
-            self._positions = {p: o for p, o in self._positions.items() if p in partitions}
-            self._prefs_cache.clear()
-            self._rebuild_index()
-            log.info(
-                "partitions assigned",
-                partitions=sorted(partitions),
-                restored=sorted(new),
-                records=read,
-                seconds=round(time.perf_counter() - started, 3),
-                held_users=len(self.index),
-            )
+    # -- partitions ------------------------------------------------------------------------------
 
-    async def revoked(self) -> None:
-        async with self.lock:
-            # Kept until the next assignment says which partitions stay ours.
-            self.owned = set()
+    async def assigned(self, partitions: frozenset[int]) -> None:
+        self.owned = partitions
+        self._rebuild_index()
+        log.info("routing partitions", partitions=sorted(partitions), held_users=len(self.index))
+
+    async def revoked(self, partitions: frozenset[int]) -> None:
+        self.owned = frozenset()
 
     # -- batches ------------------------------------------------------------------------------
 
-    async def handle(self, records: Sequence[Any]) -> None:
-        """Route one batch of records; never raises (except on cancellation)."""
-        started = time.perf_counter()
-        async with self.lock:
-            batch = _Batch()
-            for msg in records:
-                EVENTS_IN.labels(self.ctx.role, msg.topic).inc()
-                self._track(msg)
-                headers = [(k, bytes(v or b"")) for k, v in (msg.headers or ())]
-                try:
-                    if self._forward(msg, headers, batch):
-                        continue
-                    if msg.topic == self.prefs_topic:
-                        self._preferences(msg, headers, batch)
-                    else:
-                        self._request(msg, headers, batch)
-                except Exception as exc:  # a bug must not stall the partition
-                    log.exception("routing failed", topic=msg.topic, offset=msg.offset)
-                    batch.letters.append(
-                        _Letter(
-                            msg.topic, msg.partition, msg.offset, msg.key, msg.value, exc, headers
-                        )
-                    )
-            await self._commit(batch)
-        PROCESSING_SECONDS.labels(self.ctx.role, "batch").observe(time.perf_counter() - started)
+    async def process(self, events: list[Event], out: Output) -> None:
+        batch = _Batch()
+        for ev in events:
+            headers = [(k, bytes(v or b"")) for k, v in (ev.headers or ())]
+            try:
+                if self._forward(ev, headers, batch):
+                    continue
+                if ev.topic == self.prefs_topic:
+                    self._preferences(ev, headers, batch)
+                else:
+                    self._request(ev, headers, batch)
+            except Exception as exc:  # a bug must not stall the partition
+                log.exception("routing failed", topic=ev.topic, offset=ev.offset)
+                batch.letters.append(
+                    _Letter(ev.topic, ev.partition, ev.offset, ev.key, ev.value, exc, headers)
+                )
+        await self._apply(batch, out)
 
-    def _track(self, msg: Any) -> None:
-        """Notice when the consumer hands us a requests offset past one it never gave us.
-
-        notify.requests is neither compacted nor transactional, so its offsets
-        have no holes: a jump means records were skipped (faust's consumer did
-        so; see the module notes). Positions are forgotten on reassignment.
-        """
-        if msg.topic != self.requests_topic:
-            return
-        last = self._positions.get(msg.partition)
-        if last is not None and msg.offset > last + 1:
-            SKIPPED_OFFSETS.labels(str(msg.partition)).inc(msg.offset - last - 1)
-            log.error(
-                "consumer skipped offsets", partition=msg.partition, after=last, offset=msg.offset
-            )
-        elif last is not None and msg.offset <= last:
-            log.info("consumer went back", partition=msg.partition, after=last, offset=msg.offset)
-        self._positions[msg.partition] = msg.offset
-
-    def _forward(self, msg: Any, headers: list[tuple[str, bytes]], batch: _Batch) -> bool:
-        if msg.key is None:
+    def _forward(self, ev: Event, headers: list[tuple[str, bytes]], batch: _Batch) -> bool:
+        if ev.key is None:
             return False
-        partitions = self._topic_partitions.get(msg.topic, self.partitions)
-        home = key_partition(msg.key, partitions)
-        if home == msg.partition:
+        home = key_partition(ev.key, self.partitions)
+        if home == ev.partition:
             return False
-        batch.outputs.append(_Out(msg.topic, msg.key, msg.value, headers, home))
-        FORWARDED.labels(msg.topic).inc()
+        batch.outputs.append(_Out(ev.topic, ev.key, ev.value, headers, home))
+        FORWARDED.labels(ev.topic).inc()
         return True
 
-    async def _commit(self, batch: _Batch) -> None:
-        """Publish, wait for the broker, then write state and wait: never the other way round."""
-        await self._publish(batch)
-        try:
-            writes = self._write_state(batch)
-        except Exception:
-            # The outputs are out; without the state a replay re-sends them
-            # with the same ids (harmless downstream).
-            STATE_ERRORS.inc()
-            log.exception("writing routing state failed")
-            writes = []
-        if writes:
-            await self._publish(_Batch(outputs=writes))
+    async def _apply(self, batch: _Batch, out: Output) -> None:
+        """Outputs and state changes into the open transaction; the read model to Redis."""
+        for o in batch.outputs:
+            out.produce(o.topic, o.key, o.value, o.headers, o.partition)
+        for letter in batch.letters:
+            self._dead_letter(letter, out)
+        self._write_state(batch)
         if batch.redis_ops:
-            await self._update_read_model(batch.redis_ops)
+            await self._update_read_model(batch.redis_ops, out)
 
-    async def _publish(self, batch: _Batch) -> None:
-        attempt = 0
-        while True:
-            try:
-                for out in batch.outputs:
-                    await self.publisher.send(
-                        out.topic, out.key, out.value, out.headers, out.partition
-                    )
-                for letter in batch.letters:
-                    await self._dead_letter(letter)
-                await self.publisher.flush()
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                # Everything is re-sent: message and event ids make that harmless.
-                attempt += 1
-                PUBLISH_RETRIES.inc()
-                log.warning("publishing a batch failed; retrying", attempt=attempt, error=str(exc))
-                await asyncio.sleep(self._backoff.delay(attempt))
+    def _write_state(self, batch: _Batch) -> None:
+        def put(store: Store[Any], user: str, value: Any) -> None:
+            p = self._partition(user)
+            if value is None:
+                store.delete(p, user.encode())
+            else:
+                store.put(p, user.encode(), value)
 
-    def _write_state(self, batch: _Batch) -> list[_Out]:
-        """Apply the batch's state changes in memory; return their changelog records."""
-        writes: list[_Out] = []
-
-        def put(store: ChangelogStore, user: str, value: bytes | None) -> None:
-            key = user.encode()
-            if value is None and store.get(key) is None:
-                return
-            partition = store.put(key, value)
-            writes.append(_Out(store.topic, key, value, [], partition))
-
-        for user, raw in batch.prefs.items():
-            put(self.prefs_store, user, raw)
+        for user, prefs in batch.prefs.items():
+            put(self.prefs_store, user, prefs)
         for user, state in batch.states.items():
             if user not in batch.forgotten:
-                put(self.state_store, user, state.to_bytes())
+                put(self.state_store, user, state)
         for user, holds in batch.holds.items():
             if holds.empty() or user in batch.forgotten:
                 put(self.holds_store, user, None)
                 self.index.set(user, None)
             else:
-                put(self.holds_store, user, holds.to_bytes())
+                put(self.holds_store, user, holds)
                 self.index.set(user, holds.next_due())
         for user in batch.forgotten:
             put(self.state_store, user, None)
             put(self.holds_store, user, None)
             self.index.set(user, None)
         HELD_USERS.set(len(self.index))
-        return writes
 
-    async def _dead_letter(self, letter: _Letter) -> None:
-        await self.dead_letters.send(
+    def _dead_letter(self, letter: _Letter, out: Output) -> None:
+        out.dead_letter_record(
             source_topic=letter.source_topic,
             partition=letter.partition,
             offset=letter.offset,
@@ -398,21 +318,23 @@ class Router:
 
     # -- the Redis read model of preferences (contract with the API and delivery) ----------
 
-    async def _update_read_model(self, ops: list[tuple[str, bytes | None, _Letter]]) -> None:
+    async def _update_read_model(
+        self, ops: list[tuple[str, bytes | None, _Letter]], out: Output
+    ) -> None:
         from finstream.sinks.redis_client import connect
         from finstream.sinks.state_store import PreferencesStore
 
-        if self._store is None:
-            self._store = PreferencesStore(connect(self.settings), self.settings, self.codec)
+        if self._read_model is None:
+            self._read_model = PreferencesStore(connect(self.settings), self.settings, self.codec)
         failed: list[_Letter] = []
 
         async def apply(user: str, raw: bytes | None, letter: _Letter) -> None:
             for attempt in range(1, 4):
                 try:
                     if raw is None:
-                        await self._store.delete(user)
+                        await self._read_model.delete(user)
                     else:
-                        await self._store.put(user, raw)
+                        await self._read_model.put(user, raw)
                     return
                 except asyncio.CancelledError:
                     raise
@@ -430,102 +352,85 @@ class Router:
         pending = list(latest.values())
         for i in range(0, len(pending), 64):
             await asyncio.gather(*(apply(*op) for op in pending[i : i + 64]))
-        if failed:
-            await self._publish(_Batch(letters=failed))
+        for letter in failed:
+            READ_MODEL_ERRORS.inc()
+            self._dead_letter(letter, out)
 
     # -- preferences ----------------------------------------------------------------------------
 
-    def _preferences(self, msg: Any, headers: list[tuple[str, bytes]], batch: _Batch) -> None:
-        letter = _Letter(msg.topic, msg.partition, msg.offset, msg.key, msg.value, "", headers)
-        if msg.key is None:
+    def _preferences(self, ev: Event, headers: list[tuple[str, bytes]], batch: _Batch) -> None:
+        letter = _Letter(ev.topic, ev.partition, ev.offset, ev.key, ev.value, "", headers)
+        if ev.key is None:
             letter.error = "preferences record without a key (the key is the user id)"
             letter.error_class = "InvalidKey"
             batch.letters.append(letter)
             return
-        user = msg.key.decode("utf-8", "replace")
-        if msg.value is None:
+        user = ev.key.decode("utf-8", "replace")
+        if ev.value is None:
             # A tombstone forgets the user: preferences, routing state, holds.
             batch.prefs[user] = None
             batch.forgotten.add(user)
             batch.states.pop(user, None)
             batch.holds.pop(user, None)
-            self._prefs_cache.pop(user, None)
             batch.redis_ops.append((user, None, letter))
             log.info("preferences forgotten", user_id=user)
             return
-        try:
-            record = self.codec.decode(msg.value, "UserPreferences")
-        except DecodeError as exc:
-            letter.error = exc
-            batch.letters.append(letter)
-            return
-        if record["user_id"] != user:
-            letter.error = f"key {user!r} does not match user_id {record['user_id']!r}"
+        prefs: Preferences = ev.item
+        if prefs.user_id != user:
+            letter.error = f"key {user!r} does not match user_id {prefs.user_id!r}"
             letter.error_class = "InvalidKey"
             batch.letters.append(letter)
             return
-        current = self._prefs_bytes(user, batch)
+        current = self._stored_prefs(user, batch)
         if current is not None:
             try:
-                newer = self.codec.decode(current, "UserPreferences")["updated_at"]
+                newer = current.prefs.updated_at
             except DecodeError:
                 newer = None
-            if newer is not None and newer > record["updated_at"]:
+            if newer is not None and prefs.updated_at is not None and newer > prefs.updated_at:
                 log.info("older preferences ignored", user_id=user)
                 return
-        batch.prefs[user] = msg.value
+        batch.prefs[user] = StoredPrefs(ev.value, self.codec, prefs)
         batch.forgotten.discard(user)
-        self._prefs_cache[user] = (msg.value, Preferences.from_record(record))
-        batch.redis_ops.append((user, msg.value, letter))
+        batch.redis_ops.append((user, ev.value, letter))
 
-    def _prefs_bytes(self, user: str, batch: _Batch) -> bytes | None:
+    def _stored_prefs(self, user: str, batch: _Batch) -> StoredPrefs | None:
         if user in batch.prefs:
             return batch.prefs[user]
-        return self.prefs_store.get(user.encode())
+        return self.prefs_store.get(self._partition(user), user.encode())
 
     def _prefs(self, user: str, batch: _Batch) -> Preferences:
-        raw = self._prefs_bytes(user, batch)
-        if raw is None:
+        stored = self._stored_prefs(user, batch)
+        if stored is None:
             return Preferences.default(user)
-        cached = self._prefs_cache.get(user)
-        if cached is not None and cached[0] == raw:
-            return cached[1]
         try:
-            prefs = Preferences.from_record(self.codec.decode(raw, "UserPreferences"))
+            return stored.prefs
         except DecodeError:
             log.error("stored preferences do not decode; using defaults", user_id=user)
             return Preferences.default(user)
-        if len(self._prefs_cache) >= PREFS_CACHE_SIZE:
-            self._prefs_cache.pop(next(iter(self._prefs_cache)))
-        self._prefs_cache[user] = (raw, prefs)
-        return prefs
 
     def _state(self, user: str, batch: _Batch) -> UserState:
         state = batch.states.get(user)
         if state is None:
-            state = UserState.from_bytes(self.state_store.get(user.encode()))
+            stored = self.state_store.get(self._partition(user), user.encode())
+            state = stored.copy() if stored is not None else UserState()
             batch.states[user] = state
         return state
 
     def _holds(self, user: str, batch: _Batch) -> Holds:
         holds = batch.holds.get(user)
         if holds is None:
-            holds = Holds.from_bytes(self.holds_store.get(user.encode()))
+            stored = self.holds_store.get(self._partition(user), user.encode())
+            holds = stored.copy() if stored is not None else Holds()
             batch.holds[user] = holds
         return holds
 
     # -- requests -------------------------------------------------------------------------------
 
-    def _request(self, msg: Any, headers: list[tuple[str, bytes]], batch: _Batch) -> None:
-        letter = _Letter(msg.topic, msg.partition, msg.offset, msg.key, msg.value, "", headers)
-        try:
-            record = self.codec.decode(msg.value, "NotificationRequest")
-            request = Request.from_record(record)
-        except (DecodeError, InvalidRequest) as exc:
-            letter.error = exc
-            batch.letters.append(letter)
-            return
-        if msg.key is not None and msg.key != request.user_id.encode():
+    def _request(self, ev: Event, headers: list[tuple[str, bytes]], batch: _Batch) -> None:
+        letter = _Letter(ev.topic, ev.partition, ev.offset, ev.key, ev.value, "", headers)
+        request: Request = ev.item
+        if ev.key is not None and ev.key != request.user_id.encode():
             letter.error = f"key does not match user_id {request.user_id!r}"
             letter.error_class = "InvalidKey"
             batch.letters.append(letter)
@@ -533,8 +438,7 @@ class Router:
         cid = request.correlation_id or correlation_from_headers(headers)
         with correlation(cid) as cid:
             if request.correlation_id is None:
-                record["correlation_id"] = cid
-                request = Request.from_record(record)
+                request = Request.from_record({**request.record, "correlation_id": cid})
             now = utcnow()
             prefs = self._prefs(request.user_id, batch)
             state = self._state(request.user_id, batch)
@@ -597,9 +501,9 @@ class Router:
         for m in messages:
             batch.outputs.append(
                 _Out(
-                    self.settings.topic(f"notify.outbound.{m.channel}"),
+                    self.outbound[m.channel].name,
                     key,
-                    self.codec.encode("OutboundMessage", m.message),
+                    self.outbound[m.channel].encode(m.message),
                     cid_header,
                 )
             )
@@ -718,7 +622,7 @@ class Router:
             _Out(
                 self.audit_topic,
                 request.user_id.encode(),
-                self.codec.encode("AuditEvent", event),
+                self.audit.encode(event),
                 correlation_header(request.correlation_id),
             )
         )
@@ -726,41 +630,35 @@ class Router:
 
     # -- the scheduler: releasing holds and digests ---------------------------------------------
 
+    # -- the scheduler: releasing holds and digests ---------------------------------------------
+
     def _rebuild_index(self) -> None:
         self.index.clear()
-        for key, raw in self.holds_store.items():
-            try:
-                holds = Holds.from_bytes(raw)
-            except (ValueError, KeyError, TypeError):
-                log.error("held state does not decode", user_id=key.decode("utf-8", "replace"))
-                continue
+        for _p, key, holds in self.holds_store.items():
             self.index.set(key.decode(), holds.next_due())
         HELD_USERS.set(len(self.index))
 
-    async def release_due(self) -> None:
+    async def punctuate(self, out: Output) -> None:
         """Release every hold and digest that is due on the partitions this replica owns."""
         due = self.index.next_due()
         if due is None or due > to_micros(utcnow()):
             return
-        async with self.lock:
-            now = utcnow()
-            now_us = to_micros(now)
-            owned = self.owned
-            users = self.index.pop_due(
-                now_us, lambda u: key_partition(u.encode(), self.partitions) in owned
-            )
-            if not users:
-                return
-            batch = _Batch()
-            for user in users:
-                try:
-                    self._release_user(user, batch, now)
-                except Exception as exc:  # never let the timer die
-                    log.exception("releasing holds failed", user_id=user)
-                    self._dead_letter_due(user, batch, now_us, exc)
-                # Whatever stays held (not yet due, or held again) is indexed on commit.
-                self._holds(user, batch)
-            await self._commit(batch)
+        now = utcnow()
+        now_us = to_micros(now)
+        owned = self.owned
+        users = self.index.pop_due(now_us, lambda u: self._partition(u) in owned)
+        if not users:
+            return
+        batch = _Batch()
+        for user in users:
+            try:
+                self._release_user(user, batch, now)
+            except Exception as exc:  # never let the timer die
+                log.exception("releasing holds failed", user_id=user)
+                self._dead_letter_due(user, batch, now_us, exc)
+            # Whatever stays held (not yet due, or held again) is indexed on commit.
+            self._holds(user, batch)
+        await self._apply(batch, out)
 
     def _dead_letter_due(self, user: str, batch: _Batch, now_us: int, exc: Exception) -> None:
         """A bug while releasing: the user's due holds go to the dlq, not round the timer again.
@@ -855,85 +753,18 @@ class Router:
                 self._execute(work, outcome, extra={"digest_items": str(buffer.total)})
 
 
-class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, router: Router) -> None:
-        self._router = router
-
-    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        self._router.ctx.health.set_ready(False, "rebalancing")
-        await self._router.revoked()
-
-    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        router = self._router
-        await router.assigned(
-            {tp.partition for tp in assigned if tp.topic == router.requests_topic}
-        )
-        router.ctx.health.set_ready(True, "")
-
-
-async def _ticker(router: Router, stop: asyncio.Event) -> None:
-    interval = router.settings.router_tick_seconds
-    while not stop.is_set():
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=interval)
-        if stop.is_set():
-            return
-        try:
-            await router.release_due()
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("release tick failed")
-
-
-async def _report_lag(consumer: AIOKafkaConsumer, role: str) -> None:
-    for tp in consumer.assignment():
-        highwater = consumer.highwater(tp)
-        if highwater is None:
-            continue
-        position = await consumer.position(tp)
-        CONSUMER_LAG.labels(role, tp.topic, str(tp.partition)).set(max(highwater - position, 0))
-
-
 async def run(ctx: ServiceContext) -> None:
-    settings = ctx.settings
-    publisher = await ctx.publisher()
-    router = Router(ctx, publisher)
-    await ensure_changelogs(settings, router.stores)
-    consumer = AIOKafkaConsumer(
-        **{
-            **consumer_config(settings, settings.group(ctx.role)),
-            # Range assignment gives partition p of both topics to one replica:
-            # a user's requests and preferences meet where the user's state is.
-            "partition_assignment_strategy": (RangePartitionAssignor,),
-        }
+    router = Router(ctx)
+    engine = StreamEngine(
+        ctx.settings,
+        ctx.role,
+        ["notify.requests", "notify.preferences"],
+        router,
+        ctx.health,
+        guarantee="exactly_once",
+        stores=router.stores,
+        batch_size=ctx.settings.router_batch_size,
+        batch_wait=ctx.settings.router_batch_ms / 1000,
+        punctuate_every=ctx.settings.router_tick_seconds,
     )
-    consumer.subscribe([router.requests_topic, router.prefs_topic], listener=_Rebalance(router))
-    await consumer.start()
-    ticker = asyncio.create_task(_ticker(router, ctx.stop))
-    last_lag = 0.0
-    log.info("routing", topics=[router.requests_topic, router.prefs_topic])
-    try:
-        while not ctx.stop.is_set():
-            batches = await consumer.getmany(
-                timeout_ms=settings.router_batch_ms, max_records=settings.router_batch_size
-            )
-            records = [r for tp_records in batches.values() for r in tp_records]
-            if records:
-                await router.handle(records)
-                offsets = {tp: recs[-1].offset + 1 for tp, recs in batches.items() if recs}
-                try:
-                    await consumer.commit(offsets)
-                except (CommitFailedError, RebalanceInProgressError) as exc:
-                    # The partitions moved on; their new owner reads the batch
-                    # again, and finds the state that says what was done.
-                    log.warning("commit failed after rebalance", error=str(exc))
-            if time.monotonic() - last_lag > 5.0:
-                last_lag = time.monotonic()
-                await _report_lag(consumer, ctx.role)
-    finally:
-        ctx.health.set_ready(False, "stopping")
-        ticker.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await ticker
-        await consumer.stop()
+    await engine.run(ctx.stop)

@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
-from aiokafka.errors import KafkaError
+from confluent_kafka import KafkaException
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from redis.exceptions import RedisError
@@ -30,6 +30,7 @@ from finstream.api.metrics import REQUEST_SECONDS, REQUESTS
 from finstream.api.routes import inbox, market, notifications, ops, preferences, rules, webhooks
 from finstream.api.stream import stream_endpoint
 from finstream.api.webhooks import load_sendgrid_key
+from finstream.runtime.kafka import DeliveryError
 from finstream.runtime.logging import correlation, get_logger
 from finstream.settings import Settings, get_settings
 
@@ -167,7 +168,13 @@ def create_app(settings: Settings | None = None, resources: Resources | None = N
         redoc_url=None,
     )
     problems.install(app)
-    for exc_class in (RedisError, KafkaError, asyncpg.PostgresConnectionError, OSError):
+    for exc_class in (
+        RedisError,
+        KafkaException,
+        DeliveryError,
+        asyncpg.PostgresConnectionError,
+        OSError,
+    ):
         app.add_exception_handler(exc_class, _unavailable)
     app.add_middleware(
         BodyLimitMiddleware,

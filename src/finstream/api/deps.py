@@ -29,7 +29,7 @@ from finstream.api.limits import RateLimiter
 from finstream.api.metrics import AUTH_FAILURES, RATE_LIMITED
 from finstream.api.problems import Problem
 from finstream.codec import Codec, default_codec
-from finstream.runtime.kafka import AiokafkaPublisher, DeadLetters
+from finstream.runtime.kafka import DeadLetters, KafkaPublisher
 from finstream.runtime.logging import get_logger
 from finstream.settings import Settings
 from finstream.sinks.inbox import Inbox
@@ -94,7 +94,7 @@ class Resources:
     redis: aioredis.Redis
     hub_redis: aioredis.Redis
     pg: asyncpg.Pool
-    publisher: AiokafkaPublisher
+    publisher: KafkaPublisher
     verifier: TokenVerifier
     limiter: RateLimiter
     idempotency: IdempotencyStore
@@ -121,7 +121,7 @@ class Resources:
             socket_keepalive=True,
             client_name=f"{settings.namespace}finstream-api-hub",
         )
-        publisher = AiokafkaPublisher(settings, "api")
+        publisher = KafkaPublisher(settings, "api")
         pg: asyncpg.Pool | None = None
         try:
             pg = await create_pool(settings, min_size=1, max_size=10)

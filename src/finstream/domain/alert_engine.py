@@ -3,7 +3,7 @@
 ``evaluate(state, book, tick)`` returns the symbol's next state and the
 firings the tick caused. The live alerts agent and back-testing call exactly
 this function with exactly these inputs, so both fire the same alerts for the
-same ticks; the agent only adds persistence (faust tables) and publishing.
+same ticks; the role only adds persistence (state stores) and publishing.
 
 What the state holds, per symbol:
 
@@ -174,18 +174,31 @@ class SymbolState:
     def history_json(self) -> bytes:
         return json.dumps([b.pack() for b in self.history], separators=(",", ":")).encode()
 
+    def to_bytes(self) -> bytes:
+        """Core and history in one document (the alerts role's state store value)."""
+        return self.core_json()[:-1] + b',"h":' + self.history_json() + b"}"
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> SymbolState:
+        doc = json.loads(raw)
+        return cls._from_docs(doc, doc.get("h") or [])
+
     @classmethod
     def from_json(cls, core: bytes | None, history: bytes | None) -> SymbolState:
-        bars = tuple(EvalBar.unpack(b) for b in json.loads(history)) if history else ()
+        bars = json.loads(history) if history else []
         if not core:
-            return cls(history=bars)
-        doc = json.loads(core)
+            return cls(history=tuple(EvalBar.unpack(b) for b in bars))
+        return cls._from_docs(json.loads(core), bars)
+
+    @classmethod
+    def _from_docs(cls, doc: dict[str, Any], packed_bars: list[Any]) -> SymbolState:
+        bars = tuple(EvalBar.unpack(b) for b in packed_bars)
         price, last_ts, ids, prev_close, packed = doc["s"]
         bar = EvalBar.unpack(packed) if packed is not None else None
         if bar is not None:
-            # Killed between storing the history and the core: the history may
-            # already hold the bar the core still calls forming. Replaying the
-            # tick that closed it appends it again.
+            # A history written apart from its core may already hold the bar
+            # the core still calls forming; replaying the tick that closed it
+            # appends it again.
             bars = tuple(b for b in bars if b.start < bar.start)
         return cls(
             last_price=Decimal(price) if price is not None else None,

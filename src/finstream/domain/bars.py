@@ -27,15 +27,21 @@ open and last for close). Only TRADE ticks count as trades, and only their
 sizes make volume and VWAP: a QUOTE's size is not traded volume. A bar with
 no sized trades has volume 0 and no VWAP.
 
-A tick seen twice (same ``tick_id``) counts once while its bar is open.
+A tick seen twice (same ``tick_id``) counts once if it comes back within the
+last ``DEDUPE_WINDOW`` ticks of its bar: an upstream producer's retry or a
+provider's re-send. The window keeps the state of a busy symbol small (it is
+written to the quotes role's changelog at every commit); re-sends further
+apart are the connectors' deduper's job (``FINSTREAM_MD_DEDUPE_WINDOW``), and
+replays after a crash cannot happen (the quotes role is exactly-once).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
@@ -197,9 +203,16 @@ def validate_bar(bar: Bar) -> Bar:
     return bar
 
 
+DEDUPE_WINDOW = 128
+
+
 def tick_fingerprint(tick_id: str) -> int:
-    """A stable 64-bit fingerprint of a tick id (for duplicate detection in bar state)."""
-    return int.from_bytes(hashlib.blake2b(tick_id.encode(), digest_size=8).digest(), "big")
+    """A stable 32-bit fingerprint of a tick id (for duplicate detection in bar state).
+
+    Within a window of 128 ticks two different ids share one with a chance
+    of about 2e-6, which would drop a tick from its bar's counters.
+    """
+    return int.from_bytes(hashlib.blake2b(tick_id.encode(), digest_size=4).digest(), "big")
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,30 +232,33 @@ class OpenBar:
     # -1: never published; otherwise the revision last published.
     revision: int = -1
     dirty: bool = False
-    seen: frozenset[int] = field(default_factory=frozenset)
+    # Fingerprints of the bar's most recent ticks, oldest first (DEDUPE_WINDOW at most).
+    seen: tuple[int, ...] = ()
 
     def add(self, tick: Tick, ts: int, fingerprint: int) -> OpenBar:
-        open_, open_ts = (tick.price, ts) if ts < self.open_ts else (self.open, self.open_ts)
-        close, close_ts = (tick.price, ts) if ts >= self.close_ts else (self.close, self.close_ts)
+        price = tick.price
         volume, pv, trades = self.volume, self.pv, self.trades
         if tick.kind == "TRADE":
             trades += 1
-            if tick.size is not None:
-                volume += tick.size
-                pv += tick.price * tick.size
-        return replace(
-            self,
-            open=open_,
-            open_ts=open_ts,
-            high=max(self.high, tick.price),
-            low=min(self.low, tick.price),
-            close=close,
-            close_ts=close_ts,
-            volume=volume,
-            pv=pv,
-            trades=trades,
-            dirty=self.revision >= 0,
-            seen=self.seen | {fingerprint},
+            size = tick.size
+            if size is not None:
+                volume += size
+                pv += price * size
+        # The constructor, not dataclasses.replace: this runs once per tick.
+        return OpenBar(
+            self.start,
+            price if ts < self.open_ts else self.open,
+            ts if ts < self.open_ts else self.open_ts,
+            price if price > self.high else self.high,
+            price if price < self.low else self.low,
+            price if ts >= self.close_ts else self.close,
+            ts if ts >= self.close_ts else self.close_ts,
+            volume,
+            pv,
+            trades,
+            self.revision,
+            self.revision >= 0,
+            (*self.seen[1 - DEDUPE_WINDOW :], fingerprint),
         )
 
     def to_bar(self, symbol: str, interval: Interval, *, final: bool, revision: int) -> Bar:
@@ -307,7 +323,7 @@ class BarState:
                         b.trades,
                         b.revision,
                         b.dirty,
-                        sorted(b.seen),
+                        list(b.seen),
                     ]
                     for b in self.bars
                 ],
@@ -332,7 +348,7 @@ class BarState:
                 trades=b[9],
                 revision=b[10],
                 dirty=b[11],
-                seen=frozenset(b[12]),
+                seen=tuple(b[12][-DEDUPE_WINDOW:]),
             )
             for b in doc["b"]
         )
@@ -350,11 +366,11 @@ class BarUpdate:
 def add_tick(state: BarState, tick: Tick, interval: Interval, lateness: timedelta) -> BarUpdate:
     """Fold one tick into a symbol's bars; say what to publish and whether it was too late."""
     ts = to_micros(tick.ts)
-    start = ts - ts % interval.micros
-    end = start + interval.micros
-    lateness_us = int(lateness.total_seconds() * 1_000_000)
+    width = interval.micros
+    start = ts - ts % width
+    lateness_us = _micros(lateness)
     wm = state.watermark
-    if wm is not None and end + lateness_us <= wm:
+    if wm is not None and start + width + lateness_us <= wm:
         return BarUpdate(
             state,
             late=(
@@ -374,9 +390,22 @@ def add_tick(state: BarState, tick: Tick, interval: Interval, lateness: timedelt
             break
     else:
         bars.append(_new_bar(start, tick, ts, fingerprint))
-        bars.sort(key=lambda b: b.start)
-    watermark = ts if wm is None else max(wm, ts)
+        if len(bars) > 1:
+            bars.sort(key=_bar_start)
+    watermark = ts if wm is None or ts > wm else wm
+    if watermark < bars[0].start + width:
+        # Nothing has closed (the usual case): no bar to publish.
+        return BarUpdate(BarState(watermark, tuple(bars)))
     return _emit(tick.symbol, interval, lateness_us, watermark, bars)
+
+
+def _bar_start(bar: OpenBar) -> int:
+    return bar.start
+
+
+@functools.lru_cache(maxsize=64)
+def _micros(span: timedelta) -> int:
+    return int(span.total_seconds() * 1_000_000)
 
 
 def _emit(

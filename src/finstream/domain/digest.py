@@ -33,6 +33,16 @@ class DigestBuffer:
     total: int = 0
     request_ids: list[str] = field(default_factory=list)
 
+    def copy(self) -> DigestBuffer:
+        return DigestBuffer(
+            self.category,
+            self.opened_at,
+            self.due,
+            [dict(i) for i in self.items],
+            self.total,
+            list(self.request_ids),
+        )
+
     def to_json(self) -> dict[str, Any]:
         return {
             "category": self.category,

@@ -487,6 +487,7 @@ class Preferences:
     quiet_hours: tuple[QuietWindow, ...] = ()
     caps: tuple[Cap, ...] = ()
     known: bool = True  # False: the user has no preferences record (defaults apply)
+    updated_at: datetime | None = None  # the record's version: a newer one replaces it
 
     @classmethod
     def default(cls, user_id: str) -> Preferences:
@@ -539,6 +540,7 @@ class Preferences:
                 for c in record.get("caps") or ()
                 if int(c["limit"]) > 0 and int(c["window_seconds"]) > 0
             ),
+            updated_at=record.get("updated_at"),
         )
 
     def consent(self, purpose: str) -> bool | None:

@@ -180,7 +180,7 @@ DONE = "done"
 
 @dataclass
 class UserState:
-    """What the router remembers about one user between requests (faust table value)."""
+    """What the router remembers about one user between requests (its state store value)."""
 
     seen: dict[str, tuple[str, float]] = field(default_factory=dict)  # id -> (status, until)
     collapse: dict[str, float] = field(default_factory=dict)  # key -> until (epoch s)
@@ -205,6 +205,12 @@ class UserState:
             seen={k: (str(v[0]), float(v[1])) for k, v in obj.get("seen", {}).items()},
             collapse={k: float(v) for k, v in obj.get("collapse", {}).items()},
             sends=caps_.SendLog([(float(t), str(c), str(k)) for t, c, k in obj.get("sends", [])]),
+        )
+
+    def copy(self) -> UserState:
+        """An independent copy (a batch changes its copy; the stored one stays as committed)."""
+        return UserState(
+            dict(self.seen), dict(self.collapse), caps_.SendLog(list(self.sends.entries))
         )
 
     def prune(self, now: float, prefs: Preferences, max_seen: int) -> None:
@@ -258,6 +264,10 @@ class Holds:
 
     def empty(self) -> bool:
         return not self.requests and not self.digests
+
+    def copy(self) -> Holds:
+        """An independent copy (digests are changed in place by :func:`digest.fold`)."""
+        return Holds(dict(self.requests), {k: d.copy() for k, d in self.digests.items()})
 
     def to_bytes(self) -> bytes:
         return json.dumps(

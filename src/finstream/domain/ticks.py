@@ -54,7 +54,10 @@ def normalize_symbol(symbol: Any) -> str:
     return sym
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass's __init__ sets each field through
+# object.__setattr__, three times the cost, and a tick is built for every
+# record a role consumes. Nothing mutates a tick; unsafe_hash keeps it hashable.
+@dataclass(slots=True, unsafe_hash=True)
 class Tick:
     tick_id: str
     symbol: str

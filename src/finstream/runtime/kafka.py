@@ -1,17 +1,27 @@
-"""Kafka producing for every role: one small publishing contract, two backends.
+"""Kafka clients of every role: one place for their configuration, one publisher.
 
-Service roles (connectors, sinks, delivery workers) publish with an aiokafka
-producer; faust agents publish through the faust app's own producer so that
-their sends join faust's flush-before-commit. Both sit behind
-:class:`Publisher`, and dead letters go through :class:`DeadLetters`.
+Every Kafka client of finstream is confluent-kafka (librdkafka): the stream
+engine's transactional producer and consumers (:mod:`finstream.runtime.engine`),
+the publisher of service roles (connectors, the API, the CLI) and the admin
+client. Their configuration starts from :func:`client_config`, so connection
+and security settings apply to all of them alike.
+
+Producers partition keyed records with ``murmur2_random``: Kafka's default
+(Java client's) partitioner, so a user's or a symbol's records meet on the
+same partition whoever wrote them (see :func:`finstream.topics.key_partition`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import contextlib
+import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
-from aiokafka import AIOKafkaProducer
+from confluent_kafka import KafkaError, KafkaException, Producer
 
 from finstream.domain.deadletter import DeadLetter
 from finstream.domain.time import utcnow
@@ -22,6 +32,66 @@ from finstream.settings import Settings
 log = get_logger(__name__)
 
 Headers = Sequence[tuple[str, bytes]]
+
+
+def client_config(settings: Settings) -> dict[str, Any]:
+    """What every client (producer, consumer, admin) needs to reach the cluster."""
+    return {
+        "bootstrap.servers": settings.kafka_bootstrap,
+        # librdkafka logs through its own channel; warnings and errors only.
+        "log_level": 4,
+    }
+
+
+def producer_config(settings: Settings, transactional_id: str | None = None) -> dict[str, Any]:
+    config = {
+        **client_config(settings),
+        "acks": "all",
+        "enable.idempotence": True,
+        "linger.ms": settings.kafka_linger_ms,
+        "batch.size": 512 * 1024,
+        "compression.type": "lz4",
+        "partitioner": "murmur2_random",
+        "message.timeout.ms": 120_000,
+    }
+    if transactional_id is not None:
+        config["transactional.id"] = transactional_id
+        # A SIGKILLed worker's open transaction blocks read_committed readers
+        # (and the next owner's offset fetch) until the broker aborts it; Kafka
+        # Streams uses 10 s for the same reason. A restarted worker with the same
+        # instance id aborts it at once (init_transactions).
+        config["transaction.timeout.ms"] = settings.stream_transaction_timeout_ms
+        # librdkafka requires a message to time out within its transaction.
+        config["message.timeout.ms"] = settings.stream_transaction_timeout_ms
+    return config
+
+
+def consumer_config(settings: Settings, group: str | None) -> dict[str, Any]:
+    config = {
+        **client_config(settings),
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "isolation.level": "read_committed",
+        "session.timeout.ms": int(settings.consumer_session_timeout * 1000),
+        # Kafka's guidance: heartbeat at most a third of the session timeout.
+        "heartbeat.interval.ms": int(settings.consumer_session_timeout * 1000 / 10),
+        "max.poll.interval.ms": 300_000,
+        # The broker answers a fetch as soon as one byte is there; this bounds
+        # the wait when there is nothing, which is what an idle partition costs.
+        "fetch.wait.max.ms": 100,
+    }
+    if group is not None:
+        config["group.id"] = group
+    else:
+        config["group.id"] = "finstream-unused"  # librdkafka wants one even without a group
+    return config
+
+
+def kafka_error(exc: BaseException) -> KafkaError | None:
+    if isinstance(exc, KafkaException) and exc.args and isinstance(exc.args[0], KafkaError):
+        return exc.args[0]
+    return None
 
 
 class Publisher(Protocol):
@@ -38,31 +108,98 @@ class Publisher(Protocol):
     async def flush(self) -> None: ...
 
 
-def producer_config(settings: Settings) -> dict[str, Any]:
-    return {
-        "bootstrap_servers": settings.kafka_bootstrap,
-        "acks": "all",
-        "enable_idempotence": True,
-        "linger_ms": 5,
-        "max_batch_size": 256 * 1024,
-        "request_timeout_ms": 30_000,
-    }
+@dataclass(frozen=True)
+class Delivered:
+    topic: str
+    partition: int
+    offset: int
 
 
-class AiokafkaPublisher:
+class DeliveryError(RuntimeError):
+    """The broker did not take a message (after the producer's own retries)."""
+
+
+class KafkaPublisher:
+    """An idempotent producer for asyncio code (service roles, the API, the CLI).
+
+    librdkafka sends in its own threads; a poller thread serves delivery
+    reports and hands them to the event loop in bulk, so a send costs no
+    round trip and :meth:`flush` waits only for what was sent before it.
+    """
+
     def __init__(self, settings: Settings, role: str) -> None:
         self.role = role
-        self._producer = AIOKafkaProducer(**producer_config(settings))
-        self._pending: list[Any] = []
+        self._producer = Producer(producer_config(settings))
+        self._pending: list[asyncio.Future[Delivered]] = []
+        self._reports: collections.deque[tuple[asyncio.Future[Delivered], Any, Any]] = (
+            collections.deque()
+        )
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
 
     async def start(self) -> None:
-        await self._producer.start()
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(
+            target=self._poll, name=f"{self.role}-producer", daemon=True
+        )
+        self._thread.start()
 
     async def stop(self) -> None:
         try:
             await self.flush()
         finally:
-            await self._producer.stop()
+            self._stopping.set()
+            if self._thread is not None:
+                await asyncio.to_thread(self._thread.join, 10)
+                self._thread = None
+            await asyncio.to_thread(self._producer.flush, 10)
+
+    def _poll(self) -> None:
+        while not self._stopping.is_set():
+            if self._producer.poll(0.05) and self._reports and self._loop is not None:
+                with contextlib.suppress(RuntimeError):  # the loop closed under us
+                    self._loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        while self._reports:
+            fut, err, msg = self._reports.popleft()
+            if fut.done():
+                continue
+            if err is not None:
+                fut.set_exception(DeliveryError(f"{msg.topic()}: {err}"))
+            else:
+                fut.set_result(Delivered(msg.topic(), msg.partition(), msg.offset()))
+
+    def _submit(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Headers,
+        partition: int | None,
+    ) -> asyncio.Future[Delivered]:
+        assert self._loop is not None, "KafkaPublisher.start() was not awaited"
+        fut: asyncio.Future[Delivered] = self._loop.create_future()
+        reports = self._reports
+
+        def report(err: Any, msg: Any) -> None:
+            reports.append((fut, err, msg))
+
+        kwargs: dict[str, Any] = {"key": key, "value": value, "on_delivery": report}
+        if headers:
+            kwargs["headers"] = list(headers)
+        if partition is not None:
+            kwargs["partition"] = partition
+        while True:
+            try:
+                self._producer.produce(topic, **kwargs)
+                break
+            except BufferError:
+                # The local queue is full: let librdkafka send some first.
+                self._producer.poll(0.1)
+        EVENTS_OUT.labels(self.role, topic).inc()
+        return fut
 
     async def send(
         self,
@@ -72,63 +209,30 @@ class AiokafkaPublisher:
         headers: Headers = (),
         partition: int | None = None,
     ) -> None:
-        fut = await self._producer.send(
-            topic, value=value, key=key, headers=list(headers) or None, partition=partition
-        )
-        self._pending.append(fut)
-        EVENTS_OUT.labels(self.role, topic).inc()
+        self._pending.append(self._submit(topic, key, value, headers, partition))
 
     async def send_and_wait(
         self, topic: str, key: bytes | None, value: bytes | None, headers: Headers = ()
-    ) -> Any:
-        """Send one message and wait for the broker's acknowledgement (its metadata)."""
-        meta = await self._producer.send_and_wait(
-            topic, value=value, key=key, headers=list(headers) or None
-        )
-        EVENTS_OUT.labels(self.role, topic).inc()
-        return meta
+    ) -> Delivered:
+        """Send one message and wait for the broker's acknowledgement."""
+        return await self._submit(topic, key, value, headers, None)
 
     async def flush(self) -> None:
         pending, self._pending = self._pending, []
         for fut in pending:
-            # Raises if the broker refused the batch: the caller must not commit.
+            # Raises if the broker refused the message: the caller must not commit.
             await fut
-
-    @property
-    def producer(self) -> AIOKafkaProducer:
-        return self._producer
 
 
 class DeadLetters:
-    """Writes dead letters to the dlq topic and moves the counters."""
+    """Builds dead letters for the dlq topic and moves the counters."""
 
-    async def send_message(
-        self,
-        message: Any,
-        error: BaseException | str,
-        *,
-        error_class: str | None = None,
-        attempts: int | None = None,
-    ) -> None:
-        """Dead-letter a consumed message (an aiokafka record or a faust message) as it is."""
-        await self.send(
-            source_topic=message.topic,
-            partition=message.partition,
-            offset=message.offset,
-            key=message.key,
-            value=message.value,
-            error=error,
-            error_class=error_class,
-            headers=message_header_pairs(message.headers),
-            attempts=attempts,
-        )
-
-    def __init__(self, publisher: Publisher, settings: Settings, role: str) -> None:
+    def __init__(self, publisher: Publisher | None, settings: Settings, role: str) -> None:
         self._publisher = publisher
-        self._topic = settings.topic("dlq")
+        self.topic = settings.topic("dlq")
         self._role = role
 
-    async def send(
+    def letter(
         self,
         *,
         source_topic: str,
@@ -140,7 +244,8 @@ class DeadLetters:
         error_class: str | None = None,
         headers: Headers = (),
         attempts: int | None = None,
-    ) -> None:
+    ) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
+        """The dlq record (key, value, headers) for one failed message; counts it."""
         if isinstance(error, BaseException):
             error_class = error_class or type(error).__name__
             reason = str(error) or type(error).__name__
@@ -160,7 +265,6 @@ class DeadLetters:
             original_headers=tuple((k, bytes(v or b"")) for k, v in headers),
             attempts=attempts,
         )
-        await self._publisher.send(self._topic, key, value, letter.headers())
         DEAD_LETTERS.labels(self._role, source_topic, error_class).inc()
         EVENTS_FAILED.labels(self._role, source_topic, error_class).inc()
         log.warning(
@@ -171,10 +275,59 @@ class DeadLetters:
             error_class=error_class,
             reason=reason[:300],
         )
+        return key, value, letter.headers()
+
+    async def send(
+        self,
+        *,
+        source_topic: str,
+        partition: int,
+        offset: int,
+        key: bytes | None,
+        value: bytes | None,
+        error: BaseException | str,
+        error_class: str | None = None,
+        headers: Headers = (),
+        attempts: int | None = None,
+    ) -> None:
+        assert self._publisher is not None, "DeadLetters without a publisher cannot send"
+        k, v, h = self.letter(
+            source_topic=source_topic,
+            partition=partition,
+            offset=offset,
+            key=key,
+            value=value,
+            error=error,
+            error_class=error_class,
+            headers=headers,
+            attempts=attempts,
+        )
+        await self._publisher.send(self.topic, k, v, h)
+
+    async def send_message(
+        self,
+        message: Any,
+        error: BaseException | str,
+        *,
+        error_class: str | None = None,
+        attempts: int | None = None,
+    ) -> None:
+        """Dead-letter a consumed record (anything with topic/partition/offset/key/value/headers)."""
+        await self.send(
+            source_topic=message.topic,
+            partition=message.partition,
+            offset=message.offset,
+            key=message.key,
+            value=message.value,
+            error=error,
+            error_class=error_class,
+            headers=message_header_pairs(message.headers),
+            attempts=attempts,
+        )
 
 
 def message_header_pairs(headers: Any) -> list[tuple[str, bytes]]:
-    """Headers of an aiokafka record or a faust message as (name, bytes) pairs."""
+    """Headers of a consumed record as (name, bytes) pairs."""
     pairs = headers.items() if isinstance(headers, dict) else (headers or ())
     return [(k, v.encode() if isinstance(v, str) else bytes(v or b"")) for k, v in pairs]
 

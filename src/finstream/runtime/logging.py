@@ -1,6 +1,6 @@
 """structlog JSON logs with a correlation id carried from event to event.
 
-Every log line of a process (ours, faust's, aiokafka's) goes through the same
+Every log line of a process (ours and our libraries') goes through the same
 processors: a timestamp, the level, the role, the correlation id bound in the
 current context, and a redaction step so that secrets and personal data
 (tokens, keys, passwords, email addresses, phone numbers) never reach a log.
@@ -94,10 +94,6 @@ def logging_dict_config(level: str = "INFO", fmt: str = "json") -> dict[str, Any
         "root": {"handlers": ["default"], "level": level.upper()},
         "loggers": {
             # Chatty at INFO; their warnings still come through.
-            "aiokafka": {"level": "WARNING"},
-            "kafka": {"level": "WARNING"},
-            "faust": {"level": "WARNING"},
-            "mode": {"level": "WARNING"},
             "httpx": {"level": "WARNING"},
             "uvicorn.access": {"level": "WARNING"},
         },

@@ -127,9 +127,9 @@ def demo_records(settings: Settings) -> list[tuple[str, str, str, dict[str, Any]
 
 async def _send_demo(settings: Settings) -> None:
     from finstream.codec import default_codec
-    from finstream.runtime.kafka import AiokafkaPublisher
+    from finstream.runtime.kafka import KafkaPublisher
 
-    pub = AiokafkaPublisher(settings, "run")
+    pub = KafkaPublisher(settings, "run")
     await pub.start()
     try:
         for topic, key, schema, record in demo_records(settings):

@@ -1,13 +1,9 @@
 """Running one worker role in this process: `finstream worker <role>`.
 
-Two kinds of role exist (see :mod:`finstream.roles`):
-
-* ``faust`` roles register agents and tables on a faust App and run it under a
-  faust Worker, which handles signals, rebalances and commits;
-* ``service`` roles are plain asyncio coroutines (connectors, batch sinks,
-  delivery workers) that run until SIGTERM/SIGINT sets their stop event.
-
-Both get the same logging, health server and metrics.
+Every role is an asyncio coroutine ``run(ctx)`` (see :mod:`finstream.roles`)
+that runs until SIGTERM/SIGINT sets its stop event; consuming roles run a
+:class:`finstream.runtime.engine.StreamEngine`. All get the same logging,
+health server and metrics.
 """
 
 from __future__ import annotations
@@ -22,8 +18,8 @@ from typing import Any
 from finstream.codec import Codec, default_codec
 from finstream.roles import ROLES, RoleSpec
 from finstream.runtime.health import HealthServer
-from finstream.runtime.kafka import AiokafkaPublisher, DeadLetters
-from finstream.runtime.logging import configure_logging, get_logger, logging_dict_config
+from finstream.runtime.kafka import DeadLetters, KafkaPublisher
+from finstream.runtime.logging import configure_logging, get_logger
 from finstream.settings import Settings, get_settings
 
 log = get_logger(__name__)
@@ -39,12 +35,12 @@ class ServiceContext:
     health: HealthServer
     stop: asyncio.Event
     options: dict[str, Any] = field(default_factory=dict)
-    _publisher: AiokafkaPublisher | None = None
+    _publisher: KafkaPublisher | None = None
 
-    async def publisher(self) -> AiokafkaPublisher:
+    async def publisher(self) -> KafkaPublisher:
         """A started producer shared by the role; stopped (and flushed) on exit."""
         if self._publisher is None:
-            pub = AiokafkaPublisher(self.settings, self.role)
+            pub = KafkaPublisher(self.settings, self.role)
             await pub.start()
             self._publisher = pub
         return self._publisher
@@ -69,10 +65,7 @@ def run_role(role: str, options: dict[str, Any] | None = None) -> None:
     if spec is None:
         raise SystemExit(f"unknown role {role!r}; known roles: {', '.join(sorted(ROLES))}")
     configure_logging(settings.log_level, settings.log_format, role=role)
-    if spec.kind == "faust":
-        _run_faust(spec, settings)
-    else:
-        asyncio.run(_run_service(spec, settings, options or {}))
+    asyncio.run(_run_service(spec, settings, options or {}))
 
 
 async def _run_service(spec: RoleSpec, settings: Settings, options: dict[str, Any]) -> None:
@@ -84,7 +77,7 @@ async def _run_service(spec: RoleSpec, settings: Settings, options: dict[str, An
     ctx = ServiceContext(spec.name, settings, default_codec(), health, stop, options)
     target: Callable[[ServiceContext], Awaitable[None]] = _load(spec.target)
     await health.start()
-    log.info("worker starting", kind="service")
+    log.info("worker starting", kind=spec.kind)
     try:
         await target(ctx)
     finally:
@@ -92,26 +85,3 @@ async def _run_service(spec: RoleSpec, settings: Settings, options: dict[str, An
         await ctx.close()
         await health.stop()
         log.info("worker stopped")
-
-
-def _run_faust(spec: RoleSpec, settings: Settings) -> None:
-    import faust
-
-    from finstream.app import agent_context, create_app
-    from finstream.runtime.faust_support import install_runtime
-
-    app = create_app(spec.name, settings)
-    health = HealthServer(spec.name, settings.http_host, settings.http_port)
-    ctx = agent_context(app, spec.name, settings, health)
-    register: Callable[..., None] = _load(spec.target)
-    register(app, ctx)
-    install_runtime(app, ctx)
-    worker = faust.Worker(
-        app,
-        loglevel=settings.log_level,
-        quiet=True,
-        logging_config=logging_dict_config(settings.log_level, settings.log_format),
-        redirect_stdouts=False,
-    )
-    log.info("worker starting", kind="faust")
-    worker.execute_from_commandline()

@@ -11,8 +11,8 @@ Appending: in one transaction per batch, lock the head row (``SELECT ... FOR
 UPDATE``), skip events already stored (``event_id`` is the idempotency key:
 a redelivered batch stores nothing twice), chain the new ones from the head,
 insert them and move the head. The row lock makes concurrent replicas take
-turns, so the chain never forks. Offsets are committed after the transaction
-(at-least-once), and the event-id check makes the replay harmless.
+turns, so the chain never forks. The stream engine commits offsets after the
+transaction (at-least-once), and the event-id check makes the replay harmless.
 
 Text that PostgreSQL cannot store (NUL characters) is replaced before
 hashing, so that what is hashed is what is stored.
@@ -29,9 +29,8 @@ from typing import Any
 
 import asyncpg
 
-from finstream.codec import DecodeError
 from finstream.domain.time import to_micros
-from finstream.runtime.consumer import BatchConsumer
+from finstream.runtime.engine import Event, Output, Processor, StreamEngine
 from finstream.runtime.logging import get_logger
 from finstream.runtime.worker import ServiceContext
 from finstream.sinks.postgres import create_pool
@@ -203,33 +202,29 @@ async def verify(conn: asyncpg.Connection, page: int = 5000) -> Verification:
     return Verification(True, checked, head_seq)
 
 
+class AuditSink(Processor):
+    def __init__(self, writer: AuditWriter) -> None:
+        self.writer = writer
+
+    async def process(self, events: list[Event], out: Output) -> None:
+        stored = await self.writer.append([ev.item for ev in events])
+        log.debug("audit batch stored", received=len(events), stored=stored)
+
+
 async def run(ctx: ServiceContext) -> None:
     settings = ctx.settings
     pool = await create_pool(settings)
-    writer = AuditWriter(pool)
-    dead_letters = await ctx.dead_letters()
-
-    async def handle(records: Sequence[Any]) -> None:
-        events = []
-        for r in records:
-            try:
-                events.append(ctx.codec.decode(r.value, "AuditEvent"))
-            except DecodeError as exc:
-                await dead_letters.send_message(r, exc)
-        stored = await writer.append(events)
-        log.debug("audit batch stored", received=len(records), stored=stored)
-
-    consumer = BatchConsumer(
+    engine = StreamEngine(
         settings,
         ctx.role,
-        [settings.topic("audit.events")],
-        handle,
-        publisher=await ctx.publisher(),
+        ["audit.events"],
+        AuditSink(AuditWriter(pool)),
+        ctx.health,
+        guarantee="at_least_once",
         batch_size=settings.audit_batch_size,
-        batch_ms=settings.audit_batch_ms,
-        on_ready=lambda ready: ctx.health.set_ready(ready, "" if ready else "no partitions"),
+        batch_wait=settings.audit_batch_ms / 1000,
     )
     try:
-        await consumer.run(ctx.stop)
+        await engine.run(ctx.stop)
     finally:
         await pool.close()

@@ -14,9 +14,9 @@ API's WebSocket). JSON fields: symbol, interval, start, end (ISO 8601),
 open, high, low, close, volume, vwap (decimal strings; vwap may be null),
 trades, final, revision.
 
-A batch is stored in PostgreSQL, then in Redis, then its offsets are
-committed: a crash re-reads at most one batch, which the revision checks
-make harmless.
+Runs on the stream engine, at least once: a batch is stored in PostgreSQL,
+then in Redis, then its offsets are committed; a crash re-reads what was not
+committed, which the revision checks make harmless.
 """
 
 from __future__ import annotations
@@ -28,10 +28,8 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 
-from finstream.codec import Codec, DecodeError
-from finstream.domain.bars import Bar, BarValidationError, validate_bar
-from finstream.runtime.consumer import BatchConsumer
-from finstream.runtime.kafka import DeadLetters
+from finstream.domain.bars import Bar
+from finstream.runtime.engine import Event, Output, Processor, StreamEngine
 from finstream.runtime.logging import get_logger
 from finstream.runtime.worker import ServiceContext
 from finstream.settings import Settings
@@ -149,41 +147,33 @@ class BarStore:
         return [json.loads(m) for m in raw if isinstance(m, bytes | str)]
 
 
-async def decode_bars(records: Sequence[Any], codec: Codec, dead_letters: DeadLetters) -> list[Bar]:
-    bars: list[Bar] = []
-    for r in records:
-        try:
-            bars.append(validate_bar(Bar.from_record(codec.decode(r.value, "Bar"))))
-        except (DecodeError, BarValidationError) as exc:
-            await dead_letters.send_message(r, exc)
-    return bars
+class BarsSink(Processor):
+    def __init__(self, store: BarStore) -> None:
+        self.store = store
+
+    async def process(self, events: list[Event], out: Output) -> None:
+        bars = [ev.item for ev in events]
+        stored = await self.store.write_postgres(bars)
+        cached = await self.store.write_redis(bars)
+        log.debug("bars stored", received=len(bars), postgres=stored, redis=cached)
 
 
 async def run(ctx: ServiceContext) -> None:
     settings = ctx.settings
     pool = await create_pool(settings)
     redis = connect(settings)
-    store = BarStore(pool, redis, settings)
-    dead_letters = await ctx.dead_letters()
-
-    async def handle(records: Sequence[Any]) -> None:
-        bars = await decode_bars(records, ctx.codec, dead_letters)
-        stored = await store.write_postgres(bars)
-        cached = await store.write_redis(bars)
-        log.debug("bars stored", received=len(records), postgres=stored, redis=cached)
-
-    consumer = BatchConsumer(
+    engine = StreamEngine(
         settings,
         ctx.role,
-        [settings.topic("md.bars.1m")],
-        handle,
-        publisher=await ctx.publisher(),
+        ["md.bars.1m"],
+        BarsSink(BarStore(pool, redis, settings)),
+        ctx.health,
+        guarantee="at_least_once",
         batch_size=settings.bars_batch_size,
-        batch_ms=settings.bars_batch_ms,
-        on_ready=lambda ready: ctx.health.set_ready(ready, "" if ready else "no partitions"),
+        batch_wait=settings.bars_batch_ms / 1000,
     )
     try:
-        await consumer.run(ctx.stop)
+        await engine.run(ctx.stop)
     finally:
         await pool.close()
         await redis.aclose()

@@ -1,25 +1,23 @@
 """Tick history sink: md.ticks -> PostgreSQL ``ticks``, in batches, idempotently.
 
-Each batch is copied into a temporary table and inserted with ON CONFLICT DO
-NOTHING on (symbol, tick_id), in one transaction, before the offsets are
-committed. A worker killed at any point re-reads at most the uncommitted batch,
-and the conflict clause turns the re-read into no new rows: no tick lost, none
-duplicated.
+Runs on the stream engine, at least once: each batch of validated ticks is
+copied into a temporary table and inserted with ON CONFLICT DO NOTHING on
+(symbol, tick_id), in one PostgreSQL transaction, before the engine commits the
+batch's offsets. A worker killed at any point re-reads only what was not yet
+committed, and the conflict clause turns the re-read into no new rows: no tick
+lost, none duplicated. Undecodable or invalid ticks are dead-lettered by the
+engine before the batch gets here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import timedelta
 from typing import Any
 
 import asyncpg
 
-from finstream.codec import Codec, DecodeError
-from finstream.domain.ticks import Tick, TickValidationError, validate_tick
-from finstream.domain.time import utcnow
-from finstream.runtime.consumer import BatchConsumer
-from finstream.runtime.kafka import DeadLetters
+from finstream.domain.ticks import Tick
+from finstream.runtime.engine import Event, Output, Processor, StreamEngine
 from finstream.runtime.logging import get_logger
 from finstream.runtime.worker import ServiceContext
 from finstream.sinks.postgres import create_pool
@@ -87,44 +85,29 @@ class TickWriter:
         return int(status.split()[-1])
 
 
-async def decode_ticks(
-    records: Sequence[Any], codec: Codec, dead_letters: DeadLetters, max_future: timedelta
-) -> list[Tick]:
-    """Valid ticks of a batch; the rest become dead letters with their reason."""
-    now = utcnow()
-    ticks: list[Tick] = []
-    for r in records:
-        try:
-            tick = Tick.from_record(codec.decode(r.value, "Tick"))
-            ticks.append(validate_tick(tick, now, max_future))
-        except (DecodeError, TickValidationError) as exc:
-            await dead_letters.send_message(r, exc)
-    return ticks
+class History(Processor):
+    def __init__(self, writer: TickWriter) -> None:
+        self.writer = writer
+
+    async def process(self, events: list[Event], out: Output) -> None:
+        inserted = await self.writer.write([ev.item for ev in events])
+        log.debug("batch stored", received=len(events), inserted=inserted)
 
 
 async def run(ctx: ServiceContext) -> None:
     settings = ctx.settings
     pool = await create_pool(settings)
-    writer = TickWriter(pool)
-    dead_letters = await ctx.dead_letters()
-    max_future = timedelta(seconds=settings.tick_max_future_seconds)
-
-    async def handle(records: Sequence[Any]) -> None:
-        ticks = await decode_ticks(records, ctx.codec, dead_letters, max_future)
-        inserted = await writer.write(ticks)
-        log.debug("batch stored", received=len(records), inserted=inserted)
-
-    consumer = BatchConsumer(
+    engine = StreamEngine(
         settings,
         ctx.role,
-        [settings.topic("md.ticks")],
-        handle,
-        publisher=await ctx.publisher(),
+        ["md.ticks"],
+        History(TickWriter(pool)),
+        ctx.health,
+        guarantee="at_least_once",
         batch_size=settings.history_batch_size,
-        batch_ms=settings.history_batch_ms,
-        on_ready=lambda ready: ctx.health.set_ready(ready, "" if ready else "no partitions"),
+        batch_wait=settings.history_batch_ms / 1000,
     )
     try:
-        await consumer.run(ctx.stop)
+        await engine.run(ctx.stop)
     finally:
         await pool.close()

@@ -6,19 +6,18 @@ WebSocket API fans these out). Updates are monotonic in event time: a late or
 replayed tick never overwrites a newer quote, so at-least-once redelivery and
 replays cannot move the cache backwards.
 
-The quotes agent writes through :class:`CoalescingQuoteWriter`: it keeps only
-the newest tick per symbol and flushes them in one Redis pipeline every few
-milliseconds, so a round trip per tick never throttles the stream. Live
-subscribers therefore see a conflated feed (at most one update per symbol per
-flush), the usual trade-off of quote distribution. What a crash loses between
-flushes is restored from the agent's table when its partitions are recovered.
+The quotes role writes through :class:`QuoteWriter`: it keeps only the newest
+tick per symbol of a batch and writes them in one Redis pipeline after the
+batch, so a round trip per tick never throttles the stream. Live subscribers
+therefore see a conflated feed (at most one update per symbol per batch), the
+usual trade-off of quote distribution. What a crash loses is repaired from the
+role's ``latest-quote`` store when its partitions are assigned again.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
+import time
 from decimal import Decimal
 from typing import Any
 
@@ -111,52 +110,49 @@ class QuoteCache:
         return {_text(k): _text(v) for k, v in raw.items()}
 
 
-class CoalescingQuoteWriter:
-    """Write-behind for the quote cache: newest tick per symbol, flushed in batches."""
+class QuoteWriter:
+    """Newest tick per symbol, written to the cache in one pipeline per flush.
 
-    def __init__(self, cache: QuoteCache, interval: float = 0.005) -> None:
+    A stream role offers every tick it accepts and flushes after each batch.
+    If Redis does not answer, the newest tick per symbol stays here (memory is
+    bounded by the number of symbols) and later flushes retry, at most once
+    per backoff period so that a dead Redis does not slow the stream down.
+    """
+
+    def __init__(self, cache: QuoteCache) -> None:
         self._cache = cache
-        self._interval = interval
         self._pending: dict[str, Tick] = {}
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._failures = 0
+        self._retry_at = 0.0
 
     def offer(self, tick: Tick) -> None:
         current = self._pending.get(tick.symbol)
         if current is None or tick.ts >= current.ts:
             self._pending[tick.symbol] = tick
-            self._wake.set()
 
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="quote-cache-writer")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        await self.flush()
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
 
     async def flush(self) -> None:
         if not self._pending:
+            return
+        now = time.monotonic()
+        if now < self._retry_at:
             return
         batch, self._pending = list(self._pending.values()), {}
         try:
             await self._cache.update_many(batch)
         except Exception as exc:
-            # Redis unavailable: keep the newest values and retry on the next flush.
             for tick in batch:
                 # A newer tick offered meanwhile wins over the one being retried.
                 self._pending.setdefault(tick.symbol, tick)
-            self._wake.set()
-            log.warning("quote cache flush failed; will retry", error=str(exc), pending=len(batch))
-            await asyncio.sleep(0.5)
-
-    async def _run(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            await asyncio.sleep(self._interval)
-            await self.flush()
+            self._failures += 1
+            self._retry_at = now + min(0.25 * 2**self._failures, 5.0)
+            log.warning(
+                "quote cache write failed; will retry", error=str(exc), pending=len(self._pending)
+            )
+            return
+        if self._failures:
+            log.info("quote cache writes resumed", after_failures=self._failures)
+        self._failures = 0

@@ -13,4 +13,7 @@ def connect(settings: Settings) -> aioredis.Redis:
         decode_responses=False,
         health_check_interval=30,
         socket_keepalive=True,
+        # A Redis that stops answering must fail a call, not hang a worker.
+        socket_connect_timeout=settings.redis_timeout,
+        socket_timeout=settings.redis_timeout,
     )

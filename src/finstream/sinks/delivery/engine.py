@@ -88,7 +88,8 @@ from finstream.domain.resilience import (
     RateLimiter,
 )
 from finstream.domain.time import utcnow
-from finstream.runtime.kafka import AiokafkaPublisher, DeadLetters, correlation_header
+from finstream.runtime.engine import Event
+from finstream.runtime.kafka import DeadLetters, KafkaPublisher, correlation_header
 from finstream.runtime.logging import correlation, correlation_from_headers, get_logger
 from finstream.runtime.metrics import DEAD_LETTERS, EVENTS_FAILED
 from finstream.settings import Settings
@@ -167,7 +168,7 @@ class DeliveryEngine:
         chain: Sequence[Provider],
         pool: asyncpg.Pool,
         redis: aioredis.Redis,
-        publisher: AiokafkaPublisher,
+        publisher: KafkaPublisher,
         rng: random.Random | None = None,
     ) -> None:
         self.settings = settings
@@ -210,8 +211,8 @@ class DeliveryEngine:
     # ======================================================================
     # intake
     # ======================================================================
-    async def intake(self, records: Sequence[Any]) -> None:
-        """BatchConsumer handler: claim what is new, queue it; never calls a provider."""
+    async def intake(self, records: Sequence[Event]) -> None:
+        """One batch of the stream engine: claim what is new, queue it; never calls a provider."""
         token = uuid.uuid4()
         fresh: dict[str, tuple[NewDelivery, dict[str, Any]]] = {}
         duplicates: list[tuple[NewDelivery, dict[str, Any], str]] = []
@@ -251,13 +252,9 @@ class DeliveryEngine:
         for job in jobs:
             await self.queue.put(job)  # waits when dispatch is behind: backpressure
 
-    async def _parse(self, r: Any) -> tuple[NewDelivery, dict[str, Any]] | None:
+    async def _parse(self, r: Event) -> tuple[NewDelivery, dict[str, Any]] | None:
         headers = r.headers or ()
-        try:
-            message = self.codec.decode(r.value, "OutboundMessage")
-        except DecodeError as exc:
-            await self.dead_letters.send_message(r, exc)
-            return None
+        message: dict[str, Any] = r.item  # decoded by the stream engine
         if not message["message_id"]:
             await self.dead_letters.send_message(
                 r,
@@ -276,7 +273,7 @@ class DeliveryEngine:
             source_topic=r.topic,
             source_partition=r.partition,
             source_offset=r.offset,
-            raw=r.value,
+            raw=r.value or b"",  # never empty: outbound messages are not compacted
         )
         try:
             validate_outbound(message, self.channel)

@@ -1,9 +1,11 @@
-"""Service roles of the delivery workers: one per channel, the same engine.
+"""Roles of the delivery workers: one per channel, the same delivery engine.
 
 ``finstream worker delivery-email`` (and ``delivery-push``, ``delivery-sms``,
-``inapp``) consumes ``notify.outbound.<channel>`` with a BatchConsumer whose
-handler is the engine's intake, and runs the engine's dispatch, schedule and
-outbox loops beside it until SIGTERM.
+``inapp``) consumes ``notify.outbound.<channel>`` on the stream engine, at
+least once: each batch of decoded messages goes to the delivery engine's
+intake, which claims new messages in PostgreSQL and queues them; the
+dispatch, schedule and outbox loops run beside it until SIGTERM. Offsets are
+committed after the claims are durable and the intake's records are flushed.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from finstream.runtime.consumer import BatchConsumer
+from finstream.runtime.engine import Event, Output, Processor, StreamEngine
+from finstream.runtime.kafka import KafkaPublisher
 from finstream.runtime.logging import get_logger
 from finstream.runtime.worker import ServiceContext
 from finstream.sinks.delivery.base import CHANNEL_TOPICS, build_chain
@@ -22,6 +25,17 @@ from finstream.sinks.redis_client import connect
 log = get_logger(__name__)
 
 
+class Intake(Processor):
+    def __init__(self, engine: DeliveryEngine, publisher: KafkaPublisher) -> None:
+        self.engine = engine
+        self.publisher = publisher
+
+    async def process(self, events: list[Event], out: Output) -> None:
+        await self.engine.intake(events)
+        # Dead letters and duplicate records of the batch are durable before its commit.
+        await self.publisher.flush()
+
+
 async def run_channel(ctx: ServiceContext, channel: str) -> None:
     settings = ctx.settings
     chain = build_chain(settings, channel, log=log.warning)
@@ -29,7 +43,7 @@ async def run_channel(ctx: ServiceContext, channel: str) -> None:
     pool = await create_pool(settings, min_size=2, max_size=settings.delivery_concurrency + 4)
     redis = connect(settings)
     publisher = await ctx.publisher()
-    engine = DeliveryEngine(
+    delivery = DeliveryEngine(
         settings=settings,
         codec=ctx.codec,
         channel=channel,
@@ -39,24 +53,24 @@ async def run_channel(ctx: ServiceContext, channel: str) -> None:
         redis=redis,
         publisher=publisher,
     )
-    consumer = BatchConsumer(
+    stream = StreamEngine(
         settings,
         ctx.role,
-        [settings.topic(CHANNEL_TOPICS[channel])],
-        engine.intake,
-        publisher=publisher,
+        [CHANNEL_TOPICS[channel]],
+        Intake(delivery, publisher),
+        ctx.health,
+        guarantee="at_least_once",
         batch_size=settings.delivery_batch_size,
-        batch_ms=settings.delivery_batch_ms,
-        on_ready=lambda ready: ctx.health.set_ready(ready, "" if ready else "no partitions"),
+        batch_wait=settings.delivery_batch_ms / 1000,
     )
-    engine_stop = asyncio.Event()
-    engine_task = asyncio.create_task(engine.run(engine_stop), name="delivery-engine")
+    delivery_stop = asyncio.Event()
+    delivery_task = asyncio.create_task(delivery.run(delivery_stop), name="delivery-engine")
     try:
-        await consumer.run(ctx.stop)
+        await stream.run(ctx.stop)
     finally:
-        engine_stop.set()
+        delivery_stop.set()
         with contextlib.suppress(Exception):
-            await engine_task
+            await delivery_task
         await redis.aclose()
         await pool.close()
 

@@ -1,0 +1,55 @@
+"""Kafka's default partitioner: murmur2 exactly as the Java client computes it."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from finstream.domain.partitioning import key_partition, murmur2
+
+# toPositive(murmur2(key)) as computed by aiokafka's implementation of the Java
+# client's Utils.murmur2 (taken once, before aiokafka left the dependencies).
+VECTORS = [
+    (b"", 275646681),
+    (b"a", 584102524),
+    (b"AAPL", 1691292177),
+    (b"demo-user", 630725433),
+    (b"21", 1173551340),
+    (b"RDS/A", 723946388),
+    (b"\xc3\xbc\xc3\xb1\xc3\xad", 1759016325),
+    (
+        b"\x00\x01\x02\x03\x04\x05\x06\x07\x08\t\n\x0b\x0c\r\x0e\x0f\x10\x11\x12\x13\x14\x15\x16\x17\x18\x19\x1a\x1b\x1c\x1d\x1e\x1f !\"#$%&'()*+,-./0123456789:;<=>?@ABCDEFGHIJKLMNOPQRSTUVWXYZ[\\]^_`abcdefghijklmnopqrstuvwxyz{|}~\x7f\x80\x81\x82\x83\x84\x85\x86\x87\x88\x89\x8a\x8b\x8c\x8d\x8e\x8f\x90\x91\x92\x93\x94\x95\x96\x97\x98\x99\x9a\x9b\x9c\x9d\x9e\x9f\xa0\xa1\xa2\xa3\xa4\xa5\xa6\xa7\xa8\xa9\xaa\xab\xac\xad\xae\xaf\xb0\xb1\xb2\xb3\xb4\xb5\xb6\xb7\xb8\xb9\xba\xbb\xbc\xbd\xbe\xbf\xc0\xc1\xc2\xc3\xc4\xc5\xc6\xc7\xc8\xc9\xca\xcb\xcc\xcd\xce\xcf\xd0\xd1\xd2\xd3\xd4\xd5\xd6\xd7\xd8\xd9\xda\xdb\xdc\xdd\xde\xdf\xe0\xe1\xe2\xe3\xe4\xe5\xe6\xe7\xe8\xe9\xea\xeb\xec\xed\xee\xef\xf0\xf1\xf2\xf3\xf4\xf5\xf6\xf7\xf8\xf9\xfa\xfb\xfc\xfd\xfe\xff",
+        199136374,
+    ),
+    (b"xxxxxxx", 568370895),
+    (b"user-123456789", 1220388429),
+    (b"\xf2&e\xa6\x0c\x12\xd2\x89\x18]\x95\x0e\xe8\x816\t\x16ok\x11=", 589808390),
+    (b"\x8dl\x0f\xd3\x90\x1f", 33551678),
+    (b'\xa1\xa0\x95\xf2\x0f\x93\x95e\x0c\xf98\x0b\x8e\xdb"', 1030437177),
+    (b"k$\x8a\x1e\x92N\x8f\xd0\xae.\x1a\x94\x92\xa30_\x18\x8c\xb6", 1874191213),
+    (b"\x90\x0f\x9e4\x7f", 599840744),
+    (
+        b"m\xc6Pw\x95\xect\\L?\xcb.\xb2\xc7>\x14\x93L\x86~\xe0W\xbarI\x9b\xfa\x12\x1e\x83k*\xc1W&",
+        171382519,
+    ),
+    (
+        b"k\n\xf6\xab\x13\xc3\x8e\x92\xca\xe0\xd1PW\xb1Y\x98\x7f\x94\xcct\x11\xd7\x17\xf1Ey\xb2\xaa\x10\x0f\xbb\xb3",
+        49222756,
+    ),
+    (b"\xa5\x93\xfe\xae\xd2rH\xb7b\xe3\xabX\x05\xf0vZ+\x9c\x1d~", 1559117801),
+    (b"7\xc4I!", 2085091856),
+    (b"ed\xea\xdf\x7f\x14*rf\x8cG\xe2#\xd1n\xdd", 389150731),
+]
+
+
+@pytest.mark.parametrize(("key", "expected"), VECTORS)
+def test_murmur2_matches_the_java_clients_hash(key: bytes, expected: int) -> None:
+    assert murmur2(key) & 0x7FFFFFFF == expected
+
+
+@given(st.binary(max_size=64), st.integers(1, 1000))
+def test_key_partition_is_within_range_and_stable(key: bytes, partitions: int) -> None:
+    p = key_partition(key, partitions)
+    assert 0 <= p < partitions
+    assert p == (murmur2(key) & 0x7FFFFFFF) % partitions
