@@ -64,8 +64,16 @@ test: stack-up tools ## Unit, integration and end-to-end tests against the real 
 test-unit: install
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
 
-bench: stack-up ## Benchmarks, each against a baseline measured in the same run
-	$(BIN)/python -m bench
+# The benchmarks' anchor (Quix Streams) runs in a virtualenv of its own, so that
+# its dependencies never constrain finstream's.
+ANCHOR := $(TOOLS)/anchor-venv
+$(ANCHOR)/.installed: $(UV) bench/anchor/requirements.txt
+	test -d $(ANCHOR) || $(UV) venv -q --python $(PYTHON) $(ANCHOR)
+	$(UV) pip install -q --python $(ANCHOR)/bin/python -r bench/anchor/requirements.txt
+	touch $@
+
+bench: stack-up $(ANCHOR)/.installed ## Benchmarks, each beside a baseline (and the Quix Streams anchor) measured in the same run
+	$(BIN)/python -m bench $(BENCH)
 
 tools: $(UV) ## helm, kubeconform, checkov, hadolint and offline schemas into .tools (idempotent)
 	UV=$(UV) PYTHON=$(PYTHON) bash deploy/tools/install.sh

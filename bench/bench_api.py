@@ -19,6 +19,7 @@ absolutes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -167,9 +168,12 @@ async def fan_out(
     tasks = [asyncio.create_task(listen(ws)) for ws in conns]
     try:
         recv.reset(CLIENTS * RATE * RATE_SECONDS)
-        await publish(redis, channel, RATE * RATE_SECONDS, RATE)
-        await asyncio.wait_for(recv.done.wait(), 120)
+        fixed_started = await publish(redis, channel, RATE * RATE_SECONDS, RATE)
+        # What is not delivered in time shows below as a shortfall.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(recv.done.wait(), 120)
         fixed = list(recv.latencies)
+        fixed_s = recv.last - fixed_started
         recv.reset(CLIENTS * BURST)
         server_cpu, client_cpu = cpu_seconds(server_pid), cpu_seconds(os.getpid())
         started = await publish(redis, channel, BURST, None)
@@ -185,7 +189,11 @@ async def fan_out(
         "connect_s": connect_s,
         "p50": pct(fixed, 50),
         "p99": pct(fixed, 99),
-        "fixed_per_s": len(fixed) / RATE_SECONDS,
+        # Delivered over the time it took (first publish to last delivery),
+        # not over the nominal seconds: a slow fan-out shows as a lower rate.
+        "fixed_per_s": len(fixed) / fixed_s,
+        "fixed_delivered": len(fixed),
+        "fixed_offered": CLIENTS * RATE * RATE_SECONDS,
         "burst_per_s": burst_rate,
         "server_us": server_cpu / (CLIENTS * BURST) * 1e6,
         "client_us": client_cpu / (CLIENTS * BURST) * 1e6,
@@ -248,8 +256,10 @@ async def run(env: TestEnv, keys: Keys, port: int, server_pid: int) -> None:
             f" p99 {base['p99']:.2f} ms; burst {base['burst_per_s']:,.0f} msg/s"
         )
         print(
-            f"websocket fan-out, {RATE} quotes/s x {CLIENTS:,} clients: "
-            f"{fan['fixed_per_s']:,.0f} msg/s delivered, publish-to-client latency "
+            f"websocket fan-out, {RATE} quotes/s x {CLIENTS:,} clients offered: "
+            f"{fan['fixed_delivered']:,} of {fan['fixed_offered']:,} messages delivered "
+            f"at {fan['fixed_per_s']:,.0f} msg/s (first publish to last delivery), "
+            "publish-to-client latency "
             f"p50 {fan['p50']:.2f} ms, p99 {fan['p99']:.2f} ms "
             f"(x{fan['p50'] / base['p50']:.1f} / x{fan['p99'] / base['p99']:.1f} the baseline)"
         )

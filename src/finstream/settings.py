@@ -169,8 +169,8 @@ class Settings(BaseSettings):
     md_replay_speed: str = Field(default="1", description="Playback speed: 1, 10, ... or max.")
 
     # -- sinks -------------------------------------------------------------------
-    history_batch_size: int = Field(default=1000, gt=0)
-    history_batch_ms: int = Field(default=200, gt=0)
+    history_batch_size: int = Field(default=5000, gt=0)
+    history_batch_ms: int = Field(default=50, gt=0)
     inbox_max_messages: int = Field(default=500, gt=0)
 
     # Delivery workers (issue 6): delivery-email, delivery-push, delivery-sms and

@@ -9,7 +9,7 @@ carries a plan out with the Kafka admin API.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -25,7 +25,12 @@ from pydantic import (
     model_validator,
 )
 
+from finstream.domain.alerts import AlertRule, validate_rule
+from finstream.domain.bars import Bar, validate_bar
 from finstream.domain.partitioning import key_partition
+from finstream.domain.preferences import Preferences
+from finstream.domain.routing import Request
+from finstream.domain.ticks import Tick, validate_tick
 from finstream.resources import resource
 
 
@@ -193,32 +198,22 @@ class DecodeContext:
 
 
 def _tick(record: dict[str, Any], ctx: DecodeContext) -> Any:
-    from finstream.domain.ticks import Tick, validate_tick
-
     return validate_tick(Tick.from_record(record), ctx.now, ctx.tick_max_future)
 
 
 def _bar(record: dict[str, Any], ctx: DecodeContext) -> Any:
-    from finstream.domain.bars import Bar, validate_bar
-
     return validate_bar(Bar.from_record(record))
 
 
 def _rule(record: dict[str, Any], ctx: DecodeContext) -> Any:
-    from finstream.domain.alerts import AlertRule, validate_rule
-
     return validate_rule(AlertRule.from_record(record))
 
 
 def _request(record: dict[str, Any], ctx: DecodeContext) -> Any:
-    from finstream.domain.routing import Request
-
     return Request.from_record(record)
 
 
 def _preferences(record: dict[str, Any], ctx: DecodeContext) -> Any:
-    from finstream.domain.preferences import Preferences
-
     return Preferences.from_record(record)
 
 
@@ -240,7 +235,6 @@ CONTRACT_TYPES: dict[str, Any] = {
 }
 
 
-@dataclass(frozen=True)
 class Contract:
     """One catalogue topic as its producers and consumers see it.
 
@@ -250,9 +244,20 @@ class Contract:
     default partitioner does.
     """
 
-    spec: TopicSpec
-    name: str
-    codec: Any
+    def __init__(self, spec: TopicSpec, name: str, codec: Any) -> None:
+        self.spec = spec
+        self.name = name
+        self.codec = codec
+        convert = CONTRACT_TYPES[spec.type]
+        if convert is None:
+            self.decode: Callable[[bytes | None, DecodeContext], Any] = _raw
+        else:
+            read = codec.decoder(spec.value_schema)
+
+            def decode(value: bytes | None, ctx: DecodeContext) -> Any:
+                return convert(read(value), ctx)
+
+            self.decode = decode
 
     @property
     def schema(self) -> str:
@@ -262,17 +267,15 @@ class Contract:
     def partitions(self) -> int:
         return self.spec.partitions
 
-    def decode(self, value: bytes | None, ctx: DecodeContext) -> Any:
-        convert = CONTRACT_TYPES[self.spec.type]
-        if convert is None:
-            return value
-        return convert(self.codec.decode(value, self.spec.value_schema), ctx)
-
     def encode(self, record: Mapping[str, Any]) -> bytes:
         return bytes(self.codec.encode(self.spec.value_schema, record))
 
     def partition(self, key: bytes) -> int:
         return key_partition(key, self.spec.partitions)
+
+
+def _raw(value: bytes | None, ctx: DecodeContext) -> Any:
+    return value
 
 
 def contract(name: str, namespace: str = "", codec: Any = None) -> Contract:

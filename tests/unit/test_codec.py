@@ -115,6 +115,22 @@ def test_round_trip(name: str, data: st.DataObject) -> None:
     assert encoded[:2] == SINGLE_OBJECT_MAGIC
     assert encoded[2:10] == CATALOG.get(name).fingerprint
     assert CODEC.decode(encoded, name) == record
+    assert CODEC.decoder(name)(encoded) == record
+
+
+@settings(max_examples=300, deadline=None)
+@given(tail=st.binary(max_size=200), name=st.sampled_from(NAMES))
+def test_the_fast_decoder_fails_exactly_where_decode_does(tail: bytes, name: str) -> None:
+    data = SINGLE_OBJECT_MAGIC + CATALOG.get(name).fingerprint + tail
+    try:
+        expected: object = CODEC.decode(data, name)
+    except DecodeError:
+        expected = DecodeError
+    try:
+        got: object = CODEC.decoder(name)(data)
+    except DecodeError:
+        got = DecodeError
+    assert got == expected
 
 
 def test_single_object_bytes_decode_with_only_the_avsc_file() -> None:

@@ -38,6 +38,7 @@ def test_replaying_the_drained_changelog_rebuilds_the_store(commits: list[list[t
         restored.start_restore(p)
     for p, key, raw in log:
         restored.load(p, key, raw)
+    restored.finish_restore()
     assert sorted(restored.items()) == sorted(live.items())
 
 
@@ -66,5 +67,6 @@ def test_a_record_that_does_not_deserialize_is_skipped_not_fatal() -> None:
     store.start_restore(0)
     store.load(0, b"bad", b"not a number")
     store.load(0, b"good", b"7")
+    store.finish_restore()
     assert store.get(0, b"bad") is None
     assert store.get(0, b"good") == 7

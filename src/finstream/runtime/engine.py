@@ -221,6 +221,14 @@ class Processor:
         raise: dead-letter it with ``out.dead_letter`` and go on.
         """
 
+    async def flush(self) -> None:
+        """Finish whatever ``process`` left in flight: called before every commit.
+
+        A sink that writes in the background (overlapping its writes with the
+        decoding of the next batch) waits for them here; raising voids the
+        uncommitted batches, as in ``process``.
+        """
+
     async def assigned(self, partitions: frozenset[int]) -> None:
         """The replica now owns these input partitions; their stores are restored."""
 
@@ -393,6 +401,7 @@ class StreamEngine:
                 if self._assignment and self._pending is None:
                     await self.processor.punctuate(self.out)
             if now - self._last_commit >= opts.commit_interval:
+                await self.processor.flush()
                 await self._kafka(self._commit)
             if now - self._last_lag >= 5.0:
                 self._last_lag = now
@@ -419,6 +428,7 @@ class StreamEngine:
 
     async def _commit_or_rewind(self) -> None:
         try:
+            await self.processor.flush()
             await self._kafka(self._commit)
         except Exception as exc:
             log.warning("final commit failed", error=str(exc))
@@ -704,6 +714,7 @@ class StreamEngine:
         self._problem = "rebalancing"
         partitions = frozenset(tp.partition for tp in tps)
         try:
+            self._call_processor(self.processor.flush())
             self._commit()
         except Exception as exc:
             # Nothing of the open batch survives; the state of every partition
@@ -834,6 +845,8 @@ class StreamEngine:
                         log.info("restoring state", records=read, pending=sorted(pending))
             finally:
                 restorer.unassign()
+        for store in self.stores:
+            store.finish_restore()
         self._restored |= set(wanted)
         seconds = time.perf_counter() - started
         RESTORED_RECORDS.labels(self.role).inc(read)

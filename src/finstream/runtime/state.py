@@ -50,6 +50,7 @@ class Store(Generic[V]):
         self.role = ""
         self._data: dict[int, dict[bytes, V]] = {}
         self._dirty: dict[int, set[bytes]] = {}
+        self._restoring: dict[int, dict[bytes, bytes]] = {}
 
     # -- what roles use -----------------------------------------------------------------
 
@@ -107,22 +108,36 @@ class Store(Generic[V]):
         for p in list(partitions):
             self._data.pop(p, None)
             self._dirty.pop(p, None)
+            self._restoring.pop(p, None)
 
     def start_restore(self, partition: int) -> None:
         self._data[partition] = {}
         self._dirty.pop(partition, None)
+        self._restoring[partition] = {}
 
     def load(self, partition: int, key: bytes, value: bytes | None) -> None:
-        """Apply one changelog record during a restore."""
-        data = self._data.setdefault(partition, {})
+        """Apply one changelog record during a restore (latest record of a key wins).
+
+        Values are kept as bytes until :meth:`finish_restore`: a changelog holds
+        every version a key had since its last compaction, and only the last
+        one needs decoding.
+        """
+        raw = self._restoring.setdefault(partition, {})
         if value is None:
-            data.pop(key, None)
-            return
-        try:
-            data[key] = self.deserialize(value)
-        except Exception as exc:
-            # A record this version cannot read must not stop the role; the
-            # key starts afresh and the counter tells the operator.
-            CORRUPT_STATE.labels(self.role, self.name).inc()
-            log.error("state record does not deserialize", store=self.name, error=str(exc))
-            data.pop(key, None)
+            raw.pop(key, None)
+        else:
+            raw[key] = value
+
+    def finish_restore(self) -> None:
+        """Decode what the restore read, once per key."""
+        for partition, raw in self._restoring.items():
+            data = self._data.setdefault(partition, {})
+            for key, value in raw.items():
+                try:
+                    data[key] = self.deserialize(value)
+                except Exception as exc:
+                    # A record this version cannot read must not stop the role;
+                    # the key starts afresh and the counter tells the operator.
+                    CORRUPT_STATE.labels(self.role, self.name).inc()
+                    log.error("state record does not deserialize", store=self.name, error=str(exc))
+        self._restoring = {}

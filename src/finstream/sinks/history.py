@@ -11,6 +11,7 @@ engine before the batch gets here.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any
 
@@ -86,12 +87,40 @@ class TickWriter:
 
 
 class History(Processor):
-    def __init__(self, writer: TickWriter) -> None:
+    """Writes each batch in the background while the engine decodes the next one.
+
+    At most ``depth`` writes are in flight (each on its own pooled connection);
+    the engine's commit waits for all of them (:meth:`flush`), so offsets are
+    committed only for ticks that are in PostgreSQL.
+    """
+
+    def __init__(self, writer: TickWriter, depth: int = 2) -> None:
         self.writer = writer
+        self.depth = depth
+        self._writes: list[asyncio.Task[int]] = []
 
     async def process(self, events: list[Event], out: Output) -> None:
-        inserted = await self.writer.write([ev.item for ev in events])
-        log.debug("batch stored", received=len(events), inserted=inserted)
+        while len(self._writes) >= self.depth:
+            await self._reap(self._writes[0])
+        self._writes.append(asyncio.create_task(self.writer.write([ev.item for ev in events])))
+
+    async def flush(self) -> None:
+        while self._writes:
+            await self._reap(self._writes[0])
+
+    async def _reap(self, task: asyncio.Task[int]) -> None:
+        try:
+            inserted = await task
+        except BaseException:
+            # The engine rewinds to its last commit and writes everything after
+            # it again; writes still in flight are void.
+            for other in self._writes:
+                other.cancel()
+            await asyncio.gather(*self._writes, return_exceptions=True)
+            self._writes.clear()
+            raise
+        self._writes.remove(task)
+        log.debug("batch stored", inserted=inserted)
 
 
 async def run(ctx: ServiceContext) -> None:

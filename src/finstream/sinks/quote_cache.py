@@ -42,6 +42,30 @@ return 1
 """
 
 
+# Many quotes in one call: KEYS are the quote hashes; ARGV holds, per key in
+# order, ts in micros, channel, JSON, the number of field/value pairs, then the
+# pairs. One script call per batch instead of one per symbol keeps the cost on
+# the client (packing commands) and the round trips flat. It touches keys of
+# many slots, which a standalone Redis (what finstream.sinks.redis_client
+# connects to) allows and a Redis Cluster would not.
+_UPDATE_MANY = """
+local i = 1
+local stored = 0
+for k = 1, #KEYS do
+  local ts, channel, doc, n = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
+  local first = i + 4
+  i = first + 2 * n
+  local current = redis.call('HGET', KEYS[k], 'ts_us')
+  if not (current and tonumber(current) > tonumber(ts)) then
+    redis.call('HSET', KEYS[k], unpack(ARGV, first, i - 1))
+    redis.call('PUBLISH', channel, doc)
+    stored = stored + 1
+  end
+end
+return stored
+"""
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -75,6 +99,7 @@ class QuoteCache:
         self._redis = redis
         self._settings = settings
         self._script = redis.register_script(_UPDATE)
+        self._many = redis.register_script(_UPDATE_MANY)
 
     def key(self, symbol: str) -> str:
         return self._settings.redis_key(f"quote:{symbol}")
@@ -94,14 +119,18 @@ class QuoteCache:
         return bool(await self._script(keys=[self.key(tick.symbol)], args=self._args(tick)))
 
     async def update_many(self, ticks: list[Tick]) -> int:
-        """Several symbols in one pipeline (one round trip); returns how many were stored."""
+        """Several symbols in one script call; returns how many were stored."""
         if not ticks:
             return 0
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for tick in ticks:
-                await self._script(keys=[self.key(tick.symbol)], args=self._args(tick), client=pipe)
-            results = await pipe.execute()
-        return sum(1 for r in results if r)
+        keys: list[str] = []
+        args: list[Any] = []
+        for tick in ticks:
+            fields = quote_fields(tick)
+            keys.append(self.key(tick.symbol))
+            args += (fields["ts_us"], self.channel(tick.symbol), json.dumps(fields), len(fields))
+            for pair in fields.items():
+                args += pair
+        return int(await self._many(keys=keys, args=args))
 
     async def get(self, symbol: str) -> dict[str, str] | None:
         raw = await self._redis.hgetall(self.key(symbol))

@@ -1,0 +1,1 @@
+"""Quix Streams applications doing finstream's workloads: the anchors of the benchmarks."""

@@ -1,0 +1,282 @@
+"""What every benchmark shares: environments, producing, baselines, drains, anchors.
+
+Measurement rules (bench/RESULTS.md):
+
+* A drain rate is the contender's own progress on a filled topic: records
+  processed between 10% and 90% of the topic, over that time (start-up and
+  the tail do not count; commits in between do). A finstream role's progress
+  is its events-in counter, a Quix application's a counter in the
+  application itself (bench/anchor/). The run then waits until the group has
+  committed the whole topic: a figure counts only work that was made durable.
+* Baselines and anchors run in their own processes, warm (the baseline reads
+  the topic once before the timed pass); load generators run in their own
+  process too, never in the loop that measures.
+* Every figure is printed with its sample count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Consumer, Producer, TopicPartition
+from tests.support.services import TestEnv, WorkerProcess, create_env, destroy_env, wait_until
+
+from finstream.settings import Settings
+from finstream.stack import Stack
+
+__all__ = ["TestEnv", "WorkerProcess", "create_env", "wait_until"]
+
+ROOT = Path(__file__).resolve().parents[1]
+ANCHOR_PYTHON = ROOT / ".tools" / "anchor-venv" / "bin" / "python"
+
+
+def setup(label: str) -> tuple[Settings, TestEnv, Path]:
+    base = Settings()
+    Stack(base).up(log=lambda _m: None)
+    logs = base.stack_dir / "bench-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    return base, create_env(base, label), logs
+
+
+def teardown(base: Settings, env: TestEnv) -> None:
+    destroy_env(env, base)
+
+
+def producer(env: TestEnv) -> Producer:
+    # Kafka's default partitioner, like every finstream producer.
+    return Producer(
+        {
+            "bootstrap.servers": env.settings.kafka_bootstrap,
+            "partitioner": "murmur2_random",
+            "linger.ms": 10,
+            "queue.buffering.max.messages": 1_000_000,
+            "compression.type": "lz4",
+            "log_level": 3,
+        }
+    )
+
+
+def produce(env: TestEnv, topic: str, messages: Sequence[tuple[bytes, bytes | None]]) -> float:
+    """Produce everything, wait for the broker; seconds taken."""
+    p = producer(env)
+    name = env.topic(topic)
+    started = time.perf_counter()
+    for key, value in messages:
+        while True:
+            try:
+                p.produce(name, key=key, value=value)
+                break
+            except BufferError:
+                p.poll(0.05)
+        p.poll(0)
+    if p.flush(300):
+        raise SystemExit(f"could not produce to {name}")
+    return time.perf_counter() - started
+
+
+def baseline(env: TestEnv, topic: str, count: int) -> dict[str, Any]:
+    """A raw confluent-kafka consume + decode(+validate) loop in its own process, warm."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.baseline",
+            env.settings.kafka_bootstrap,
+            env.topic(topic),
+            topic,
+            str(count),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+@dataclass
+class Drain:
+    rate: float
+    records: int
+    seconds: float
+
+    def line(self, label: str, ref: float | None = None, ref_label: str = "baseline") -> str:
+        ratio = f"  {self.rate / ref:.2f}x {ref_label}" if ref else ""
+        return (
+            f"{label:<44} {self.rate:>10,.0f}/s{ratio}  "
+            f"({self.records:,} records committed in {self.seconds:.2f} s)"
+        )
+
+
+def committed(env: TestEnv, group: str, topic: str, consumer: Consumer | None = None) -> int:
+    c = consumer or Consumer(
+        {
+            "bootstrap.servers": env.settings.kafka_bootstrap,
+            "group.id": group,
+            "enable.auto.commit": False,
+            "log_level": 3,
+        }
+    )
+    name = env.topic(topic)
+    parts = c.list_topics(name, timeout=10).topics[name].partitions
+    offsets = c.committed([TopicPartition(name, p) for p in parts], timeout=10)
+    if consumer is None:
+        c.close()
+    return sum(max(tp.offset, 0) for tp in offsets)
+
+
+def drain(
+    env: TestEnv,
+    group: str,
+    topic: str,
+    count: int,
+    progress: Callable[[], float],
+    timeout: float = 900.0,
+) -> Drain:
+    """Rate between 10% and 90% of ``count`` records processed, by ``progress``;
+    returns once the group has committed the whole topic."""
+    marks: dict[float, tuple[float, float]] = {}
+    began = time.perf_counter()
+    while 0.9 not in marks:
+        n = progress()
+        now = time.perf_counter()
+        for frac in (0.1, 0.9):
+            if frac not in marks and n >= frac * count:
+                marks[frac] = (now, n)
+        if now - began > timeout:
+            raise SystemExit(f"{group} did not process {topic} in {timeout:.0f} s")
+        time.sleep(0.02)
+    end = end_offsets(env, topic)
+    while committed(env, group, topic) < end:
+        if time.perf_counter() - began > timeout:
+            raise SystemExit(f"{group} did not commit {topic} in {timeout:.0f} s")
+        time.sleep(0.1)
+    (t0, n0), (t1, n1) = marks[0.1], marks[0.9]
+    return Drain((n1 - n0) / (t1 - t0), int(n1 - n0), t1 - t0)
+
+
+def progress_file(path: Path) -> Callable[[], float]:
+    """An anchor's progress: the last number it wrote to ``path``."""
+
+    def read() -> float:
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            return 0.0
+        return float(text or 0)
+
+    return read
+
+
+def end_offsets(env: TestEnv, topic: str) -> int:
+    c = Consumer(
+        {
+            "bootstrap.servers": env.settings.kafka_bootstrap,
+            "group.id": "bench-ends",
+            "log_level": 3,
+        }
+    )
+    try:
+        name = env.topic(topic)
+        parts = c.list_topics(name, timeout=10).topics[name].partitions
+        return sum(c.get_watermark_offsets(TopicPartition(name, p), timeout=10)[1] for p in parts)
+    finally:
+        c.close()
+
+
+def worker(env: TestEnv, role: str, logs: Path, **settings: str) -> WorkerProcess:
+    return WorkerProcess(env, role, logs, log_level="WARNING", **settings)
+
+
+def metric(worker: WorkerProcess, name: str) -> float:
+    from tests.support.services import metric_value
+
+    return metric_value(worker, name)
+
+
+def events_in(worker: WorkerProcess, env: TestEnv, topic: str) -> float:
+    """A role's events-in counter for one of its input topics."""
+    name = env.topic(topic)
+    try:
+        text = worker.metrics()
+    except Exception:
+        return 0.0
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("finstream_events_in_total{") and f'topic="{name}"' in line
+    )
+
+
+def anchor(script: str, *args: str, log: Path) -> subprocess.Popen[bytes]:
+    """A Quix Streams application (bench/anchor/), in the anchor virtualenv."""
+    if not ANCHOR_PYTHON.exists():
+        raise SystemExit(
+            f"{ANCHOR_PYTHON} is missing: `make bench` creates it (bench/anchor/requirements.txt)"
+        )
+    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'src'}:{ROOT}")
+    return subprocess.Popen(
+        [str(ANCHOR_PYTHON), str(ROOT / "bench" / "anchor" / script), *args],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=ROOT,
+    )
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+class StateDir:
+    def __enter__(self) -> str:
+        self.path = tempfile.mkdtemp(prefix="bench-anchor-")
+        return self.path
+
+    def __exit__(self, *exc: object) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def loadgen(
+    env: TestEnv, kind: str, rate: int, seconds: float, *extra: str
+) -> subprocess.Popen[bytes]:
+    """An offered load in its own process (bench/loadgen.py)."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bench.loadgen",
+            kind,
+            env.settings.kafka_bootstrap,
+            env.settings.namespace,
+            str(rate),
+            str(seconds),
+            *extra,
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+    )
+
+
+def percentiles(samples: list[float]) -> tuple[float, float]:
+    """p50 and p99 in milliseconds (NaN under 100 samples)."""
+    if len(samples) < 100:
+        return float("nan"), float("nan")
+    q = statistics.quantiles(samples, n=100)
+    return q[49] * 1000, q[98] * 1000
