@@ -100,10 +100,10 @@ DECLARE
     bound timestamptz;
 BEGIN
     FOR spec IN SELECT * FROM (VALUES
-        ('ticks', 'ts', 'day'),
-        ('bars', 'start', 'month'),
-        ('delivery_results', 'at', 'month'),
-        ('audit_events', 'recorded_at', 'month')) AS t(tbl, key, grain)
+        ('ticks', 'ts', 'day', true),
+        ('bars', 'start', 'month', false),
+        ('delivery_results', 'at', 'month', true),
+        ('audit_events', 'recorded_at', 'month', true)) AS t(tbl, key, grain, new_key)
     LOOP
         EXECUTE format('SELECT max(%I) FROM %I', spec.key, spec.tbl || '_legacy') INTO newest;
         IF newest IS NULL THEN
@@ -113,6 +113,12 @@ BEGIN
             -- partitions created from then on never overlap it.
             bound := (date_trunc(spec.grain, greatest(newest, now()) AT TIME ZONE 'UTC')
                       + ('1 ' || spec.grain)::interval) AT TIME ZONE 'UTC';
+            IF spec.new_key THEN
+                -- The parent's primary key adds the partition key; attaching
+                -- builds that index on the old table in place of its own.
+                EXECUTE format('ALTER TABLE %I DROP CONSTRAINT %I',
+                               spec.tbl || '_legacy', spec.tbl || '_legacy_pkey');
+            END IF;
             EXECUTE format(
                 'ALTER TABLE %I ATTACH PARTITION %I FOR VALUES FROM (MINVALUE) TO (%L)',
                 spec.tbl, spec.tbl || '_legacy', bound);

@@ -182,7 +182,8 @@ def test_restore_drill_to_a_point_in_time(
         # 2. a full backup, then more rows
         backup = _cli(settings, env, "db", "backup", "--type", "full")
         assert backup.returncode == 0, backup.stdout + backup.stderr
-        assert "backup:" in backup.stdout and "(full) done" in backup.stdout
+        assert "backup:" in backup.stdout
+        assert "(full) done" in backup.stdout
         env.produce_records("md.ticks", "Tick", ticks[300:600])
         env.produce_records("audit.events", "AuditEvent", _audit("b", 20))
         asyncio.run(_deliveries(url, "b", 10))
@@ -214,7 +215,8 @@ def test_restore_drill_to_a_point_in_time(
                 )
             },
         }
-        assert len(before_t["ticks"]) == 600 and len(before_t["audit"]) == 40
+        assert len(before_t["ticks"]) == 600
+        assert len(before_t["audit"]) == 40
         assert len(before_t["deliveries"]) == 20
         segment = _sql(url, "SELECT pg_walfile_name(pg_switch_wal()) AS w")[0]["w"]
         wait_until(
@@ -262,14 +264,16 @@ def test_restore_drill_to_a_point_in_time(
         wait_until(lambda: count("ticks") == 900 and count("audit_events") == 60, timeout=90)
         assert len({r["tick_id"] for r in _sql(url, "SELECT tick_id FROM ticks")}) == 900
         verify = _cli(settings, env, "audit", "verify")
-        assert verify.returncode == 0 and "audit chain intact: 60 events" in verify.stdout
+        assert verify.returncode == 0
+        assert "audit chain intact: 60 events" in verify.stdout
     finally:
         for w in workers:
             w.stop()
 
     listing = _cli(settings, env, "db", "backups")
     assert listing.returncode == 0, listing.stderr
-    assert "full" in listing.stdout and "WAL archive" in listing.stdout
+    assert "full" in listing.stdout
+    assert "WAL archive" in listing.stdout
     print(
         f"\nRESTORE DRILL: RPO {unarchived:.1f}s of WAL not yet archived at the failure "
         f"(bound: archive_timeout 60s); RTO {rto:.1f}s from `finstream db restore` to a "

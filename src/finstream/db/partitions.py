@@ -83,7 +83,7 @@ async def use_owner_role(conn: asyncpg.Connection) -> bool:
 
 async def is_partitioned(conn: asyncpg.Connection, table: str) -> bool:
     kind: str | None = await conn.fetchval(
-        "SELECT c.relkind FROM pg_class c WHERE c.oid = to_regclass($1)", table
+        "SELECT c.relkind::text FROM pg_class c WHERE c.oid = to_regclass($1)", table
     )
     return kind == "p"
 
