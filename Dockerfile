@@ -40,7 +40,7 @@ FROM base AS runtime
 # tini as PID 1: forwards SIGTERM to finstream (which commits and leaves its
 # consumer group) and reaps zombies.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends tini=0.19.0-1+b3 \
+ && apt-get install -y --no-install-recommends tini=0.19.0-1+b3 pgbackrest=2.45-1 \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --gid 10001 finstream \
  && useradd --uid 10001 --gid 10001 --no-create-home --no-log-init \

@@ -290,7 +290,7 @@ def topics_replay(
 
 @main.group()
 def db() -> None:
-    """PostgreSQL schema."""
+    """PostgreSQL: schema, backups and restore, retention, health."""
 
 
 @db.command("migrate")
@@ -316,6 +316,17 @@ def db_migrate() -> None:
     for m in applied:
         click.echo(f"applied {m.version:04d}_{m.name}")
     click.echo(f"database: {len(applied)} migration(s) applied, schema up to date")
+
+
+def _add_db_commands() -> None:
+    """backup, backups, verify, restore, init, reset, retention, health, stats, slow-queries."""
+    from finstream.cli_db import COMMANDS
+
+    for command in COMMANDS:
+        db.add_command(command)
+
+
+_add_db_commands()
 
 
 # -- workers --------------------------------------------------------------------

@@ -127,4 +127,15 @@ _ROLES = [
     ),
 ]
 
+_ROLES.append(
+    RoleSpec(
+        "retention",
+        "service",
+        "finstream.db.role:run",
+        (),
+        "Creates time partitions ahead, removes what is past each table's retention policy "
+        "(audited) and exports database health metrics.",
+    )
+)
+
 ROLES: dict[str, RoleSpec] = {r.name: r for r in _ROLES}

@@ -475,6 +475,10 @@ class Stack:
             log(
                 f"postgres: already running at {self.pg_host}:{self.pg_port} ({'managed' if pid else 'external'})"
             )
+            if pid is None:
+                missing = self._pg_unconfigured()
+                if missing:
+                    log(f"postgres: external, not configured by finstream: {missing}")
             return
         if pid is None and _port_open(self.pg_host, self.pg_port):
             raise StackError(
@@ -549,7 +553,11 @@ class Stack:
         opts = (
             f"-c listen_addresses=127.0.0.1 -p {self.pg_port} -c unix_socket_directories={sockets} "
             "-c max_connections=200 -c shared_buffers=256MB"
+            # Slow-query statistics for `finstream db slow-queries`.
+            " -c shared_preload_libraries=pg_stat_statements -c track_io_timing=on"
         )
+        if self.settings.backup_archive:
+            opts += " " + self._pgbackrest_setup(sockets, log)
         proc = subprocess.run(
             [
                 *runas,
@@ -612,6 +620,8 @@ class Stack:
         err = self._pg_check()
         if err is not None:
             raise StackError(f"PostgreSQL started but refuses the configured URL: {err}")
+        if self.settings.backup_archive:
+            self._pgbackrest_stanza(log)
         log(f"postgres: ready at {self.pg_host}:{self.pg_port}/{self.pg_db}")
 
     def _postgres_down(self) -> bool:
@@ -637,6 +647,88 @@ class Stack:
         if pid is not None:
             _stop_pid(pid)
         return True
+
+    # -- PostgreSQL: backups (pgBackRest) and the operations `finstream db` needs ---------
+    def postgres_up(self, log: Log = print) -> None:
+        """Start (or check) PostgreSQL alone: `finstream db restore` restarts it this way."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._postgres_up(log)
+
+    def postgres_stop(self) -> bool:
+        """Stop the PostgreSQL we manage (fast shutdown); False when it is not ours or not running."""
+        return self._postgres_down()
+
+    @property
+    def pg_data(self) -> Path:
+        return self._pg_data
+
+    def _pg_unconfigured(self) -> str:
+        """What an external PostgreSQL lacks for `finstream db backup` and `db slow-queries`."""
+        import asyncpg
+
+        async def probe() -> tuple[str, str]:
+            conn = await asyncpg.connect(self.settings.database_url.get_secret_value(), timeout=3)
+            try:
+                mode = await conn.fetchval("SELECT current_setting('archive_mode')")
+                preload = await conn.fetchval("SELECT current_setting('shared_preload_libraries')")
+            finally:
+                await conn.close()
+            return str(mode), str(preload)
+
+        try:
+            mode, preload = asyncio.run(probe())
+        except Exception:
+            return ""
+        gaps = []
+        if mode == "off":
+            gaps.append(
+                "WAL archiving is off (no point-in-time restore; `finstream db backup` needs "
+                "FINSTREAM_PGBACKREST_CONFIG and archive_command, deploy/README.md)"
+            )
+        if "pg_stat_statements" not in preload:
+            gaps.append(
+                "pg_stat_statements is not in shared_preload_libraries (`finstream db slow-queries` cannot work)"
+            )
+        return "; ".join(gaps)
+
+    def _pgbackrest_setup(self, sockets: Path, log: Log) -> str:
+        """Write pgbackrest.conf for our cluster; return the postgres options that archive to it."""
+        import shlex
+
+        from finstream.db.backup import archive_command, render_config, stack_config_path
+
+        if shutil.which("pgbackrest") is None:
+            log("postgres: pgbackrest not installed; installing the Debian package")
+            _apt_install("pgbackrest")
+        base = self.root / "pgbackrest"
+        for sub in ("repo", "log", "lock", "spool"):
+            (base / sub).mkdir(parents=True, exist_ok=True)
+        config = stack_config_path(self.settings)
+        config.write_text(
+            render_config(self.settings, self._pg_data, self.pg_port, sockets, self.pg_user)
+        )
+        if os.geteuid() == 0:
+            for path in [base, *base.iterdir()]:
+                shutil.chown(path, "postgres", "postgres")
+            os.chmod(base, 0o750)  # noqa: S103 (the postgres group reads its own configuration)
+        settings = {
+            "wal_level": "replica",
+            "archive_mode": "on",
+            "archive_command": archive_command(self.settings, config),
+            # An idle cluster still closes a WAL segment a minute: the RPO bound.
+            "archive_timeout": "60",
+            "max_wal_senders": "3",
+        }
+        return " ".join(f"-c {shlex.quote(f'{k}={v}')}" for k, v in settings.items())
+
+    def _pgbackrest_stanza(self, log: Log) -> None:
+        from finstream.db.backup import BackupError, PgBackRest
+
+        try:
+            PgBackRest.for_settings(self.settings).run("stanza-create", timeout=120)
+        except BackupError as exc:
+            raise StackError(f"pgBackRest could not set up its stanza: {exc}") from None
+        log(f"postgres: WAL archived by pgBackRest (stanza {self.settings.backup_stanza})")
 
     # -- Redis ---------------------------------------------------------------------
     @property

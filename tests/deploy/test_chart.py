@@ -38,7 +38,7 @@ from .conftest import (
 OVERLAYS = [None, "values-dev.yaml", "values-staging.yaml", "values-prod.yaml"]
 AUTOSCALED = ["staging", "staging-operators", "prod", "prod-hpa"]
 SCALERS = ("ScaledObject", "HorizontalPodAutoscaler")
-POD_OWNERS = ("Deployment", "Job", "Pod")
+POD_OWNERS = ("Deployment", "Job", "Pod", "CronJob")
 
 
 def values(overlay: str | None = None) -> dict[str, Any]:
@@ -55,6 +55,8 @@ def partitions(topic: str) -> int:
 
 
 def pod_spec(doc: dict[str, Any]) -> dict[str, Any]:
+    if doc["kind"] == "CronJob":
+        return pod_spec({"kind": "Job", "spec": doc["spec"]["jobTemplate"]["spec"]})
     spec: dict[str, Any] = doc["spec"] if doc["kind"] == "Pod" else doc["spec"]["template"]["spec"]
     return spec
 
@@ -415,7 +417,7 @@ def test_prod_refuses_an_image_without_digest(tools: Tools) -> None:
 
 # -- pods -------------------------------------------------------------------------------
 
-SECRET_NAME = re.compile(r"(PASSWORD|SECRET|TOKEN|_KEY$|DATABASE_URL|REDIS_URL)")
+SECRET_NAME = re.compile(r"(PASSWORD|SECRET|TOKEN|_KEY$|DATABASE_URL|REDIS_URL|CIPHER_PASS)")
 
 
 def test_every_pod_is_hardened(renders: dict[str, Render]) -> None:
@@ -521,6 +523,11 @@ def test_monitoring_resources(renders: dict[str, Render]) -> None:
     (rule,) = prod.of_kind("PrometheusRule")
     alerts = {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]}
     assert {
+        "FinstreamDatabaseBackupLate",
+        "FinstreamWalArchivingFailing",
+        "FinstreamDatabaseConnectionsHigh",
+        "FinstreamDatabaseReplicationLag",
+        "FinstreamRetentionFailed",
         "FinstreamConsumerLagHigh",
         "FinstreamDeadLettersGrowing",
         "FinstreamDeliverySuccessLow",
@@ -530,6 +537,7 @@ def test_monitoring_resources(renders: dict[str, Render]) -> None:
     (dashboards,) = prod.of_kind("ConfigMap")
     for text in dashboards["data"].values():
         json.loads(text)
+    assert {"finstream.json", "finstream-database.json"} <= set(dashboards["data"])
     # A cluster without the Prometheus operator gets neither (and no render error).
     assert renders["staging"].of_kind("ServiceMonitor") == []
 
@@ -601,7 +609,10 @@ def test_every_rendered_setting_exists(renders: dict[str, Render]) -> None:
     for render in renders.values():
         for doc in (d for d in render.docs if d["kind"] in POD_OWNERS):
             for c in pod_spec(doc)["containers"]:
-                names = {e["name"] for e in c.get("env", [])}
+                # pgBackRest reads its own PGBACKREST_* options (backup CronJobs).
+                names = {
+                    e["name"] for e in c.get("env", []) if not e["name"].startswith("PGBACKREST_")
+                }
                 assert names - known == set(), f"{render.name} {doc['metadata']['name']}"
 
 
@@ -684,3 +695,73 @@ def test_network_policies_let_the_helm_test_through_and_strangers_not(
     for template in pods.values():
         labels = template["metadata"]["labels"]
         assert _allowed(policies, "ingress", labels, {"app": "prometheus"}, monitoring, 8081)
+
+
+# -- least privilege and database operations ------------------------------------------------
+
+
+def _secret_refs(container: dict[str, Any]) -> dict[str, str]:
+    return {
+        e["name"]: e["valueFrom"]["secretKeyRef"]["key"]
+        for e in container.get("env", [])
+        if "valueFrom" in e
+    }
+
+
+@pytest.mark.parametrize("name", ["default", "prod"])
+def test_each_role_gets_only_its_own_credentials(renders: dict[str, Render], name: str) -> None:
+    from finstream.db.grants import WORKER_DB_ROLES
+
+    render = renders[name]
+    database_keys = {}
+    for dep in render.of_kind("Deployment"):
+        role = role_of(dep)
+        refs = _secret_refs(pod_spec(dep)["containers"][0])
+        if role in WORKER_DB_ROLES:
+            database_keys[role] = refs["FINSTREAM_DATABASE_URL"]
+        else:
+            assert "FINSTREAM_DATABASE_URL" not in refs, (
+                f"{role} holds a database login it never uses"
+            )
+        if name == "prod":
+            twilio = {"FINSTREAM_DELIVERY_TWILIO_AUTH_TOKEN", "FINSTREAM_API_TWILIO_AUTH_TOKEN"}
+            if role not in ("delivery-sms", "api"):
+                assert not twilio & set(refs), f"{role} holds the Twilio token"
+            if role != "delivery-email":
+                assert "FINSTREAM_DELIVERY_SENDGRID_API_KEY" not in refs, role
+            if role != "connector":
+                assert not {"FINSTREAM_MD_FINNHUB_KEY", "FINSTREAM_MD_POLYGON_KEY"} & set(refs), (
+                    role
+                )
+    # One login per group role; only retention (and the jobs) use the owner's.
+    assert database_keys["history"] == "database-url-history"
+    assert database_keys["api"] == "database-url-api"
+    assert database_keys["retention"] == "database-url-owner"
+    owners = {r for r, k in database_keys.items() if k == "database-url-owner"}
+    assert owners == {"retention"}
+    assert len({database_keys[r] for r in ("history", "bars", "audit", "api", "delivery-sms")}) == 5
+    for job in render.of_kind("Job"):
+        refs = _secret_refs(pod_spec(job)["containers"][0])
+        if role_of(job) == "migrate":
+            assert refs["FINSTREAM_DATABASE_URL"] == "database-url-owner"
+        else:
+            assert "FINSTREAM_DATABASE_URL" not in refs, role_of(job)
+
+
+def test_backup_and_retention_cronjobs(renders: dict[str, Render]) -> None:
+    prod = renders["prod"]
+    jobs = {role_of(c): c for c in prod.of_kind("CronJob")}
+    assert set(jobs) == {"backup-full", "backup-incr", "retention"}
+    for role, job in jobs.items():
+        assert job["spec"]["concurrencyPolicy"] == "Forbid"
+        c = pod_spec(job)["containers"][0]
+        assert _secret_refs(c)["FINSTREAM_DATABASE_URL"] == "database-url-owner"
+        if role.startswith("backup-"):
+            assert c["args"] == ["db", "backup", "--type", role.removeprefix("backup-")]
+            env = {e["name"]: e.get("value") for e in c["env"]}
+            assert env["PGBACKREST_REPO1_TYPE"] == "s3"
+            assert "PGBACKREST_REPO1_S3_KEY_SECRET" in _secret_refs(c)
+        else:
+            assert c["args"] == ["db", "retention"]
+    assert jobs["backup-full"]["spec"]["schedule"] == "0 1 * * *"
+    assert jobs["backup-incr"]["spec"]["schedule"] == "30 * * * *"

@@ -68,9 +68,11 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
 {{/* Environment ------------------------------------------------------------
-dict "root" $ "extra" <map of FINSTREAM_* for this component>
+dict "root" $ "extra" <map of FINSTREAM_* for this component> "secrets" <its own secrets>
 Plain settings first (sorted, so that a re-render never reorders them and
-rolls pods for nothing), then the Secret references. */}}
+rolls pods for nothing), then the Secret references: secrets.env (what every
+pod needs) and the component's own (workers.<role>.secrets, migrations.secrets,
+database.*.secrets), so that a pod holds only the credentials of its role. */}}
 {{- define "finstream.env" -}}
 {{- $root := .root }}
 {{- $c := $root.Values.config }}
@@ -90,8 +92,9 @@ rolls pods for nothing), then the Secret references. */}}
 {{- $_ := set $env "FINSTREAM_SCHEMA_REGISTRY_URL" $c.schemaRegistryUrl }}
 {{- end }}
 {{- $env = mergeOverwrite $env (deepCopy $c.extraEnv) (deepCopy (.extra | default dict)) }}
+{{- $secrets := mergeOverwrite (deepCopy $root.Values.secrets.env) (deepCopy (.secrets | default dict)) }}
 {{- range $name := keys $env | sortAlpha }}
-{{- if hasKey $root.Values.secrets.env $name }}
+{{- if hasKey $secrets $name }}
 {{- fail (printf "%s is set both as a plain value and from a Secret (secrets.env); keep the Secret" $name) }}
 {{- end }}
 - name: {{ $name }}
@@ -102,8 +105,8 @@ rolls pods for nothing), then the Secret references. */}}
   valueFrom:
     fieldRef:
       fieldPath: metadata.name
-{{- range $name := keys $root.Values.secrets.env | sortAlpha }}
-{{- $ref := index $root.Values.secrets.env $name }}
+{{- range $name := keys $secrets | sortAlpha }}
+{{- $ref := index $secrets $name }}
 - name: {{ $name }}
   valueFrom:
     secretKeyRef:

@@ -124,7 +124,7 @@ class Resources:
         publisher = KafkaPublisher(settings, "api")
         pg: asyncpg.Pool | None = None
         try:
-            pg = await create_pool(settings, min_size=1, max_size=10)
+            pg = await create_pool(settings, max_size=settings.api_db_pool_max_size)
             await publisher.start()
             hub = PubSubHub.for_namespace(hub_redis, settings.namespace)
             await hub.start()

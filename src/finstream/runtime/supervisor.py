@@ -62,6 +62,31 @@ def _prepare(settings: Settings) -> None:
     ctx.invoke(stack_up)
     ctx.invoke(topics_apply, dry_run=False, replication_factor=None)
     ctx.invoke(db_migrate)
+    if settings.env == "dev":
+        asyncio.run(_dev_logins(settings))
+
+
+async def _dev_logins(settings: Settings) -> None:
+    import asyncpg
+
+    from finstream.db.grants import provision_dev_logins
+
+    conn = await asyncpg.connect(settings.database_url.get_secret_value(), timeout=10)
+    try:
+        await provision_dev_logins(conn)
+    finally:
+        await conn.close()
+
+
+def _role_env(settings: Settings, role: str, prepared: bool) -> dict[str, str]:
+    """Least privilege locally too: each role connects as its own database login
+    (dev, once _prepare has created the logins)."""
+    from finstream.db.grants import WORKER_DB_ROLES, role_database_url
+
+    group = WORKER_DB_ROLES.get(role)
+    if settings.env != "dev" or group is None or not prepared:
+        return {}
+    return {"database_url": role_database_url(settings.database_url.get_secret_value(), group)}
 
 
 def _demo_symbol(settings: Settings) -> str:
@@ -125,7 +150,7 @@ def demo_records(settings: Settings) -> list[tuple[str, str, str, dict[str, Any]
     ]
 
 
-async def _send_demo(settings: Settings) -> None:
+async def send_demo(settings: Settings) -> None:
     from finstream.codec import default_codec
     from finstream.runtime.kafka import KafkaPublisher
 
@@ -280,10 +305,10 @@ def run_command(roles_opt: str | None, no_prepare: bool, duration: float | None)
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
     for c in children:
-        c.start({})
+        c.start(_role_env(settings, c.role, not no_prepare))
         click.echo(f"started {c.role:<10} pid {c.proc.pid if c.proc else '?':<7} log {c.log_path}")
     if settings.run_demo:
-        asyncio.run(_send_demo(settings))
+        asyncio.run(send_demo(settings))
         click.echo(
             f"demo: preferences, a price alert and a welcome message for {DEMO_USER} "
             "(in-app inbox and email)"
@@ -309,7 +334,7 @@ def run_command(roles_opt: str | None, no_prepare: bool, duration: float | None)
                     )
                     if c.log_file:
                         c.log_file.close()
-                    c.start({})
+                    c.start(_role_env(settings, c.role, not no_prepare))
             if time.monotonic() - last_report > 10:
                 last_report = time.monotonic()
                 click.echo(f"[{time.strftime('%H:%M:%S')}] {asyncio.run(_progress(settings))}")

@@ -159,13 +159,15 @@ def _row_event(row: Any) -> dict[str, Any]:
 
 async def verify(conn: asyncpg.Connection, page: int = 5000) -> Verification:
     """Walk the whole chain; report the first row that does not fit."""
-    head = await conn.fetchrow("SELECT seq, hash FROM audit_chain_head WHERE id = 1")
+    head = await conn.fetchrow("SELECT * FROM audit_chain_head WHERE id = 1")
     if head is None:
         return Verification(False, 0, 0, "audit_chain_head row is missing")
     head_seq, head_hash = int(head["seq"]), str(head["hash"])
-    prev, expected, checked = GENESIS, 1, 0
+    # Retention may have removed the oldest rows: the chain then starts after base_seq.
+    base = int(head.get("base_seq") or 0)
+    prev, expected, checked = str(head.get("base_hash") or GENESIS), base + 1, 0
     async with conn.transaction(isolation="repeatable_read", readonly=True):
-        last = 0
+        last = base
         while True:
             rows = await conn.fetch(
                 f"SELECT {', '.join(COLUMNS)} FROM audit_events WHERE seq > $1 ORDER BY seq LIMIT $2",
@@ -191,13 +193,13 @@ async def verify(conn: asyncpg.Connection, page: int = 5000) -> Verification:
                     )
                 prev, expected, checked = row["hash"], seq + 1, checked + 1
                 last = seq
-    if checked != head_seq or (checked and prev != head_hash):
+    if base + checked != head_seq or (checked and prev != head_hash):
         return Verification(
             False,
             checked,
             head_seq,
-            f"chain head says seq {head_seq}, the table ends at {checked} (rows removed at the end?)",
-            checked + 1,
+            f"chain head says seq {head_seq}, the table ends at {base + checked} (rows removed at the end?)",
+            base + checked + 1,
         )
     return Verification(True, checked, head_seq)
 

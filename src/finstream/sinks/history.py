@@ -43,7 +43,7 @@ COLUMNS = (
 _INSERT = f"""
 INSERT INTO ticks ({", ".join(COLUMNS)})
 SELECT {", ".join(COLUMNS)} FROM _ticks_in
-ON CONFLICT (symbol, tick_id) DO NOTHING
+ON CONFLICT (symbol, tick_id, ts) DO NOTHING
 """
 
 

@@ -152,7 +152,7 @@ result AS (
         provider, status, attempt, provider_message_id, error_class, error, latency_ms, at)
     SELECT $12, moved.message_id, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23
     FROM moved WHERE $12::text IS NOT NULL
-    ON CONFLICT (result_id) DO NOTHING),
+    ON CONFLICT (result_id, at) DO NOTHING),
 box AS (
     INSERT INTO delivery_outbox (topic, key, value, headers)
     SELECT o.topic, o.key, o.value, o.headers
@@ -511,7 +511,7 @@ async def insert_result(conn: Conn, r: ResultRow, *, only_if_known: bool = False
             provider, status, attempt, provider_message_id, error_class, error, latency_ms, at)
         SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13
         WHERE NOT $14 OR EXISTS (SELECT 1 FROM deliveries WHERE message_id = $2)
-        ON CONFLICT (result_id) DO NOTHING
+        ON CONFLICT (result_id, at) DO NOTHING
         """,
         r.result_id,
         r.message_id,

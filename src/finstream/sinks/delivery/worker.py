@@ -40,7 +40,11 @@ async def run_channel(ctx: ServiceContext, channel: str) -> None:
     settings = ctx.settings
     chain = build_chain(settings, channel, log=log.warning)
     log.info("provider chain", channel=channel, providers=[p.name for p in chain])
-    pool = await create_pool(settings, min_size=2, max_size=settings.delivery_concurrency + 4)
+    pool = await create_pool(
+        settings,
+        min_size=2,
+        max_size=settings.delivery_db_pool_max_size or settings.delivery_concurrency + 4,
+    )
     redis = connect(settings)
     publisher = await ctx.publisher()
     delivery = DeliveryEngine(

@@ -1,0 +1,1 @@
+"""Database operations: partitions and retention, roles, health, backup and restore."""
