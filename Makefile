@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 FINSTREAM := $(BIN)/finstream
 PYTEST_ARGS ?=
 
-.PHONY: help install lock lint format stack-up stack-down stack-status topics migrate run test test-unit test-integration bench clean tools
+.PHONY: help install lock lint format stack-up stack-down stack-status topics migrate run test test-unit test-integration bench clean tools mailpit
 
 help:
 	@grep -E '^[a-z-]+:.*?## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -55,7 +55,7 @@ topics: stack-up ## Apply topics.yaml to the local broker
 migrate: stack-up ## Apply PostgreSQL migrations
 	$(FINSTREAM) db migrate
 
-run: install ## Run the whole pipeline locally (Ctrl-C stops it)
+run: install mailpit ## Run the whole pipeline locally (Ctrl-C stops it)
 	$(FINSTREAM) run
 
 test: stack-up tools ## Unit, integration and end-to-end tests against the real local stack
@@ -69,6 +69,9 @@ bench: stack-up ## Benchmarks, each against a baseline measured in the same run
 
 tools: $(UV) ## helm, kubeconform, checkov, hadolint and offline schemas into .tools (idempotent)
 	UV=$(UV) PYTHON=$(PYTHON) bash deploy/tools/install.sh
+
+mailpit: $(UV) ## Mailpit (SMTP + web UI for make run) into .tools/bin (built once)
+	UV=$(UV) PYTHON=$(PYTHON) bash deploy/tools/install.sh mailpit
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .mypy_cache .ruff_cache .pytest_cache

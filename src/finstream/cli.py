@@ -37,6 +37,13 @@ _LAZY: dict[str, tuple[str, str]] = {
     ),
     "prefs": ("finstream.cli_prefs:prefs", "Users' notification preferences: set, show, forget."),
     "audit": ("finstream.cli_audit:audit", "Audit trail: verify the hash chain, show events."),
+    # issue 16: the newcomer's demo, journeys and the status table
+    "demo": ("finstream.cli_demo:demo", "Demo data: personas, alert rules, a notifying service."),
+    "journey": (
+        "finstream.cli_journey:journey",
+        "The journey of a notification (or a user's, by time range).",
+    ),
+    "status": ("finstream.cli_status:status", "Every role and service: ready, lag, throughput."),
 }
 
 
