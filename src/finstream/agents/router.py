@@ -83,20 +83,15 @@ from finstream.domain.routing import (
     remember,
     select_channels,
 )
-from finstream.domain.templates import (
-    ChannelNotAvailable,
-    Limits,
-    TemplateError,
-    Templates,
-)
+from finstream.domain.templates import ChannelNotAvailable, TemplateError
 from finstream.domain.time import from_micros, to_micros, utcnow
-from finstream.resources import resource
 from finstream.runtime.consumer import consumer_config
 from finstream.runtime.kafka import AiokafkaPublisher, DeadLetters, correlation_header
 from finstream.runtime.logging import correlation, correlation_from_headers, get_logger
 from finstream.runtime.metrics import CONSUMER_LAG, EVENTS_IN, PROCESSING_SECONDS
 from finstream.runtime.worker import ServiceContext
 from finstream.settings import Settings
+from finstream.templating import load_templates
 from finstream.topics import load_catalogue
 
 log = get_logger(__name__)
@@ -201,11 +196,7 @@ class Router:
         self.settings = settings
         self.codec = ctx.codec
         self.policy = policy_from_settings(settings)
-        self.templates = Templates(
-            resource("templates"),
-            default_locale=settings.router_default_locale,
-            limits=Limits(sms_segments=settings.router_sms_segments),
-        )
+        self.templates = load_templates(settings)
         catalogue = load_catalogue()
         self.requests_topic = settings.topic("notify.requests")
         self.prefs_topic = settings.topic("notify.preferences")

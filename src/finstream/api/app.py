@@ -27,7 +27,16 @@ from finstream.api import problems
 from finstream.api.deps import Resources
 from finstream.api.limits import BodyLimitMiddleware
 from finstream.api.metrics import REQUEST_SECONDS, REQUESTS
-from finstream.api.routes import inbox, market, notifications, ops, preferences, rules, webhooks
+from finstream.api.routes import (
+    inbox,
+    market,
+    notifications,
+    ops,
+    preferences,
+    rules,
+    templates,
+    webhooks,
+)
 from finstream.api.stream import stream_endpoint
 from finstream.api.webhooks import load_sendgrid_key
 from finstream.runtime.logging import correlation, get_logger
@@ -175,7 +184,7 @@ def create_app(settings: Settings | None = None, resources: Resources | None = N
         webhook_max_bytes=settings.api_webhook_max_body_bytes,
     )
     app.add_middleware(RequestContext)
-    for module in (ops, market, rules, preferences, inbox, notifications, webhooks):
+    for module in (ops, market, rules, preferences, inbox, notifications, templates, webhooks):
         app.include_router(module.router)
     app.add_api_websocket_route("/v1/stream", stream_endpoint)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
