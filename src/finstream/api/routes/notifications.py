@@ -12,17 +12,20 @@ import uuid
 from datetime import timedelta
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Header, Request
+from fastapi import APIRouter, Body, Header, Path, Query, Request
 from fastapi.responses import JSONResponse
+from pydantic import AwareDatetime
 
 from finstream.api.deps import Caller, Res, Resources, correlation_id
 from finstream.api.idempotency import StoredResponse, fingerprint, parse_key
 from finstream.api.metrics import IDEMPOTENT_REPLAYS
 from finstream.api.models import NOTIFICATION_EXAMPLES, NotificationAccepted, NotificationIn
-from finstream.api.policy import require_role
-from finstream.api.problems import Problem, field_problem, problem_responses
+from finstream.api.policy import require_role, resolve_user
+from finstream.api.problems import Problem, field_problem, not_found, problem_responses
+from finstream.api.routes.common import UserPath
 from finstream.domain.time import utcnow
 from finstream.runtime.kafka import correlation_header
+from finstream.sinks import journeys
 
 router = APIRouter(tags=["notifications"])
 
@@ -178,3 +181,56 @@ async def create_notification(
     answer = NotificationAccepted(request_id=request_id, user_id=body.user_id, status="accepted")
     await res.idempotency.complete(begun, 202, answer.model_dump())
     return JSONResponse(answer.model_dump(), status_code=202)
+
+
+# -- journeys (issue 16) ------------------------------------------------------------------
+
+
+@router.get(
+    "/v1/notifications/{request_id}/journey",
+    summary="The journey of one notification request, with timings",
+    description="Request received; each channel's preference decision with its reason; holds "
+    "and their release; the rendered template and locale; every provider attempt with its "
+    "outcome and latency; the final state. Built from the audit trail and the delivery "
+    "records. Operators read any request; a user reads their own (anyone else's is 404).",
+    responses=problem_responses(401, 403, 404, 422, 429),
+)
+async def get_journey(
+    request_id: Annotated[str, Path(min_length=1, max_length=200)], res: Res, caller: Caller
+) -> Any:
+    if not (caller.has("operator") or caller.has("user")):
+        raise Problem(403, "Only a user (their own) or an operator may read journeys.")
+    found = await journeys.journey(res.pg, res.codec, request_id)
+    if found is None:
+        raise not_found()
+    if not caller.has("operator") and found.get("user_id") != caller.subject:
+        raise not_found()
+    return JSONResponse(found)
+
+
+@router.get(
+    "/v1/users/{user_id}/journeys",
+    summary="A user's notification requests in a time range, newest first",
+    description="Each with its last routing decision; open one with "
+    "`/v1/notifications/{request_id}/journey`. `from` defaults to an hour ago, `to` to now.",
+    responses=problem_responses(401, 403, 404, 422, 429),
+)
+async def list_journeys(
+    *,
+    user_id: UserPath,
+    res: Res,
+    caller: Caller,
+    start: Annotated[AwareDatetime | None, Query(alias="from")] = None,
+    end: Annotated[AwareDatetime | None, Query(alias="to")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> Any:
+    user = resolve_user(caller, user_id, write=False)
+    now = utcnow()
+    end = end or now
+    start = start or end - timedelta(hours=1)
+    if start >= end:
+        raise field_problem("query", "from", "from: must be before to")
+    items = await journeys.search(res.pg, user, start, end, limit)
+    return JSONResponse(
+        {"user_id": user, "from": start.isoformat(), "to": end.isoformat(), "items": items}
+    )
