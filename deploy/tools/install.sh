@@ -15,6 +15,9 @@
 #                            its Go module; its web assets with npm from the module's
 #                            package-lock first (the module ships none)
 #
+#   /usr/bin/chromium        Debian's Chromium, for the console's browser test
+#                            (Playwright drives it; it never downloads a browser)
+#
 # `install.sh mailpit` runs only the Mailpit step (what `make run` needs).
 #
 # Only package registries are used: the Go module proxy, PyPI and Maven Central.
@@ -214,6 +217,17 @@ step_mailpit() {
   mark_done mailpit "$key"
 }
 
+step_chromium() {
+  if command -v chromium >/dev/null 2>&1; then return; fi
+  log "installing Debian's chromium (the console's browser test)"
+  local sudo=()
+  if [[ "$(id -u)" != 0 ]]; then sudo=(sudo -n); fi
+  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -q --no-install-recommends \
+    chromium fonts-dejavu-core >/dev/null
+  command -v chromium >/dev/null || { echo "error: chromium did not install" >&2; exit 1; }
+}
+
 started=$SECONDS
 if [[ "${1:-}" == mailpit ]]; then
   step_mailpit
@@ -226,6 +240,7 @@ step_kubernetes_schemas
 step_crd_schemas
 step_compose_schema
 step_mailpit
+step_chromium
 # What the tests read to find the tools and the Kubernetes version.
 cat >"$TOOLS/deploy-tools.env" <<EOF
 KUBE_VERSION=$KUBE_VERSION
@@ -236,5 +251,6 @@ HADOLINT=$BIN/hadolint
 SCHEMAS=$SCHEMAS
 PYTHON=$PY
 MAILPIT=$BIN/mailpit
+CHROMIUM=$(command -v chromium)
 EOF
 log "ready in $((SECONDS - started))s: $(ls "$BIN" | tr '\n' ' ')"
