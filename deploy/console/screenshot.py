@@ -61,6 +61,12 @@ def main() -> int:
                 " && document.querySelectorAll('#status tbody tr').length > 0",
                 timeout=60_000,
             )
+            # The status panel's events/s needs two samples (it refreshes every 5 s).
+            page.wait_for_function(
+                "[...document.querySelectorAll('#status tbody td:nth-child(4)')]"
+                ".some(td => td.textContent !== '-')",
+                timeout=30_000,
+            )
             page.click("#journeys li")
             page.wait_for_selector("#journey .step", timeout=15_000)
             page.wait_for_timeout(1500)  # a few more ticks on the chart

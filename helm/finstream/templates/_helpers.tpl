@@ -90,6 +90,9 @@ rolls pods for nothing), then the Secret references. */}}
 {{- if $c.schemaRegistryUrl }}
 {{- $_ := set $env "FINSTREAM_SCHEMA_REGISTRY_URL" $c.schemaRegistryUrl }}
 {{- end }}
+{{- if $root.Values.templates.files }}
+{{- $_ := set $env "FINSTREAM_TEMPLATES_DIR" $root.Values.templates.mountPath }}
+{{- end }}
 {{- $env = mergeOverwrite $env (deepCopy $c.extraEnv) (deepCopy (.extra | default dict)) }}
 {{- range $name := keys $env | sortAlpha }}
 {{- if hasKey $root.Values.secrets.env $name }}
@@ -170,6 +173,18 @@ volumes:
       secretName: {{ $m.secret }}
       defaultMode: 0440
   {{- end }}
+  {{- if .Values.templates.files }}
+  # ConfigMap keys cannot hold "/": each file's key is its path with "__", and
+  # items put it back in its folder (no subPath, so updates reach the pod).
+  - name: templates
+    configMap:
+      name: {{ include "finstream.fullname" . }}-templates
+      items:
+        {{- range $path := keys .Values.templates.files | sortAlpha }}
+        - key: {{ replace "/" "__" $path | quote }}
+          path: {{ $path | quote }}
+        {{- end }}
+  {{- end }}
 {{- end }}
 
 {{- define "finstream.volumeMounts" -}}
@@ -181,6 +196,11 @@ volumeMounts:
   {{- range $i, $m := .Values.secrets.mounts }}
   - name: secret-{{ $i }}
     mountPath: {{ $m.mountPath }}
+    readOnly: true
+  {{- end }}
+  {{- if .Values.templates.files }}
+  - name: templates
+    mountPath: {{ .Values.templates.mountPath }}
     readOnly: true
   {{- end }}
 {{- end }}

@@ -20,9 +20,11 @@ router = APIRouter(tags=["templates"])
 class PreviewIn(_In):
     channel: Literal["EMAIL", "PUSH", "SMS", "INAPP"] | None = None
     locale: Annotated[str, Field(pattern=r"^[a-zA-Z]{2}([-_][a-zA-Z]{2})?$")] | None = None
+    # Sample variables: small enough that a body at every maximum stays under the
+    # API's body limit (64 KiB by default), whatever the characters.
     data: Annotated[
-        dict[Annotated[str, Field(max_length=100)], Annotated[str, Field(max_length=4000)]],
-        Field(max_length=100),
+        dict[Annotated[str, Field(max_length=50)], Annotated[str, Field(max_length=400)]],
+        Field(max_length=20),
     ] = {}
 
 
@@ -53,7 +55,7 @@ async def list_templates(res: Res, caller: Caller) -> Any:
     description="Renders one channel (or every channel the template has) in a locale (default: "
     "the default locale; a missing file falls back as for users). Variables the data lacks are "
     "filled with `<name>` and listed in `missing`.",
-    responses=problem_responses(401, 403, 404, 422, 429),
+    responses=problem_responses(401, 403, 404, 413, 422, 429),
 )
 async def preview(
     name: Annotated[str, Path(pattern=r"^[a-z][a-z0-9_.-]{0,63}$")],
