@@ -7,6 +7,7 @@ import json
 from datetime import timedelta
 from typing import Any
 
+import asyncpg
 import click
 
 from finstream.settings import get_settings
@@ -75,6 +76,9 @@ def journey(
         found = asyncio.run(go())
     except OSError as exc:
         fail(f"cannot reach PostgreSQL: {exc} (is `finstream stack up` done?)")
+        return
+    except asyncpg.PostgresError as exc:
+        fail(f"PostgreSQL: {exc} (is `finstream db migrate` done?)")
         return
     if request_id is not None:
         if found is None:
