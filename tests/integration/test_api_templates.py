@@ -12,11 +12,12 @@ from typing import Any
 
 import httpx
 import pytest
+from confluent_kafka import KafkaException
 
 from finstream.api.deps import Resources
 from finstream.settings import Settings
 from tests.support.api import Keys, api_client, api_settings, auth
-from tests.support.services import TestEnv
+from tests.support.services import TestEnv, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -101,8 +102,16 @@ async def test_a_request_the_router_cannot_render_is_refused_naming_channel_and_
     assert ok.status_code == 202, ok.text
     alert["data"] = {**alert["data"], "description": "AAPL above 180"}  # type: ignore[dict-item]
     assert (await post(client, service, alert, "k-2")).status_code == 202
-    published = env.decode_all("notify.requests", "NotificationRequest", min_count=2)
-    assert {r["template"] for r in published} == {"welcome", "price_alert"}
+
+    def published() -> list[dict[str, Any]] | None:
+        # Freshly created topics can answer "not leader" for a moment.
+        try:
+            return env.decode_all("notify.requests", "NotificationRequest", min_count=2)
+        except KafkaException:
+            return None
+
+    records = wait_until(published, timeout=30, message="the accepted requests on Kafka")
+    assert {r["template"] for r in records} == {"welcome", "price_alert"}
 
 
 async def test_preview_renders_each_channel_with_sample_variables(
