@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 FINSTREAM := $(BIN)/finstream
 PYTEST_ARGS ?=
 
-.PHONY: help install lock lint format stack-up stack-down stack-status topics migrate run test test-unit test-integration bench clean tools
+.PHONY: help install lock lint format stack-up stack-down stack-status topics migrate run test test-unit test-integration bench clean tools mailpit console
 
 help:
 	@grep -E '^[a-z-]+:.*?## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -55,10 +55,10 @@ topics: stack-up ## Apply topics.yaml to the local broker
 migrate: stack-up ## Apply PostgreSQL migrations
 	$(FINSTREAM) db migrate
 
-run: install ## Run the whole pipeline locally (Ctrl-C stops it)
+run: install mailpit console ## Run the whole pipeline locally (Ctrl-C stops it)
 	$(FINSTREAM) run
 
-test: stack-up tools ## Unit, integration and end-to-end tests against the real local stack
+test: stack-up tools console ## Unit, integration and end-to-end tests against the real local stack
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test-unit: install
@@ -77,6 +77,21 @@ bench: stack-up $(ANCHOR)/.installed ## Benchmarks, each beside a baseline (and 
 
 tools: $(UV) ## helm, kubeconform, checkov, hadolint and offline schemas into .tools (idempotent)
 	UV=$(UV) PYTHON=$(PYTHON) bash deploy/tools/install.sh
+
+# The console's JavaScript dependencies: from the npm registry, pinned by
+# deploy/console/package-lock.json, copied into the package as plain files.
+CONSOLE_VENDOR := src/finstream/api/console/vendor
+$(CONSOLE_VENDOR)/.built: deploy/console/package.json deploy/console/package-lock.json
+	npm ci --prefix deploy/console --no-audit --no-fund --ignore-scripts --loglevel=error
+	mkdir -p $(CONSOLE_VENDOR)
+	cp deploy/console/node_modules/lightweight-charts/dist/lightweight-charts.standalone.production.js $(CONSOLE_VENDOR)/
+	cp deploy/console/node_modules/lightweight-charts/LICENSE $(CONSOLE_VENDOR)/lightweight-charts.LICENSE
+	touch $@
+
+console: $(CONSOLE_VENDOR)/.built ## The console's JS dependencies (npm, from the lock file)
+
+mailpit: $(UV) ## Mailpit (SMTP + web UI for make run) into .tools/bin (built once)
+	UV=$(UV) PYTHON=$(PYTHON) bash deploy/tools/install.sh mailpit
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .mypy_cache .ruff_cache .pytest_cache

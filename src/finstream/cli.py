@@ -37,6 +37,13 @@ _LAZY: dict[str, tuple[str, str]] = {
     ),
     "prefs": ("finstream.cli_prefs:prefs", "Users' notification preferences: set, show, forget."),
     "audit": ("finstream.cli_audit:audit", "Audit trail: verify the hash chain, show events."),
+    # issue 16: the newcomer's demo, journeys and the status table
+    "demo": ("finstream.cli_demo:demo", "Demo data: personas, alert rules, a notifying service."),
+    "journey": (
+        "finstream.cli_journey:journey",
+        "The journey of a notification (or a user's, by time range).",
+    ),
+    "status": ("finstream.cli_status:status", "Every role and service: ready, lag, throughput."),
 }
 
 
@@ -105,11 +112,36 @@ def stack_status() -> None:
     """Say what runs where."""
     from finstream.stack import Stack
 
-    statuses = Stack(get_settings()).status()
+    settings = get_settings()
+    statuses = Stack(settings).status()
     for s in statuses:
         click.echo(s.render())
+    # The sandboxes `finstream run` starts (issue 16): listed, not part of the exit status.
+    for name, url, running in _sandboxes(settings):
+        state = "running" if running else "stopped"
+        click.echo(f"{name:<10} {state:<8} {url}".rstrip())
     if not all(s.running for s in statuses):
         sys.exit(3)
+
+
+def _sandboxes(settings: Any) -> list[tuple[str, str, bool]]:
+    """(name, URL, answering) of Mailpit and the push and SMS sandboxes."""
+    import httpx
+
+    def answers(url: str) -> bool:
+        try:
+            return httpx.get(url, timeout=1.0).status_code < 500
+        except httpx.HTTPError:
+            return False
+
+    mail = answers(f"{settings.mailpit_url}/readyz")
+    sandbox = answers(f"{settings.sandbox_url}/api/messages")
+    smtp = f"smtp://{settings.sandbox_host}:{settings.mailpit_smtp_port}"
+    return [
+        ("mailpit", f"{settings.mailpit_url}  (web UI; SMTP {smtp})", mail),
+        ("push", f"{settings.sandbox_url}/push  (FCM, APNs)", sandbox),
+        ("sms", f"{settings.sandbox_url}/sms  (Twilio)", sandbox),
+    ]
 
 
 # -- topics ---------------------------------------------------------------------

@@ -202,14 +202,16 @@ def init(no_demo: bool) -> None:
         click.echo(f"database: development logins {', '.join(users)}")
     if no_demo:
         return
-    from finstream.runtime.supervisor import DEMO_USER, send_demo
+    from finstream import demo
 
     ctx.invoke(topics_apply, dry_run=False, replication_factor=None)
     try:
-        asyncio.run(send_demo(settings))
+        # No quotes to wait for in a new environment: rule levels use defaults.
+        items = demo.seed(settings, quote_wait=0.0)
     except Exception as exc:
         _fail(f"cannot send the demo data to Kafka at {settings.kafka_bootstrap}: {exc}")
-    click.echo(f"demo: preferences, a price alert and a welcome message for {DEMO_USER}")
+    personas = ", ".join(p.user_id for p in demo.PERSONAS)
+    click.echo(f"demo: {personas}; {len(items)} records (preferences, alert rules, notifications)")
 
 
 @click.command("reset")

@@ -34,6 +34,13 @@ _ROLES = [
         "Simulated market feed (geometric Brownian motion) publishing to md.ticks.",
     ),
     RoleSpec(
+        "sandbox",
+        "service",
+        "finstream.sandbox.server:run",
+        (),
+        "FCM, APNs and Twilio sandboxes for make run: keep what they receive, show it on a page.",
+    ),
+    RoleSpec(
         "connector",
         "service",
         "finstream.connectors.runner:run",

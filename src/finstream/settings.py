@@ -379,11 +379,43 @@ class Settings(BaseSettings):
     )
 
     # -- make run (finstream run) -------------------------------------------------
-    run_roles: str = "connector,quotes,history,router,inapp,bars,alerts,audit,statestore,api"
+    run_roles: str = (
+        "connector,quotes,history,router,inapp,bars,alerts,audit,statestore,api,"
+        "sandbox,delivery-email,delivery-push,delivery-sms"
+    )
     run_base_port: int = Field(
         default=9201, description="Health/metrics ports: one per role from here."
     )
     run_demo: bool = True
+
+    # -- the newcomer's demo: sandboxes, seed data, console (issue 16) --------------
+    # `finstream run` starts Mailpit (a real SMTP server with a web UI, built by
+    # `make tools`) and the `sandbox` role (FCM, APNs and Twilio sandboxes that
+    # keep what they receive and show it on a page), and points the email,
+    # push and SMS delivery workers at them.
+    run_sandboxes: bool = Field(
+        default=True, description="finstream run: start Mailpit and the sandbox role, use them."
+    )
+    sandbox_host: str = "127.0.0.1"
+    sandbox_port: int = Field(default=8090, description="Sandbox page, FCM and Twilio (HTTP).")
+    sandbox_apns_port: int = Field(default=8091, description="APNs sandbox (HTTP/2 over TLS).")
+    sandbox_keep: int = Field(default=500, gt=0, description="Messages each sandbox shows.")
+    mailpit_bin: Path | None = Field(
+        default=None, description="Mailpit binary (default: .tools/bin/mailpit, `make tools`)."
+    )
+    mailpit_smtp_port: int = 1025
+    mailpit_http_port: int = 8025
+    templates_dir: Path | None = Field(
+        default=None,
+        description="Templates that override or extend the packaged ones "
+        "(<template>/<channel>.<locale>.j2 and _layouts/), reloaded without a restart.",
+    )
+    templates_reload_seconds: float = Field(
+        default=2.0, ge=0, description="How often FINSTREAM_TEMPLATES_DIR is checked for changes."
+    )
+    status_timeout: float = Field(
+        default=2.0, gt=0, description="finstream status: seconds to wait for each role."
+    )
 
     # -- api ---------------------------------------------------------------------
     api_host: str = "127.0.0.1"
@@ -424,7 +456,7 @@ class Settings(BaseSettings):
         description="SendGrid Event Webhook verification key (base64 DER or PEM, ECDSA P-256).",
     )
 
-    @field_validator("stack_dir", "pgbackrest_config", mode="after")
+    @field_validator("stack_dir", "pgbackrest_config", "templates_dir", "mailpit_bin", mode="after")
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
         return value.expanduser().resolve() if value is not None else None
@@ -449,6 +481,18 @@ class Settings(BaseSettings):
 
         Policy.parse(value)
         return value
+
+    @property
+    def mailpit_path(self) -> Path:
+        return self.mailpit_bin or REPO_ROOT / ".tools" / "bin" / "mailpit"
+
+    @property
+    def sandbox_url(self) -> str:
+        return f"http://{self.sandbox_host}:{self.sandbox_port}"
+
+    @property
+    def mailpit_url(self) -> str:
+        return f"http://{self.sandbox_host}:{self.mailpit_http_port}"
 
     @property
     def symbols(self) -> list[str]:

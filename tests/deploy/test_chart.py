@@ -307,6 +307,40 @@ def test_maximum_above_partitions_is_capped(tools: Tools) -> None:
     assert so["spec"]["maxReplicaCount"] == partitions("md.ticks")
 
 
+def test_templates_dir_is_a_configmap_mounted_into_every_worker(
+    tools: Tools, tmp_path: Path
+) -> None:
+    """templates.files becomes a ConfigMap (keys without "/"), mounted by path into every
+    worker with FINSTREAM_TEMPLATES_DIR pointing at it; without files, nothing of it."""
+    source = '{% extends "_layouts/email.j2" %}{% block subject %}{{ symbol }}{% endblock %}'
+    overlay = tmp_path / "templates.yaml"
+    overlay.write_text(
+        yaml.safe_dump({"templates": {"files": {"price_alert/email.it.j2": source}}})
+    )
+    proc = helm_template(tools, "-f", str(overlay))
+    assert proc.returncode == 0, proc.stderr
+    docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    (cm,) = [
+        d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-templates")
+    ]
+    assert cm["data"] == {"price_alert__email.it.j2": source}
+    workers = [d for d in docs if d["kind"] == "Deployment"]
+    assert workers
+    for d in workers:
+        spec = pod_spec(d)
+        (volume,) = [v for v in spec["volumes"] if v["name"] == "templates"]
+        assert volume["configMap"]["items"] == [
+            {"key": "price_alert__email.it.j2", "path": "price_alert/email.it.j2"}
+        ]
+        (container,) = spec["containers"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        mount = next(m for m in container["volumeMounts"] if m["name"] == "templates")
+        assert env["FINSTREAM_TEMPLATES_DIR"] == mount["mountPath"]
+        assert "subPath" not in mount  # a subPath mount would never see an update
+    plain = helm_template(tools)
+    assert "FINSTREAM_TEMPLATES_DIR" not in plain.stdout
+
+
 # -- values and the role registry --------------------------------------------------
 
 

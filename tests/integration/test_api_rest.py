@@ -90,6 +90,7 @@ def records(env: TestEnv, topic: str, key: str | None = None, **kw: Any) -> list
 
 RULE = {"symbol": "aapl", "condition": "GREATER_THAN", "value": "190.5"}
 PREFS = {"locale": "de-at", "timezone": "Europe/Vienna", "emails": ["Alice@Example.COM"]}
+WELCOME = {"title": "Welcome", "body": "Hello."}
 MERGE = {"content-type": "application/merge-patch+json"}
 
 # Every authenticated endpoint, with a body that would be valid.
@@ -111,7 +112,7 @@ ENDPOINTS: list[tuple[str, str, Any]] = [
     (
         "POST",
         "/v1/notifications",
-        {"user_id": "alice", "category": "account", "template": "welcome"},
+        {"user_id": "alice", "category": "account", "template": "welcome", "data": WELCOME},
     ),
 ]
 
@@ -221,7 +222,7 @@ async def test_roles(api: tuple[httpx.AsyncClient, Resources], keys: Keys) -> No
     await call(client, "PUT", "/v1/users/me/preferences", PREFS, alice)
     await res.inbox.add("alice", "m-ops", {"body": "hi", "created_at": "x"}, 2.0)
 
-    note = {"user_id": "carol", "category": "account", "template": "welcome"}
+    note = {"user_id": "carol", "category": "account", "template": "welcome", "data": WELCOME}
     assert (await call(client, "POST", "/v1/notifications", note, service)).status_code == 202
     problem(await call(client, "POST", "/v1/notifications", note, alice), 403)
     problem(await call(client, "POST", "/v1/notifications", note, operator), 403)
@@ -483,8 +484,8 @@ async def test_notifications_are_idempotent(
         "user_id": "ivy",
         "category": "account",
         "priority": "HIGH",
-        "template": "order_shipped",
-        "data": {"order": "42"},
+        "template": "message",
+        "data": {"title": "Order 42 shipped", "body": "On its way."},
         "channels": ["EMAIL", "INAPP"],
         "expires_at": (utcnow() + timedelta(hours=1)).isoformat(),
     }

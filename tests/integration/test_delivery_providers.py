@@ -217,7 +217,7 @@ async def test_smtp_starttls_auth_and_stages(cfg: Settings, fakes: DeliveryFakes
 # aiosmtpd warns because it only counts STARTTLS as TLS; this server is TLS from byte one.
 @pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
 async def test_smtp_implicit_tls(cfg: Settings, fakes: DeliveryFakes) -> None:
-    from tests.fakes.delivery.base import FakeThread
+    from finstream.sandbox.base import FakeThread
     from tests.fakes.delivery.kit import SMTP_PASSWORD, SMTP_USER
     from tests.fakes.delivery.smtp import FakeSmtp
 

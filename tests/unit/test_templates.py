@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -174,3 +175,56 @@ def test_truncate_property(text: str, limit: int) -> None:
     assert len(out) <= limit
     if len(text) <= limit:
         assert out == text
+
+
+# -- overlay folders, reloads, refused files, missing variables (issue 16) ------------------
+
+
+def _write(path: Path, text: str, stamp: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    os.utime(path, ns=(stamp, stamp))
+
+
+def test_overlay_is_read_again_only_when_the_interval_passed_and_a_file_changed(
+    tmp_path: Path,
+) -> None:
+    now = [0.0]
+    overlay = tmp_path / "overlay"
+    _write(overlay / "note" / "inapp.en.j2", "{% block subject %}{% endblock %}{{ a }}", 10**18)
+    t = Templates(resource("templates"), overlay=overlay, reload_seconds=5.0, clock=lambda: now[0])
+    assert t.render("note", "inapp", "en", {"a": "one"}).text == "one"
+    _write(overlay / "note" / "inapp.en.j2", "{{ a }}!", 10**18 + 10**9)
+    now[0] = 4.0
+    assert t.render("note", "inapp", "en", {"a": "one"}).text == "one"  # not looked yet
+    now[0] = 5.5
+    assert t.render("note", "inapp", "en", {"a": "one"}).text == "one!"
+    generation = t.generation
+    now[0] = 20.0
+    assert not t.maybe_reload()  # looked, nothing changed: nothing recompiled
+    assert t.generation == generation
+
+
+def test_a_new_file_that_does_not_parse_is_refused_with_its_line_and_not_served(
+    tmp_path: Path,
+) -> None:
+    _write(tmp_path / "bad" / "sms.en.j2", "line one\n{% if x %}\nno end", 10**18)
+    t = Templates(resource("templates"), overlay=tmp_path)
+    assert [(e.name, e.line) for e in t.errors] == [("bad/sms.en.j2", 3)]
+    assert str(t.errors[0]).startswith(f"{tmp_path / 'bad' / 'sms.en.j2'}:3: ")
+    assert not t.exists("bad")
+    assert t.exists("welcome")  # the rest loads
+
+
+def test_missing_variables_names_every_strictly_used_one_and_ignores_is_defined() -> None:
+    t = Templates(resource("templates"))
+    assert t.missing_variables("price_alert", "email", "en", {}) == [
+        "description",
+        "price",
+        "symbol",
+    ]
+    full = {"symbol": "A", "price": "1", "description": "d"}
+    assert t.missing_variables("price_alert", "email", "en", full) == []
+    assert t.channels("price_alert") == ["email", "push", "sms", "inapp"]
+    with pytest.raises(UnknownTemplate):
+        t.missing_variables("nope", "email", "en", {})

@@ -91,6 +91,9 @@ database.*.secrets), so that a pod holds only the credentials of its role. */}}
 {{- if $c.schemaRegistryUrl }}
 {{- $_ := set $env "FINSTREAM_SCHEMA_REGISTRY_URL" $c.schemaRegistryUrl }}
 {{- end }}
+{{- if $root.Values.templates.files }}
+{{- $_ := set $env "FINSTREAM_TEMPLATES_DIR" $root.Values.templates.mountPath }}
+{{- end }}
 {{- $env = mergeOverwrite $env (deepCopy $c.extraEnv) (deepCopy (.extra | default dict)) }}
 {{- $secrets := mergeOverwrite (deepCopy $root.Values.secrets.env) (deepCopy (.secrets | default dict)) }}
 {{- range $name := keys $env | sortAlpha }}
@@ -177,6 +180,18 @@ volumes:
       secretName: {{ $m.secret }}
       defaultMode: 0440
   {{- end }}
+  {{- if .Values.templates.files }}
+  # ConfigMap keys cannot hold "/": each file's key is its path with "__", and
+  # items put it back in its folder (no subPath, so updates reach the pod).
+  - name: templates
+    configMap:
+      name: {{ include "finstream.fullname" . }}-templates
+      items:
+        {{- range $path := keys .Values.templates.files | sortAlpha }}
+        - key: {{ replace "/" "__" $path | quote }}
+          path: {{ $path | quote }}
+        {{- end }}
+  {{- end }}
 {{- end }}
 
 {{- define "finstream.volumeMounts" -}}
@@ -188,6 +203,11 @@ volumeMounts:
   {{- range $i, $m := .Values.secrets.mounts }}
   - name: secret-{{ $i }}
     mountPath: {{ $m.mountPath }}
+    readOnly: true
+  {{- end }}
+  {{- if .Values.templates.files }}
+  - name: templates
+    mountPath: {{ .Values.templates.mountPath }}
     readOnly: true
   {{- end }}
 {{- end }}

@@ -66,20 +66,15 @@ from finstream.domain.routing import (
     remember,
     select_channels,
 )
-from finstream.domain.templates import (
-    ChannelNotAvailable,
-    Limits,
-    TemplateError,
-    Templates,
-)
+from finstream.domain.templates import ChannelNotAvailable, TemplateError
 from finstream.domain.time import from_micros, to_micros, utcnow
-from finstream.resources import resource
 from finstream.runtime.engine import Event, Output, Processor, StreamEngine
 from finstream.runtime.kafka import correlation_header
 from finstream.runtime.logging import correlation, correlation_from_headers, get_logger
 from finstream.runtime.state import Store
 from finstream.runtime.worker import ServiceContext
 from finstream.settings import Settings
+from finstream.templating import load_templates
 from finstream.topics import contract
 
 log = get_logger(__name__)
@@ -195,11 +190,7 @@ class Router(Processor):
         self.settings = settings
         self.codec = ctx.codec
         self.policy = policy_from_settings(settings)
-        self.templates = Templates(
-            resource("templates"),
-            default_locale=settings.router_default_locale,
-            limits=Limits(sms_segments=settings.router_sms_segments),
-        )
+        self.templates = load_templates(settings)
         ns = settings.namespace
         requests = contract("notify.requests", ns, ctx.codec)
         prefs = contract("notify.preferences", ns, ctx.codec)

@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -20,6 +21,7 @@ from fastapi.openapi.utils import get_openapi
 from redis.exceptions import RedisError
 from starlette.datastructures import MutableHeaders
 from starlette.responses import Response
+from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import finstream
@@ -27,7 +29,17 @@ from finstream.api import problems
 from finstream.api.deps import Resources
 from finstream.api.limits import BodyLimitMiddleware
 from finstream.api.metrics import REQUEST_SECONDS, REQUESTS
-from finstream.api.routes import inbox, market, notifications, ops, preferences, rules, webhooks
+from finstream.api.routes import (
+    console,
+    inbox,
+    market,
+    notifications,
+    ops,
+    preferences,
+    rules,
+    templates,
+    webhooks,
+)
 from finstream.api.stream import stream_endpoint
 from finstream.api.webhooks import load_sendgrid_key
 from finstream.runtime.kafka import DeliveryError
@@ -36,6 +48,7 @@ from finstream.settings import Settings, get_settings
 
 log = get_logger(__name__)
 
+CONSOLE_DIR = Path(__file__).resolve().parent / "console"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 DESCRIPTION = """
@@ -182,8 +195,20 @@ def create_app(settings: Settings | None = None, resources: Resources | None = N
         webhook_max_bytes=settings.api_webhook_max_body_bytes,
     )
     app.add_middleware(RequestContext)
-    for module in (ops, market, rules, preferences, inbox, notifications, webhooks):
+    for module in (
+        ops,
+        market,
+        rules,
+        preferences,
+        inbox,
+        notifications,
+        templates,
+        webhooks,
+        console,
+    ):
         app.include_router(module.router)
+    # The console's static files (issue 16); config.json above is the one dynamic part.
+    app.mount("/console", StaticFiles(directory=CONSOLE_DIR, html=True), name="console")
     app.add_api_websocket_route("/v1/stream", stream_endpoint)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

@@ -29,6 +29,7 @@ from finstream.api.limits import RateLimiter
 from finstream.api.metrics import AUTH_FAILURES, RATE_LIMITED
 from finstream.api.problems import Problem
 from finstream.codec import Codec, default_codec
+from finstream.domain.templates import Templates
 from finstream.runtime.kafka import DeadLetters, KafkaPublisher
 from finstream.runtime.logging import get_logger
 from finstream.settings import Settings
@@ -36,6 +37,7 @@ from finstream.sinks.inbox import Inbox
 from finstream.sinks.postgres import create_pool
 from finstream.sinks.quote_cache import QuoteCache
 from finstream.sinks.state_store import PreferencesStore, RulesStore
+from finstream.templating import load_templates
 
 log = get_logger(__name__)
 
@@ -105,6 +107,7 @@ class Resources:
     prefs: PreferencesStore
     hub: PubSubHub
     dead_letters: DeadLetters
+    templates: Templates
 
     @classmethod
     async def open(cls, settings: Settings) -> Resources:
@@ -153,6 +156,7 @@ class Resources:
             prefs=PreferencesStore(redis, settings, codec),
             hub=hub,
             dead_letters=DeadLetters(publisher, settings, "api"),
+            templates=load_templates(settings),
         )
 
     async def close(self) -> None:

@@ -381,8 +381,8 @@ NOTIFICATION_EXAMPLES = _examples(
         "user_id": "alice",
         "category": "account",
         "priority": "HIGH",
-        "template": "order_shipped",
-        "data": {"order": "42"},
+        "template": "message",
+        "data": {"title": "Order 42 shipped", "body": "Your order is on its way."},
         "channels": ["EMAIL", "INAPP"],
     }
 )

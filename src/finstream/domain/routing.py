@@ -623,8 +623,19 @@ def audit_event(
         details["contacts"] = ",".join(
             f"{m.channel}:{contact_hash(m.contact.recipient)}" for m in messages
         )
+    if messages:
+        # The rendered locale per channel (after fallback), for the notification's journey.
+        details["locales"] = ",".join(
+            dict.fromkeys(f"{m.channel}:{m.message['locale']}" for m in messages)
+        )
     if request.collapse_key:
         details["collapse_key"] = request.collapse_key
+    created = request.record.get("created_at")
+    if isinstance(created, datetime):
+        # When the request was made: the journey's first step (and its timings' origin).
+        details["requested_at"] = created.isoformat()
+    if request.record.get("source"):
+        details["source"] = str(request.record["source"])[:200]
     details.update(extra or {})
     seed = f"{request.request_id}\x1f{decision.action}\x1f{phase}\x1f{','.join(decision.channels)}"
     if decision.release_at is not None:

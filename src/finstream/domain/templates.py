@@ -17,6 +17,19 @@ that channel (:class:`ChannelNotAvailable`); an unknown template, a variable
 the data lacks (StrictUndefined) or anything else that fails to render is a
 :class:`TemplateError` and the request is never sent half-rendered.
 
+Templates outside the image: an *overlay* folder (``FINSTREAM_TEMPLATES_DIR``,
+a ConfigMap in the chart) with the same layout overrides packaged files of
+the same path and adds new ones. Every file is parsed when loaded; a file
+that does not parse is refused with its path and line
+(:attr:`Templates.errors`) and the last good version of that path (or the
+packaged one) keeps serving. The folders are checked for changes at most
+every ``reload_seconds`` (modification times and sizes), so an edited or
+added template is live without a restart.
+
+:meth:`Templates.missing_variables` renders with a recording "undefined" to
+name every variable a request lacks for a channel (the API refuses such a
+request before accepting it).
+
 Rendering is sandboxed (Jinja2 ``SandboxedEnvironment``): request data is
 untrusted. The email HTML part is autoescaped; text parts are not (they are
 not HTML). Outputs are fitted to each channel's limits: single-line subjects,
@@ -26,9 +39,12 @@ budget.
 
 from __future__ import annotations
 
+import contextvars
 import json
+import os
 import re
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,10 +125,113 @@ def _from_json(value: Any) -> Any:
         raise TemplateError(f"invalid JSON in template data: {exc}") from None
 
 
-def _env(root: Path, autoescape: bool) -> SandboxedEnvironment:
+@dataclass(frozen=True)
+class TemplateFile:
+    name: str  # path relative to its folder: price_alert/email.de.j2
+    path: str  # where it was read from
+    source: str
+
+
+@dataclass(frozen=True)
+class LoadError:
+    """A template file refused at load: it does not parse."""
+
+    name: str
+    path: str
+    line: int | None
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.path}:{self.line}" if self.line else self.path
+        return f"{where}: {self.message}"
+
+
+_RECORDING: contextvars.ContextVar[set[str] | None] = contextvars.ContextVar(
+    "template_missing", default=None
+)
+
+
+class _RecordingUndefined(jinja2.ChainableUndefined):
+    """Records every use that StrictUndefined would refuse, and carries on."""
+
+    def _record(self) -> None:
+        seen = _RECORDING.get()
+        if seen is not None and self._undefined_name is not None:
+            seen.add(self._undefined_name)
+
+    def _fail_with_undefined_error(self, *args: Any, **kwargs: Any) -> Any:
+        self._record()
+        return self
+
+    def __str__(self) -> str:
+        self._record()
+        return ""
+
+    def __iter__(self) -> Any:
+        self._record()
+        return iter(())
+
+    def __bool__(self) -> bool:
+        self._record()
+        return False
+
+    def __len__(self) -> int:
+        self._record()
+        return 0
+
+    __add__ = __radd__ = __mul__ = __rmul__ = __mod__ = __rmod__ = _fail_with_undefined_error
+    __sub__ = __rsub__ = __truediv__ = __rtruediv__ = _fail_with_undefined_error
+    __lt__ = __le__ = __gt__ = __ge__ = __int__ = __float__ = _fail_with_undefined_error
+    __eq__ = __ne__ = _fail_with_undefined_error
+    __hash__ = object.__hash__
+
+
+def read_folder(root: Path) -> list[TemplateFile]:
+    """Every ``*.j2`` under a folder (ConfigMap bookkeeping entries like ``..data`` skipped)."""
+    out: list[TemplateFile] = []
+    if not root.is_dir():
+        return out
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for filename in sorted(filenames):
+            if not filename.endswith(".j2") or filename.startswith("."):
+                continue
+            path = Path(dirpath) / filename
+            name = path.relative_to(root).as_posix()
+            try:
+                source = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                source = f"{{% error %}} unreadable: {exc}"
+            out.append(TemplateFile(name, str(path), source))
+    return out
+
+
+def folder_signature(roots: Iterable[Path]) -> tuple[tuple[str, int, int], ...]:
+    """What changes when a template file is edited, added or removed (mtime and size)."""
+    sig: list[tuple[str, int, int]] = []
+    for root in roots:
+        if not root.is_dir():
+            continue
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for filename in filenames:
+                if filename.endswith(".j2") and not filename.startswith("."):
+                    try:
+                        st = (Path(dirpath) / filename).stat()
+                    except OSError:
+                        continue
+                    sig.append((f"{dirpath}/{filename}", st.st_mtime_ns, st.st_size))
+    return tuple(sorted(sig))
+
+
+def _env(
+    loader: jinja2.BaseLoader,
+    autoescape: bool,
+    undefined: type[jinja2.Undefined] = jinja2.StrictUndefined,
+) -> SandboxedEnvironment:
     env = SandboxedEnvironment(
-        loader=jinja2.FileSystemLoader(str(root)),
-        undefined=jinja2.StrictUndefined,
+        loader=loader,
+        undefined=undefined,
         autoescape=autoescape,
         trim_blocks=True,
         lstrip_blocks=True,
@@ -197,24 +316,112 @@ def _one_line(text: str) -> str:
 
 
 class Templates:
-    """Finds, renders and fits templates; compiled templates are cached."""
+    """Finds, renders and fits templates; compiled templates are cached.
+
+    ``root`` holds the packaged templates; ``overlay`` (optional) overrides
+    and extends them. Both are read into memory and checked for changes at
+    most every ``reload_seconds`` (0: on every use; ``None``: never).
+    """
 
     def __init__(
         self,
         root: Path,
         *,
+        overlay: Path | None = None,
         default_locale: str = DEFAULT_LOCALE,
         limits: Limits | None = None,
+        reload_seconds: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.root = root
+        self.overlay = overlay
         self.default_locale = default_locale
         self.limits = limits or Limits()
-        self._text = _env(root, autoescape=False)
-        self._html = _env(root, autoescape=True)
+        self.reload_seconds = reload_seconds
+        self._clock = clock
+        self._good: dict[str, TemplateFile] = {}
+        self.errors: list[LoadError] = []
+        self.generation = 0
+        self._signature: tuple[tuple[str, int, int], ...] = ()
+        self._checked = clock()
+        self.reload()
+
+    # -- loading -------------------------------------------------------------------
+    def _roots(self) -> list[Path]:
+        return [self.root] + ([self.overlay] if self.overlay is not None else [])
+
+    def reload(self) -> list[LoadError]:
+        """Read both folders again; refuse files that do not parse (last good ones stay)."""
+        self._signature = folder_signature(self._roots())
+        files: dict[str, TemplateFile] = {}
+        for root in self._roots():
+            for f in read_folder(root):
+                files[f.name] = f  # the overlay, read last, wins
+        parser = _env(jinja2.DictLoader({}), autoescape=False)
+        good: dict[str, TemplateFile] = {}
+        errors: list[LoadError] = []
+        for name, f in sorted(files.items()):
+            try:
+                parser.parse(f.source, name, f.path)
+            except jinja2.TemplateSyntaxError as exc:
+                errors.append(LoadError(name, f.path, exc.lineno, exc.message or str(exc)))
+                previous = self._good.get(name)
+                if previous is not None:
+                    good[name] = previous
+                continue
+            good[name] = f
+        self._good = good
+        self.errors = errors
+        self.generation += 1
+        loader = jinja2.FunctionLoader(self._source)
+        self._text = _env(loader, autoescape=False)
+        self._html = _env(loader, autoescape=True)
+        self._probe = _env(loader, autoescape=False, undefined=_RecordingUndefined)
         self._files: dict[tuple[str, str, str], str | None] = {}
+        return errors
+
+    def _source(self, name: str) -> tuple[str, str, Callable[[], bool]] | None:
+        f = self._good.get(name)
+        if f is None:
+            return None
+        generation = self.generation
+        return f.source, f.path, lambda: generation == self.generation
+
+    def maybe_reload(self) -> bool:
+        """Reload when a file changed and ``reload_seconds`` have passed since the last look."""
+        if self.reload_seconds is None:
+            return False
+        now = self._clock()
+        if now - self._checked < self.reload_seconds:
+            return False
+        self._checked = now
+        if folder_signature(self._roots()) == self._signature:
+            return False
+        self.reload()
+        return True
+
+    def file(self, name: str) -> TemplateFile | None:
+        return self._good.get(name)
+
+    # -- lookups ---------------------------------------------------------------------
+    def names(self) -> list[str]:
+        self.maybe_reload()
+        return sorted(
+            {n.split("/", 1)[0] for n in self._good if "/" in n and not n.startswith("_")}
+        )
 
     def exists(self, template: str) -> bool:
-        return bool(_NAME.match(template)) and (self.root / template).is_dir()
+        self.maybe_reload()
+        return bool(_NAME.match(template)) and any(n.startswith(f"{template}/") for n in self._good)
+
+    def channels(self, template: str) -> list[str]:
+        """The channels a template has a file for (any locale)."""
+        if not self.exists(template):
+            raise UnknownTemplate(f"unknown template {template!r}")
+        found = {
+            n.split("/", 1)[1].split(".", 1)[0] for n in self._good if n.startswith(f"{template}/")
+        }
+        return [c for c in ("email", "push", "sms", "inapp") if c in found]
 
     def _file(self, template: str, channel: str, locale: str | None) -> tuple[str, str]:
         key = (template, channel, locale or "")
@@ -224,7 +431,7 @@ class Templates:
             found = None
             for loc in locale_chain(locale, self.default_locale):
                 name = f"{template}/{channel}.{loc}.j2"
-                if (self.root / name).is_file():
+                if name in self._good:
                     found = f"{name}|{loc}"
                     break
             self._files[key] = found
@@ -233,6 +440,32 @@ class Templates:
             raise ChannelNotAvailable(f"template {template!r} has no {channel} version")
         name, _, loc = found.partition("|")
         return name, loc
+
+    def missing_variables(
+        self, template: str, channel: str, locale: str | None, data: Mapping[str, str]
+    ) -> list[str]:
+        """The variables a request's data lacks for this channel (every one, sorted).
+
+        Raises :class:`UnknownTemplate` and :class:`ChannelNotAvailable` like render.
+        """
+        channel = channel.lower()
+        self.maybe_reload()
+        name, used = self._file(template, channel, locale)
+        context = {**data, "data": dict(data), "locale": used, "channel": channel}
+        parts = {"sms": ("text",), "email": ("subject", "text", "html")}.get(
+            channel, ("subject", "text")
+        )
+        seen: set[str] = set()
+        token = _RECORDING.set(seen)
+        try:
+            for part in parts:
+                try:
+                    self._probe.get_template(name).render({**context, "part": part})
+                except Exception:  # noqa: S112 (other failures show when rendering for real)
+                    continue
+        finally:
+            _RECORDING.reset(token)
+        return sorted(seen)
 
     def _render(
         self, env: SandboxedEnvironment, name: str, part: str, context: dict[str, Any]
@@ -258,6 +491,7 @@ class Templates:
     ) -> Rendered:
         """Render every part of one channel's message, fitted to its limits."""
         channel = channel.lower()
+        self.maybe_reload()
         name, used = self._file(template, channel, locale)
         # Data keys become variables; ours win over a datum of the same name
         # (the datum stays reachable as data["name"]).

@@ -2,7 +2,10 @@
 
 Brings the stack up, applies topics and migrations, starts one process per
 worker role (each with its own health/metrics port and a log file under
-``.stack/logs``), sends a demo notification request, and prints where to look.
+``.stack/logs``) and, with ``FINSTREAM_RUN_SANDBOXES`` (default), Mailpit and
+the ``sandbox`` role, with the delivery workers pointed at them; seeds the
+demo (``finstream demo seed``) and prints where to look. What it started is
+written to ``.stack/run.json`` for ``finstream status``.
 Ctrl-C (or SIGTERM) stops the workers gracefully: each commits its offsets
 and leaves its consumer group before the supervisor exits.
 """
@@ -11,15 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import click
 
@@ -37,12 +41,13 @@ class Child:
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     log_file: IO[bytes] | None = field(default=None, repr=False)
+    argv: list[str] | None = None  # a program other than a worker role (Mailpit)
 
     def start(self, extra_env: dict[str, str]) -> None:
         self.log_file = self.log_path.open("ab")
         env = child_environment(http_port=str(self.port), **extra_env)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "finstream.cli", "worker", self.role],
+            self.argv or [sys.executable, "-m", "finstream.cli", "worker", self.role],
             stdout=self.log_file,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -89,83 +94,96 @@ def _role_env(settings: Settings, role: str, prepared: bool) -> dict[str, str]:
     return {"database_url": role_database_url(settings.database_url.get_secret_value(), group)}
 
 
+def _child_env(
+    settings: Settings, child: Child, extra: dict[str, str], prepared: bool
+) -> dict[str, str]:
+    """A worker's settings: the sandboxes, its own database login, and a stable
+    instance id, so that a restarted worker fences its predecessor's open
+    transaction at once instead of waiting for the broker to abort it."""
+    if child.argv is not None:
+        return extra
+    return {
+        **extra,
+        **_role_env(settings, child.role, prepared),
+        "instance_id": f"run-{child.role}",
+    }
+
+
 def _demo_symbol(settings: Settings) -> str:
     return (settings.md_symbols or settings.sim_symbols).split(",")[0].strip().upper()
 
 
-def demo_records(settings: Settings) -> list[tuple[str, str, str, dict[str, Any]]]:
-    """The demo's (topic, key, schema, record): the demo user's preferences, a price
-    alert that fires within seconds on the simulated feed, and a welcome message."""
-    from finstream.domain.alerts import parse_rule
-    from finstream.domain.preferences import parse_preferences
-    from finstream.domain.time import utcnow
+def _seed_in_background(settings: Settings) -> threading.Thread:
+    """`finstream demo seed` beside the supervisor loop (it waits for the first quotes)."""
+    from finstream import demo
 
-    now = utcnow()
-    symbol = _demo_symbol(settings)
-    prefs = parse_preferences(
-        {
-            "user_id": DEMO_USER,
-            "locale": "en",
-            "timezone": "UTC",
-            "emails": [{"address": "demo@example.com", "verified": True}],
-            "categories": {"price_alert": {"channels": ["email", "inapp"]}},
-        },
-        now=now,
-        consent_source="finstream-run",
-    )
-    # Every simulated price is above a cent, so this fires on the first tick and
-    # then once a minute while the demo runs.
-    rule = parse_rule(
-        {
-            "rule_id": f"demo-{symbol.lower()}-above",
-            "user_id": DEMO_USER,
-            "symbol": symbol,
-            "condition": "greater-than",
-            "value": "0.01",
-            "frequency": "once-per-minute",
-            "message": "Demo alert from `finstream run`",
-        },
-        now=now,
-    )
-    cid = uuid.uuid4().hex
-    welcome: dict[str, Any] = {
-        "request_id": f"demo-{uuid.uuid4().hex[:12]}",
-        "user_id": DEMO_USER,
-        "category": "account",
-        "priority": "NORMAL",
-        "template": "welcome",
-        "data": {"title": "Welcome to finstream", "body": "Your pipeline is running."},
-        "channels": [],
-        "deliver_at": None,
-        "expires_at": None,
-        "collapse_key": None,
-        "created_at": now,
-        "source": "finstream-run",
-        "correlation_id": cid,
-    }
-    return [
-        ("notify.preferences", DEMO_USER, "UserPreferences", prefs),
-        ("alerts.rules", rule.rule_id, "AlertRule", rule.to_record()),
-        ("notify.requests", DEMO_USER, "NotificationRequest", welcome),
+    def go() -> None:
+        try:
+            items = demo.seed(settings, quote_wait=15.0)
+        except Exception as exc:
+            click.echo(f"demo seed failed: {exc} (retry with `finstream demo seed`)")
+            return
+        rules = sum(1 for topic, *_ in items if topic == "alerts.rules")
+        users = ", ".join(p.user_id for p in demo.PERSONAS)
+        click.echo(f"demo: seeded {users}; {rules} alert rules; service notifications sent")
+
+    thread = threading.Thread(target=go, name="demo-seed", daemon=True)
+    thread.start()
+    return thread
+
+
+# -- sandboxes: Mailpit and the sandbox role ------------------------------------------
+
+
+def _sandbox_env(settings: Settings) -> dict[str, str]:
+    """Fresh sandbox credentials, and the settings that send every delivery to the sandboxes."""
+    from finstream.sandbox import credentials
+
+    return credentials.delivery_overrides(settings, credentials.create(settings))
+
+
+def _mailpit_child(settings: Settings, logs: Path) -> Child | None:
+    binary = settings.mailpit_path
+    if not binary.is_file():
+        click.echo(f"mailpit: {binary} is missing (`make tools` builds it); email stays queued")
+        return None
+    host = settings.sandbox_host
+    argv = [
+        str(binary),
+        "--smtp",
+        f"{host}:{settings.mailpit_smtp_port}",
+        "--listen",
+        f"{host}:{settings.mailpit_http_port}",
+        "--smtp-auth-accept-any",
+        "--smtp-auth-allow-insecure",
+        "--disable-version-check",
+        "--max",
+        "2000",
     ]
+    return Child("mailpit", settings.mailpit_http_port, logs / "mailpit.log", argv=argv)
 
 
-async def send_demo(settings: Settings) -> None:
-    from finstream.codec import default_codec
-    from finstream.runtime.kafka import KafkaPublisher
+def run_file(settings: Settings) -> Path:
+    """Where `finstream run` writes what it started (read by `finstream status`)."""
+    return settings.stack_dir / "run.json"
 
-    pub = KafkaPublisher(settings, "run")
-    await pub.start()
-    try:
-        for topic, key, schema, record in demo_records(settings):
-            # Preferences first, in their own flush: the router must know the
-            # user before the alert's request arrives.
-            await pub.send(
-                settings.topic(topic), key.encode(), default_codec().encode(schema, record)
-            )
-            await pub.flush()
-    finally:
-        await pub.stop()
+
+def _write_run_file(settings: Settings, children: list[Child]) -> None:
+    state = {
+        "pid": os.getpid(),
+        "started_at": time.time(),
+        "roles": {
+            c.role: {"port": c.port, "pid": c.proc.pid if c.proc else None}
+            for c in children
+            if c.argv is None
+        },
+        "api": f"http://{settings.api_host}:{settings.api_port}",
+        "sandboxes": {
+            "mailpit": settings.mailpit_url if any(c.role == "mailpit" for c in children) else None,
+            "sandbox": settings.sandbox_url if any(c.role == "sandbox" for c in children) else None,
+        },
+    }
+    run_file(settings).write_text(json.dumps(state, indent=2))
 
 
 async def _progress(settings: Settings) -> str:
@@ -190,6 +208,13 @@ async def _progress(settings: Settings) -> str:
             parts.append(f"{DEMO_USER} inbox: {inbox}")
         finally:
             await r.aclose()
+    if settings.run_sandboxes:
+        with contextlib.suppress(Exception):
+            import httpx
+
+            async with httpx.AsyncClient(timeout=2) as http:
+                got = await http.get(f"{settings.mailpit_url}/api/v1/messages", params={"limit": 1})
+                parts.append(f"emails in Mailpit: {got.json()['total']}")
     with contextlib.suppress(Exception):
         counts = await asyncio.to_thread(
             _topic_sizes, settings, ["alerts.fired", "notify.outbound.email"]
@@ -234,7 +259,20 @@ def _where_to_look(settings: Settings, ports: dict[str, int]) -> str:
         f"  redis-cli -u {redis_url} HVALS '{settings.redis_key('inbox:{' + DEMO_USER + '}:msgs')}'",
         "  .venv/bin/finstream topics tail notify.outbound.email     # the demo alert's email",
         "  .venv/bin/finstream topics tail alerts.fired",
+        "  .venv/bin/finstream status                  # every role: ready, lag, throughput, DLQ",
+        "  .venv/bin/finstream journey --user demo-user --from -10m   # each notification's path",
     ]
+    if "api" in ports:
+        lines[2:2] = [
+            f"  console: http://{settings.api_host}:{settings.api_port}/console"
+            "     # quotes, bars with alert levels, rules, inbox, journeys",
+        ]
+    if settings.run_sandboxes:
+        lines[2:2] = [
+            f"  email:   {settings.mailpit_url}     # Mailpit: every email the demo sends",
+            f"  push:    {settings.sandbox_url}/push     # FCM and APNs sandbox",
+            f"  SMS:     {settings.sandbox_url}/sms      # Twilio sandbox",
+        ]
     if "api" in ports:
         lines += [
             f"  .venv/bin/finstream api stream {_demo_symbol(settings)}"
@@ -242,7 +280,7 @@ def _where_to_look(settings: Settings, ports: dict[str, int]) -> str:
             f"  http://{settings.api_host}:{settings.api_port}/docs     # the API",
         ]
     lines += [
-        f"  metrics of {role:<10} http://127.0.0.1:{port}/metrics" for role, port in ports.items()
+        f"  metrics of {role:<14} http://127.0.0.1:{port}/metrics" for role, port in ports.items()
     ]
     lines += [
         f"  logs: {settings.stack_dir / 'logs'}/<role>.log",
@@ -290,12 +328,20 @@ def run_command(roles_opt: str | None, no_prepare: bool, duration: float | None)
     unknown = [r for r in roles if r not in ROLES]
     if unknown:
         raise click.ClickException(f"unknown roles {unknown}; known: {', '.join(ROLES)}")
+    if not settings.run_sandboxes and "sandbox" in roles:
+        roles.remove("sandbox")
     if not no_prepare:
         _prepare(settings)
     logs = settings.stack_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     ports = _ports(settings, roles)
     children = [Child(role, ports[role], logs / f"{role}.log") for role in roles]
+    extra_env: dict[str, str] = {}
+    if settings.run_sandboxes and any(r.startswith("delivery-") or r == "sandbox" for r in roles):
+        extra_env = _sandbox_env(settings)
+        mailpit = _mailpit_child(settings, logs)
+        if mailpit is not None:
+            children.insert(0, mailpit)
     stopping = False
 
     def _on_signal(signum: int, _frame: object) -> None:
@@ -305,14 +351,11 @@ def run_command(roles_opt: str | None, no_prepare: bool, duration: float | None)
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
     for c in children:
-        c.start(_role_env(settings, c.role, not no_prepare))
-        click.echo(f"started {c.role:<10} pid {c.proc.pid if c.proc else '?':<7} log {c.log_path}")
+        c.start(_child_env(settings, c, extra_env, not no_prepare))
+        click.echo(f"started {c.role:<14} pid {c.proc.pid if c.proc else '?':<7} log {c.log_path}")
+    _write_run_file(settings, children)
     if settings.run_demo:
-        asyncio.run(send_demo(settings))
-        click.echo(
-            f"demo: preferences, a price alert and a welcome message for {DEMO_USER} "
-            "(in-app inbox and email)"
-        )
+        _seed_in_background(settings)
     click.echo(_where_to_look(settings, ports))
     started = time.monotonic()
     last_report = 0.0
@@ -334,7 +377,8 @@ def run_command(roles_opt: str | None, no_prepare: bool, duration: float | None)
                     )
                     if c.log_file:
                         c.log_file.close()
-                    c.start(_role_env(settings, c.role, not no_prepare))
+                    c.start(_child_env(settings, c, extra_env, not no_prepare))
+                    _write_run_file(settings, children)
             if time.monotonic() - last_report > 10:
                 last_report = time.monotonic()
                 click.echo(f"[{time.strftime('%H:%M:%S')}] {asyncio.run(_progress(settings))}")
@@ -342,4 +386,5 @@ def run_command(roles_opt: str | None, no_prepare: bool, duration: float | None)
     finally:
         click.echo("stopping workers (committing offsets)...")
         _stop_children(children)
+        run_file(settings).unlink(missing_ok=True)
         click.echo("stopped. `make stack-down` stops Kafka, PostgreSQL and Redis.")

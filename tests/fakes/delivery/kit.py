@@ -8,15 +8,15 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import SecretStr
-from tests.fakes.delivery.apns import FakeApns
-from tests.fakes.delivery.base import FakeThread
-from tests.fakes.delivery.fcm import FakeFcm, write_service_account
 from tests.fakes.delivery.sendgrid import FakeSendGrid
 from tests.fakes.delivery.ses import FakeSes
 from tests.fakes.delivery.smtp import FakeSmtp
-from tests.fakes.delivery.tls import make_certs
-from tests.fakes.delivery.twilio import FakeTwilio
 
+from finstream.sandbox.apns import FakeApns
+from finstream.sandbox.base import FakeThread
+from finstream.sandbox.fcm import FakeFcm, write_service_account
+from finstream.sandbox.tls import make_certs
+from finstream.sandbox.twilio import FakeTwilio
 from finstream.settings import Settings
 
 APNS_TEAM = "TEAM123456"

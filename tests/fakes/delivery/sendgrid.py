@@ -16,7 +16,8 @@ import time
 from typing import Any
 
 from aiohttp import web
-from tests.fakes.delivery.base import HttpFake
+
+from finstream.sandbox.base import HttpFake
 
 _QUERY = re.compile(r"""^unique_args\['message_id'\]="(?P<id>[^"]*)"$""")
 

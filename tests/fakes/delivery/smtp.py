@@ -18,8 +18,9 @@ from typing import Any
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
-from tests.fakes.delivery.base import Faults, Recorder
-from tests.fakes.delivery.tls import Certs
+
+from finstream.sandbox.base import Faults, Recorder
+from finstream.sandbox.tls import Certs
 
 
 class _Handler:

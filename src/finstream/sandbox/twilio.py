@@ -20,9 +20,9 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from aiohttp import web
-from tests.fakes.delivery.base import HttpFake
 
 from finstream.domain.delivery import sms_segments
+from finstream.sandbox.base import HttpFake
 
 _E164 = re.compile(r"^\+[1-9]\d{6,14}$")
 
@@ -44,7 +44,9 @@ def _error(
 
 class FakeTwilio(HttpFake):
     def __init__(
-        self, account_sid: str = "AC" + "0" * 32, auth_token: str = "twilio-test-token"
+        self,
+        account_sid: str = "AC" + "0" * 32,
+        auth_token: str = "twilio-test-token",  # noqa: S107 (a sandbox account)
     ) -> None:
         super().__init__()
         self.account_sid = account_sid
@@ -54,10 +56,13 @@ class FakeTwilio(HttpFake):
 
     def app(self) -> web.Application:
         app = web.Application()
-        path = "/2010-04-01/Accounts/{sid}/Messages.json"
-        app.router.add_post(path, self.send)
-        app.router.add_get(path, self.list)
+        self.add_routes(app.router)
         return app
+
+    def add_routes(self, router: web.UrlDispatcher) -> None:
+        path = "/2010-04-01/Accounts/{sid}/Messages.json"
+        router.add_post(path, self.send)
+        router.add_get(path, self.list)
 
     def _authorized(self, request: web.Request) -> bool:
         expected = base64.b64encode(f"{self.account_sid}:{self.auth_token}".encode()).decode()
@@ -91,7 +96,8 @@ class FakeTwilio(HttpFake):
         if to in self.opted_out:
             return _error(400, 21610, "Attempt to send to unsubscribed recipient")
         callback = str(form.get("StatusCallback", ""))
-        message_id = (parse_qs(urlsplit(callback).query).get("message_id") or [None])[0]
+        ids = parse_qs(urlsplit(callback).query).get("message_id")
+        message_id = ids[0] if ids else None
         resource = self._resource(to, str(form.get("From", "")), body)
         self.recorder.take(message_id, to=to, body=body, sid=resource["sid"], resource=resource)
         if kind == "accept_hang":

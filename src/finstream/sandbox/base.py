@@ -1,4 +1,5 @@
-"""What every fake shares: fault switches, acceptance records, a background runner."""
+"""What every provider sandbox (and test fake) shares: fault switches, acceptance
+records, a background runner."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import contextlib
 import random
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -66,18 +68,25 @@ class Faults:
 
 
 class Recorder:
-    """What a fake took, by the sender's message id."""
+    """What a fake took, by the sender's message id (each entry stamped with ``at``).
 
-    def __init__(self) -> None:
+    ``keep`` bounds the history (the long-running sandbox keeps the latest
+    ones); tests keep everything.
+    """
+
+    def __init__(self, keep: int | None = None) -> None:
+        self.keep = keep
         self.accepted: list[dict[str, Any]] = []
         self.requests = 0
         self.faults_served: Counter[str] = Counter()
         self._lock = threading.Lock()
 
     def take(self, message_id: str | None, **details: Any) -> dict[str, Any]:
-        entry = {"message_id": message_id, **details}
+        entry = {"message_id": message_id, "at": time.time(), **details}
         with self._lock:
             self.accepted.append(entry)
+            if self.keep is not None and len(self.accepted) > self.keep:
+                del self.accepted[: len(self.accepted) - self.keep]
         return entry
 
     def counts(self) -> Counter[str]:

@@ -26,8 +26,9 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.events import ConnectionTerminated, DataReceived, RequestReceived, StreamEnded, StreamReset
 from h2.exceptions import ProtocolError
-from tests.fakes.delivery.base import Faults, Recorder
-from tests.fakes.delivery.tls import Certs
+
+from finstream.sandbox.base import Faults, Recorder
+from finstream.sandbox.tls import Certs
 
 _TOKEN = re.compile(r"^[0-9a-fA-F]{64}$")
 Reply = tuple[int, list[tuple[str, str]], bytes]
@@ -56,12 +57,12 @@ class FakeApns:
         self._server: asyncio.Server | None = None
         self._protocols: set[_H2Server] = set()
 
-    async def start(self) -> str:
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _H2Server(self), "127.0.0.1", 0, ssl=self.certs.server_context(alpn=["h2"])
+            lambda: _H2Server(self), host, port, ssl=self.certs.server_context(alpn=["h2"])
         )
-        self.url = f"https://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        self.url = f"https://{host}:{self._server.sockets[0].getsockname()[1]}"
         return self.url
 
     async def stop(self) -> None:

@@ -1,4 +1,4 @@
-"""A throwaway certificate authority for the TLS fakes (APNs, SMTP STARTTLS)."""
+"""A throwaway certificate authority for the TLS sandboxes and fakes (APNs, SMTP STARTTLS)."""
 
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ class Certs:
         return ctx
 
 
-def make_certs(folder: Path) -> Certs:
-    """A CA and a server certificate for localhost / 127.0.0.1, valid for a day."""
+def make_certs(folder: Path, days: int = 1) -> Certs:
+    """A CA and a server certificate for localhost / 127.0.0.1, valid for ``days``."""
     folder.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -41,7 +41,7 @@ def make_certs(folder: Path) -> Certs:
         .public_key(ca_key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -67,7 +67,7 @@ def make_certs(folder: Path) -> Certs:
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(
             x509.SubjectAlternativeName(
                 [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]

@@ -24,7 +24,8 @@ import jwt
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from tests.fakes.delivery.base import HttpFake
+
+from finstream.sandbox.base import HttpFake
 
 SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
 FCM_ERROR = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
@@ -89,9 +90,12 @@ class FakeFcm(HttpFake):
 
     def app(self) -> web.Application:
         app = web.Application()
-        app.router.add_post("/token", self.token)
-        app.router.add_post("/v1/projects/{project}/messages:send", self.send)
+        self.add_routes(app.router)
         return app
+
+    def add_routes(self, router: web.UrlDispatcher) -> None:
+        router.add_post("/token", self.token)
+        router.add_post("/v1/projects/{project}/messages:send", self.send)
 
     def revoke_all(self) -> None:
         self.tokens.clear()
