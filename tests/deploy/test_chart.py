@@ -738,7 +738,7 @@ def _secret_refs(container: dict[str, Any]) -> dict[str, str]:
     return {
         e["name"]: e["valueFrom"]["secretKeyRef"]["key"]
         for e in container.get("env", [])
-        if "valueFrom" in e
+        if "secretKeyRef" in e.get("valueFrom", {})
     }
 
 
