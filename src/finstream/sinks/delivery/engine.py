@@ -121,17 +121,9 @@ def _error_class(value: str | None) -> ErrorClass:
         return ErrorClass.TRANSIENT
 
 
-class Breaker(CircuitBreaker):
-    """The shared circuit breaker, plus handing back a half-open probe that was not used.
-
-    A probe is granted before the row is claimed for sending; when the claim
-    turns out to be lost, no call happens and nothing would ever resolve the
-    probe, leaving the circuit half-open and refusing every call.
-    """
-
-    def release(self) -> None:
-        if self._probes > 0:
-            self._probes -= 1
+# The shared breaker hands back a probe that was not used (a lost claim: no call
+# happens, and nothing else would resolve the probe); kept under this name for callers.
+Breaker = CircuitBreaker
 
 
 class ProviderSlot:
