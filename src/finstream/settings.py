@@ -117,7 +117,15 @@ class Settings(BaseSettings):
     )
     md_alphavantage_url: str = "https://www.alphavantage.co"
     md_alphavantage_key: SecretStr | None = None
-    md_alphavantage_limits: str = "5/min,25/day"
+    md_alphavantage_limits: str = Field(
+        default="1/sec,5/min,25/day",
+        description="Free tier: 25 a day, 5 a minute, and bursts refused above 1 a second.",
+    )
+    md_alphavantage_daily_reset: str = Field(
+        default="00:00 UTC,00:00 America/New_York",
+        description="When the daily quota renews (HH:MM ZONE, comma-separated; undocumented, "
+        "so the earliest candidate is tried first): the pause after the daily-limit message.",
+    )
     md_yahoo_url: str = "https://query1.finance.yahoo.com"
     md_yahoo_cookie_url: str = "https://fc.yahoo.com"
     md_yahoo_limits: str = "60/min"

@@ -68,7 +68,12 @@ class PollResult(Outcome):
 
 @dataclass(frozen=True)
 class ConnectorOptions:
-    """What every connector needs from settings, gathered once."""
+    """What every connector needs from settings, gathered once.
+
+    ``clock`` and ``sleep`` are what rate limits and pauses are measured with
+    (monotonic seconds), ``wall`` is when an answer was received (UTC); tests
+    pass fakes of all three to run a simulated hour at once.
+    """
 
     timeout: float = 10.0
     max_wait: float = 0.0  # longest wait for a rate-limit token before giving up this cycle
@@ -76,6 +81,9 @@ class ConnectorOptions:
     silence_timeout: float = 30.0
     backoff: Backoff = field(default_factory=lambda: Backoff(base=0.5, cap=30.0))
     max_body_bytes: int = MAX_BODY_BYTES
+    clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    wall: Callable[[], datetime] = utcnow
 
 
 class Connector(abc.ABC):
@@ -103,7 +111,7 @@ class Connector(abc.ABC):
     def validated(self, tick: Tick, now: datetime | None = None) -> Tick:
         """A tick that passed the plausibility checks, or a malformed error."""
         try:
-            return validate_tick(tick, now or utcnow(), self.options.max_future)
+            return validate_tick(tick, now or self.options.wall(), self.options.max_future)
         except TickValidationError as exc:
             raise malformed(self.name, f"{tick.symbol}: {exc}", exc.reason) from None
 
@@ -273,9 +281,10 @@ class HttpConnector(PollingConnector):
 
     async def acquire(self) -> None:
         """One request's rate-limit tokens, waiting at most ``max_wait`` for them."""
-        deadline = time.monotonic() + self.options.max_wait
+        clock = self.options.clock
+        deadline = clock() + self.options.max_wait
         while True:
-            now = time.monotonic()
+            now = clock()
             if self.gate.try_acquire(now):
                 return
             wait = self.gate.wait_time(now)
@@ -287,7 +296,7 @@ class HttpConnector(PollingConnector):
                     retry_after=wait,
                     code=LOCAL_RATE_LIMIT,
                 )
-            await asyncio.sleep(max(wait, 0.001))
+            await self.options.sleep(max(wait, 0.001))
 
     async def get(
         self, url: str, params: dict[str, str] | None = None, *, rate_limited: bool = True
@@ -309,7 +318,9 @@ class HttpConnector(PollingConnector):
                             "oversized",
                         )
                     chunks.append(chunk)
-                return HttpReply(resp.status_code, resp.headers, b"".join(chunks), utcnow())
+                return HttpReply(
+                    resp.status_code, resp.headers, b"".join(chunks), self.options.wall()
+                )
         except httpx.TimeoutException:
             raise ProviderError(
                 ErrorClass.TRANSIENT,

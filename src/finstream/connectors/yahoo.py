@@ -40,7 +40,6 @@ from finstream.domain.marketdata import (
 from finstream.domain.marketdata_failover import ProviderGate
 from finstream.domain.resilience import ErrorClass, ProviderError
 from finstream.domain.ticks import Tick, TickValidationError, make_tick, normalize_symbol
-from finstream.domain.time import utcnow
 
 NAME = "yahoo"
 _CRUMB_RE = re.compile(r"^[A-Za-z0-9./_\-]{4,64}$")
@@ -292,5 +291,5 @@ class YahooConnector(HttpConnector):
         error = self.status_error(reply, detail=finance_error(reply.body) or body_hint(reply.body))
         if error is not None:
             raise error
-        ticks = parse_chart(reply.body, symbol, utcnow())
+        ticks = parse_chart(reply.body, symbol, self.options.wall())
         return [self.validated(t) for t in ticks if start < t.ts < end]
