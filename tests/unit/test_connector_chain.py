@@ -294,6 +294,70 @@ async def test_one_invalid_symbol_neither_aborts_the_request_nor_counts_against_
     assert runner.unserved == Counter()
 
 
+async def test_a_delisted_symbol_is_parked_at_yahoo_and_yahoo_stays_ready_to_take_over() -> None:
+    clock = FakeClock()
+    market = FakeMarket([*SYMS, "GONE"], step=1, now=clock.wall)
+    market.bases.pop("GONE")  # nobody quotes it any more
+    av, yahoo = FakeAlphaVantage(market), FakeYahoo(market)
+    yahoo.delisted.add("GONE")
+    symbols = (*SYMS, "GONE")
+    async with serve(av) as av_url, serve(yahoo) as y_url:
+        connectors: dict[str, Connector] = {
+            "alphavantage": AlphaVantageConnector(
+                gate("alphavantage"), on_clock(clock), av_url, av.api_key
+            ),
+            "yahoo": YahooConnector(gate("yahoo"), on_clock(clock), y_url, f"{y_url}/fc"),
+        }
+        out = ListOutput()
+        runner = runner_for(
+            connectors, ("alphavantage", "yahoo"), out, symbols, poll_interval=5.0, clock=clock
+        )
+        await run_cycles(runner, clock, 5, 5.0)
+        # Alpha Vantage serves the rest; GONE reached Yahoo alone once (a 404) and is parked.
+        assert yahoo.calls["quote"] == 1
+        assert connectors["yahoo"].gate.circuit(clock()) is CircuitState.CLOSED
+        assert runner.chains[0].unknown_everywhere(clock()) == ["GONE"]
+        # So when the primary fails, Yahoo takes over in the same cycle.
+        av.mode = "error500"
+        await run_cycles(runner, clock, 1, 5.0)
+        await runner.close()
+    assert runner.transitions[-1].kind == "failover"
+    assert [t.source for t in out.ticks[-3:]] == ["yahoo"] * 3
+    assert runner.unserved == Counter({"GONE": 6})
+
+
+async def test_a_throttle_page_as_the_crumb_pauses_yahoo_instead_of_asking_again() -> None:
+    clock = FakeClock()
+    market = FakeMarket(list(SYMS), step=1, now=clock.wall)
+    yahoo, av = FakeYahoo(market), FakeAlphaVantage(market)
+    yahoo.mode = "crumb_throttled"  # getcrumb answers "Too Many Requests" with HTTP 200
+    async with serve(yahoo) as y_url, serve(av) as av_url:
+        connectors: dict[str, Connector] = {
+            "yahoo": YahooConnector(gate("yahoo"), on_clock(clock), y_url, f"{y_url}/fc"),
+            "alphavantage": AlphaVantageConnector(
+                gate("alphavantage"), on_clock(clock), av_url, av.api_key
+            ),
+        }
+        out = ListOutput()
+        runner = runner_for(
+            connectors,
+            ("yahoo", "alphavantage"),
+            out,
+            poll_interval=5.0,
+            throttle_pause=60.0,
+            clock=clock,
+        )
+        await run_cycles(runner, clock, 12, 5.0)  # the minute of the pause
+        assert (yahoo.calls["fc"], yahoo.calls["getcrumb"]) == (1, 1)
+        assert av.served["AAPL"] == 12  # the secondary served meanwhile
+        yahoo.mode = "ok"
+        await run_cycles(runner, clock, 1, 5.0)
+        await runner.close()
+    assert (yahoo.calls["fc"], yahoo.calls["getcrumb"]) == (2, 2)
+    assert runner.chains[0].active == "yahoo"
+    assert runner.unserved == Counter()
+
+
 # -- streams: real connections, waited on -------------------------------------------------------
 
 
