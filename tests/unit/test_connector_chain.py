@@ -9,9 +9,7 @@ connections, so their tests wait on conditions.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import Counter
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -39,6 +37,7 @@ from tests.fakes.marketdata.polygon import FakePolygon
 from tests.fakes.marketdata.server import serve
 from tests.fakes.marketdata.yahoo import FakeYahoo
 from tests.support.clock import FakeClock
+from tests.support.waiting import until
 
 SYMS = ("AAPL", "MSFT", "IBM")
 POLL = 0.1
@@ -79,16 +78,6 @@ async def run_cycles(runner: ChainRunner, clock: FakeClock, n: int, every: float
     for _ in range(n):
         await runner.run_cycle(runner.chains[0])
         clock.advance(every)
-
-
-async def until(check: Callable[[], Any], what: str, within: float = 30.0) -> Any:
-    """Wait for a condition of a live stream (generous: the machine may be loaded)."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if result := check():
-            return result
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"timed out after {within}s waiting for {what}")
 
 
 def assert_no_duplicates(ticks: list[Tick], market: FakeMarket) -> None:

@@ -122,6 +122,13 @@ class Connector(abc.ABC):
         Raises ProviderError when it does not work (`finstream providers check`).
         """
 
+    async def wait(self, stop: asyncio.Event, seconds: float) -> bool:
+        """Wait ``seconds`` on the connector's clock, or until ``stop``; True when stopped."""
+        if self.options.sleep is asyncio.sleep:  # the real clock: wake at once on stop
+            return await sleep_or_stop(stop, seconds)
+        await self.options.sleep(max(seconds, 0.0))
+        return stop.is_set()
+
     def count_error(self, error: ProviderError) -> None:
         PROVIDER_ERRORS.labels(self.name, error.error_class.value).inc()
 
