@@ -67,7 +67,7 @@ test-unit: install
 bench: stack-up ## Benchmarks, each against a baseline measured in the same run
 	$(BIN)/python -m bench
 
-tools: $(UV) ## helm, kubeconform, checkov, hadolint and offline schemas into .tools (idempotent)
+tools: $(UV) ## helm, kubeconform, checkov, hadolint, toxiproxy and offline schemas into .tools (idempotent)
 	UV=$(UV) PYTHON=$(PYTHON) bash deploy/tools/install.sh
 
 clean:

@@ -267,7 +267,12 @@ class AlphaVantageConnector(HttpConnector):
         return None if self.api_key else "no API key (FINSTREAM_MD_ALPHAVANTAGE_KEY)"
 
     async def _query(self, params: dict[str, str]) -> bytes:
-        reply = await self.get(f"{self.base_url}/query", {**params, "apikey": self.api_key or ""})
+        # A full intraday series is megabytes: more time than a quote.
+        reply = await self.get(
+            f"{self.base_url}/query",
+            {**params, "apikey": self.api_key or ""},
+            deadline=self.options.timeout * 3,
+        )
         error = self.status_error(reply, not_found=ErrorClass.PERMANENT)
         if error is not None:
             raise error

@@ -306,14 +306,28 @@ class HttpConnector(PollingConnector):
             await self.options.sleep(max(wait, 0.001))
 
     async def get(
-        self, url: str, params: dict[str, str] | None = None, *, rate_limited: bool = True
+        self,
+        url: str,
+        params: dict[str, str] | None = None,
+        *,
+        rate_limited: bool = True,
+        deadline: float | None = None,
     ) -> HttpReply:
-        """GET with tokens, timeout and size cap; transport failures are transient errors."""
+        """GET with tokens, timeout and size cap; transport failures are transient errors.
+
+        httpx's timeout bounds each network operation; ``deadline`` (default: the
+        same timeout) bounds the whole exchange, so a body trickling in slower
+        than any read timeout (a throttled link) cannot hold a cycle for minutes.
+        """
         if rate_limited:
             await self.acquire()
         started = time.monotonic()
+        limit = deadline if deadline is not None else self.options.timeout
         try:
-            async with self.client.stream("GET", url, params=params) as resp:
+            async with (
+                asyncio.timeout(limit),
+                self.client.stream("GET", url, params=params) as resp,
+            ):
                 chunks: list[bytes] = []
                 size = 0
                 async for chunk in resp.aiter_bytes():
@@ -332,6 +346,13 @@ class HttpConnector(PollingConnector):
             raise ProviderError(
                 ErrorClass.TRANSIENT,
                 f"no answer within {self.options.timeout:g}s",
+                provider=self.name,
+                code="timeout",
+            ) from None
+        except TimeoutError:
+            raise ProviderError(
+                ErrorClass.TRANSIENT,
+                f"the whole exchange took longer than {limit:g}s",
                 provider=self.name,
                 code="timeout",
             ) from None
