@@ -48,6 +48,22 @@ class Settings(BaseSettings):
     )
     database_url: SecretStr = SecretStr("postgresql://finstream:finstream@127.0.0.1:5432/finstream")
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    # A connection whose peer vanished without a reset (a half-open connection:
+    # bytes stop flowing, the socket stays open) would otherwise wait forever.
+    pg_connect_timeout: float = Field(
+        default=10.0, gt=0, description="Seconds to open a PostgreSQL connection."
+    )
+    pg_command_timeout: float = Field(
+        default=60.0,
+        gt=0,
+        description="Seconds a PostgreSQL statement may take before it fails (and its "
+        "connection is dropped).",
+    )
+    redis_socket_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds to connect to Redis, and for a Redis command to answer.",
+    )
 
     # -- local stack (finstream stack up) ----------------------------------------
     stack_dir: Path = Field(default_factory=_default_stack_dir)

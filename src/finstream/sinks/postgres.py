@@ -53,12 +53,22 @@ def load_migrations(folder: Path | None = None) -> list[Migration]:
 
 
 async def connect(settings: Settings) -> asyncpg.Connection:
-    return await asyncpg.connect(settings.database_url.get_secret_value())
+    return await asyncpg.connect(
+        settings.database_url.get_secret_value(),
+        timeout=settings.pg_connect_timeout,
+        command_timeout=settings.pg_command_timeout,
+    )
 
 
 async def create_pool(settings: Settings, min_size: int = 1, max_size: int = 5) -> asyncpg.Pool:
+    """A pool whose connects and statements time out (pg_connect_timeout, pg_command_timeout),
+    so a half-open connection to PostgreSQL fails a call instead of hanging it."""
     pool = await asyncpg.create_pool(
-        settings.database_url.get_secret_value(), min_size=min_size, max_size=max_size
+        settings.database_url.get_secret_value(),
+        min_size=min_size,
+        max_size=max_size,
+        timeout=settings.pg_connect_timeout,
+        command_timeout=settings.pg_command_timeout,
     )
     assert pool is not None
     return pool
