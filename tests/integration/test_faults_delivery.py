@@ -644,3 +644,32 @@ async def test_redis_half_open_leaves_the_inbox_with_each_message_once(
     history = await results(db, msg["message_id"])
     assert [r["status"] for r in history][-1] == "DELIVERED"
     assert len(history) >= 2, "the first store timed out"
+
+
+@pytest.mark.usefixtures("clean")
+async def test_a_slow_redis_link_delays_in_app_delivery_but_doubles_nothing(
+    env: TestEnv,
+    fakes: DeliveryFakes,
+    toxiproxy: Toxiproxy,
+    publisher: AiokafkaPublisher,
+    db: asyncpg.Pool,
+) -> None:
+    proxy, urls = redis_proxy(toxiproxy, env, "redis-slow")
+    settings = settings_for(env, fakes, **urls)
+    batch = [message_for("INAPP", "inbox") for _ in range(5)]
+    try:
+        async with running(settings, "INAPP", publisher) as engine:
+            proxy.add("latency", stream="downstream", latency=200, jitter=100)
+            proxy.add("bandwidth", stream="upstream", rate=2)
+            await deliver(engine, *batch)
+            states = await settled(db, *(m["message_id"] for m in batch))
+    finally:
+        toxiproxy.api.delete(f"/proxies/{proxy.name}")
+    assert set(states.values()) == {"delivered"}
+    direct = aioredis.from_url(env.settings.redis_url.get_secret_value())
+    try:
+        for msg in batch:
+            key = env.settings.redis_key(f"inbox:{{{msg['user_id']}}}:msgs")
+            assert list(await direct.hgetall(key)) == [msg["message_id"].encode()]
+    finally:
+        await direct.aclose()
