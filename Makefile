@@ -75,7 +75,7 @@ $(ANCHOR)/.installed: $(UV) bench/anchor/requirements.txt
 bench: stack-up $(ANCHOR)/.installed ## Benchmarks, each beside a baseline (and the Quix Streams anchor) measured in the same run
 	$(BIN)/python -m bench $(BENCH)
 
-tools: $(UV) ## helm, kubeconform, checkov, hadolint and offline schemas into .tools (idempotent)
+tools: $(UV) ## helm, kubeconform, checkov, hadolint, toxiproxy and offline schemas into .tools (idempotent)
 	UV=$(UV) PYTHON=$(PYTHON) bash deploy/tools/install.sh
 
 # The console's JavaScript dependencies: from the npm registry, pinned by

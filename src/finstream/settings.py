@@ -48,8 +48,21 @@ class Settings(BaseSettings):
     )
     database_url: SecretStr = SecretStr("postgresql://finstream:finstream@127.0.0.1:5432/finstream")
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
-    redis_timeout: float = Field(
-        default=5.0, gt=0, description="Seconds before a Redis connect or command gives up."
+    # A connection whose peer vanished without a reset (a half-open connection:
+    # bytes stop flowing, the socket stays open) would otherwise wait forever.
+    pg_connect_timeout: float = Field(
+        default=10.0, gt=0, description="Seconds to open a PostgreSQL connection."
+    )
+    pg_command_timeout: float = Field(
+        default=60.0,
+        gt=0,
+        description="Seconds a PostgreSQL statement may take before it fails (and its "
+        "connection is dropped).",
+    )
+    redis_socket_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds to connect to Redis, and for a Redis command to answer.",
     )
 
     # -- local stack (finstream stack up) ----------------------------------------
@@ -148,7 +161,15 @@ class Settings(BaseSettings):
     )
     md_alphavantage_url: str = "https://www.alphavantage.co"
     md_alphavantage_key: SecretStr | None = None
-    md_alphavantage_limits: str = "5/min,25/day"
+    md_alphavantage_limits: str = Field(
+        default="1/sec,5/min,25/day",
+        description="Free tier: 25 a day, 5 a minute, and bursts refused above 1 a second.",
+    )
+    md_alphavantage_daily_reset: str = Field(
+        default="00:00 UTC,00:00 America/New_York",
+        description="When the daily quota renews (HH:MM ZONE, comma-separated; undocumented, "
+        "so the earliest candidate is tried first): the pause after the daily-limit message.",
+    )
     md_yahoo_url: str = "https://query1.finance.yahoo.com"
     md_yahoo_cookie_url: str = "https://fc.yahoo.com"
     md_yahoo_limits: str = "60/min"

@@ -63,6 +63,14 @@ def states(env: TestEnv, ids: list[str]) -> dict[str, str]:
     return {r["message_id"]: r["state"] for r in rows}
 
 
+def settled(env: TestEnv, ids: list[str]) -> dict[str, str] | None:
+    """One snapshot of the states of ``ids``, when every one of them is final; else None."""
+    got = states(env, ids)
+    if len(got) == len(ids) and all(s in FINAL for s in got.values()):
+        return got
+    return None
+
+
 def test_every_channel_through_its_worker(
     env: TestEnv, log_dir: Path, fakes: DeliveryFakes
 ) -> None:
@@ -80,39 +88,25 @@ def test_every_channel_through_its_worker(
         for topic, msg in messages.items():
             env.produce_records(topic, "OutboundMessage", [(msg["user_id"], msg)])
         ids = [m["message_id"] for m in messages.values()]
-        wait_until(
-            lambda: (
-                all(s in FINAL for s in states(env, ids).values()) and len(states(env, ids)) == 4
-            ),
-            timeout=60,
-            message="four deliveries",
-        )
-        assert states(env, ids) == {
+        # One snapshot per poll, asserted on as it was read: a second query could
+        # see a row that the first one did not (still 'sending').
+        final = wait_until(lambda: settled(env, ids), timeout=60, message="four deliveries")
+        assert final == {
             messages["notify.outbound.email"]["message_id"]: "sent",
             messages["notify.outbound.push"]["message_id"]: "sent",
             messages["notify.outbound.sms"]["message_id"]: "sent",
             messages["notify.outbound.inapp"]["message_id"]: "delivered",
         }
-        results = wait_until(
-            lambda: (
-                [
-                    r
-                    for r in env.decode_all("notify.delivery", "DeliveryResult")
-                    if r["message_id"] in ids
-                ]
-                if len(
-                    {
-                        r["message_id"]
-                        for r in env.decode_all("notify.delivery", "DeliveryResult")
-                        if r["message_id"] in ids
-                    }
-                )
-                == 4
-                else None
-            ),
-            timeout=30,
-            message="results on notify.delivery",
-        )
+
+        def results_of_all() -> list[dict[str, Any]] | None:
+            found = [
+                r
+                for r in env.decode_all("notify.delivery", "DeliveryResult")
+                if r["message_id"] in ids
+            ]
+            return found if {r["message_id"] for r in found} == set(ids) else None
+
+        results = wait_until(results_of_all, timeout=30, message="results on notify.delivery")
         assert {(r["channel"], r["provider"], r["status"]) for r in results} == {
             ("EMAIL", "sendgrid", "SENT"),
             ("PUSH", "apns", "SENT"),
@@ -176,12 +170,7 @@ def test_sigkill_mid_batch_then_restart_delivers_every_message_exactly_once(
         # (30 s) ends; the rows it had claimed are taken over from PostgreSQL
         # as soon as their leases lapse.
         final = wait_until(
-            lambda: (
-                (got := states(env, ids))
-                and all(s in FINAL for s in got.values())
-                and len(got) == CHAOS_MESSAGES
-                and got
-            ),
+            lambda: settled(env, ids),
             timeout=90,
             message=f"{CHAOS_MESSAGES} messages settled",
         )

@@ -16,6 +16,7 @@ from finstream.api.idempotency import fingerprint, parse_key
 from finstream.api.limits import RateDecision
 from finstream.api.policy import merge_patch, next_version, protect_preferences, resolve_user
 from finstream.api.problems import Problem, json_pointer, validation_problem
+from finstream.domain import strict_json
 
 
 def who(sub: str, *roles: str) -> Principal:
@@ -205,17 +206,27 @@ def test_rate_limit_headers() -> None:
     assert refused["Retry-After"] == "1"
 
 
-@given(st.text(max_size=200))
+def strict_loads(text: str) -> Any:
+    """JSON.parse's rules: NaN, Infinity and -Infinity are not JSON."""
+
+    def refuse(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@given(st.text(max_size=200) | st.sampled_from(["NaN", "-Infinity", '{"p": NaN}', "[1e999]"]))
 def test_frames_are_always_json(payload: str) -> None:
-    frame = json.loads(frame_for("quote", {"symbol": "AAPL"})(payload))
+    frame = strict_loads(frame_for("quote", {"symbol": "AAPL"})(payload))
     assert frame["type"] == "quote"
     assert frame["symbol"] == "AAPL"
     try:
-        expected = json.loads(payload)
+        expected, pointers = strict_json.parse(payload)
     except ValueError:
-        expected = payload
+        expected, pointers = payload, []
     assert frame["data"] == expected
-    assert json.loads(GAP_FRAME)["type"] == "gap"
+    assert frame.get("nonfinite", []) == pointers
+    assert strict_loads(GAP_FRAME)["type"] == "gap"
 
 
 async def test_rate_limiter_lets_requests_through_when_redis_is_down() -> None:

@@ -7,15 +7,25 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from finstream.connectors.alphavantage import (
     AlphaVantageConnector,
     parse_global_quote,
     parse_intraday,
 )
+from finstream.domain.marketdata import parse_daily_resets, seconds_until_reset
 from finstream.domain.marketdata_dedupe import SnapshotClock
 from finstream.domain.resilience import ErrorClass, ProviderError
-from tests.fakes.marketdata.alphavantage import BAD_KEY, DAILY, NOTE, PREMIUM, FakeAlphaVantage
+from tests.fakes.marketdata.alphavantage import (
+    BAD_KEY,
+    BURST,
+    DAILY,
+    NOTE,
+    PREMIUM,
+    FakeAlphaVantage,
+)
 from tests.fakes.marketdata.helpers import RECEIVED, gate, options
 from tests.fakes.marketdata.market import FakeMarket
 from tests.fakes.marketdata.server import serve
@@ -69,6 +79,7 @@ def test_an_unchanged_quote_keeps_its_time_and_id() -> None:
     [
         ({"Note": NOTE}, ErrorClass.THROTTLED, "frequency"),
         ({"Information": DAILY}, ErrorClass.THROTTLED, "daily_limit"),
+        ({"Information": BURST}, ErrorClass.THROTTLED, "burst"),
         ({"Information": PREMIUM}, ErrorClass.PERMANENT, "premium"),
         ({"Error Message": BAD_KEY}, ErrorClass.AUTH, "apikey"),
         (
@@ -80,6 +91,11 @@ def test_an_unchanged_quote_keeps_its_time_and_id() -> None:
         ),
         (
             {"Error Message": "Invalid API call. Please retry or visit the documentation."},
+            ErrorClass.UNKNOWN_SYMBOL,
+            "invalid_call",
+        ),
+        (
+            {"Error Message": "This API function (GLOBAL_QUOTES) does not exist."},
             ErrorClass.PERMANENT,
             "message",
         ),
@@ -96,10 +112,58 @@ def test_messages_instead_of_data(payload: object, cls: ErrorClass, code: str) -
     assert info.value.provider == "alphavantage"
 
 
-def test_daily_limit_asks_for_an_hour() -> None:
+def test_the_daily_limit_waits_for_the_reset_not_an_hour() -> None:
+    # RECEIVED is 18:00 UTC on Friday 2024-05-10 (14:00 in New York, EDT).
     with pytest.raises(ProviderError) as info:
         parse_global_quote(body({"Information": DAILY}), "IBM", RECEIVED)
-    assert info.value.retry_after == 3600
+    assert info.value.retry_after == 6 * 3600  # midnight UTC comes before midnight New York
+    new_york = parse_daily_resets("00:00 America/New_York")
+    with pytest.raises(ProviderError) as info:
+        parse_global_quote(body({"Information": DAILY}), "IBM", RECEIVED, daily_resets=new_york)
+    assert info.value.retry_after == 10 * 3600
+    # In winter New York is UTC-5: 23:30 UTC on 2024-01-15 is 18:30 there.
+    winter = datetime(2024, 1, 15, 23, 30, tzinfo=UTC)
+    with pytest.raises(ProviderError) as info:
+        parse_global_quote(body({"Information": DAILY}), "IBM", winter, daily_resets=new_york)
+    assert info.value.retry_after == 5.5 * 3600
+
+
+def test_a_per_second_burst_pauses_a_second_though_it_mentions_the_daily_limit() -> None:
+    with pytest.raises(ProviderError) as info:
+        parse_global_quote(body({"Information": BURST}), "IBM", RECEIVED)
+    assert (info.value.code, info.value.retry_after) == ("burst", 1.0)
+    with pytest.raises(ProviderError) as info:
+        parse_global_quote(body({"Note": NOTE}), "IBM", RECEIVED)  # per minute (and per day)
+    assert (info.value.code, info.value.retry_after) == ("frequency", None)
+
+
+@given(
+    st.datetimes(
+        min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1), timezones=st.just(UTC)
+    ),
+    st.sampled_from(
+        ["00:00 UTC", "00:00 America/New_York", "03:30 Asia/Kolkata", "02:30 Europe/Berlin"]
+    ),
+)
+def test_the_reset_is_the_next_wall_clock_occurrence(now: datetime, spec: str) -> None:
+    [reset] = parse_daily_resets(spec)
+    wait = seconds_until_reset(now, [reset])
+    at = (now + timedelta(seconds=wait)).astimezone(reset.zone)
+    assert 0 < wait <= 25 * 3600  # a day, one DST hour longer at most
+    # The moment reached is the reset time (a time skipped by DST moves to the first
+    # wall time after the gap), and no earlier moment was one.
+    if at.replace(tzinfo=None).time() != reset.at:
+        assert at.dst() != (at - timedelta(hours=1)).dst()
+
+
+def test_daily_reset_settings_are_checked() -> None:
+    assert [r.render() for r in parse_daily_resets("00:00 UTC, 19:00 America/New_York")] == [
+        "00:00 UTC",
+        "19:00 America/New_York",
+    ]
+    for bad in ("", "25:00 UTC", "00:00 Mars/Olympus", "midnight"):
+        with pytest.raises(ValueError, match="reset"):
+            parse_daily_resets(bad)
 
 
 @pytest.mark.parametrize(
@@ -206,10 +270,28 @@ async def test_connector_polls_each_symbol_and_reports_unknown_ones(market: Fake
         assert market.step_of(tick.symbol, tick.price, tick.size) is not None
 
 
+async def test_one_invalid_symbol_is_parked_and_the_others_are_still_asked(
+    market: FakeMarket,
+) -> None:
+    fake = FakeAlphaVantage(market)
+    fake.invalid_symbols.add("AAPL")
+    async with serve(fake) as url:
+        conn = AlphaVantageConnector(gate("alphavantage"), options(), url, fake.api_key)
+        try:
+            result = await conn.fetch(["AAPL", "MSFT"])
+        finally:
+            await conn.aclose()
+    assert result.error is None
+    assert result.served == {"MSFT"}
+    assert result.unknown == {"AAPL"}
+    assert fake.calls["GLOBAL_QUOTE"] == 2
+
+
 @pytest.mark.parametrize(
     ("mode", "cls"),
     [
         ("note", ErrorClass.THROTTLED),
+        ("burst", ErrorClass.THROTTLED),
         ("information", ErrorClass.THROTTLED),
         ("premium", ErrorClass.PERMANENT),
         ("html", ErrorClass.MALFORMED),

@@ -99,7 +99,7 @@ def test_providers_check_reports_each_provider() -> None:
     assert done.returncode == 1  # finnhub and iex fail
     assert "alphavantage: OK" in out
     assert "ok: AAPL" in out
-    assert "configured limits: 5/min, 25/day" in out
+    assert "configured limits: 1/sec, 5/min, 25/day" in out
     assert "yahoo: OK" in out
     assert "finnhub: FAILED" in out
     assert "credentials rejected" in out

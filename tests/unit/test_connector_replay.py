@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -16,6 +15,7 @@ from finstream.connectors.replay import ReplayConnector, parse_speed, parse_time
 from finstream.domain.resilience import ProviderError
 from finstream.domain.ticks import Tick
 from tests.fakes.marketdata.helpers import RECEIVED, gate, options
+from tests.support.clock import FakeClock
 
 T0 = datetime(2024, 5, 10, 13, 30, tzinfo=UTC)
 
@@ -27,20 +27,30 @@ def write_csv(path: Path, rows: list[str]) -> Path:
 
 async def play(
     path: Path, speed: str, symbols: set[str] | None = None
-) -> tuple[list[Tick], ReplayConnector, float]:
-    conn = ReplayConnector(gate("replay"), options(max_future=timedelta(days=36500)), path, speed)
+) -> tuple[list[Tick], ReplayConnector, list[float]]:
+    """Play ``path`` on a fake clock: the ticks, the connector, and when each was emitted
+    (seconds after the start, on that clock)."""
+    clock = FakeClock()
+    conn = ReplayConnector(
+        gate("replay"),
+        options(max_future=timedelta(days=36500), clock=clock, sleep=clock.sleep),
+        path,
+        speed,
+    )
     if symbols is None:
         conn.all_symbols = True
     else:
         conn.set_symbols(symbols)
     got: list[Tick] = []
+    at: list[float] = []
+    start = clock()
 
     async def emit(_: str, tick: Tick) -> None:
         got.append(tick)
+        at.append(clock() - start)
 
-    started = time.monotonic()
-    await asyncio.wait_for(conn.run(emit, asyncio.Event()), 10)
-    return got, conn, time.monotonic() - started
+    await asyncio.wait_for(conn.run(emit, asyncio.Event()), 30)
+    return got, conn, at
 
 
 def test_speed() -> None:
@@ -110,11 +120,11 @@ async def test_csv_at_speed_with_a_bad_row_counted(tmp_path: Path) -> None:
             "AAPL,2024-05-10T13:30:02Z,183.10,50",
         ],
     )
-    got, conn, elapsed = await play(path, "10")
+    got, conn, at = await play(path, "10")
     assert [t.symbol for t in got] == ["AAPL", "MSFT", "AAPL"]
     assert conn.stats.rejected == 1
     assert conn.finished
-    assert 0.18 <= elapsed < 1.5  # two seconds of history at 10x
+    assert at == pytest.approx([0.0, 0.05, 0.2])  # two seconds of history at 10x
     assert [t.ts for t in got][-1] == T0 + timedelta(seconds=2)
     again, _, _ = await play(path, "max")
     assert [t.tick_id for t in again] == [t.tick_id for t in got]  # stable ids
@@ -135,12 +145,12 @@ async def test_parquet_bars_filtered_by_symbol(tmp_path: Path) -> None:
     )
     path = tmp_path / "bars.parquet"
     pq.write_table(table, path)
-    got, conn, elapsed = await play(path, "max", {"MSFT"})
+    got, conn, at = await play(path, "max", {"MSFT"})
     assert len(got) == n // 2
     assert {t.symbol for t in got} == {"MSFT"}
     assert got[0].price == Decimal("101.00")  # decimals straight from Parquet's decimal128
     assert conn.stats.skipped == n // 2
-    assert elapsed < 5
+    assert set(at) == {0.0}  # "max" never pauses
 
 
 async def test_a_file_that_is_not_there_or_not_a_table(tmp_path: Path) -> None:

@@ -124,10 +124,25 @@ def test_finance_error_description() -> None:
 
 def test_crumbs_that_are_not_crumbs() -> None:
     assert check_crumb(b"Phb0wzVdPs6\n") == "Phb0wzVdPs6"
-    for raw in (b"Too Many Requests", b"<html>", b"", b"x" * 200):
+    for raw in (b"<html>", b"", b"x" * 200):
         with pytest.raises(ProviderError) as info:
             check_crumb(raw)
         assert info.value.code == "bad_crumb"
+
+
+def test_a_throttle_page_where_the_crumb_should_be_is_throttling() -> None:
+    for raw in (
+        b"Too Many Requests",
+        b"Edge: Too Many Requests\r\n",
+        b"<html><body><h1>429 Too Many Requests</h1></body></html>",
+    ):
+        with pytest.raises(ProviderError) as info:
+            check_crumb(raw, retry_after=5.0)
+        assert (info.value.error_class, info.value.code) == (
+            ErrorClass.THROTTLED,
+            "crumb_throttled",
+        )
+        assert info.value.retry_after == 5.0
 
 
 CHART = {
@@ -237,7 +252,7 @@ async def test_a_crumb_that_keeps_failing_is_an_auth_error(market: FakeMarket) -
     ("mode", "cls", "code"),
     [
         ("throttle", ErrorClass.THROTTLED, None),
-        ("crumb_throttled", ErrorClass.MALFORMED, "bad_crumb"),
+        ("crumb_throttled", ErrorClass.THROTTLED, "crumb_throttled"),
         ("html", ErrorClass.MALFORMED, "html"),
         ("truncated", ErrorClass.MALFORMED, "bad_json"),
         ("quote_error", ErrorClass.PERMANENT, "quote_error"),
@@ -260,6 +275,40 @@ async def test_provider_level_failures(
     if code:
         assert result.error.code == code
     assert not result.ticks
+
+
+@pytest.mark.parametrize("answer", ["alone", "any", "unnamed"])
+async def test_a_delisted_symbols_404_parks_it_and_the_others_are_served(
+    market: FakeMarket, answer: str
+) -> None:
+    fake = FakeYahoo(market)
+    fake.delisted.add("GONE")
+    fake.delisted_404 = answer
+    async with serve(fake) as url:
+        conn = connector(url)
+        try:
+            alone = await conn.fetch(["GONE"])
+            mixed = await conn.fetch(["AAPL", "GONE", "MSFT"])
+        finally:
+            await conn.aclose()
+    assert (alone.error, alone.unknown, alone.served) == (None, {"GONE"}, set())
+    assert (mixed.error, mixed.unknown, mixed.served) == (None, {"GONE"}, {"AAPL", "MSFT"})
+    # A 404 that names the symbol costs one more request; one that does not, one per symbol.
+    assert fake.calls["quote"] == {"alone": 2, "any": 3, "unnamed": 5}[answer]
+
+
+async def test_a_404_that_is_not_about_symbols_stays_a_provider_error(
+    market: FakeMarket,
+) -> None:
+    fake = FakeYahoo(market)
+    async with serve(fake) as url:
+        conn = YahooConnector(gate("yahoo"), options(), f"{url}/wrong", f"{url}/fc")
+        try:
+            result = await conn.fetch(["AAPL"])
+        finally:
+            await conn.aclose()
+    assert result.error is not None
+    assert result.error.error_class is ErrorClass.PERMANENT
 
 
 async def test_429_retry_after_is_passed_on(market: FakeMarket) -> None:

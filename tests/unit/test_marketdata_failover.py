@@ -270,3 +270,99 @@ def test_every_symbol_is_served_by_at_most_one_provider_per_cycle(
             assert chain.active == min(cycle.served.values(), key="abc".index)
         else:
             assert chain.active is None
+
+
+# -- half-open probes always settle (issue 12: permanent lock-out) -----------------------
+
+
+def open_circuit(chain: FailoverChain, behave: dict[str, Behaviour]) -> float:
+    """Three failing cycles of "a" (threshold 3); returns the time the cool-down (10 s) ends."""
+    down = lambda *_: Outcome(error=err(ErrorClass.TRANSIENT))  # noqa: E731
+    for now in (0, 1, 2):
+        run_cycle(chain, now, {**behave, "a": down})
+    assert chain.gates["a"].circuit(2) is CircuitState.OPEN
+    return 12.0
+
+
+def test_a_probe_that_serves_some_symbols_then_hits_our_own_limit_closes_the_circuit() -> None:
+    g = gates("a", "b")
+    chain = FailoverChain("c", ["a", "b"], g)
+    t = open_circuit(chain, {"b": ok})
+
+    def served_two_then_local_limit(_: str, symbols: tuple[str, ...]) -> Outcome:
+        local = err(ErrorClass.THROTTLED, retry_after=12, code=LOCAL_RATE_LIMIT)
+        return Outcome(served=set(symbols[:2]), error=local)
+
+    served, asked = run_cycle(chain, t, {"a": served_two_then_local_limit, "b": ok})
+    assert asked == ["a", "b"]
+    assert served == {"AAPL": "a", "MSFT": "a", "IBM": "b"}
+    # It answered with data: closed, and asked first again from the next cycle on.
+    assert g["a"].circuit(t) is CircuitState.CLOSED
+    _, asked = run_cycle(chain, t + 1, {"a": ok, "b": ok})
+    assert asked == ["a"]
+    assert chain.active == "a"
+
+
+def test_a_probe_that_never_reached_the_provider_is_handed_back() -> None:
+    for code in (LOCAL_RATE_LIMIT, STREAM_NOT_READY):
+        g = gates("a", "b")
+        chain = FailoverChain("c", ["a", "b"], g)
+        t = open_circuit(chain, {"b": ok})
+        not_asked = lambda *_, c=code: Outcome(error=err(ErrorClass.THROTTLED, code=c))  # noqa: E731
+        _, asked = run_cycle(chain, t, {"a": not_asked, "b": ok})
+        assert asked == ["a", "b"]
+        assert g["a"].circuit(t) is CircuitState.HALF_OPEN
+        # The next cycle probes again (the probe was not spent), and the probe closes it.
+        _, asked = run_cycle(chain, t + 1, {"a": ok, "b": ok})
+        assert asked == ["a"], code
+        assert g["a"].circuit(t + 1) is CircuitState.CLOSED
+
+
+def test_a_probe_never_reported_is_written_off_after_the_cool_down() -> None:
+    g = gates("a", "b")
+    chain = FailoverChain("c", ["a", "b"], g)
+    t = open_circuit(chain, {"b": ok})
+    cycle = chain.start_cycle(SYMS)
+    attempt = chain.next_attempt(cycle, t)
+    assert attempt is not None
+    assert attempt.provider == "a"  # the probe; whoever took it never says how it went
+    _, asked = run_cycle(chain, t + 1, {"a": ok, "b": ok})
+    assert asked == ["b"]  # one probe at a time
+    _, asked = run_cycle(chain, t + 10, {"a": ok, "b": ok})
+    assert asked == ["a"]
+    assert g["a"].circuit(t + 10) is CircuitState.CLOSED
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(
+        st.sampled_from(["ok", "partial_local", "local", "not_ready", "transient", "throttled"]),
+        min_size=1,
+        max_size=60,
+    )
+)
+def test_a_healthy_provider_is_never_locked_out(script: list[str]) -> None:
+    """Whatever happened before, once the provider answers again it serves within
+    one cool-down plus one cycle (here: 10 s cool-down, a cycle a second)."""
+    g = gates("a", "b")
+    chain = FailoverChain("c", ["a", "b"], g, throttle_pause=5)
+    local = err(ErrorClass.THROTTLED, retry_after=0.5, code=LOCAL_RATE_LIMIT)
+    kinds: dict[str, Behaviour] = {
+        "ok": ok,
+        "partial_local": lambda _, s: Outcome(served=set(s[:1]), error=local),
+        "local": lambda *_: Outcome(error=local),
+        "not_ready": lambda *_: Outcome(error=err(ErrorClass.TRANSIENT, code=STREAM_NOT_READY)),
+        "transient": lambda *_: Outcome(error=err(ErrorClass.TRANSIENT)),
+        "throttled": lambda *_: Outcome(error=err(ErrorClass.THROTTLED)),
+    }
+    now = 0.0
+    for kind in script:
+        run_cycle(chain, now, {"a": kinds[kind], "b": ok})
+        now += 1
+    deadline = now + 10 + 5 + 1  # cool-down, the longest pause, one cycle
+    while now <= deadline:
+        served, _ = run_cycle(chain, now, {"a": ok, "b": ok})
+        if set(served.values()) == {"a"}:
+            break
+        now += 1
+    assert chain.active == "a", f"still locked out at {now} after {script}"

@@ -106,6 +106,24 @@ def test_circuit_opens_probes_and_closes() -> None:
     assert cb.allow(22)
 
 
+def test_a_probe_handed_back_or_never_reported_does_not_keep_the_circuit_half_open() -> None:
+    cb = CircuitBreaker(failure_threshold=1, reset_timeout=10)
+    cb.record_failure(0)
+    assert cb.allow(10)
+    assert not cb.allow(10)
+    cb.release(10)  # the probe never reached the provider
+    assert cb.allow(11)
+    # Without a lease, a probe nobody reports holds the circuit half-open...
+    assert not cb.allow(100)
+    # ...with one, it is written off after the lease and another probe goes.
+    leased = CircuitBreaker(failure_threshold=1, reset_timeout=10, probe_lease=10)
+    leased.record_failure(0)
+    assert leased.allow(10)
+    assert not leased.allow(19)
+    assert leased.allow(20)
+    assert not leased.allow(20)
+
+
 def test_success_resets_the_failure_count() -> None:
     cb = CircuitBreaker(failure_threshold=2, reset_timeout=1)
     cb.record_failure(0)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import uuid
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -29,7 +28,8 @@ from typing import Any, Protocol
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from finstream.api.metrics import WS_SUBSCRIPTIONS
+from finstream.api.metrics import WS_NONFINITE, WS_SUBSCRIPTIONS
+from finstream.domain import strict_json
 from finstream.runtime.logging import get_logger
 
 log = get_logger(__name__)
@@ -42,21 +42,56 @@ class Subscriber(Protocol):
         """Take a frame without waiting (queue it, or mark the client too slow)."""
 
 
+def frame_text(obj: dict[str, Any]) -> str:
+    """A frame the server builds itself, as strict JSON.
+
+    A non-finite number in it is a bug of ours: it goes out as null, the frame
+    names it in ``nonfinite``, and the error is logged and counted, rather than
+    a frame that the client's JSON.parse would reject whole.
+    """
+    try:
+        return strict_json.dumps(obj)
+    except strict_json.NonFiniteNumber as exc:
+        repaired, pointers = strict_json.replace_non_finite(obj)
+        _report_non_finite(str(obj.get("type")), exc.pointers, "built by the API")
+        return strict_json.dumps({**repaired, "nonfinite": pointers})
+
+
 def frame_for(kind: str, fields: dict[str, str]) -> Render:
-    """A renderer that wraps a channel's JSON payload in a typed frame."""
-    prefix = json.dumps({"type": kind, **fields})[:-1] + ',"data":'
+    """A renderer that wraps a channel's payload in a typed frame, always strict JSON.
+
+    A JSON payload is passed through as it is; text that is not JSON becomes a
+    JSON string; a payload with NaN or Infinity (not JSON, though Python writes
+    it) carries null in their place and ``"nonfinite": [JSON pointers]``.
+    """
+    prefix = strict_json.dumps({"type": kind, **fields})[:-1] + ',"data":'
 
     def render(payload: str) -> str:
         try:
-            json.loads(payload)
-        except ValueError:
-            payload = json.dumps(payload)
-        return prefix + payload + "}"
+            value, pointers = strict_json.parse(payload)
+        except (ValueError, RecursionError):
+            return prefix + strict_json.dumps(payload) + "}"
+        if not pointers:
+            return prefix + payload + "}"
+        _report_non_finite(kind, pointers, "published on Redis")
+        return (
+            prefix + strict_json.dumps(value) + ',"nonfinite":' + strict_json.dumps(pointers) + "}"
+        )
 
     return render
 
 
-GAP_FRAME = json.dumps(
+def _report_non_finite(kind: str, pointers: list[str], where: str) -> None:
+    WS_NONFINITE.labels(kind).inc()
+    log.error(
+        "a frame held non-finite numbers (not JSON); sent as null",
+        kind=kind,
+        where=where,
+        pointers=pointers[:10],
+    )
+
+
+GAP_FRAME = strict_json.dumps(
     {"type": "gap", "message": "the live stream was interrupted; refetch current state"}
 )
 

@@ -36,6 +36,11 @@ WS_SUBSCRIPTIONS = Gauge(
 WS_MESSAGES = Counter(
     "finstream_api_ws_messages_total", "Messages sent to WebSocket clients", ["kind"]
 )
+WS_NONFINITE = Counter(
+    "finstream_api_ws_nonfinite_frames_total",
+    "WebSocket frames whose data held NaN or Infinity (sent as null, listed in 'nonfinite')",
+    ["kind"],
+)
 WS_DROPPED = Counter(
     "finstream_api_ws_dropped_total",
     "WebSocket clients closed by the server, by reason",

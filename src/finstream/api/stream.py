@@ -22,6 +22,9 @@ Server frames: ``welcome``, ``subscribed``, ``unsubscribed``, ``quote``
 quote; compare ``ts`` since a live update may overtake it), ``bar``,
 ``inbox``, ``heartbeat`` (every ``api_ws_heartbeat_seconds``), ``pong``,
 ``gap`` (the server's Redis link dropped; refetch state) and ``error``.
+Every frame is strict JSON (RFC 8259): a NaN or Infinity in a payload (which
+is not JSON) arrives as null, and the frame lists where in ``nonfinite`` (JSON
+pointers into ``data``, e.g. ``["/price"]``).
 
 Each client has a bounded send queue. When it is full the client is too slow
 for the stream: it gets an ``error`` frame with code ``slow_consumer`` and is
@@ -43,7 +46,7 @@ from redis.exceptions import RedisError
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from finstream.api.auth import AuthError, KeysUnavailable, Principal, bearer_token
-from finstream.api.hub import frame_for
+from finstream.api.hub import frame_for, frame_text
 from finstream.api.metrics import AUTH_FAILURES, WS_CONNECTIONS, WS_DROPPED, WS_MESSAGES
 from finstream.domain.resilience import RateLimiter as TokenBucket
 from finstream.domain.ticks import SYMBOL_RE
@@ -62,7 +65,7 @@ CLOSE_RATE_LIMITED = 4029
 
 
 def _dumps(obj: dict[str, Any]) -> str:
-    return json.dumps(obj, separators=(",", ":"))
+    return frame_text(obj)
 
 
 def handshake_credentials(ws: WebSocket) -> tuple[str | None, str | None]:

@@ -5,11 +5,20 @@ string; errors and throttling come back as HTTP 200 with a single message key
 instead of data:
 
 * ``"Note"`` — the per-minute call frequency was exceeded (throttled);
-* ``"Information"`` — the daily limit (throttled), a premium-only endpoint
-  (permanent) or a demo/invalid key (auth);
-* ``"Error Message"`` — an invalid call: a bad key (auth), an unknown symbol
-  for the time series, or a malformed request;
+* ``"Information"`` — a per-second burst ("spreading out your free API
+  requests more sparingly (1 request per second)", throttled for a second),
+  the daily limit (throttled until the daily reset), a premium-only endpoint
+  (permanent) or a demo/invalid key (auth). The burst message also mentions
+  the daily limit, so it is recognized first;
+* ``"Error Message"`` — an invalid call: a bad key (auth), or "Invalid API
+  call", which for a one-symbol request (GLOBAL_QUOTE, the time series) is
+  that symbol's problem: it is parked as unknown to Alpha Vantage and the
+  other symbols are still asked;
 * ``{"Global Quote": {}}`` — GLOBAL_QUOTE's way of saying "unknown symbol".
+
+When the daily quota renews is not documented (unverified): the pause after
+the daily limit lasts until the earliest of ``FINSTREAM_MD_ALPHAVANTAGE_DAILY_RESET``
+(default midnight UTC and midnight New York), never a fixed hour.
 
 GLOBAL_QUOTE has a trading day but no time of day, so a quote's id comes from
 its content (day, price, volume) and its event time is when that content was
@@ -29,17 +38,20 @@ from typing import Any, ClassVar
 
 from finstream.connectors.base import ConnectorOptions, HttpConnector, PollResult, per_symbol
 from finstream.domain.marketdata import (
+    DailyReset,
     load_json,
     local_to_utc,
     malformed,
     optional_positive,
     optional_size,
+    parse_daily_resets,
     price,
     provider_tick,
     quote_id,
     quote_marker,
     require,
     require_mapping,
+    seconds_until_reset,
     zone,
 )
 from finstream.domain.marketdata_dedupe import SnapshotClock
@@ -51,37 +63,68 @@ from finstream.domain.time import utcnow
 NAME = "alphavantage"
 INTERVALS = {"1min": 1, "5min": 5, "15min": 15, "30min": 30, "60min": 60}
 _THROTTLE_WORDS = re.compile(
-    r"rate limit|call frequency|requests per (day|minute)|per day|per minute|api call volume", re.I
+    r"rate limit|call frequency|requests per (day|minute|second)|per day|per minute"
+    r"|per second|more sparingly|api call volume",
+    re.I,
 )
+_BURST_WORDS = re.compile(r"per second|more sparingly", re.I)
+_MINUTE_WORDS = re.compile(r"per minute|call frequency", re.I)
+_DAILY_WORDS = re.compile(r"per day|daily", re.I)
 _AUTH_WORDS = re.compile(r"apikey|api key|demo", re.I)
+_INVALID_CALL = re.compile(r"invalid api call", re.I)
+BURST_PAUSE = 1.0  # "1 request per second"
+DEFAULT_DAILY_RESETS = parse_daily_resets("00:00 UTC,00:00 America/New_York")
+
+
+def _throttle(
+    key: str, text: str, short: str, received_at: datetime | None, resets: Sequence[DailyReset]
+) -> ProviderError:
+    """Which of Alpha Vantage's limits a throttling message is about, and how long to wait."""
+    if _BURST_WORDS.search(text):
+        retry_after: float | None = BURST_PAUSE
+        code = "burst"
+    elif key == "Note" or _MINUTE_WORDS.search(text) or not _DAILY_WORDS.search(text):
+        retry_after, code = None, "frequency"  # the chain's throttle pause (a minute)
+    else:
+        retry_after = seconds_until_reset(received_at or utcnow(), resets)
+        code = "daily_limit"
+    return ProviderError(
+        ErrorClass.THROTTLED,
+        f"{key}: {short}",
+        provider=NAME,
+        retry_after=retry_after,
+        code=code,
+    )
 
 
 def raise_for_message(
-    data: Mapping[str, Any], invalid_call: ErrorClass = ErrorClass.PERMANENT
+    data: Mapping[str, Any],
+    invalid_call: ErrorClass = ErrorClass.PERMANENT,
+    *,
+    received_at: datetime | None = None,
+    daily_resets: Sequence[DailyReset] = DEFAULT_DAILY_RESETS,
 ) -> None:
-    """Raise the classified error of a 200 body that carries a message instead of data."""
+    """Raise the classified error of a 200 body that carries a message instead of data.
+
+    ``invalid_call`` is what "Invalid API call" means for the request at hand:
+    for a one-symbol request, that the symbol is unknown.
+    """
     for key in ("Note", "Information", "Error Message"):
         if key not in data:
             continue
         text = str(data[key])
         short = " ".join(text.split())[:200]
         if key == "Note" or _THROTTLE_WORDS.search(text):
-            daily = "day" in text.lower() and "minute" not in text.lower()
-            raise ProviderError(
-                ErrorClass.THROTTLED,
-                f"{key}: {short}",
-                provider=NAME,
-                retry_after=3600.0 if daily else None,
-                code="daily_limit" if daily else "frequency",
-            )
+            raise _throttle(key, text, short, received_at, daily_resets)
         if "premium" in text.lower():
             raise ProviderError(
                 ErrorClass.PERMANENT, f"{key}: {short}", provider=NAME, code="premium"
             )
         if _AUTH_WORDS.search(text):
             raise ProviderError(ErrorClass.AUTH, f"{key}: {short}", provider=NAME, code="apikey")
-        cls = invalid_call if key == "Error Message" else ErrorClass.PERMANENT
-        raise ProviderError(cls, f"{key}: {short}", provider=NAME, code="message")
+        if key == "Error Message" and _INVALID_CALL.search(text):
+            raise ProviderError(invalid_call, f"{key}: {short}", provider=NAME, code="invalid_call")
+        raise ProviderError(ErrorClass.PERMANENT, f"{key}: {short}", provider=NAME, code="message")
 
 
 def _trading_day(value: Any) -> str:
@@ -94,13 +137,22 @@ def _trading_day(value: Any) -> str:
 
 
 def parse_global_quote(
-    body: bytes | str, symbol: str, received_at: datetime, clock: SnapshotClock | None = None
+    body: bytes | str,
+    symbol: str,
+    received_at: datetime,
+    clock: SnapshotClock | None = None,
+    daily_resets: Sequence[DailyReset] = DEFAULT_DAILY_RESETS,
 ) -> Tick:
     """A GLOBAL_QUOTE body as a QUOTE tick for ``symbol`` (raises ProviderError)."""
     data = require_mapping(load_json(body, NAME), NAME, "body")
     quote = data.get("Global Quote")
     if quote is None:
-        raise_for_message(data)
+        raise_for_message(
+            data,
+            invalid_call=ErrorClass.UNKNOWN_SYMBOL,
+            received_at=received_at,
+            daily_resets=daily_resets,
+        )
         raise malformed(NAME, f"no 'Global Quote' in a body with keys {sorted(data)[:5]}", "shape")
     quote = require_mapping(quote, NAME, "'Global Quote'")
     if not quote:
@@ -136,7 +188,11 @@ def parse_global_quote(
 
 
 def parse_intraday(
-    body: bytes | str, symbol: str, interval: str, received_at: datetime
+    body: bytes | str,
+    symbol: str,
+    interval: str,
+    received_at: datetime,
+    daily_resets: Sequence[DailyReset] = DEFAULT_DAILY_RESETS,
 ) -> list[Tick]:
     """A TIME_SERIES_INTRADAY body as one QUOTE tick per bar (its close), oldest first."""
     if interval not in INTERVALS:
@@ -144,7 +200,12 @@ def parse_intraday(
     data = require_mapping(load_json(body, NAME), NAME, "body")
     key = f"Time Series ({interval})"
     if key not in data:
-        raise_for_message(data, invalid_call=ErrorClass.UNKNOWN_SYMBOL)
+        raise_for_message(
+            data,
+            invalid_call=ErrorClass.UNKNOWN_SYMBOL,
+            received_at=received_at,
+            daily_resets=daily_resets,
+        )
         raise malformed(NAME, f"no {key!r} in a body with keys {sorted(data)[:5]}", "shape")
     meta = require_mapping(data.get("Meta Data", {}), NAME, "'Meta Data'")
     meta_symbol = meta.get("2. Symbol")
@@ -190,10 +251,12 @@ class AlphaVantageConnector(HttpConnector):
         options: ConnectorOptions,
         base_url: str,
         api_key: str | None,
+        daily_resets: Sequence[DailyReset] = DEFAULT_DAILY_RESETS,
         **kw: Any,
     ) -> None:
         super().__init__(gate, options, base_url, **kw)
         self.api_key = api_key
+        self.daily_resets = tuple(daily_resets)
         self.clock = SnapshotClock()
 
     @property
@@ -204,7 +267,12 @@ class AlphaVantageConnector(HttpConnector):
         return None if self.api_key else "no API key (FINSTREAM_MD_ALPHAVANTAGE_KEY)"
 
     async def _query(self, params: dict[str, str]) -> bytes:
-        reply = await self.get(f"{self.base_url}/query", {**params, "apikey": self.api_key or ""})
+        # A full intraday series is megabytes: more time than a quote.
+        reply = await self.get(
+            f"{self.base_url}/query",
+            {**params, "apikey": self.api_key or ""},
+            deadline=self.options.timeout * 3,
+        )
         error = self.status_error(reply, not_found=ErrorClass.PERMANENT)
         if error is not None:
             raise error
@@ -225,7 +293,9 @@ class AlphaVantageConnector(HttpConnector):
                 error = self.status_error(reply, not_found=ErrorClass.PERMANENT)
                 if error is not None:
                     raise error
-                tick = parse_global_quote(reply.body, symbol, reply.received_at, self.clock)
+                tick = parse_global_quote(
+                    reply.body, symbol, reply.received_at, self.clock, self.daily_resets
+                )
                 result.add(symbol, self.validated(tick))
             except ProviderError as exc:
                 if not per_symbol(result, symbol, exc):
@@ -242,5 +312,5 @@ class AlphaVantageConnector(HttpConnector):
                 "outputsize": "compact" if minutes <= 95 else "full",
             }
         )
-        ticks = parse_intraday(body, symbol, "1min", utcnow())
+        ticks = parse_intraday(body, symbol, "1min", self.options.wall(), self.daily_resets)
         return [self.validated(t) for t in ticks if start < t.ts < end]

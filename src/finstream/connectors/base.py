@@ -68,7 +68,12 @@ class PollResult(Outcome):
 
 @dataclass(frozen=True)
 class ConnectorOptions:
-    """What every connector needs from settings, gathered once."""
+    """What every connector needs from settings, gathered once.
+
+    ``clock`` and ``sleep`` are what rate limits and pauses are measured with
+    (monotonic seconds), ``wall`` is when an answer was received (UTC); tests
+    pass fakes of all three to run a simulated hour at once.
+    """
 
     timeout: float = 10.0
     max_wait: float = 0.0  # longest wait for a rate-limit token before giving up this cycle
@@ -76,6 +81,9 @@ class ConnectorOptions:
     silence_timeout: float = 30.0
     backoff: Backoff = field(default_factory=lambda: Backoff(base=0.5, cap=30.0))
     max_body_bytes: int = MAX_BODY_BYTES
+    clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    wall: Callable[[], datetime] = utcnow
 
 
 class Connector(abc.ABC):
@@ -103,7 +111,7 @@ class Connector(abc.ABC):
     def validated(self, tick: Tick, now: datetime | None = None) -> Tick:
         """A tick that passed the plausibility checks, or a malformed error."""
         try:
-            return validate_tick(tick, now or utcnow(), self.options.max_future)
+            return validate_tick(tick, now or self.options.wall(), self.options.max_future)
         except TickValidationError as exc:
             raise malformed(self.name, f"{tick.symbol}: {exc}", exc.reason) from None
 
@@ -113,6 +121,13 @@ class Connector(abc.ABC):
 
         Raises ProviderError when it does not work (`finstream providers check`).
         """
+
+    async def wait(self, stop: asyncio.Event, seconds: float) -> bool:
+        """Wait ``seconds`` on the connector's clock, or until ``stop``; True when stopped."""
+        if self.options.sleep is asyncio.sleep:  # the real clock: wake at once on stop
+            return await sleep_or_stop(stop, seconds)
+        await self.options.sleep(max(seconds, 0.0))
+        return stop.is_set()
 
     def count_error(self, error: ProviderError) -> None:
         PROVIDER_ERRORS.labels(self.name, error.error_class.value).inc()
@@ -273,9 +288,10 @@ class HttpConnector(PollingConnector):
 
     async def acquire(self) -> None:
         """One request's rate-limit tokens, waiting at most ``max_wait`` for them."""
-        deadline = time.monotonic() + self.options.max_wait
+        clock = self.options.clock
+        deadline = clock() + self.options.max_wait
         while True:
-            now = time.monotonic()
+            now = clock()
             if self.gate.try_acquire(now):
                 return
             wait = self.gate.wait_time(now)
@@ -287,17 +303,31 @@ class HttpConnector(PollingConnector):
                     retry_after=wait,
                     code=LOCAL_RATE_LIMIT,
                 )
-            await asyncio.sleep(max(wait, 0.001))
+            await self.options.sleep(max(wait, 0.001))
 
     async def get(
-        self, url: str, params: dict[str, str] | None = None, *, rate_limited: bool = True
+        self,
+        url: str,
+        params: dict[str, str] | None = None,
+        *,
+        rate_limited: bool = True,
+        deadline: float | None = None,
     ) -> HttpReply:
-        """GET with tokens, timeout and size cap; transport failures are transient errors."""
+        """GET with tokens, timeout and size cap; transport failures are transient errors.
+
+        httpx's timeout bounds each network operation; ``deadline`` (default: the
+        same timeout) bounds the whole exchange, so a body trickling in slower
+        than any read timeout (a throttled link) cannot hold a cycle for minutes.
+        """
         if rate_limited:
             await self.acquire()
         started = time.monotonic()
+        limit = deadline if deadline is not None else self.options.timeout
         try:
-            async with self.client.stream("GET", url, params=params) as resp:
+            async with (
+                asyncio.timeout(limit),
+                self.client.stream("GET", url, params=params) as resp,
+            ):
                 chunks: list[bytes] = []
                 size = 0
                 async for chunk in resp.aiter_bytes():
@@ -309,11 +339,20 @@ class HttpConnector(PollingConnector):
                             "oversized",
                         )
                     chunks.append(chunk)
-                return HttpReply(resp.status_code, resp.headers, b"".join(chunks), utcnow())
+                return HttpReply(
+                    resp.status_code, resp.headers, b"".join(chunks), self.options.wall()
+                )
         except httpx.TimeoutException:
             raise ProviderError(
                 ErrorClass.TRANSIENT,
                 f"no answer within {self.options.timeout:g}s",
+                provider=self.name,
+                code="timeout",
+            ) from None
+        except TimeoutError:
+            raise ProviderError(
+                ErrorClass.TRANSIENT,
+                f"the whole exchange took longer than {limit:g}s",
                 provider=self.name,
                 code="timeout",
             ) from None

@@ -4,9 +4,13 @@ REST ``GET /api/v1/quote?symbol=AAPL&token=...`` answers
 ``{"c", "d", "dp", "h", "l", "o", "pc", "t"}``. A symbol Finnhub does not
 cover comes back as a zero-filled quote (``c`` and ``t`` 0), which Finnhub
 has also sent for real symbols under load (Finnhub-API issue #54), so it is
-a malformed answer for that symbol, never a price. 401/403 carry
-``{"error": "Invalid API key"}``-style bodies; 429 carries
-``X-Ratelimit-Remaining`` / ``X-Ratelimit-Reset`` (epoch seconds).
+a malformed answer for that symbol, never a price. 401 carries
+``{"error": "Invalid API key"}`` (auth: the provider is unusable); 403 with
+``{"error": "You don't have access to this resource."}`` is what a plan gets
+for a symbol it does not cover (a non-US listing on the free tier): that
+symbol is parked as unknown to Finnhub, the others are still asked and the
+provider's circuit is not touched. 429 carries ``X-Ratelimit-Remaining`` /
+``X-Ratelimit-Reset`` (epoch seconds).
 
 WebSocket ``wss://ws.finnhub.io?token=...``: send
 ``{"type":"subscribe","symbol":"AAPL"}``; receive
@@ -57,13 +61,16 @@ WS_NAME = "finnhub-ws"
 def _error_body(data: Mapping[str, Any], provider: str) -> ProviderError:
     text = str(data.get("error"))[:200]
     lowered = text.lower()
+    code = "error_body"
     if "limit" in lowered:
         cls = ErrorClass.THROTTLED
-    elif "key" in lowered or "token" in lowered or "access" in lowered:
+    elif "access" in lowered:
+        cls, code = ErrorClass.UNKNOWN_SYMBOL, "no_access"  # not on this plan
+    elif "key" in lowered or "token" in lowered:
         cls = ErrorClass.AUTH
     else:
         cls = ErrorClass.PERMANENT
-    return ProviderError(cls, text, provider=provider, code="error_body")
+    return ProviderError(cls, text, provider=provider, code=code)
 
 
 def parse_quote(body: bytes | str, symbol: str, received_at: datetime) -> Tick:
@@ -184,6 +191,14 @@ class FinnhubConnector(HttpConnector):
                         detail = str(body.get("error")) if isinstance(body, Mapping) else None
                     except ProviderError:
                         detail = None
+                if reply.status == 403 and detail and "access" in detail.lower():
+                    raise ProviderError(
+                        ErrorClass.UNKNOWN_SYMBOL,
+                        f"{symbol}: {detail[:200]} (not covered by this plan)",
+                        provider=NAME,
+                        status=403,
+                        code="no_access",
+                    )
                 error = self.status_error(reply, not_found=ErrorClass.PERMANENT, detail=detail)
                 if error is not None:
                     raise error

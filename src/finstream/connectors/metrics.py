@@ -55,6 +55,11 @@ GAP_SECONDS = Histogram(
     ["chain"],
     buckets=(0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600),
 )
+UNSERVED = Counter(
+    "finstream_md_unserved_total",
+    "Symbols a poll cycle ended without: no provider of the chain served them in that cycle",
+    ["chain"],
+)
 STALENESS = Gauge(
     "finstream_md_symbol_staleness_seconds", "Seconds since a symbol was last observed", ["symbol"]
 )

@@ -20,7 +20,7 @@ from finstream.connectors.polygon import PolygonConnector
 from finstream.connectors.replay import ReplayConnector
 from finstream.connectors.simulated import SimulatedConnector
 from finstream.connectors.yahoo import YahooConnector
-from finstream.domain.marketdata import LimitSpec, parse_limits
+from finstream.domain.marketdata import DailyReset, LimitSpec, parse_daily_resets, parse_limits
 from finstream.domain.marketdata_failover import ProviderGate
 from finstream.domain.resilience import Backoff
 from finstream.domain.ticks import TickValidationError, normalize_symbol
@@ -30,6 +30,13 @@ from finstream.settings import Settings
 def _secret(value: object) -> str | None:
     get = getattr(value, "get_secret_value", None)
     return str(get()) if get is not None else None
+
+
+def _daily_resets(spec: str, field: str) -> list[DailyReset]:
+    try:
+        return parse_daily_resets(spec)
+    except ValueError as exc:
+        raise ConfigError(f"FINSTREAM_{field.upper()}: {exc}") from None
 
 
 Factory = Callable[[Settings, ProviderGate, ConnectorOptions, Sequence[str]], Connector]
@@ -45,7 +52,7 @@ class Provider:
 PROVIDERS: dict[str, Provider] = {
     "simulated": Provider(lambda s, g, o, u: SimulatedConnector(g, o, u, s.sim_rate, s.sim_seed)),
     "replay": Provider(lambda s, g, o, u: ReplayConnector(g, o, s.md_replay_path, s.md_replay_speed)),
-    "alphavantage": Provider(lambda s, g, o, u: AlphaVantageConnector(g, o, s.md_alphavantage_url, _secret(s.md_alphavantage_key)), "md_alphavantage_limits"),
+    "alphavantage": Provider(lambda s, g, o, u: AlphaVantageConnector(g, o, s.md_alphavantage_url, _secret(s.md_alphavantage_key), _daily_resets(s.md_alphavantage_daily_reset, "md_alphavantage_daily_reset")), "md_alphavantage_limits"),
     "yahoo": Provider(lambda s, g, o, u: YahooConnector(g, o, s.md_yahoo_url, s.md_yahoo_cookie_url), "md_yahoo_limits"),
     "finnhub": Provider(lambda s, g, o, u: FinnhubConnector(g, o, s.md_finnhub_url, _secret(s.md_finnhub_key)), "md_finnhub_limits"),
     "finnhub-ws": Provider(lambda s, g, o, u: FinnhubStreamConnector(g, o, s.md_finnhub_ws_url, _secret(s.md_finnhub_key))),

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import csv
 import dataclasses
-import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,7 +31,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, ClassVar
 
-from finstream.connectors.base import ConnectorOptions, Emit, StreamConnector, sleep_or_stop
+from finstream.connectors.base import ConnectorOptions, Emit, StreamConnector
 from finstream.connectors.metrics import PROVIDER_ERRORS
 from finstream.domain.marketdata import (
     epoch_to_utc,
@@ -222,7 +221,7 @@ class ReplayConnector(StreamConnector):
                 return
         self.running = True
         first_ts: datetime | None = None
-        started = time.monotonic()
+        started = self.options.clock()
         try:
             for number, row in read_rows(self.path):
                 if stop.is_set():
@@ -242,7 +241,7 @@ class ReplayConnector(StreamConnector):
                 if self.speed is not None:
                     first_ts = first_ts or tick.ts
                     due = started + (tick.ts - first_ts).total_seconds() / self.speed
-                    if await sleep_or_stop(stop, due - time.monotonic()):
+                    if await self.wait(stop, due - self.options.clock()):
                         return
                 else:
                     await asyncio.sleep(0)  # let the publisher and the chain breathe

@@ -23,7 +23,8 @@ import contextlib
 import functools
 import time
 import traceback
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 
 from finstream.connectors.base import (
@@ -41,6 +42,7 @@ from finstream.connectors.metrics import (
     GAPS,
     PROVIDER_ERRORS,
     STALENESS,
+    UNSERVED,
     set_circuit,
 )
 from finstream.connectors.publish import TickPublisher, TickSink
@@ -79,7 +81,10 @@ class ChainRunner:
         unknown_retry: float = 600.0,
         throttle_pause: float = 60.0,
         backfill_gaps: bool = False,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        # Circuit breakers, rate limits and pauses run on `clock` (tests: a fake one).
+        self.clock = clock
         self.connectors = connectors
         self.gates = gates
         self.sink = sink
@@ -104,6 +109,8 @@ class ChainRunner:
         }
         self.gaps = {spec.name: GapTracker(timedelta(seconds=2 * poll_interval)) for spec in specs}
         self.cycles = 0
+        # Per symbol, cycles that ended without it: coverage counted in cycles, not seconds.
+        self.unserved: Counter[str] = Counter()
         self.transitions: list[Transition] = []
         self._stream_tasks: dict[str, asyncio.Task[None]] = {}
         self._streams_stop = asyncio.Event()
@@ -170,7 +177,7 @@ class ChainRunner:
     async def run_cycle(self, chain: FailoverChain) -> list[Transition]:
         spec = self.specs[chain.name]
         cycle = chain.start_cycle(spec.symbols)
-        while (attempt := chain.next_attempt(cycle, time.monotonic())) is not None:
+        while (attempt := chain.next_attempt(cycle, self.clock())) is not None:
             conn = self.connectors[attempt.provider]
             if isinstance(conn, PollingConnector):
                 outcome: Outcome = await self._poll(conn, attempt)
@@ -178,8 +185,8 @@ class ChainRunner:
                 outcome = await self._stream_attempt(conn, attempt)
             else:  # pragma: no cover - the registry only builds those two kinds
                 raise TypeError(f"{conn!r} is neither polling nor streaming")
-            chain.record(cycle, attempt, outcome, time.monotonic())
-        transitions = chain.finish(cycle, time.monotonic())
+            chain.record(cycle, attempt, outcome, self.clock())
+        transitions = chain.finish(cycle, self.clock())
         self.cycles += 1
         self._report(chain, cycle.errors, transitions)
         self._update_streams()
@@ -298,7 +305,7 @@ class ChainRunner:
                 error_class=error.error_class.value,
                 error=str(error),
             )
-        now = time.monotonic()
+        now = self.clock()
         for name in chain.providers:
             set_circuit(name, self.gates[name].circuit(now))
             ACTIVE.labels(chain.name, name).set(1 if chain.active == name else 0)
@@ -315,6 +322,10 @@ class ChainRunner:
             )
 
     def _account(self, chain: FailoverChain, served: set[str], unserved: Sequence[str]) -> None:
+        for sym in unserved:
+            self.unserved[sym] += 1
+        if unserved:
+            UNSERVED.labels(chain.name).inc(len(unserved))
         now = utcnow()
         tracker = self.gaps[chain.name]
         for sym in served:

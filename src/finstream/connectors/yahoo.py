@@ -6,12 +6,19 @@ as ``crumb=`` with every request. A stale crumb gets HTTP 401 with
 ``{"finance": {"error": {"code": "Unauthorized", "description": "Invalid
 Crumb"}}}``: the session is renewed once and the request repeated. Throttling
 is HTTP 429 (often a plain-text or HTML "Too Many Requests" body; yfinance
-users have also seen that text come back *as the crumb*, so a crumb that
-does not look like one is rejected).
+users have also seen that text come back *as the crumb*, with HTTP 200). A
+throttling text where the crumb should be is throttling, so the provider is
+paused instead of asking for a cookie and a crumb again every cycle; any
+other crumb that does not look like one is malformed.
 
 v7 quote answers many symbols in one request and silently leaves out symbols
-it does not know. v8 chart (backfill) gives bars whose values may be null
-(minutes without trades), which are skipped rather than treated as errors.
+it does not know; asked only for symbols it cannot quote (delisted), it
+answers 404 with a ``finance`` error "Not Found". Such a 404 parks the
+symbols it is about as unknown to Yahoo (the symbols named in the
+description, or each one asked alone when none is named) and is no failure
+of Yahoo's, exactly as the chart endpoint's 404 for a delisted symbol. v8
+chart (backfill) gives bars whose values may be null (minutes without
+trades), which are skipped rather than treated as errors.
 """
 
 from __future__ import annotations
@@ -40,10 +47,10 @@ from finstream.domain.marketdata import (
 from finstream.domain.marketdata_failover import ProviderGate
 from finstream.domain.resilience import ErrorClass, ProviderError
 from finstream.domain.ticks import Tick, TickValidationError, make_tick, normalize_symbol
-from finstream.domain.time import utcnow
 
 NAME = "yahoo"
 _CRUMB_RE = re.compile(r"^[A-Za-z0-9./_\-]{4,64}$")
+_THROTTLED_RE = re.compile(r"too many requests|rate limit|throttl", re.I)
 _GRANULARITY = {"1m": 1, "2m": 2, "5m": 5, "15m": 15, "30m": 30, "60m": 60, "90m": 90, "1h": 60}
 
 
@@ -63,13 +70,37 @@ def finance_error(body: bytes) -> str | None:
     return None
 
 
-def check_crumb(body: bytes) -> str:
+def check_crumb(body: bytes, retry_after: float | None = None) -> str:
+    """The crumb in a getcrumb body; a throttling text there is throttling, not malformed."""
     crumb = body.decode("utf-8", "replace").strip()
     if not _CRUMB_RE.match(crumb):
+        if _THROTTLED_RE.search(crumb):
+            raise ProviderError(
+                ErrorClass.THROTTLED,
+                f"getcrumb answered {body_hint(body, 60)!r} instead of a crumb",
+                provider=NAME,
+                retry_after=retry_after,
+                code="crumb_throttled",
+            )
         raise malformed(
             NAME, f"getcrumb returned {body_hint(body, 60)!r}, not a crumb", "bad_crumb"
         )
     return crumb
+
+
+def not_found(body: bytes) -> str | None:
+    """The description of a 404 that says the symbols have no quote (delisted), else None."""
+    text = finance_error(body)
+    if text is None:
+        return None
+    lowered = text.lower()
+    return text if "not found" in lowered or "delisted" in lowered else None
+
+
+def named_symbols(description: str, symbols: Sequence[str]) -> list[str]:
+    """Which of ``symbols`` an error description names ("... for symbols: X,Y")."""
+    words = set(re.split(r"[\s,:;()'\"]+", description.upper()))
+    return [s for s in symbols if s in words]
 
 
 def _quote_tick(item: Mapping[str, Any], symbol: str, received_at: datetime) -> Tick:
@@ -242,7 +273,7 @@ class YahooConnector(HttpConnector):
         error = self.status_error(reply, not_found=ErrorClass.PERMANENT)
         if error is not None:
             raise error
-        self.crumb = check_crumb(reply.body)
+        self.crumb = check_crumb(reply.body, reply.retry_after())
         self.sessions += 1
 
     async def _get_with_crumb(self, path: str, params: dict[str, str]) -> HttpReply:
@@ -259,18 +290,35 @@ class YahooConnector(HttpConnector):
     async def fetch(self, symbols: Sequence[str]) -> PollResult:
         result = PollResult()
         try:
-            reply = await self._get_with_crumb("/v7/finance/quote", {"symbols": ",".join(symbols)})
-            error = self.status_error(
-                reply,
-                not_found=ErrorClass.PERMANENT,
-                detail=finance_error(reply.body) or body_hint(reply.body),
-            )
-            if error is not None:
-                raise error
-            ticks, errors, unknown = parse_quote_response(reply.body, symbols, reply.received_at)
+            await self._quote(list(symbols), result)
         except ProviderError as exc:
-            result.error = exc
-            return result
+            result.error = exc  # after whatever the requests before it served
+        return result
+
+    async def _quote(self, symbols: list[str], result: PollResult) -> None:
+        reply = await self._get_with_crumb("/v7/finance/quote", {"symbols": ",".join(symbols)})
+        if reply.status == 404 and (description := not_found(reply.body)) is not None:
+            if len(symbols) == 1:
+                result.unknown.add(symbols[0])
+                return
+            named = named_symbols(description, symbols)
+            if named:
+                result.unknown.update(named)
+                rest = [s for s in symbols if s not in named]
+                if rest:
+                    await self._quote(rest, result)
+                return
+            for symbol in symbols:  # it did not say which: ask each alone
+                await self._quote([symbol], result)
+            return
+        error = self.status_error(
+            reply,
+            not_found=ErrorClass.PERMANENT,
+            detail=finance_error(reply.body) or body_hint(reply.body),
+        )
+        if error is not None:
+            raise error
+        ticks, errors, unknown = parse_quote_response(reply.body, symbols, reply.received_at)
         for symbol, tick in ticks.items():
             try:
                 result.add(symbol, self.validated(tick))
@@ -278,7 +326,6 @@ class YahooConnector(HttpConnector):
                 result.symbol_errors[symbol] = exc
         result.symbol_errors.update(errors)
         result.unknown |= unknown
-        return result
 
     async def backfill(self, symbol: str, start: datetime, end: datetime) -> list[Tick]:
         reply = await self._get_with_crumb(
@@ -292,5 +339,5 @@ class YahooConnector(HttpConnector):
         error = self.status_error(reply, detail=finance_error(reply.body) or body_hint(reply.body))
         if error is not None:
             raise error
-        ticks = parse_chart(reply.body, symbol, utcnow())
+        ticks = parse_chart(reply.body, symbol, self.options.wall())
         return [self.validated(t) for t in ticks if start < t.ts < end]

@@ -26,7 +26,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -351,3 +351,59 @@ def parse_limits(spec: str) -> list[LimitSpec]:
             raise ValueError(f"bad rate limit {part!r}: expected N/sec, N/min, N/hour or N/day")
         out.append(LimitSpec(count, float(period)))
     return out
+
+
+# -- daily quota resets ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DailyReset:
+    """A provider's daily quota renews at ``at`` wall-clock time in ``zone``."""
+
+    at: time
+    zone: ZoneInfo
+
+    def render(self) -> str:
+        return f"{self.at.strftime('%H:%M')} {self.zone.key}"
+
+
+def parse_daily_resets(spec: str) -> list[DailyReset]:
+    """Parse "00:00 UTC,00:00 America/New_York" (at least one; "HH:MM ZONE", comma-separated)."""
+    out: list[DailyReset] = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        clock, _, zone_name = part.partition(" ")
+        try:
+            at = datetime.strptime(clock.strip(), "%H:%M").time()
+            zone_ = ZoneInfo(zone_name.strip() or "UTC")
+        except (ValueError, ZoneInfoNotFoundError):
+            raise ValueError(
+                f"bad daily reset {part!r}: expected HH:MM and a time zone, e.g. 00:00 UTC"
+            ) from None
+        out.append(DailyReset(at, zone_))
+    if not out:
+        raise ValueError("no daily reset time given")
+    return out
+
+
+def seconds_until_reset(now: datetime, resets: Iterable[DailyReset]) -> float:
+    """Seconds from ``now`` (aware) to the next daily reset of any of ``resets``, DST-correct.
+
+    With several candidates (a provider that does not document its reset), the
+    earliest is taken: asking once too early costs one refused request, asking
+    too late loses hours of data.
+    """
+    best: float | None = None
+    for reset in resets:
+        local = now.astimezone(reset.zone)
+        for days in (0, 1, 2):
+            day = local.date() + timedelta(days=days)
+            at = datetime.combine(day, reset.at).replace(tzinfo=reset.zone)
+            wait = (at.astimezone(UTC) - now.astimezone(UTC)).total_seconds()
+            if wait > 0:
+                best = wait if best is None else min(best, wait)
+                break
+    if best is None:
+        raise ValueError("no daily reset time given")
+    return best

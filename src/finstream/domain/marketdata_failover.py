@@ -61,7 +61,13 @@ class ProviderGate:
     ) -> ProviderGate:
         return cls(
             name,
-            CircuitBreaker(failure_threshold=failure_threshold, reset_timeout=reset_timeout),
+            CircuitBreaker(
+                failure_threshold=failure_threshold,
+                reset_timeout=reset_timeout,
+                # A probe is one attempt of one cycle; one that was never reported
+                # must not keep the provider out past the next cool-down.
+                probe_lease=reset_timeout,
+            ),
             [RateLimiter(rate=spec.rate, burst=spec.burst) for spec in limits],
         )
 
@@ -188,6 +194,12 @@ class FailoverChain:
         return None
 
     def record(self, cycle: Cycle, attempt: Attempt, outcome: Outcome, now: float) -> None:
+        """Account for one attempt: symbols served, parked or failed, and the provider's health.
+
+        Every attempt settles the breaker one way or the other (success, failure
+        or, when it never reached the provider, the half-open probe handed
+        back), so a half-open circuit cannot be left waiting for a report.
+        """
         name = attempt.provider
         gate = self.gates[name]
         for sym in outcome.served:
@@ -198,6 +210,9 @@ class FailoverChain:
                 self.assignment[sym] = name
         for sym in outcome.unknown:
             self._unknown_until[(name, sym)] = now + self.unknown_retry
+        if outcome.served:
+            # It answered with data: healthy, whatever stopped the rest of the request.
+            gate.breaker.record_success(now)
         if outcome.error is not None:
             cycle.errors.append((name, outcome.error))
             if outcome.error.error_class is ErrorClass.UNKNOWN_SYMBOL:
@@ -218,7 +233,10 @@ class FailoverChain:
 
     def _failure(self, gate: ProviderGate, error: ProviderError, now: float) -> None:
         if error.code in (LOCAL_RATE_LIMIT, STREAM_NOT_READY):
-            return  # our own bucket said no, or a stream is reconnecting on its own
+            # Our own bucket said no, or a stream is reconnecting on its own: the
+            # provider was not asked, so a half-open probe it held goes back.
+            gate.breaker.release(now)
+            return
         if error.error_class is ErrorClass.THROTTLED:
             pause = error.retry_after if error.retry_after is not None else self.throttle_pause
             gate.pause(pause, now)

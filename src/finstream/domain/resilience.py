@@ -162,16 +162,23 @@ class CircuitBreaker:
 
     In half-open state up to ``half_open_max`` calls are let through; one
     success closes the circuit, one failure opens it again (with the
-    cool-down restarted).
+    cool-down restarted). A probe that ends without saying anything about the
+    provider (it never reached it: our own rate limit, a lost claim) is handed
+    back with :meth:`release`. With ``probe_lease`` set, a probe that was
+    neither reported nor released within that many seconds is written off and
+    another one is let through, so a forgotten probe cannot lock a healthy
+    provider out for good.
     """
 
     failure_threshold: int = 5
     reset_timeout: float = 30.0
     half_open_max: int = 1
+    probe_lease: float | None = None
     _state: CircuitState = field(init=False, default=CircuitState.CLOSED)
     _failures: int = field(init=False, default=0)
     _opened_at: float = field(init=False, default=0.0)
     _probes: int = field(init=False, default=0)
+    _probe_at: float = field(init=False, default=0.0)
 
     def state(self, now: float) -> CircuitState:
         if self._state is CircuitState.OPEN and now - self._opened_at >= self.reset_timeout:
@@ -183,10 +190,24 @@ class CircuitBreaker:
         state = self.state(now)
         if state is CircuitState.CLOSED:
             return True
-        if state is CircuitState.HALF_OPEN and self._probes < self.half_open_max:
+        if state is not CircuitState.HALF_OPEN:
+            return False
+        if (
+            self._probes >= self.half_open_max
+            and self.probe_lease is not None
+            and now - self._probe_at >= self.probe_lease
+        ):
+            self._probes = 0  # the probes out there never reported: write them off
+        if self._probes < self.half_open_max:
             self._probes += 1
+            self._probe_at = now
             return True
         return False
+
+    def release(self, now: float | None = None) -> None:
+        """Hand back a half-open probe that never reached the provider."""
+        if self._probes > 0:
+            self._probes -= 1
 
     def record_success(self, now: float) -> None:
         self._state = CircuitState.CLOSED

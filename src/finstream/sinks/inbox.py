@@ -23,6 +23,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from finstream.domain import strict_json
 from finstream.settings import Settings
 
 # KEYS: msgs, index, unread, archived, seen
@@ -79,7 +80,8 @@ class Inbox:
         self, user_id: str, message_id: str, message: dict[str, Any], score: float
     ) -> bool:
         """Store a message; False when it was stored before (a redelivery)."""
-        payload = json.dumps({**message, "message_id": message_id}, default=str)
+        # Strict JSON: the payload is published to browsers as it is (NonFiniteNumber else).
+        payload = strict_json.dumps({**message, "message_id": message_id}, default=str)
         keys = [self._key(user_id, p) for p in ("msgs", "index", "unread", "archived", "seen")]
         args: list[str | float | int] = [
             message_id,

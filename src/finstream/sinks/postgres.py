@@ -133,7 +133,11 @@ with contextlib.suppress(ValueError):  # registered once per process
 
 
 async def connect(settings: Settings) -> asyncpg.Connection:
-    return await asyncpg.connect(settings.database_url.get_secret_value())
+    return await asyncpg.connect(
+        settings.database_url.get_secret_value(),
+        timeout=settings.pg_connect_timeout,
+        command_timeout=settings.pg_command_timeout,
+    )
 
 
 async def create_pool(
@@ -149,6 +153,10 @@ async def create_pool(
         max_size=top,
         max_queries=50000,
         max_inactive_connection_lifetime=300.0,
+        # A half-open connection (bytes stop, the socket stays open) must fail
+        # a call, not hang it: connects and statements time out.
+        timeout=settings.pg_connect_timeout,
+        command_timeout=settings.pg_command_timeout,
         connect=None,
         setup=None,
         init=None,

@@ -4,6 +4,8 @@ Modes (``fake.mode``):
   ok           the documented data shape
   note         HTTP 200 {"Note": ...}: the per-minute call frequency message
   information  HTTP 200 {"Information": ...}: the daily limit message
+  burst        HTTP 200 {"Information": ...}: the per-second burst message (which
+               also mentions the daily limit)
   premium      HTTP 200 {"Information": ...}: a premium-only endpoint
   invalid      HTTP 200 {"Error Message": "Invalid API call ..."}
   html         HTTP 200 with an HTML page (a proxy or maintenance page)
@@ -11,7 +13,9 @@ Modes (``fake.mode``):
   zero         a zero-filled Global Quote
   error500     HTTP 503
 Unknown symbols get {"Global Quote": {}} (GLOBAL_QUOTE) or an "Invalid API
-call" Error Message (intraday), as the real service answers; a wrong key gets
+call" Error Message (intraday), as the real service answers; symbols in
+``invalid_symbols`` get the "Invalid API call" Error Message from GLOBAL_QUOTE
+too (what Alpha Vantage answers for symbols it cannot parse); a wrong key gets
 the "apikey is invalid or missing" Error Message.
 """
 
@@ -33,6 +37,12 @@ DAILY = (
     "Please subscribe to any of the premium plans at https://www.alphavantage.co/premium/ to "
     "instantly remove all daily rate limits."
 )
+BURST = (
+    "Thank you for using Alpha Vantage! Please consider spreading out your free API requests "
+    "more sparingly (1 request per second). You may subscribe to any of the premium plans at "
+    "https://www.alphavantage.co/premium/ to lift the free key rate limit (25 requests per day) "
+    "and instantly remove all daily rate limits."
+)
 PREMIUM = (
     "Thank you for using Alpha Vantage! This is a premium endpoint. You may subscribe to any of "
     "the premium plans at https://www.alphavantage.co/premium/ to instantly unlock all premium endpoints"
@@ -48,6 +58,7 @@ class FakeAlphaVantage:
         self.market = market
         self.api_key = api_key
         self.mode = "ok"
+        self.invalid_symbols: set[str] = set()
         self.calls: Counter[str] = Counter()  # by function
         self.served: Counter[str] = Counter()  # quotes answered, by symbol
 
@@ -67,6 +78,8 @@ class FakeAlphaVantage:
             return web.json_response({"Note": NOTE})
         if mode == "information":
             return web.json_response({"Information": DAILY})
+        if mode == "burst":
+            return web.json_response({"Information": BURST})
         if mode == "premium":
             return web.json_response({"Information": PREMIUM})
         if mode == "invalid":
@@ -95,6 +108,11 @@ class FakeAlphaVantage:
         return web.Response(text=text, content_type="application/json")
 
     def global_quote(self, symbol: str) -> dict[str, object]:
+        if symbol in self.invalid_symbols:
+            return {
+                "Error Message": "Invalid API call. Please retry or visit the documentation "
+                "(https://www.alphavantage.co/documentation/) for GLOBAL_QUOTE."
+            }
         if not self.market.knows(symbol):
             return {"Global Quote": {}}
         q = self.market.quote(symbol)

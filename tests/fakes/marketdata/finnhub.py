@@ -3,7 +3,9 @@
 REST modes: ok; throttle (429 ``{"error": "API limit reached..."}`` with
 X-Ratelimit-Remaining 0 and X-Ratelimit-Reset); zero (a zero-filled quote);
 error500. Unknown symbols answer the zero-filled quote, as Finnhub does; a
-wrong token answers 401 ``{"error": "Invalid API key"}``.
+wrong token answers 401 ``{"error": "Invalid API key"}``; symbols in
+``restricted`` (not covered by the key's plan) answer 403 ``{"error": "You
+don't have access to this resource."}``.
 
 WebSocket: a wrong token is refused at the handshake (401). Subscribed
 symbols get a trade message every ``trade_every`` seconds and the
@@ -34,6 +36,7 @@ class FakeFinnhub:
         self.token = token
         self.mode = "ok"
         self.ws_mode = "ok"
+        self.restricted: set[str] = set()
         self.trade_every = 0.05
         self.ping_every = 0.5
         self.drop_after = 5
@@ -66,6 +69,10 @@ class FakeFinnhub:
         if self.mode == "error500":
             return web.Response(status=500, text="Internal Server Error")
         sym = request.query.get("symbol", "").upper()
+        if sym in self.restricted:
+            return web.json_response(
+                {"error": "You don't have access to this resource."}, status=403
+            )
         if self.mode == "zero" or not self.market.knows(sym):
             return web.json_response(
                 {"c": 0, "d": None, "dp": None, "h": 0, "l": 0, "o": 0, "pc": 0, "t": 0}

@@ -9,6 +9,7 @@ tell "the same quote seen twice" from "a new quote".
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -28,9 +29,18 @@ class Quote:
 
 
 class FakeMarket:
-    def __init__(self, symbols: list[str] | None = None, step: float = 0.1) -> None:
+    """``now`` is the market's wall clock (default time.time); a test that runs cycles
+    on a fake clock passes its own, so each cycle sees exactly the steps it should."""
+
+    def __init__(
+        self,
+        symbols: list[str] | None = None,
+        step: float = 0.1,
+        now: Callable[[], float] = time.time,
+    ) -> None:
         self.step = step
-        self.t0 = time.time() - 3600  # an hour of history for intraday bars
+        self.now = now
+        self.t0 = now() - 3600  # an hour of history for intraday bars
         self.bases = {s: Decimal(100 + 37 * i) for i, s in enumerate(symbols or [])}
 
     def knows(self, symbol: str) -> bool:
@@ -40,7 +50,7 @@ class FakeMarket:
         self.bases[symbol.upper()] = base
 
     def step_at(self, when: float | None = None) -> int:
-        return int(((when if when is not None else time.time()) - self.t0) / self.step)
+        return int(((when if when is not None else self.now()) - self.t0) / self.step)
 
     def price_at(self, symbol: str, k: int) -> Decimal:
         base = self.bases[symbol.upper()]
@@ -71,7 +81,7 @@ class FakeMarket:
         self, symbol: str, minutes: int, end: float | None = None
     ) -> list[tuple[datetime, Decimal, int]]:
         """(start, close, volume) of the last ``minutes`` whole minutes before ``end``."""
-        now = end if end is not None else time.time()
+        now = end if end is not None else self.now()
         last_start = int(now // 60) * 60 - 60
         out = []
         for i in range(minutes, 0, -1):

@@ -11,6 +11,13 @@ Modes: ok; throttle (429 "Too Many Requests", optional ``retry_after``);
 crumb_throttled (getcrumb answers "Too Many Requests" with HTTP 200, as
 yfinance users have seen); html; truncated; quote_error (quoteResponse.error
 set); error500.
+
+Symbols in ``delisted`` have no quote: v7 quote leaves them out of a request
+that has other symbols, and answers 404 ``{"finance": {"error": {"code":
+"Not Found", "description": "Quote not found for symbol: X"}}}`` when asked
+for nothing else (with ``delisted_404 = "any"``: whenever one is asked,
+naming them, or with ``"unnamed"`` without naming them); v8 chart answers
+its own 404 for them.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ class FakeYahoo:
         self.retry_after: str | None = None
         self.cookie = secrets.token_hex(8)
         self.crumb = secrets.token_urlsafe(8).replace("-", "a").replace("_", "b")
+        self.delisted: set[str] = set()
+        self.delisted_404 = "alone"  # or "any", "unnamed"
         self.calls: Counter[str] = Counter()
         self.served: Counter[str] = Counter()
 
@@ -106,9 +115,26 @@ class FakeYahoo:
         symbols = [
             s.strip().upper() for s in request.query.get("symbols", "").split(",") if s.strip()
         ]
+        gone = [s for s in symbols if s in self.delisted]
+        known = [s for s in symbols if self.market.knows(s) and s not in self.delisted]
+        if gone and (not known or self.delisted_404 != "alone"):
+            which = "" if self.delisted_404 == "unnamed" else f": {','.join(gone)}"
+            noun = "symbols" if len(gone) > 1 else "symbol"
+            return web.json_response(
+                {
+                    "finance": {
+                        "result": None,
+                        "error": {
+                            "code": "Not Found",
+                            "description": f"Quote not found for {noun}{which}",
+                        },
+                    }
+                },
+                status=404,
+            )
         result = []
         for sym in symbols:
-            if not self.market.knows(sym):
+            if not self.market.knows(sym) or sym in self.delisted:
                 continue  # Yahoo silently leaves unknown symbols out
             q = self.market.quote(sym)
             self.served[sym] += 1
@@ -147,7 +173,7 @@ class FakeYahoo:
         if not self._authorized(request):
             return web.json_response(INVALID_CRUMB, status=401)
         sym = request.match_info["symbol"].upper()
-        if not self.market.knows(sym):
+        if not self.market.knows(sym) or sym in self.delisted:
             return web.json_response(
                 {
                     "chart": {

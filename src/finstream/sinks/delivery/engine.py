@@ -122,28 +122,24 @@ def _error_class(value: str | None) -> ErrorClass:
         return ErrorClass.TRANSIENT
 
 
-class Breaker(CircuitBreaker):
-    """The shared circuit breaker, plus handing back a half-open probe that was not used.
-
-    A probe is granted before the row is claimed for sending; when the claim
-    turns out to be lost, no call happens and nothing would ever resolve the
-    probe, leaving the circuit half-open and refusing every call.
-    """
-
-    def release(self) -> None:
-        if self._probes > 0:
-            self._probes -= 1
+# The shared breaker hands back a probe that was not used (a lost claim or a failed
+# claim: no call happens, and nothing else would resolve the probe); kept under this
+# name for callers.
+Breaker = CircuitBreaker
 
 
 class ProviderSlot:
     """A provider with its own circuit breaker and rate limiter."""
 
-    def __init__(self, provider: Provider, settings: Settings, channel: str) -> None:
+    def __init__(
+        self, provider: Provider, settings: Settings, channel: str, probe_lease: float | None = None
+    ) -> None:
         self.provider = provider
         self.channel = channel
         self.breaker = Breaker(
             failure_threshold=settings.delivery_circuit_failures,
             reset_timeout=settings.delivery_circuit_reset,
+            probe_lease=probe_lease,
         )
         self.limiter = RateLimiter(rate=provider.rate, burst=max(1.0, provider.rate))
         self.publish_state()
@@ -181,7 +177,13 @@ class DeliveryEngine:
         self.dead_letters = DeadLetters(publisher, settings, role)
         self.prefs = PreferencesStore(redis, settings, codec)
         self.store = DeliveryStore(pool, settings.delivery_lease_seconds)
-        self.slots = [ProviderSlot(p, settings, channel) for p in chain]
+        # A call may take the whole timeout twice (FCM: token fetch, then the send).
+        self.call_timeout = settings.delivery_timeout * 2 + 1.0
+        # 'sending' is held long enough for a live worker to always record first.
+        self.sending_hold = self.call_timeout + settings.delivery_lease_seconds
+        # A half-open probe that was never reported (a bug, a crash of the job) is
+        # written off when a send would have been: the circuit cannot stay half-open.
+        self.slots = [ProviderSlot(p, settings, channel, self.sending_hold) for p in chain]
         self.by_name = {s.name: s for s in self.slots}
         self.policy = RetryPolicy(
             max_attempts=settings.delivery_max_attempts,
@@ -189,10 +191,6 @@ class DeliveryEngine:
             max_age=settings.delivery_max_age,
         )
         self.rng = rng or random.Random()
-        # A call may take the whole timeout twice (FCM: token fetch, then the send).
-        self.call_timeout = settings.delivery_timeout * 2 + 1.0
-        # 'sending' is held long enough for a live worker to always record first.
-        self.sending_hold = self.call_timeout + settings.delivery_lease_seconds
         self.queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=settings.delivery_concurrency * 4)
         self.ratio = m.Ratio()
         self.topics = {
@@ -463,7 +461,13 @@ class DeliveryEngine:
             if slot is None:
                 await self._park(job, last, wait)
                 return
-            if not await self.store.start_sending(job, slot.name, self.sending_hold):
+            try:
+                claimed = await self.store.start_sending(job, slot.name, self.sending_hold)
+            except BaseException:
+                # PostgreSQL failed us before any call: a probe we hold was not used.
+                slot.breaker.release()
+                raise
+            if not claimed:
                 slot.breaker.release()
                 log.warning("claim lost before sending", message_id=job.message_id)
                 return
@@ -1159,8 +1163,9 @@ class DeliveryEngine:
             with contextlib.suppress(Exception):
                 await self.flush_markers()
             for slot in self.slots:
+                # Bounded: closing an SMTP session says QUIT, which a dead peer never answers.
                 with contextlib.suppress(Exception):
-                    await slot.provider.close()
+                    await asyncio.wait_for(slot.provider.close(), timeout=self.call_timeout)
 
     async def _dispatch_loop(self, halt: asyncio.Event) -> None:
         while not halt.is_set():

@@ -20,6 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from finstream.domain import strict_json
 from finstream.domain.delivery import DeliveryError
 from finstream.domain.resilience import ErrorClass
 from finstream.domain.time import to_micros
@@ -65,6 +66,10 @@ class InboxProvider:
                 inbox_entry(message),
                 score=to_micros(message["created_at"]) / 1_000_000,
             )
+        except strict_json.NonFiniteNumber as exc:
+            raise DeliveryError(
+                ErrorClass.PERMANENT, f"inbox entry is not JSON: {exc}", provider=self.name
+            ) from None
         except (RedisConnectionError, RedisTimeoutError) as exc:
             raise DeliveryError(
                 ErrorClass.TRANSIENT, f"redis: {exc}", provider=self.name, ambiguous=True
