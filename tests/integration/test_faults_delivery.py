@@ -18,7 +18,7 @@ import itertools
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,8 @@ import redis.asyncio as aioredis
 from finstream.codec import Codec
 from finstream.domain.resilience import CircuitState
 from finstream.domain.time import utcnow
-from finstream.runtime.kafka import AiokafkaPublisher
+from finstream.runtime.engine import Event
+from finstream.runtime.kafka import KafkaPublisher
 from finstream.settings import Settings
 from finstream.sinks.delivery.base import CHANNEL_TOPICS, build_chain
 from finstream.sinks.delivery.engine import DeliveryEngine
@@ -47,18 +48,6 @@ FOREVER = 3600.0  # what "never answers" means within a test
 OFFSETS = itertools.count()
 
 
-@dataclass
-class Record:
-    """What the engine's intake reads of a consumed Kafka record."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes
-    value: bytes
-    headers: list[tuple[str, bytes]] = field(default_factory=list)
-
-
 @pytest.fixture(scope="module")
 def fakes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DeliveryFakes]:
     with DeliveryFakes(tmp_path_factory.mktemp("fault-fakes")) as f:
@@ -72,8 +61,8 @@ def toxiproxy(log_dir: Path) -> Iterator[Toxiproxy]:
 
 
 @pytest.fixture(scope="module")
-async def publisher(env: TestEnv) -> AsyncIterator[AiokafkaPublisher]:
-    pub = AiokafkaPublisher(env.settings, "faults-test")
+async def publisher(env: TestEnv) -> AsyncIterator[KafkaPublisher]:
+    pub = KafkaPublisher(env.settings, "faults-test")
     await pub.start()
     try:
         yield pub
@@ -117,7 +106,7 @@ def settings_for(env: TestEnv, fakes: DeliveryFakes, **extra: Any) -> Settings:
 
 @contextlib.asynccontextmanager
 async def running(
-    settings: Settings, channel: str, publisher: AiokafkaPublisher
+    settings: Settings, channel: str, publisher: KafkaPublisher
 ) -> AsyncIterator[DeliveryEngine]:
     """An engine with its own pool and Redis client (through proxies if settings say so)."""
     pool = await create_pool(settings, min_size=1, max_size=8)
@@ -190,10 +179,20 @@ def message_for(channel: str, provider: str) -> dict[str, Any]:
 
 async def deliver(engine: DeliveryEngine, *messages: dict[str, Any]) -> None:
     topic = engine.settings.topic(CHANNEL_TOPICS[engine.channel])
+    source = CHANNEL_TOPICS[engine.channel]
+    # What the stream engine hands the intake: the record, decoded by its contract.
     await engine.intake(
         [
-            Record(
-                topic, 0, next(OFFSETS), m["user_id"].encode(), CODEC.encode("OutboundMessage", m)
+            Event(
+                topic,
+                source,
+                0,
+                next(OFFSETS),
+                m["user_id"].encode(),
+                CODEC.encode("OutboundMessage", m),
+                m,
+                [],
+                0,
             )
             for m in messages
         ]
@@ -262,7 +261,7 @@ NEVER_ANSWERS = [
 async def test_a_provider_that_takes_the_message_and_never_answers(
     env: TestEnv,
     fakes: DeliveryFakes,
-    publisher: AiokafkaPublisher,
+    publisher: KafkaPublisher,
     db: asyncpg.Pool,
     channel: str,
     provider: str,
@@ -335,7 +334,7 @@ async def test_a_network_fault_to_a_provider_that_can_be_asked_never_sends_twice
     env: TestEnv,
     fakes: DeliveryFakes,
     toxiproxy: Toxiproxy,
-    publisher: AiokafkaPublisher,
+    publisher: KafkaPublisher,
     db: asyncpg.Pool,
     provider: str,
     fault: Fault,
@@ -372,7 +371,7 @@ async def test_a_half_open_ses_connection_is_dead_lettered_not_resent(
     env: TestEnv,
     fakes: DeliveryFakes,
     toxiproxy: Toxiproxy,
-    publisher: AiokafkaPublisher,
+    publisher: KafkaPublisher,
     db: asyncpg.Pool,
 ) -> None:
     proxy, urls = proxied(toxiproxy, fakes, "ses", "ses-half-open")
@@ -397,7 +396,7 @@ async def test_an_unreachable_provider_opens_its_circuit_fails_over_and_closes_a
     env: TestEnv,
     fakes: DeliveryFakes,
     toxiproxy: Toxiproxy,
-    publisher: AiokafkaPublisher,
+    publisher: KafkaPublisher,
     db: asyncpg.Pool,
 ) -> None:
     proxy, urls = proxied(toxiproxy, fakes, "sendgrid", "sendgrid-down")
@@ -460,7 +459,7 @@ async def test_postgresql_half_open_after_the_provider_took_the_message(
     env: TestEnv,
     fakes: DeliveryFakes,
     toxiproxy: Toxiproxy,
-    publisher: AiokafkaPublisher,
+    publisher: KafkaPublisher,
     db: asyncpg.Pool,
 ) -> None:
     """The provider answers, but PostgreSQL stops answering before the send is recorded:
@@ -496,7 +495,7 @@ async def test_postgresql_latency_and_resets_slow_delivery_down_but_lose_and_dou
     env: TestEnv,
     fakes: DeliveryFakes,
     toxiproxy: Toxiproxy,
-    publisher: AiokafkaPublisher,
+    publisher: KafkaPublisher,
     db: asyncpg.Pool,
 ) -> None:
     proxy, urls = pg_proxy(toxiproxy, env, "pg-latency")
@@ -536,7 +535,7 @@ async def test_postgresql_latency_and_resets_slow_delivery_down_but_lose_and_dou
 async def test_a_claim_that_fails_in_postgresql_hands_the_half_open_probe_back(
     env: TestEnv,
     fakes: DeliveryFakes,
-    publisher: AiokafkaPublisher,
+    publisher: KafkaPublisher,
     db: asyncpg.Pool,
 ) -> None:
     """The half-open probe was granted, then PostgreSQL refused the claim before any
@@ -590,7 +589,7 @@ async def test_redis_half_open_leaves_the_inbox_with_each_message_once(
     env: TestEnv,
     fakes: DeliveryFakes,
     toxiproxy: Toxiproxy,
-    publisher: AiokafkaPublisher,
+    publisher: KafkaPublisher,
     db: asyncpg.Pool,
 ) -> None:
     """In-app delivery when Redis takes a command but its answer never comes back: the
@@ -651,7 +650,7 @@ async def test_a_slow_redis_link_delays_in_app_delivery_but_doubles_nothing(
     env: TestEnv,
     fakes: DeliveryFakes,
     toxiproxy: Toxiproxy,
-    publisher: AiokafkaPublisher,
+    publisher: KafkaPublisher,
     db: asyncpg.Pool,
 ) -> None:
     proxy, urls = redis_proxy(toxiproxy, env, "redis-slow")

@@ -621,8 +621,6 @@ class Router(Processor):
 
     # -- the scheduler: releasing holds and digests ---------------------------------------------
 
-    # -- the scheduler: releasing holds and digests ---------------------------------------------
-
     def _rebuild_index(self) -> None:
         self.index.clear()
         for _p, key, holds in self.holds_store.items():
