@@ -14,9 +14,8 @@ from typing import Any
 
 import asyncpg
 
-from finstream.codec import Codec, DecodeError
+from finstream.codec import Codec
 from finstream.domain import journey as j
-from finstream.domain.delivery import mask
 
 Conn = asyncpg.Connection | asyncpg.Pool
 
@@ -62,17 +61,12 @@ async def journey(conn: Conn, codec: Codec, request_id: str) -> dict[str, Any] |
     if await _table_exists(conn, "deliveries"):
         for r in await conn.fetch(
             "SELECT message_id, channel, state, attempts, provider, created_at, finished_at, "
-            "last_error, message FROM deliveries WHERE request_id = $1",
+            "last_error, locale, subject, recipient_masked FROM deliveries "
+            "WHERE request_id = $1",
             request_id,
         ):
             message_ids.add(r["message_id"])
-            locale = subject = recipient = None
-            try:
-                decoded = codec.decode(bytes(r["message"]), "OutboundMessage")
-                locale, subject = decoded.get("locale"), decoded.get("subject")
-                recipient = mask(str(decoded.get("recipient") or ""))
-            except DecodeError:
-                pass
+            locale, subject, recipient = r["locale"], r["subject"], r["recipient_masked"]
             messages.append(
                 j.MessageRow(
                     message_id=r["message_id"],

@@ -272,6 +272,9 @@ class DeliveryEngine:
             source_partition=r.partition,
             source_offset=r.offset,
             raw=r.value or b"",  # never empty: outbound messages are not compacted
+            locale=message.get("locale"),
+            subject=(message.get("subject") or None) and str(message["subject"])[:300],
+            recipient_masked=mask(str(message.get("recipient") or "")) or None,
         )
         try:
             validate_outbound(message, self.channel)

@@ -85,6 +85,10 @@ class NewDelivery:
     source_partition: int
     source_offset: int
     raw: bytes
+    # What a journey shows of the message without its body (the API may read these).
+    locale: str | None = None
+    subject: str | None = None
+    recipient_masked: str | None = None
 
 
 @dataclass(frozen=True)
@@ -184,12 +188,14 @@ class DeliveryStore:
                 """
                 INSERT INTO deliveries (message_id, channel, user_id, request_id, state,
                     claim_token, lease_until, next_attempt_at, deadline, correlation_id,
-                    source_topic, source_partition, source_offset, message)
+                    source_topic, source_partition, source_offset, message,
+                    locale, subject, recipient_masked)
                 SELECT m, c, u, r, 'queued', $10, now() + make_interval(secs => $11), now(),
-                       d, cid, t, p, o, b
+                       d, cid, t, p, o, b, lo, su, rm
                 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[],
-                            $6::text[], $7::text[], $8::int[], $9::bigint[], $12::bytea[])
-                     AS x(m, c, u, r, d, cid, t, p, o, b)
+                            $6::text[], $7::text[], $8::int[], $9::bigint[], $12::bytea[],
+                            $13::text[], $14::text[], $15::text[])
+                     AS x(m, c, u, r, d, cid, t, p, o, b, lo, su, rm)
                 ON CONFLICT (message_id) DO NOTHING
                 RETURNING message_id
                 """,
@@ -205,6 +211,9 @@ class DeliveryStore:
                 token,
                 self.lease,
                 [r.raw for r in rows],
+                [r.locale for r in rows],
+                [r.subject for r in rows],
+                [r.recipient_masked for r in rows],
             )
             new = [r["message_id"] for r in inserted]
             rest = [r.message_id for r in rows if r.message_id not in set(new)]
