@@ -115,6 +115,24 @@ class Settings(BaseSettings):
     internal_topic_replication: int = Field(
         default=1, description="Replication of the stream roles' changelog topics."
     )
+    # Readiness (/readyz) tells the truth: every worker probes what it cannot
+    # work without (Kafka; PostgreSQL and Redis where the role writes to them)
+    # in the background, and a consuming role that commits no progress while
+    # records wait for it reports itself stalled (and
+    # finstream_stream_stalled_seconds grows, which the chart's
+    # FinstreamConsumerStalled alert watches).
+    health_probe_interval: float = Field(
+        default=2.0, gt=0, description="Seconds between a worker's probes of its dependencies."
+    )
+    health_probe_timeout: float = Field(
+        default=5.0, gt=0, description="A dependency probe not answered within this fails."
+    )
+    stream_stall_seconds: float = Field(
+        default=120.0,
+        gt=0,
+        description="Seconds without committed progress, while records wait, after which a "
+        "consuming role reports itself stalled (not ready).",
+    )
 
     # -- market data -------------------------------------------------------------
     sim_symbols: str = "AAPL,MSFT,GOOG,AMZN,NVDA,TSLA,META,JPM"
