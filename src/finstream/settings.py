@@ -64,6 +64,12 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds to connect to Redis, and for a Redis command to answer.",
     )
+    redis_repair_check_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        description="How often roles that keep copies in Redis (quote cache, bars, read "
+        "models, inboxes) check that Redis still holds them, and repair what it lost.",
+    )
 
     # -- local stack (finstream stack up) ----------------------------------------
     stack_dir: Path = Field(default_factory=_default_stack_dir)

@@ -163,6 +163,8 @@ async def rig(env: TestEnv, fakes: DeliveryFakes) -> AsyncIterator[Rig]:
         )
         rig.engines[channel] = engine
         health = HealthServer(role, "127.0.0.1", 0)
+        # Readiness includes the background dependency probes (Kafka), which start with it.
+        await health.start()
         healths.append(health)
         consumer = StreamEngine(
             settings,
@@ -183,6 +185,8 @@ async def rig(env: TestEnv, fakes: DeliveryFakes) -> AsyncIterator[Rig]:
     finally:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for health in healths:
+            await health.stop()
         await publisher.stop()
         await redis.aclose()
         await pool.close()

@@ -181,6 +181,12 @@ class Resources:
             checks["postgresql"] = "ok"
         except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
             checks["postgresql"] = f"unreachable: {type(exc).__name__}"
+        try:
+            # Requests are accepted only once Kafka has them (notifications, rules, preferences).
+            await asyncio.wait_for(self.publisher.probe(), 2.0)
+            checks["kafka"] = "ok"
+        except Exception as exc:
+            checks["kafka"] = f"unreachable: {type(exc).__name__}"
         checks["pubsub"] = "ok" if self.hub.healthy else "reconnecting"
         keyset = self.verifier.keyset
         checks["keys"] = "ok" if self.verifier.ready else (keyset.error if keyset else None) or "?"

@@ -17,24 +17,34 @@ trades, final, revision.
 Runs on the stream engine, at least once: a batch is stored in PostgreSQL,
 then in Redis, then its offsets are committed; a crash re-reads what was not
 committed, which the revision checks make harmless.
+
+PostgreSQL is the source of truth of the Redis copy: when Redis turns out to
+have lost it (a partition's repair mark is gone,
+:class:`finstream.sinks.redis_client.RepairMarks`), the latest bars of the
+symbols of the partitions this replica owns are written back from the
+``bars`` table, without publishing them again on the live channels.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
 
-from finstream.domain.bars import Bar
+from finstream.domain.bars import Bar, parse_intervals
+from finstream.domain.partitioning import key_partition
 from finstream.runtime.engine import Event, Output, Processor, StreamEngine
 from finstream.runtime.logging import get_logger
 from finstream.runtime.worker import ServiceContext
 from finstream.settings import Settings
 from finstream.sinks.postgres import create_pool
-from finstream.sinks.redis_client import connect
+from finstream.sinks.postgres import probe as pg_probe
+from finstream.sinks.redis_client import RepairMarks, connect
+from finstream.sinks.redis_client import probe as redis_probe
+from finstream.topics import contract
 
 log = get_logger(__name__)
 
@@ -54,7 +64,7 @@ ON CONFLICT (symbol, interval, start) DO UPDATE SET
 WHERE bars.revision < excluded.revision
 """
 
-# KEYS[1] sorted set; ARGV: score (start, epoch s), revision, JSON, keep, channel.
+# KEYS[1] sorted set; ARGV: score (start, epoch s), revision, JSON, keep, channel ('' for none).
 # A member with the same start and an equal or higher revision wins.
 _PUT_BAR = """
 local existing = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], ARGV[1])
@@ -70,10 +80,30 @@ end
 redis.call('ZADD', KEYS[1], ARGV[1], ARGV[3])
 redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -(tonumber(ARGV[4]) + 1))
 if redis.call('ZSCORE', KEYS[1], ARGV[3]) then
-  redis.call('PUBLISH', ARGV[5], ARGV[3])
+  if ARGV[5] ~= '' then
+    redis.call('PUBLISH', ARGV[5], ARGV[3])
+  end
   return 1
 end
 return 0
+"""
+
+# The latest bars of one symbol and width, as the Redis copy keeps them.
+_LATEST = """
+SELECT symbol, interval, start, "end", open, high, low, close, volume, vwap, trades, final,
+       revision
+FROM bars WHERE symbol = $1 AND interval = $2 ORDER BY start DESC LIMIT $3
+"""
+
+# Every symbol with bars, one index probe each (a loose index scan: no table scan).
+_SYMBOLS = """
+WITH RECURSIVE s AS (
+    (SELECT symbol FROM bars ORDER BY symbol LIMIT 1)
+    UNION ALL
+    SELECT (SELECT b.symbol FROM bars b WHERE b.symbol > s.symbol ORDER BY b.symbol LIMIT 1)
+    FROM s WHERE s.symbol IS NOT NULL
+)
+SELECT symbol FROM s WHERE symbol IS NOT NULL
 """
 
 
@@ -127,7 +157,7 @@ class BarStore:
             status = await conn.execute(_UPSERT, *columns)
         return int(status.split()[-1])
 
-    async def write_redis(self, bars: Sequence[Bar]) -> int:
+    async def write_redis(self, bars: Sequence[Bar], *, publish: bool = True) -> int:
         if not bars:
             return 0
         keep = self._settings.bars_redis_keep
@@ -136,11 +166,25 @@ class BarStore:
                 key = bars_key(self._settings, b.interval, b.symbol)
                 member = json.dumps(b.to_json(), separators=(",", ":"))
                 score = int(b.start.timestamp())
+                channel = key if publish else ""
                 await self._put(
-                    keys=[key], args=[score, b.revision, member, keep, key], client=pipe
+                    keys=[key], args=[score, b.revision, member, keep, channel], client=pipe
                 )
             results = await pipe.execute()
         return sum(int(r) for r in results)
+
+    async def restore_redis(self, owns: Callable[[str], bool], intervals: Sequence[str]) -> int:
+        """Write the latest bars of the owned symbols from PostgreSQL back to Redis."""
+        keep = self._settings.bars_redis_keep
+        restored = 0
+        async with self._pool.acquire() as conn:
+            symbols = [r["symbol"] for r in await conn.fetch(_SYMBOLS) if owns(r["symbol"])]
+            for symbol in symbols:
+                for interval in intervals:
+                    rows = await conn.fetch(_LATEST, symbol, interval, keep)
+                    bars = [Bar(**dict(r)) for r in rows]
+                    restored += await self.write_redis(bars, publish=False)
+        return restored
 
     async def latest(self, symbol: str, interval: str, count: int) -> list[dict[str, Any]]:
         raw = await self._redis.zrange(bars_key(self._settings, interval, symbol), -count, -1)
@@ -148,8 +192,18 @@ class BarStore:
 
 
 class BarsSink(Processor):
-    def __init__(self, store: BarStore) -> None:
+    def __init__(
+        self,
+        store: BarStore,
+        marks: RepairMarks | None = None,
+        partitions: int = 1,
+        intervals: Sequence[str] = ("1m",),
+    ) -> None:
         self.store = store
+        self.marks = marks
+        self.partitions = partitions
+        self.intervals = list(intervals)
+        self.owned: set[int] = set()
 
     async def process(self, events: list[Event], out: Output) -> None:
         bars = [ev.item for ev in events]
@@ -157,20 +211,58 @@ class BarsSink(Processor):
         cached = await self.store.write_redis(bars)
         log.debug("bars stored", received=len(bars), postgres=stored, redis=cached)
 
+    async def assigned(self, partitions: frozenset[int]) -> None:
+        self.owned = set(partitions)
+
+    async def revoked(self, partitions: frozenset[int]) -> None:
+        self.owned -= partitions
+
+    async def punctuate(self, out: Output) -> None:
+        if self.marks is None or not self.owned:
+            return
+        try:
+            lost = await self.marks.missing(str(p) for p in sorted(self.owned))
+            if not lost:
+                return
+            wanted = {int(p) for p in lost}
+            restored = await self.store.restore_redis(
+                lambda symbol: key_partition(symbol.encode(), self.partitions) in wanted,
+                self.intervals,
+            )
+            await self.marks.mark(lost)
+        except Exception as exc:
+            # Tried again at the next punctuation; the live writes go on meanwhile.
+            log.warning("bars in Redis not repaired yet", error=f"{type(exc).__name__}: {exc}")
+            return
+        log.warning(
+            "Redis had lost the latest bars; repaired them from PostgreSQL",
+            partitions=lost,
+            bars=restored,
+        )
+
 
 async def run(ctx: ServiceContext) -> None:
     settings = ctx.settings
     pool = await create_pool(settings)
     redis = connect(settings)
+    ctx.health.add_dependency("postgresql", lambda: pg_probe(pool))
+    ctx.health.add_dependency("redis", lambda: redis_probe(redis))
+    sink = BarsSink(
+        BarStore(pool, redis, settings),
+        RepairMarks(redis, settings, ctx.role),
+        contract("md.bars.1m", settings.namespace).partitions,
+        [i.name for i in parse_intervals(settings.bar_intervals)],
+    )
     engine = StreamEngine(
         settings,
         ctx.role,
         ["md.bars.1m"],
-        BarsSink(BarStore(pool, redis, settings)),
+        sink,
         ctx.health,
         guarantee="at_least_once",
         batch_size=settings.bars_batch_size,
         batch_wait=settings.bars_batch_ms / 1000,
+        punctuate_every=settings.redis_repair_check_seconds,
     )
     try:
         await engine.run(ctx.stop)
