@@ -41,6 +41,13 @@ class Settings(BaseSettings):
 
     # -- services --------------------------------------------------------------
     kafka_bootstrap: str = "127.0.0.1:9092"
+    kafka_socket_timeout_ms: int = Field(
+        default=60_000,
+        ge=1000,
+        description="A Kafka request not answered within this fails and its connection is "
+        "dropped (librdkafka socket.timeout.ms): how long a half-open broker connection holds "
+        "a client.",
+    )
     schema_registry_url: str | None = Field(
         default=None,
         description="Confluent-compatible registry; when set, events use the Confluent "

@@ -355,6 +355,7 @@ class StreamEngine:
         self._last_commit = time.monotonic()
         self._last_punctuate = time.monotonic()
         self._failures = 0
+        self._failed_at = 0.0
         self._failure = ""
         self._backoff = Backoff(base=0.2, cap=5.0)
         # The Kafka probe (health thread): its client, the lag it saw, and the
@@ -441,11 +442,13 @@ class StreamEngine:
                     await self.processor.punctuate(self.out)
             if now - self._last_commit >= opts.commit_interval:
                 await self.processor.flush()
-                await self._kafka(self._commit)
-                if self._failures:
-                    # Recovered only once a commit went through: an empty step
-                    # after a rewind proves nothing, and resetting there kept
-                    # the backoff at its first step.
+                progressed = await self._kafka(self._commit)
+                if self._failures and (
+                    progressed or time.monotonic() - self._failed_at > 2 * self._backoff.cap
+                ):
+                    # Recovered once a commit moved the offsets (or nothing failed
+                    # for a while): an empty commit right after a rewind proves
+                    # nothing, and counting it kept the backoff at its first step.
                     log.info("recovered", after_failures=self._failures)
                     self._failures = 0
                     if self._pending is None:
@@ -458,6 +461,7 @@ class StreamEngine:
     async def _fail(self, exc: BaseException) -> None:
         """Void what is open; the next step rewinds to the last commit, after a backoff."""
         self._failures += 1
+        self._failed_at = time.monotonic()
         reason = f"{type(exc).__name__}: {exc}"
         self._failure = reason[:200]
         self._problem = self._failure_problem()
@@ -569,19 +573,22 @@ class StreamEngine:
 
     # -- commits ------------------------------------------------------------------------------
 
-    def _commit(self) -> None:
-        """Commit what was processed (Kafka thread). Raises :class:`Rewind` if it cannot."""
+    def _commit(self) -> bool:
+        """Commit what was processed (Kafka thread); True when offsets moved.
+
+        Raises :class:`Rewind` if it cannot.
+        """
         started = time.perf_counter()
         offsets = self._offsets_to_commit() if self._consumed else []
         if self.exactly_once:
             if not offsets and not self._in_txn and not any(s.dirty for s in self.stores):
                 self._last_commit = time.monotonic()
-                return
+                return False
             self._commit_transaction(offsets)
         else:
             if not offsets and not self._produced:
                 self._last_commit = time.monotonic()
-                return
+                return False
             self._commit_offsets(offsets)
         for topic, n in self._produced.items():
             EVENTS_OUT.labels(self.role, topic).inc(n)
@@ -591,6 +598,7 @@ class StreamEngine:
             self._committed[(tp.topic, tp.partition)] = tp.offset
         self._last_commit = time.monotonic()
         COMMIT_SECONDS.labels(self.role).observe(time.perf_counter() - started)
+        return bool(offsets)
 
     def _offsets_to_commit(self) -> list[TopicPartition]:
         """The consumer's positions that moved since the last commit.

@@ -38,6 +38,7 @@ def client_config(settings: Settings) -> dict[str, Any]:
     """What every client (producer, consumer, admin) needs to reach the cluster."""
     return {
         "bootstrap.servers": settings.kafka_bootstrap,
+        "socket.timeout.ms": settings.kafka_socket_timeout_ms,
         # librdkafka logs through its own channel; warnings and errors only.
         "log_level": 4,
     }
@@ -61,8 +62,11 @@ def producer_config(settings: Settings, transactional_id: str | None = None) -> 
         # Streams uses 10 s for the same reason. A restarted worker with the same
         # instance id aborts it at once (init_transactions).
         config["transaction.timeout.ms"] = settings.stream_transaction_timeout_ms
-        # librdkafka requires a message to time out within its transaction.
+        # librdkafka requires a message, and a request, to time out within its transaction.
         config["message.timeout.ms"] = settings.stream_transaction_timeout_ms
+        config["socket.timeout.ms"] = min(
+            settings.kafka_socket_timeout_ms, settings.stream_transaction_timeout_ms - 100
+        )
     return config
 
 
