@@ -60,11 +60,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import queue
+import threading
 import time
 import uuid
 from collections import Counter as Tally
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Literal, TypeVar
@@ -150,6 +153,41 @@ _NOT_READY = (
 
 class Rewind(Exception):
     """The open batch or transaction is void: go back to the last commit."""
+
+
+class _DaemonCaller:
+    """Runs calls one at a time on a daemon thread of its own.
+
+    For a call that may never return: a ThreadPoolExecutor's threads are
+    joined when the interpreter exits, so one blocked call would keep a
+    stopped worker from exiting; a daemon thread is not waited for.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._calls: queue.SimpleQueue[
+            tuple[Future[Any], Callable[..., Any], tuple[Any, ...]] | None
+        ]
+        self._calls = queue.SimpleQueue()
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def _run(self) -> None:
+        while (item := self._calls.get()) is not None:
+            future, fn, args = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:
+                future.set_exception(exc)
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        future: Future[T] = Future()
+        self._calls.put((future, fn, args))
+        return future
+
+    def close(self) -> None:
+        """The thread ends after the call it is in, if any (never, for a blocked one)."""
+        self._calls.put(None)
 
 
 @dataclass(slots=True)
@@ -332,6 +370,8 @@ class StreamEngine:
         self.out = Output(self)
         self.instance_id = settings.instance_id or uuid.uuid4().hex[:12]
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"{role}-kafka")
+        # send_offsets_to_transaction runs here, bounded (see _send_offsets).
+        self._offsets_calls = _DaemonCaller(f"{role}-txn-offsets")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._consumer: Any = None
         self._producer: Any = None
@@ -416,6 +456,7 @@ class StreamEngine:
             finally:
                 await self._kafka(self._close)
                 self._executor.shutdown(wait=False)
+                self._offsets_calls.close()
 
     async def _step(self) -> None:
         opts = self.options
@@ -628,14 +669,52 @@ class StreamEngine:
                 for partition, key, value in store.drain_dirty():
                     self._produce(store.changelog, key, value, None, partition)
             if offsets:
-                producer.send_offsets_to_transaction(
-                    offsets, self._consumer.consumer_group_metadata(), 30
-                )
+                self._send_offsets(producer, offsets)
             self._end_transaction()
         except KafkaException as exc:
             self._abort(exc)
             raise Rewind(f"transaction aborted: {exc}") from exc
         TRANSACTIONS.labels(self.role, "committed").inc()
+
+    def _send_offsets(self, producer: Any, offsets: list[TopicPartition]) -> None:
+        """send_offsets_to_transaction, on a thread of its own and bounded.
+
+        librdkafka can block in it past its own timeout when the group
+        coordinator it cached went away (confluentinc/librdkafka#5456 and
+        #5511, open in 2.16): seen here as a router whose first transaction
+        after a broker restart never returned, while the others recovered. A
+        call that has not returned in time abandons its producer (its thread
+        stays blocked; the producer is kept, never closed, since closing it
+        would block too; the thread is a daemon, so it does not hold the
+        process at exit) and fails the transaction like any Kafka error: the
+        replacement's init_transactions, with the same transactional id,
+        fences the abandoned producer and aborts its transaction, so its
+        offsets are never committed. The batch is rewound and processed again.
+        """
+        timeout = self._txn_call_timeout
+        metadata = self._consumer.consumer_group_metadata()
+        call = self._offsets_calls.submit(
+            producer.send_offsets_to_transaction, offsets, metadata, timeout
+        )
+        try:
+            call.result(timeout + 5)
+        except FutureTimeout:
+            log.warning(
+                "send_offsets_to_transaction did not return; abandoning the producer",
+                seconds=timeout + 5,
+            )
+            # The blocked thread keeps the producer referenced: never deallocated
+            # (rd_kafka_destroy would block as well).
+            self._producer = None
+            self._in_txn = False
+            self._offsets_calls.close()
+            self._offsets_calls = _DaemonCaller(f"{self.role}-txn-offsets")
+            raise KafkaException(
+                KafkaError(
+                    KafkaError._TIMED_OUT,
+                    f"send_offsets_to_transaction did not return within {timeout + 5:.0f}s",
+                )
+            ) from None
 
     def _end_transaction(self) -> None:
         for attempt in range(1, 6):
