@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -144,6 +144,11 @@ class SymbolState:
     # against (no pruning while it stays the same) and the rules' JSON.
     book: Any = field(default=None, compare=False, repr=False)
     rules_json: str | None = field(default=None, compare=False, repr=False)
+    # Also not part of the state: where ``last_price`` sits among the book's
+    # price thresholds, and which price-only state conditions held there (see
+    # RuleBook.band_rules). Recomputed when missing, as after a restore.
+    band: tuple[int, int] | None = field(default=None, compare=False, repr=False)
+    band_true: tuple[Any, ...] = field(default=(), compare=False, repr=False)
 
     # The agent stores ``history`` apart from the rest: the core changes on
     # every tick, the history only when a bar closes.
@@ -261,9 +266,19 @@ class RuleBook:
     close_rules: tuple[CompiledRule, ...]
     history_needed: int
     versions: Mapping[str, int]  # rule id -> updated_at in micros
+    # Rules whose condition depends on the price (and the previous price) alone:
+    # greater/less than, and the four channel conditions. ``breaks`` are their
+    # thresholds, sorted. Two prices at the same place among the breaks
+    # (bisect left and right, so equality counts) satisfy the same of them; a
+    # tick that stays where the previous one was needs no check: its state
+    # conditions hold as before and no transition (entering, exiting) happened.
+    band_rules: tuple[CompiledRule, ...] = ()
+    breaks: tuple[Decimal, ...] = ()
 
     @classmethod
-    def build(cls, rules: Iterable[AlertRule], interval: Interval) -> RuleBook:
+    def build(
+        cls, rules: Iterable[AlertRule], interval: Interval, *, band_index: bool = True
+    ) -> RuleBook:
         ordered = sorted(rules, key=lambda r: r.rule_id)
         need = 0
         for r in ordered:
@@ -283,19 +298,32 @@ class RuleBook:
             (c for c in on_ticks if c.rule.condition in LEVEL_EDGE_CONDITIONS),
             key=lambda c: (c.rule.value, c.rule_id),
         )
+        rest = [c for c in on_ticks if c.rule.condition not in LEVEL_EDGE_CONDITIONS]
+        banded = tuple(c for c in rest if band_index and c.rule.condition in BAND_CONDITIONS)
+        breaks: set[Decimal] = set()
+        for c in banded:
+            r = c.rule
+            breaks.update(v for v in (r.value, r.lower, r.upper) if v is not None)
         return cls(
             interval=interval,
             levels=tuple(c.rule.value for c in indexed if c.rule.value is not None),
             level_rules=tuple(indexed),
-            tick_rules=tuple(c for c in on_ticks if c.rule.condition not in LEVEL_EDGE_CONDITIONS),
+            tick_rules=tuple(c for c in rest if c not in banded),
             close_rules=close_rules,
             history_needed=need,
             versions={c.rule_id: c.version for c in compiled},
+            band_rules=banded,
+            breaks=tuple(sorted(breaks)),
         )
 
     @property
     def empty(self) -> bool:
-        return not self.level_rules and not self.tick_rules and not self.close_rules
+        return (
+            not self.level_rules
+            and not self.tick_rules
+            and not self.close_rules
+            and not self.band_rules
+        )
 
 
 # -- firings ---------------------------------------------------------------------------
@@ -394,6 +422,13 @@ class Evaluation:
 # -- conditions ------------------------------------------------------------------------
 
 LEVEL_EDGE_CONDITIONS = frozenset({"CROSSING", "CROSSING_UP", "CROSSING_DOWN"})
+# True while the price is on one side of their thresholds.
+BAND_STATE_CONDITIONS = frozenset(
+    {"GREATER_THAN", "LESS_THAN", "INSIDE_CHANNEL", "OUTSIDE_CHANNEL"}
+)
+# True only when the price moves across a threshold since the previous tick.
+BAND_EDGE_CONDITIONS = frozenset({"ENTERING_CHANNEL", "EXITING_CHANNEL"})
+BAND_CONDITIONS = BAND_STATE_CONDITIONS | BAND_EDGE_CONDITIONS
 
 
 @dataclass(slots=True)
@@ -612,6 +647,18 @@ def evaluate(
         first = bisect_right(book.levels, lo)
         last = bisect_right(book.levels, hi)
         met.extend(c for c in book.level_rules[first:last] if c.check(view))
+    band: tuple[int, int] | None = None
+    band_true: tuple[CompiledRule, ...] = ()
+    if book.band_rules:
+        breaks = book.breaks
+        band = (bisect_left(breaks, price), bisect_right(breaks, price))
+        if band == state.band and state.book is book and prev is not None:
+            band_true = state.band_true
+            met.extend(band_true)
+        else:
+            true_now = [c for c in book.band_rules if c.check(view)]
+            met.extend(true_now)
+            band_true = tuple(c for c in true_now if c.rule.condition in BAND_STATE_CONDITIONS)
     if book.tick_rules:
         met.extend(c for c in book.tick_rules if c.check(view))
     if met:
@@ -639,5 +686,7 @@ def evaluate(
         rules=rule_states,
         book=book,
         rules_json=rules_json,
+        band=band,
+        band_true=band_true,
     )
     return Evaluation(new_state, tuple(firings), history_changed=history_changed)

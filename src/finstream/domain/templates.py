@@ -378,6 +378,7 @@ class Templates:
         self._html = _env(loader, autoescape=True)
         self._probe = _env(loader, autoescape=False, undefined=_RecordingUndefined)
         self._files: dict[tuple[str, str, str], str | None] = {}
+        self._templates: dict[tuple[int, str], tuple[Any, dict[str, Any]]] = {}
         return errors
 
     def _source(self, name: str) -> tuple[str, str, Callable[[], bool]] | None:
@@ -467,11 +468,25 @@ class Templates:
             _RECORDING.reset(token)
         return sorted(seen)
 
+    def _compiled(self, env: SandboxedEnvironment, name: str) -> tuple[Any, dict[str, Any]]:
+        """A compiled template and its globals as a plain dict, once per load."""
+        key = (id(env), name)
+        hit = self._templates.get(key)
+        if hit is None:
+            template = env.get_template(name)
+            hit = self._templates[key] = (template, dict(template.globals))
+        return hit
+
     def _render(
         self, env: SandboxedEnvironment, name: str, part: str, context: dict[str, Any]
     ) -> str:
         try:
-            return env.get_template(name).render({**context, "part": part})
+            template, base = self._compiled(env, name)
+            # Template.render would copy the globals (a ChainMap) into every
+            # context and wrap the render; a router renders several parts per
+            # message, so the context is built once from a plain dict here.
+            ctx = template.new_context({**base, **context, "part": part}, shared=True)
+            return "".join(template.root_render_func(ctx))
         except jinja2.UndefinedError as exc:
             raise MissingVariable(f"template {name} ({part}): {exc.message}") from None
         except TemplateError as exc:
