@@ -385,7 +385,8 @@ def _admin(client: str | Mapping[str, Any]) -> Any:
     from confluent_kafka.admin import AdminClient
 
     config = {"bootstrap.servers": client} if isinstance(client, str) else dict(client)
-    return AdminClient({**config, "socket.timeout.ms": 10_000, "log_level": 3})
+    # Quiet: the caller reports a failure in one line (librdkafka would repeat it per retry).
+    return AdminClient({**config, "socket.timeout.ms": 10_000, "log_level": 0})
 
 
 def describe(
