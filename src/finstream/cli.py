@@ -193,9 +193,9 @@ def topics_apply(dry_run: bool, replication_factor: int | None, path: Path | Non
     names = [settings.topic(n) for n in catalogue.names]
     from finstream.runtime.kafka import check_access, client_config
 
-    refused = check_access(settings)
-    if refused is not None:
-        fail(refused)
+    problem = check_access(settings)
+    if problem is not None:
+        fail(problem)
     try:
         existing = t.describe(client_config(settings), names)
     except Exception as exc:
