@@ -570,6 +570,25 @@ class Settings(BaseSettings):
         return value
 
     @property
+    def production(self) -> bool:
+        return self.env == "production"
+
+    def synthetic_market_refusal(self, providers: set[str]) -> str | None:
+        """Why synthetic prices (simulated, replay) may not be published here, if so.
+
+        Their ticks land on the production md.ticks and fire real users' alerts.
+        """
+        synthetic = sorted(providers & {"simulated", "replay"})
+        if not synthetic or not self.production or self.md_allow_synthetic:
+            return None
+        return (
+            f"{', '.join(synthetic)} market data is not real, and FINSTREAM_ENV=production: "
+            "its prices would reach production topics and fire real users' alerts. Configure "
+            "real providers (FINSTREAM_MD_CHAIN), or set FINSTREAM_MD_ALLOW_SYNTHETIC=true "
+            "for a load test"
+        )
+
+    @property
     def mailpit_path(self) -> Path:
         return self.mailpit_bin or REPO_ROOT / ".tools" / "bin" / "mailpit"
 

@@ -773,7 +773,9 @@ def test_each_role_gets_only_its_own_credentials(renders: dict[str, Render], nam
     assert database_keys["retention"] == "database-url-owner"
     owners = {r for r, k in database_keys.items() if k == "database-url-owner"}
     assert owners == {"retention"}
-    assert len({database_keys[r] for r in ("history", "bars", "audit", "api", "delivery-sms")}) == 5
+    # delivery-sms is deployed only where Twilio is configured (prod; issue 15).
+    present = [r for r in ("history", "bars", "audit", "api", "delivery-sms") if r in database_keys]
+    assert len({database_keys[r] for r in present}) == len(present) >= 4 + (name == "prod")
     for job in render.of_kind("Job"):
         refs = _secret_refs(pod_spec(job)["containers"][0])
         if role_of(job) == "migrate":

@@ -138,3 +138,46 @@ def test_stack_certificates_name_the_hosts_chain_to_the_ca_and_are_kept(tmp_path
     client = x509.load_pem_x509_certificate((tmp_path / "u.crt").read_bytes())
     client.verify_directly_issued_by(ca)
     assert client.subject.rfc4514_string().startswith("CN=alice")
+
+
+# -- safe defaults: synthetic market data is refused in production ---------------------------
+
+
+@pytest.mark.parametrize(
+    ("env", "chain", "allow", "refused"),
+    [
+        ("production", "simulated", False, True),
+        ("production", "yahoo,replay", False, True),
+        ("production", "simulated", True, False),
+        ("production", "yahoo,finnhub", False, False),
+        ("dev", "simulated", False, False),
+        ("staging", "replay", False, False),
+    ],
+)
+def test_synthetic_market_data_is_refused_in_production_unless_allowed(
+    env: str, chain: str, allow: bool, refused: bool
+) -> None:
+    from finstream.connectors.registry import ConfigError, chain_specs
+
+    settings = Settings(env=env, md_chain=chain, md_allow_synthetic=allow, md_symbols="AAPL")
+    if refused:
+        with pytest.raises(ConfigError, match="FINSTREAM_MD_ALLOW_SYNTHETIC=true"):
+            chain_specs(settings)
+    else:
+        assert chain_specs(settings)[0].providers == tuple(chain.split(","))
+
+
+def test_connector_role_in_production_with_the_simulated_chain_stops_with_the_reason() -> None:
+    env = {**os.environ, "FINSTREAM_ENV": "production", "FINSTREAM_MD_CHAIN": "simulated"}
+    env["FINSTREAM_HTTP_PORT"] = "0"
+    proc = subprocess.run(
+        [sys.executable, "-m", "finstream.cli", "connect", "-p", "simulated", "-s", "AAPL"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert "market data is not real, and FINSTREAM_ENV=production" in proc.stderr
+    assert "Traceback" not in proc.stderr
