@@ -402,6 +402,12 @@ class Settings(BaseSettings):
         ge=0,
         description="Seconds between retention passes of the `retention` role (0: only monitor).",
     )
+    audit_verify_interval: float = Field(
+        default=3600.0,
+        ge=0,
+        description="Seconds between walks of the audit chain by the `retention` role "
+        "(finstream_audit_chain_ok; 0: never).",
+    )
     db_monitor_interval: float = Field(
         default=30.0, gt=0, description="Seconds between database health metrics updates."
     )
