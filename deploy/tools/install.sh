@@ -23,6 +23,12 @@
 #   /usr/bin/chromium        Debian's Chromium, for the console's browser test
 #                            (Playwright drives it; it never downloads a browser)
 #
+#   buildah, podman, debootstrap (Debian's packages) and the image test's
+#   stand-in base: a bookworm minbase with CPython 3.11 made by debootstrap and
+#   imported as localhost/finstream-standin-base:bookworm (deploy/image/
+#   standin-base.sh; cached as .tools/image-base/rootfs.tar). Only for the
+#   test: release builds use the Dockerfile's pinned python:3.11-slim-bookworm.
+#
 # `install.sh mailpit` runs only the Mailpit step (what `make run` needs).
 #
 # Only package registries are used: the Go module proxy, PyPI and Maven Central.
@@ -246,6 +252,39 @@ step_chromium() {
   command -v chromium >/dev/null || { echo "error: chromium did not install" >&2; exit 1; }
 }
 
+apt_get() {
+  local sudo=()
+  if [[ "$(id -u)" != 0 ]]; then sudo=(sudo -n); fi
+  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get "$@"
+}
+
+step_image_tools() {
+  if command -v buildah >/dev/null && command -v podman >/dev/null && command -v debootstrap >/dev/null; then
+    return
+  fi
+  log "installing buildah, podman and debootstrap (Debian's packages; the image test)"
+  apt_get update -q >/dev/null
+  apt_get install -y -q --no-install-recommends buildah podman debootstrap >/dev/null
+  command -v buildah >/dev/null || { echo "error: buildah did not install" >&2; exit 1; }
+}
+
+IMAGE_BASE=localhost/finstream-standin-base:bookworm
+step_image_base() {
+  local key
+  key="bookworm-minbase $(file_key "$ROOT/deploy/image/standin-base.sh")"
+  local out="$TOOLS/image-base"
+  if done_already image-base "$key" && [[ -f "$out/rootfs.tar" ]]; then
+    # The container storage is the machine's: import again if it was cleaned.
+    if ! podman image exists "$IMAGE_BASE"; then
+      podman import --quiet "$out/rootfs.tar" "$IMAGE_BASE" >/dev/null
+    fi
+    return
+  fi
+  log "making the image test's stand-in base with debootstrap (~1-2 min, once)"
+  bash "$ROOT/deploy/image/standin-base.sh" "$out" "$IMAGE_BASE"
+  mark_done image-base "$key"
+}
+
 step_toxiproxy() {
   local key="toxiproxy=$TOXIPROXY_VERSION"
   if done_already toxiproxy "$key" && [[ -x "$BIN/toxiproxy-server" && -x "$BIN/toxiproxy-cli" ]]; then
@@ -282,6 +321,8 @@ step_compose_schema
 step_mailpit
 step_chromium
 step_toxiproxy
+step_image_tools
+step_image_base
 # What the tests read to find the tools and the Kubernetes version.
 cat >"$TOOLS/deploy-tools.env" <<EOF
 KUBE_VERSION=$KUBE_VERSION
@@ -295,5 +336,7 @@ SCHEMAS=$SCHEMAS
 PYTHON=$PY
 MAILPIT=$BIN/mailpit
 CHROMIUM=$(command -v chromium)
+BUILDAH=$(command -v buildah)
+IMAGE_BASE=$IMAGE_BASE
 EOF
 log "ready in $((SECONDS - started))s: $(ls "$BIN" | tr '\n' ' ')"
