@@ -23,6 +23,10 @@
 #   /usr/bin/chromium        Debian's Chromium, for the console's browser test
 #                            (Playwright drives it; it never downloads a browser)
 #
+#   .tools/bin/vmalert-tool, victoria-metrics
+#                            VictoriaMetrics' rule unit tester and single-node
+#                            server, built from their Go module
+#
 #   buildah, podman, debootstrap (Debian's packages) and the image test's
 #   stand-in base: a bookworm minbase with CPython 3.11 made by debootstrap and
 #   imported as localhost/finstream-standin-base:bookworm (deploy/image/
@@ -51,6 +55,10 @@ PROMETHEUS_OPERATOR_VERSION=v0.85.0
 STRIMZI_VERSION=0.45.0
 # The chart's optional mesh and CNI policies (issue 15): Istio's
 # PeerAuthentication/AuthorizationPolicy and Cilium's CiliumNetworkPolicy.
+# VictoriaMetrics (Apache-2.0; answers PromQL): vmalert-tool unit-tests the
+# chart's alert rules, victoria-metrics scrapes a local run for the dashboard
+# pictures (deploy/grafana/snapshot.py). Newer releases need a newer Go.
+VICTORIAMETRICS_VERSION=v1.151.0
 ISTIO_API_VERSION=v1.32.0
 CILIUM_VERSION=v1.18.0
 COMPOSE_GO_VERSION=v2.16.2
@@ -252,6 +260,20 @@ step_chromium() {
   command -v chromium >/dev/null || { echo "error: chromium did not install" >&2; exit 1; }
 }
 
+step_victoriametrics() {
+  local key="victoriametrics=$VICTORIAMETRICS_VERSION"
+  if done_already victoriametrics "$key" && [[ -x "$BIN/vmalert-tool" && -x "$BIN/victoria-metrics" ]]; then
+    return
+  fi
+  need go "the Go toolchain builds VictoriaMetrics from the Go module proxy"
+  log "building vmalert-tool and victoria-metrics $VICTORIAMETRICS_VERSION (go install; ~2 min cold)"
+  go install -ldflags "-s -w" \
+    "github.com/VictoriaMetrics/VictoriaMetrics/app/vmalert-tool@$VICTORIAMETRICS_VERSION" \
+    "github.com/VictoriaMetrics/VictoriaMetrics/app/victoria-metrics@$VICTORIAMETRICS_VERSION"
+  go clean -cache
+  mark_done victoriametrics "$key"
+}
+
 apt_get() {
   local sudo=()
   if [[ "$(id -u)" != 0 ]]; then sudo=(sudo -n); fi
@@ -321,6 +343,7 @@ step_compose_schema
 step_mailpit
 step_chromium
 step_toxiproxy
+step_victoriametrics
 step_image_tools
 step_image_base
 # What the tests read to find the tools and the Kubernetes version.
@@ -337,6 +360,8 @@ PYTHON=$PY
 MAILPIT=$BIN/mailpit
 CHROMIUM=$(command -v chromium)
 BUILDAH=$(command -v buildah)
+VMALERT_TOOL=$BIN/vmalert-tool
+VICTORIA_METRICS=$BIN/victoria-metrics
 IMAGE_BASE=$IMAGE_BASE
 EOF
 log "ready in $((SECONDS - started))s: $(ls "$BIN" | tr '\n' ' ')"
