@@ -28,7 +28,7 @@ import csv
 import io
 import json
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -171,7 +171,8 @@ class Backtest:
 class KafkaSource:
     """md.ticks between two times, per partition in offset order."""
 
-    bootstrap: str
+    # A bootstrap address, or a whole client configuration (runtime.kafka.client_config).
+    client: str | Mapping[str, Any]
     topic: str
     codec: Codec
     since: datetime
@@ -206,8 +207,9 @@ class KafkaSource:
         return self
 
     def _config(self) -> dict[str, Any]:
+        base = {"bootstrap.servers": self.client} if isinstance(self.client, str) else self.client
         return {
-            "bootstrap.servers": self.bootstrap,
+            **base,
             "group.id": "finstream-backtest",
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",

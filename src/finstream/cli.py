@@ -48,6 +48,19 @@ _LAZY: dict[str, tuple[str, str]] = {
 
 
 class _LazyGroup(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        from pydantic import ValidationError
+
+        from finstream.settings import describe_invalid
+
+        try:
+            return super().invoke(ctx)
+        except ValidationError as exc:
+            # Settings come from FINSTREAM_* variables: name them, in one line.
+            if exc.title != "Settings":
+                raise
+            fail(describe_invalid(exc))
+
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted([*super().list_commands(ctx), *_LAZY])
 
@@ -178,11 +191,17 @@ def topics_apply(dry_run: bool, replication_factor: int | None, path: Path | Non
         fail(str(exc))
         return
     names = [settings.topic(n) for n in catalogue.names]
+    from finstream.runtime.kafka import check_access, client_config
+
+    problem = check_access(settings)
+    if problem is not None:
+        fail(problem)
     try:
-        existing = t.describe(settings.kafka_bootstrap, names)
+        existing = t.describe(client_config(settings), names)
     except Exception as exc:
         fail(
-            f"cannot read topics from Kafka at {settings.kafka_bootstrap}: {exc} (is `finstream stack up` done?)"
+            check_access(settings, timeout=5)
+            or f"cannot read topics from Kafka at {settings.kafka_bootstrap}: {exc} (is `finstream stack up` done?)"
         )
         return
     changes = t.plan(catalogue, existing, settings.namespace, replication_factor)
@@ -198,7 +217,7 @@ def topics_apply(dry_run: bool, replication_factor: int | None, path: Path | Non
         click.echo("(dry run: nothing applied)")
         return
     try:
-        t.apply(settings.kafka_bootstrap, changes, replication_factor)
+        t.apply(client_config(settings), changes, replication_factor)
     except RuntimeError as exc:
         fail(str(exc))
     applied = sum(1 for c in changes if c.kind in ("create", "partitions", "config"))

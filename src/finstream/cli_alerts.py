@@ -62,17 +62,20 @@ def read_rules(settings: Settings, timeout: float = 15.0) -> dict[str, AlertRule
     from confluent_kafka import Consumer, KafkaException, TopicPartition
 
     from finstream.codec import DecodeError, default_codec
+    from finstream.runtime.kafka import client_config
 
     codec = default_codec()
     topic = settings.topic("alerts.rules")
     consumer = Consumer(
-        {
-            "bootstrap.servers": settings.kafka_bootstrap,
-            "group.id": f"finstream-cli-{uuid.uuid4().hex}",
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-            "log_level": 3,
-        }
+        client_config(
+            settings,
+            **{
+                "group.id": f"finstream-cli-{uuid.uuid4().hex}",
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+                "log_level": 3,
+            },
+        )
     )
     rules: dict[str, AlertRule] = {}
     try:
@@ -365,10 +368,11 @@ def _from_kafka(settings: Settings, bt: Any, start: datetime, slack: timedelta, 
 
     from finstream.backtest import BacktestError, KafkaSource
     from finstream.codec import default_codec
+    from finstream.runtime.kafka import client_config
     from finstream.topics import load_catalogue
 
     src = KafkaSource(
-        settings.kafka_bootstrap, settings.topic("md.ticks"), default_codec(), start, slack
+        client_config(settings), settings.topic("md.ticks"), default_codec(), start, slack
     )
     try:
         src.open()

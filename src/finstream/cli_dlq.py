@@ -34,6 +34,7 @@ from finstream.domain.deadletter import (
     H_SOURCE_TOPIC,
     parse_headers,
 )
+from finstream.runtime.kafka import check_access, client_config
 from finstream.settings import Settings, get_settings
 
 REDRIVE_HEADER = "redrive.from"
@@ -78,19 +79,24 @@ def read_letters(settings: Settings, timeout: float = 10.0) -> list[Letter]:
 
     topic = settings.topic("dlq")
     consumer = Consumer(
-        {
-            "bootstrap.servers": settings.kafka_bootstrap,
-            "group.id": "finstream-dlq-cli",
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",
-            "log_level": 3,
-        }
+        client_config(
+            settings,
+            **{
+                "group.id": "finstream-dlq-cli",
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "log_level": 3,
+            },
+        )
     )
     try:
         try:
             meta = consumer.list_topics(topic, timeout=timeout)
         except KafkaException as exc:
-            _fail(f"cannot reach Kafka at {settings.kafka_bootstrap}: {exc}")
+            _fail(
+                check_access(settings, timeout=5)
+                or f"cannot reach Kafka at {settings.kafka_bootstrap}: {exc}"
+            )
         info = meta.topics.get(topic)
         if info is None or info.error is not None or not info.partitions:
             _fail(f"topic {topic} does not exist (run `finstream topics apply`)")
@@ -333,14 +339,16 @@ def redrive_command(  # noqa: PLR0917 (click passes options positionally)
         None
         if dry_run
         else Producer(
-            {
-                "bootstrap.servers": settings.kafka_bootstrap,
-                "enable.idempotence": True,
-                # murmur2 like the Java clients and every finstream producer: a redriven key must land
-                # on the partition its co-partitioned state lives on.
-                "partitioner": "murmur2_random",
-                "log_level": 3,
-            }
+            client_config(
+                settings,
+                **{
+                    "enable.idempotence": True,
+                    # murmur2 like the Java clients and every finstream producer: a redriven
+                    # key must land on the partition its co-partitioned state lives on.
+                    "partitioner": "murmur2_random",
+                    "log_level": 3,
+                },
+            )
         )
     )
     catalogue_names = set(load_catalogue().names)

@@ -336,15 +336,14 @@ def publish(settings: Settings, items: list[Record]) -> None:
     from confluent_kafka import Producer
 
     from finstream.codec import default_codec
+    from finstream.runtime.kafka import client_config
 
     codec = default_codec()
     producer = Producer(
-        {
-            "bootstrap.servers": settings.kafka_bootstrap,
-            "partitioner": "murmur2_random",
-            "enable.idempotence": True,
-            "log_level": 3,
-        }
+        client_config(
+            settings,
+            **{"partitioner": "murmur2_random", "enable.idempotence": True, "log_level": 3},
+        )
     )
     errors: list[str] = []
 

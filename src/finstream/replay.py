@@ -20,6 +20,7 @@ from typing import IO, Any
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
 from finstream.codec import Codec, DecodeError
+from finstream.runtime.kafka import client_config
 from finstream.settings import Settings
 from finstream.topics import load_catalogue
 
@@ -93,13 +94,15 @@ def _headers(headers: Any) -> tuple[tuple[str, bytes], ...]:
 
 def _consumer(settings: Settings) -> Consumer:
     return Consumer(
-        {
-            "bootstrap.servers": settings.kafka_bootstrap,
-            "group.id": "finstream-replay",
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-            "log_level": 3,
-        }
+        client_config(
+            settings,
+            **{
+                "group.id": "finstream-replay",
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+                "log_level": 3,
+            },
+        )
     )
 
 
@@ -210,7 +213,7 @@ def ensure_sandbox(settings: Settings, source: str, target: str) -> None:
 
     if target.removeprefix(settings.namespace) in load_catalogue().names:
         raise ReplayError(f"{target} is a catalogue topic; replay only into a sandbox topic")
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap, "log_level": 3})
+    admin = AdminClient(client_config(settings, log_level=3))
     topics = admin.list_topics(timeout=10).topics
     if target in topics:
         return
@@ -228,12 +231,10 @@ def ensure_sandbox(settings: Settings, source: str, target: str) -> None:
 
 def copy_to_topic(settings: Settings, records: Iterator[Record], target: str) -> int:
     producer = Producer(
-        {
-            "bootstrap.servers": settings.kafka_bootstrap,
-            "enable.idempotence": True,
-            "partitioner": "murmur2_random",
-            "log_level": 3,
-        }
+        client_config(
+            settings,
+            **{"enable.idempotence": True, "partitioner": "murmur2_random", "log_level": 3},
+        )
     )
     count = 0
     for record in records:

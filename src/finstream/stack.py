@@ -32,10 +32,14 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
 
 from finstream.resources import resource
 from finstream.settings import Settings
+
+if TYPE_CHECKING:
+    from finstream.stack_security import SecuredBroker
 
 Log = Callable[[str], None]
 
@@ -206,12 +210,14 @@ class Stack:
         try:
             from confluent_kafka.admin import AdminClient
 
+            from finstream.runtime.kafka import client_config
+
+            # As the clients connect: with their TLS and SASL settings.
             admin = AdminClient(
-                {
-                    "bootstrap.servers": self.settings.kafka_bootstrap,
-                    "socket.timeout.ms": int(timeout * 1000),
-                    "log_level": 3,
-                }
+                client_config(
+                    self.settings,
+                    **{"socket.timeout.ms": int(timeout * 1000), "log_level": 0},
+                )
             )
             admin.list_topics(timeout=timeout)
         except Exception:
@@ -293,13 +299,57 @@ class Stack:
                 raise StackError(
                     f"Kafka exited at start (code {proc.returncode}); see {out}: {_tail(out, 3)}"
                 )
-            if self._kafka_ready(timeout=2.0):
-                log(f"kafka: ready at {self.kafka_host}:{self.kafka_port}")
+            if self._broker_answers(timeout=2.0):
+                self._kafka_users(log)
+                if not self._kafka_ready(timeout=5.0):
+                    raise StackError(
+                        f"Kafka started but refuses the clients' settings; see {logs / 'server.log'}"
+                    )
+                log(
+                    f"kafka: ready at {self.kafka_host}:{self.kafka_port}"
+                    f" ({self.settings.kafka_security_protocol})"
+                )
                 return
             time.sleep(0.5)
         raise StackError(
             f"Kafka did not become ready in {self.settings.stack_start_timeout:.0f}s; see {logs / 'server.log'}"
         )
+
+    # -- Kafka: a secured listener (finstream.stack_security) --------------------------
+    def _secured(self) -> SecuredBroker | None:
+        if self.settings.kafka_security_protocol == "PLAINTEXT":
+            return None
+        from finstream.stack_security import SecuredBroker
+
+        host = "127.0.0.1" if self.kafka_host in ("localhost", "0.0.0.0") else self.kafka_host
+        return SecuredBroker(self.settings, self.kafka_dir, host, self.kafka_port)
+
+    def _broker_answers(self, timeout: float) -> bool:
+        """The broker is up (asked as its own user when the client user may not exist yet)."""
+        secured = self._secured()
+        if secured is None:
+            return self._kafka_ready(timeout)
+        from confluent_kafka.admin import AdminClient
+
+        try:
+            AdminClient(secured.admin_config()).list_topics(timeout=timeout)
+        except Exception:
+            return False
+        return True
+
+    def _kafka_users(self, log: Log) -> None:
+        secured = self._secured()
+        if secured is None or not secured.sasl:
+            return
+        from confluent_kafka.admin import AdminClient
+
+        try:
+            secured.create_users(AdminClient(secured.admin_config()))
+        except Exception as exc:
+            raise StackError(
+                f"could not create the Kafka user's SCRAM credentials: {exc}"
+            ) from None
+        log(f"kafka: SASL user {self.settings.kafka_sasl_username!r} (PLAIN, SCRAM-SHA-256/512)")
 
     def _kafka_libs(self, log: Log) -> Path:
         libs = self.cache_dir / "libs"
@@ -364,6 +414,16 @@ class Stack:
             "log.retention.check.interval.ms": "60000",
             "log.segment.bytes": str(256 * 1024 * 1024),
         }
+        secured = self._secured()
+        if secured is not None:
+            from finstream.stack_security import SecurityError
+
+            try:
+                listener = secured.prepare()
+            except SecurityError as exc:
+                raise StackError(str(exc)) from None
+            listener["listeners"] = listener["listeners"].replace("{ctrl}", str(ctrl))
+            props.update(listener)
         path = self.kafka_dir / "server.properties"
         path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
         return path

@@ -379,18 +379,22 @@ def plan(
 # -- applying ------------------------------------------------------------------
 
 
-def _admin(bootstrap: str) -> Any:
+def _admin(client: str | Mapping[str, Any]) -> Any:
+    """An admin client for a bootstrap address, or for a whole client configuration
+    (``finstream.runtime.kafka.client_config``: security settings included)."""
     from confluent_kafka.admin import AdminClient
 
-    return AdminClient(
-        {"bootstrap.servers": bootstrap, "socket.timeout.ms": 10_000, "log_level": 3}
-    )
+    config = {"bootstrap.servers": client} if isinstance(client, str) else dict(client)
+    # Quiet: the caller reports a failure in one line (librdkafka would repeat it per retry).
+    return AdminClient({**config, "socket.timeout.ms": 10_000, "log_level": 0})
 
 
-def describe(bootstrap: str, names: list[str], timeout: float = 15.0) -> dict[str, ExistingTopic]:
+def describe(
+    client: str | Mapping[str, Any], names: list[str], timeout: float = 15.0
+) -> dict[str, ExistingTopic]:
     from confluent_kafka.admin import ConfigResource, ResourceType  # type: ignore[attr-defined]
 
-    admin = _admin(bootstrap)
+    admin = _admin(client)
     metadata = admin.list_topics(timeout=timeout)
     present = [n for n in names if n in metadata.topics and metadata.topics[n].error is None]
     result: dict[str, ExistingTopic] = {}
@@ -412,7 +416,7 @@ def describe(bootstrap: str, names: list[str], timeout: float = 15.0) -> dict[st
 
 
 def apply(
-    bootstrap: str,
+    client: str | Mapping[str, Any],
     changes: list[Change],
     replication_factor: int | None = None,
     timeout: float = 30.0,
@@ -427,7 +431,7 @@ def apply(
         ResourceType,
     )
 
-    admin = _admin(bootstrap)
+    admin = _admin(client)
     creates = [
         NewTopic(
             c.topic,

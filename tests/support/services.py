@@ -28,6 +28,7 @@ from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from finstream.codec import Codec
+from finstream.runtime.kafka import client_config
 from finstream.settings import Settings
 from finstream.sinks.postgres import migrate
 from finstream.topics import apply, describe, load_catalogue, plan
@@ -78,6 +79,23 @@ def wait_until(
     raise AssertionError(f"timed out after {timeout}s waiting for {message} (last: {last!r})")
 
 
+def kafka_security_env(settings: Settings) -> dict[str, str]:
+    """The FINSTREAM_KAFKA_* security variables of ``settings``, for a worker subprocess."""
+    env: dict[str, str] = {}
+    for name in Settings.model_fields:
+        if not name.startswith(("kafka_security", "kafka_sasl", "kafka_ssl")):
+            continue
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        if hasattr(value, "get_secret_value"):
+            value = value.get_secret_value()
+        env[f"FINSTREAM_{name.upper()}"] = (
+            str(value).lower() if isinstance(value, bool) else str(value)
+        )
+    return env
+
+
 def _db_url(base: str, name: str) -> str:
     parsed = urlparse(base)
     return urlunparse(parsed._replace(path=f"/{name}"))
@@ -105,6 +123,7 @@ class TestEnv:
                 "FINSTREAM_KAFKA_BOOTSTRAP": self.settings.kafka_bootstrap,
                 "FINSTREAM_LOG_LEVEL": "INFO",
                 "FINSTREAM_COMMIT_INTERVAL": "0.5",
+                **kafka_security_env(self.settings),
             }
         )
         env.update({f"FINSTREAM_{k.upper()}": v for k, v in overrides.items()})
@@ -114,12 +133,16 @@ class TestEnv:
         return self.settings.topic(name)
 
     # -- Kafka --------------------------------------------------------------------
+    def kafka_config(self) -> dict[str, Any]:
+        """Bootstrap and security settings of every client (TLS/SASL for a secured broker)."""
+        return client_config(self.settings, log_level=3)
+
     def producer(self) -> Producer:
         # murmur2: the partitioner of the Java clients and of finstream's producers, so test keys
         # land on the partitions finstream's own producers would choose.
         return Producer(
             {
-                "bootstrap.servers": self.settings.kafka_bootstrap,
+                **self.kafka_config(),
                 "linger.ms": 5,
                 "enable.idempotence": True,
                 "partitioner": "murmur2_random",
@@ -156,7 +179,7 @@ class TestEnv:
         at least ``min_count``; returns as soon as that many and the end are reached)."""
         c = Consumer(
             {
-                "bootstrap.servers": self.settings.kafka_bootstrap,
+                **self.kafka_config(),
                 "group.id": f"test-reader-{uuid.uuid4().hex}",
                 "auto.offset.reset": "earliest",
                 "enable.auto.commit": False,
@@ -211,7 +234,7 @@ def group_caught_up(env: TestEnv, group: str, names: list[str]) -> bool:
     """The group has committed every partition of these topics up to its end."""
     c = Consumer(
         {
-            "bootstrap.servers": env.settings.kafka_bootstrap,
+            **env.kafka_config(),
             "group.id": group,
             "enable.auto.commit": False,
             "isolation.level": "read_uncommitted",
@@ -236,7 +259,7 @@ def committed_count(env: TestEnv, group: str, name: str) -> int:
     """How many records of a topic the group has committed (sum of committed offsets)."""
     c = Consumer(
         {
-            "bootstrap.servers": env.settings.kafka_bootstrap,
+            **env.kafka_config(),
             "group.id": group,
             "enable.auto.commit": False,
             "log_level": 3,
@@ -290,13 +313,13 @@ def create_env(base: Settings, label: str = "t") -> TestEnv:
     )
     catalogue = load_catalogue()
     names = [settings.topic(n) for n in catalogue.names]
-    changes = plan(catalogue, describe(settings.kafka_bootstrap, names), ns)
-    apply(settings.kafka_bootstrap, changes)
+    changes = plan(catalogue, describe(client_config(settings), names), ns)
+    apply(client_config(settings), changes)
     return TestEnv(ns, database, settings)
 
 
 def destroy_env(env: TestEnv, base: Settings) -> None:
-    admin = AdminClient({"bootstrap.servers": base.kafka_bootstrap, "log_level": 3})
+    admin = AdminClient(client_config(base, log_level=3))
     topics = [
         t
         for t in admin.list_topics(timeout=10).topics

@@ -37,7 +37,13 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
-from finstream.connectors.metrics import PROVIDER_ERRORS, REQUEST_SECONDS, STREAM_RECONNECTS
+from finstream.connectors.metrics import (
+    PROVIDER_ERRORS,
+    RATE_LIMIT_WAIT,
+    RATE_LIMITED,
+    REQUEST_SECONDS,
+    STREAM_RECONNECTS,
+)
 from finstream.domain.marketdata import (
     LOCAL_RATE_LIMIT,
     MAX_BODY_BYTES,
@@ -296,6 +302,7 @@ class HttpConnector(PollingConnector):
                 return
             wait = self.gate.wait_time(now)
             if now + wait > deadline:
+                RATE_LIMITED.labels(self.name).inc()
                 raise ProviderError(
                     ErrorClass.THROTTLED,
                     f"local rate limit: next request allowed in {wait:.2f}s",
@@ -303,6 +310,7 @@ class HttpConnector(PollingConnector):
                     retry_after=wait,
                     code=LOCAL_RATE_LIMIT,
                 )
+            RATE_LIMIT_WAIT.labels(self.name).inc(max(wait, 0.001))
             await self.options.sleep(max(wait, 0.001))
 
     async def get(

@@ -117,6 +117,9 @@ def chain_specs(settings: Settings) -> list[ChainSpec]:
                 ",".join(symbols)[:60], symbols, _providers(chain, f"FINSTREAM_MD_CHAINS[{key!r}]")
             )
         )
+    refusal = settings.synthetic_market_refusal({p for spec in specs for p in spec.providers})
+    if refusal is not None:
+        raise ConfigError(refusal)
     seen: dict[str, str] = {}
     for spec in specs:
         for sym in spec.symbols:

@@ -35,6 +35,10 @@ log = get_logger(__name__)
 
 async def run(ctx: ServiceContext) -> None:
     settings = ctx.settings
+    refusal = settings.synthetic_market_refusal({"simulated"})
+    if refusal is not None:
+        log.error("simulated feed refused", reason=refusal)
+        raise SystemExit(f"error: {refusal}")
     seed = settings.sim_seed
     market = GbmMarket(
         settings.symbols,

@@ -227,12 +227,10 @@ def _topic_sizes(settings: Settings, names: list[str]) -> dict[str, int]:
     """Messages ever written to each topic (sum of high watermarks)."""
     from confluent_kafka import Consumer, TopicPartition
 
+    from finstream.runtime.kafka import client_config
+
     consumer = Consumer(
-        {
-            "bootstrap.servers": settings.kafka_bootstrap,
-            "group.id": "finstream-run-progress",
-            "log_level": 3,
-        }
+        client_config(settings, **{"group.id": "finstream-run-progress", "log_level": 3})
     )
     try:
         sizes = {}
