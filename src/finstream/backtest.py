@@ -34,12 +34,13 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import IO, Any, cast
 
-from finstream.codec import Codec, DecodeError
+from finstream.codec import DecodeError
 from finstream.domain.alert_engine import Firing, RuleBook, SymbolState, evaluate
 from finstream.domain.alerts import AlertRule, RuleValidationError, parse_rule
 from finstream.domain.bars import Interval, decimal_text
 from finstream.domain.ticks import Tick, TickValidationError, validate_tick
 from finstream.domain.time import utcnow
+from finstream.topics import Contract
 
 
 class BacktestError(ValueError):
@@ -172,14 +173,17 @@ class KafkaSource:
     """md.ticks between two times, per partition in offset order."""
 
     bootstrap: str
-    topic: str
-    codec: Codec
+    ticks_topic: Contract
     since: datetime
     slack: timedelta = timedelta(minutes=5)
     misrouted: int = 0
     undecodable: int = 0
     total: int = 0
     _plan: list[tuple[int, int, int]] = field(default_factory=list)  # partition, start, end
+
+    @property
+    def topic(self) -> str:
+        return self.ticks_topic.name
 
     def open(self) -> KafkaSource:
         from confluent_kafka import Consumer, TopicPartition
@@ -215,12 +219,10 @@ class KafkaSource:
             "log_level": 3,
         }
 
-    def ticks(self, partitions: int) -> Iterator[Tick]:
+    def ticks(self) -> Iterator[Tick]:
         """Ticks in offset order per partition; a tick on the wrong partition is skipped,
         as the live agent does (its rules live elsewhere)."""
         from confluent_kafka import Consumer, TopicPartition
-
-        from finstream.domain.partitioning import key_partition
 
         consumer = Consumer(self._config())
         try:
@@ -237,11 +239,11 @@ class KafkaSource:
                             continue
                         position = offset + 1
                         try:
-                            tick = Tick.from_record(self.codec.decode(msg.value(), "Tick"))
+                            tick = Tick.from_record(self.ticks_topic.decode_record(msg.value()))
                         except DecodeError:
                             self.undecodable += 1
                             continue
-                        if key_partition(tick.symbol.encode(), partitions) != partition:
+                        if self.ticks_topic.partition(tick.symbol.encode()) != partition:
                             self.misrouted += 1
                             continue
                         yield tick

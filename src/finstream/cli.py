@@ -244,15 +244,12 @@ def _when(value: str | None) -> datetime | None:
 def topics_tail(topic: str, lines: int) -> None:
     """The last messages of a catalogue topic, decoded, as JSON lines."""
     from finstream import replay
-    from finstream.codec import default_codec
 
     settings = get_settings()
     name = settings.topic(topic)
     try:
         records = replay.read_range(settings, name, None, None, tail=lines)
-        replay.write_jsonl(
-            records, sys.stdout, default_codec(), replay.value_schema(settings, name)
-        )
+        replay.write_jsonl(records, sys.stdout, replay.source_contract(settings, name))
     except replay.ReplayError as exc:
         fail(str(exc))
 
@@ -275,7 +272,6 @@ def topics_replay(
     from tqdm import tqdm
 
     from finstream import replay
-    from finstream.codec import default_codec
 
     if (out is None) == (to_topic is None):
         fail("give exactly one of --out FILE or --to-topic NAME")
@@ -298,16 +294,12 @@ def topics_replay(
             count = replay.copy_to_topic(settings, records, target)
             where = target
         elif str(out) == "-":
-            count = replay.write_jsonl(
-                records, sys.stdout, default_codec(), replay.value_schema(settings, name)
-            )
+            count = replay.write_jsonl(records, sys.stdout, replay.source_contract(settings, name))
             where = "stdout"
         else:
             assert out is not None
             with out.open("w") as fh:
-                count = replay.write_jsonl(
-                    records, fh, default_codec(), replay.value_schema(settings, name)
-                )
+                count = replay.write_jsonl(records, fh, replay.source_contract(settings, name))
             where = str(out)
     except replay.ReplayError as exc:
         bar.close()

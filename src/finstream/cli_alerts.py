@@ -61,10 +61,11 @@ def read_rules(settings: Settings, timeout: float = 15.0) -> dict[str, AlertRule
 
     from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-    from finstream.codec import DecodeError, default_codec
+    from finstream.codec import DecodeError
+    from finstream.topics import contract
 
-    codec = default_codec()
-    topic = settings.topic("alerts.rules")
+    rules_topic = contract("alerts.rules", settings.namespace)
+    topic = rules_topic.name
     consumer = Consumer(
         {
             "bootstrap.servers": settings.kafka_bootstrap,
@@ -105,7 +106,7 @@ def read_rules(settings: Settings, timeout: float = 15.0) -> dict[str, AlertRule
                 else:
                     # Undecodable is not a rule (the alerts role dead-letters it).
                     with contextlib.suppress(DecodeError):
-                        rules[key] = AlertRule.from_record(codec.decode(msg.value(), "AlertRule"))
+                        rules[key] = AlertRule.from_record(rules_topic.decode_record(msg.value()))
                 partition = cast(int, msg.partition())
                 if cast(int, msg.offset()) + 1 >= ends.get(partition, 0):
                     ends.pop(partition, None)
@@ -189,7 +190,7 @@ def alerts() -> None:
 )
 def alerts_add(rules_file: Path | None, **fields: Any) -> None:
     """Add (or replace) an alert rule. Refused with the offending field named."""
-    from finstream.codec import default_codec
+    from finstream.topics import contract
 
     settings = get_settings()
     now = utcnow()
@@ -220,8 +221,8 @@ def alerts_add(rules_file: Path | None, **fields: Any) -> None:
             }.get(exc.field, f"--{exc.field}")
             _fail(f"rule refused: {exc.message} (option {option})")
             return
-    codec = default_codec()
-    _publish(settings, [(r.rule_id, codec.encode("AlertRule", r.to_record())) for r in rules])
+    rules_topic = contract("alerts.rules", settings.namespace)
+    _publish(settings, [(r.rule_id, rules_topic.encode(r.to_record())) for r in rules])
     for r in rules:
         click.echo(f"added {r.rule_id}: {r.describe()} ({r.frequency.lower()}) for {r.user_id}")
 
@@ -364,20 +365,18 @@ def _from_kafka(settings: Settings, bt: Any, start: datetime, slack: timedelta, 
     from tqdm import tqdm
 
     from finstream.backtest import BacktestError, KafkaSource
-    from finstream.codec import default_codec
-    from finstream.topics import load_catalogue
+    from finstream.topics import contract
 
     src = KafkaSource(
-        settings.kafka_bootstrap, settings.topic("md.ticks"), default_codec(), start, slack
+        settings.kafka_bootstrap, contract("md.ticks", settings.namespace), start, slack
     )
     try:
         src.open()
     except BacktestError as exc:
         _fail(str(exc))
-    partitions = load_catalogue().get("md.ticks").partitions
     n = 0
     with tqdm(total=src.total, unit="tick", disable=quiet, file=sys.stderr) as bar:
-        for tick in src.ticks(partitions):
+        for tick in src.ticks():
             bt.feed(tick)
             n += 1
             bar.update(1)

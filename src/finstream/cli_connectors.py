@@ -112,7 +112,6 @@ async def _connect(
 ) -> int:
     from datetime import timedelta
 
-    from finstream.codec import default_codec
     from finstream.connectors.base import StreamConnector
     from finstream.connectors.publish import TickOutput, TickPublisher, TickSink
     from finstream.connectors.replay import ReplayConnector
@@ -122,6 +121,7 @@ async def _connect(
     from finstream.domain.ticks import Tick
     from finstream.domain.time import utcnow
     from finstream.runtime.kafka import KafkaPublisher
+    from finstream.topics import contract
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -134,7 +134,7 @@ async def _connect(
     else:
         kafka = KafkaPublisher(settings, "connect")
         await kafka.start()
-        out = TickPublisher(default_codec(), kafka, settings.topic("md.ticks"))
+        out = TickPublisher(kafka, contract("md.ticks", settings.namespace))
     sink = TickSink(out, settings.md_dedupe_window)
     runner, connectors = build_runner(settings, sink)
     started = time.monotonic()

@@ -203,20 +203,20 @@ def _parse_ref(ref: str) -> tuple[int, int]:
 
 
 def _decode_value(letter: Letter, settings: Settings) -> Any:
-    from finstream.codec import DecodeError, default_codec
-    from finstream.topics import load_catalogue
+    from finstream.codec import DecodeError
+    from finstream.topics import contract
 
     name = letter.source_topic.removeprefix(settings.namespace)
     try:
-        schema = load_catalogue().get(name).value_schema
+        source = contract(name, settings.namespace)
     except (KeyError, ValueError):
-        schema = None
-    if not schema or schema == "raw" or letter.value is None:
+        return None
+    if source.spec.type == "raw" or letter.value is None:
         return None
     try:
-        return default_codec().decode(letter.value, schema)
+        return source.decode_record(letter.value)
     except DecodeError as exc:
-        return f"<not a {schema}: {exc}>"
+        return f"<not a {source.schema}: {exc}>"
 
 
 @dlq.command("show")
@@ -313,8 +313,8 @@ def redrive_command(  # noqa: PLR0917 (click passes options positionally)
     """Send dead letters back to their source topic (PARTITION:OFFSET ..., or --all)."""
     from confluent_kafka import Producer
 
-    from finstream.codec import DecodeError, default_codec
-    from finstream.topics import load_catalogue
+    from finstream.codec import DecodeError
+    from finstream.topics import contract, load_catalogue
 
     if not refs and not everything:
         _fail("name dead letters (PARTITION:OFFSET) or pass --all")
@@ -359,7 +359,9 @@ def redrive_command(  # noqa: PLR0917 (click passes options positionally)
             continue
         if name.startswith(OUTBOUND_PREFIX) and letter.value is not None:
             try:
-                message_id = default_codec().decode(letter.value, "OutboundMessage")["message_id"]
+                message_id = contract(name, settings.namespace).decode_record(letter.value)[
+                    "message_id"
+                ]
             except DecodeError:
                 message_id = None
             if message_id and not dry_run:

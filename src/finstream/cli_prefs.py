@@ -226,9 +226,9 @@ def prefs_set(
     **flags: Any,
 ) -> None:
     """Validate and publish a new version of USER's preferences."""
-    from finstream.codec import default_codec
     from finstream.domain.preferences import PreferencesValidationError, parse_preferences
     from finstream.domain.time import utcnow
+    from finstream.topics import contract
 
     settings = get_settings()
     data: dict[str, Any] = {}
@@ -252,7 +252,8 @@ def prefs_set(
         record = parse_preferences(data, now=utcnow(), consent_source="operator")
     except PreferencesValidationError as exc:
         _fail(exc.message)
-    asyncio.run(_publish(settings, user, default_codec().encode("UserPreferences", record)))
+    value = contract("notify.preferences", settings.namespace).encode(record)
+    asyncio.run(_publish(settings, user, value))
     click.echo(json.dumps(printable(record, reveal), indent=2, ensure_ascii=False))
     click.echo(f"published to {settings.topic('notify.preferences')}", err=True)
 

@@ -49,7 +49,7 @@ from finstream.settings import Settings
 DEMO_USER = "demo-user"
 SOURCE = "demo-service"
 
-Record = tuple[str, str, str, dict[str, Any]]  # topic, key, schema, value
+Record = tuple[str, str, dict[str, Any]]  # catalogue topic, key, value
 
 
 @dataclass(frozen=True)
@@ -296,14 +296,12 @@ def records(settings: Settings, now: datetime, quotes: Mapping[str, Decimal]) ->
     out: list[Record] = []
     for prefs in preferences(now):
         parsed = parse_preferences(prefs, now=now, consent_source="demo-seed")
-        out.append(("notify.preferences", prefs["user_id"], "UserPreferences", parsed))
+        out.append(("notify.preferences", prefs["user_id"], parsed))
     symbols = [s.strip().upper() for s in (settings.md_symbols or settings.sim_symbols).split(",")]
     for raw in rules([s for s in symbols if s], quotes):
         rule = parse_rule(raw, now=now)
-        out.append(("alerts.rules", rule.rule_id, "AlertRule", rule.to_record()))
-    out += [
-        ("notify.requests", r["user_id"], "NotificationRequest", r) for r in service_requests(now)
-    ]
+        out.append(("alerts.rules", rule.rule_id, rule.to_record()))
+    out += [("notify.requests", r["user_id"], r) for r in service_requests(now)]
     return out
 
 
@@ -335,9 +333,8 @@ def publish(settings: Settings, items: list[Record]) -> None:
     """Produce with Kafka's default (murmur2) partitioner, preferences flushed first."""
     from confluent_kafka import Producer
 
-    from finstream.codec import default_codec
+    from finstream.topics import contract
 
-    codec = default_codec()
     producer = Producer(
         {
             "bootstrap.servers": settings.kafka_bootstrap,
@@ -354,13 +351,11 @@ def publish(settings: Settings, items: list[Record]) -> None:
 
     # The router must know a user's preferences before that user's first request.
     for phase in ("notify.preferences", "alerts.rules", "notify.requests"):
-        for topic, key, schema, value in items:
+        target = contract(phase, settings.namespace)
+        for topic, key, value in items:
             if topic == phase:
                 producer.produce(
-                    settings.topic(topic),
-                    key=key.encode(),
-                    value=codec.encode(schema, value),
-                    on_delivery=done,
+                    target.name, key=key.encode(), value=target.encode(value), on_delivery=done
                 )
         if producer.flush(30) != 0:
             errors.append(f"{phase}: messages left unsent after 30 s")

@@ -19,9 +19,9 @@ from typing import IO, Any
 
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
-from finstream.codec import Codec, DecodeError
+from finstream.codec import DecodeError
 from finstream.settings import Settings
-from finstream.topics import load_catalogue
+from finstream.topics import Contract, contract, load_catalogue
 
 
 class ReplayError(RuntimeError):
@@ -54,8 +54,12 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
-def render(record: Record, codec: Codec, schema: str | None) -> dict[str, Any]:
-    """One record as a JSON-ready dict; an undecodable value is shown, not hidden."""
+def render(record: Record, source: Contract | None) -> dict[str, Any]:
+    """One record as a JSON-ready dict; an undecodable value is shown, not hidden.
+
+    ``source`` is the contract of the record's catalogue topic (None for
+    another topic: the value is shown as base64).
+    """
     out: dict[str, Any] = {
         "topic": record.topic,
         "partition": record.partition,
@@ -65,11 +69,11 @@ def render(record: Record, codec: Codec, schema: str | None) -> dict[str, Any]:
     }
     if record.value is None:
         out["value"] = None
-    elif schema is None or schema == "raw":
+    elif source is None or source.spec.type == "raw":
         out["value_base64"] = base64.b64encode(record.value).decode()
     else:
         try:
-            out["value"] = to_jsonable(codec.decode(record.value, schema))
+            out["value"] = to_jsonable(source.decode_record(record.value))
         except DecodeError as exc:
             out["decode_error"] = str(exc)
             out["value_base64"] = base64.b64encode(record.value).decode()
@@ -78,10 +82,11 @@ def render(record: Record, codec: Codec, schema: str | None) -> dict[str, Any]:
     return out
 
 
-def value_schema(settings: Settings, topic: str) -> str | None:
+def source_contract(settings: Settings, topic: str) -> Contract | None:
+    """The contract of a namespaced catalogue topic; None for any other topic."""
     name = topic.removeprefix(settings.namespace)
     try:
-        return load_catalogue().get(name).value_schema
+        return contract(name, settings.namespace)
     except KeyError:
         return None
 
@@ -196,10 +201,10 @@ def read_range(
         consumer.close()
 
 
-def write_jsonl(records: Iterator[Record], out: IO[str], codec: Codec, schema: str | None) -> int:
+def write_jsonl(records: Iterator[Record], out: IO[str], source: Contract | None) -> int:
     count = 0
     for record in records:
-        out.write(json.dumps(render(record, codec, schema), ensure_ascii=False) + "\n")
+        out.write(json.dumps(render(record, source), ensure_ascii=False) + "\n")
         count += 1
     return count
 

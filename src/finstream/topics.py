@@ -240,8 +240,10 @@ class Contract:
 
     ``name`` is the namespaced topic name; ``decode`` turns a value into the
     validated domain object of the topic's ``type`` (raising ValueError, with
-    the reason, for anything else); ``partition`` places a key as Kafka's
-    default partitioner does.
+    the reason, for anything else); ``decode_record`` gives the Avro record
+    as written, unconverted and unvalidated (for display, and for stores
+    that keep a topic's values); ``encode`` frames a record with the topic's
+    schema; ``partition`` places a key as Kafka's default partitioner does.
     """
 
     def __init__(self, spec: TopicSpec, name: str, codec: Any) -> None:
@@ -251,8 +253,10 @@ class Contract:
         convert = CONTRACT_TYPES[spec.type]
         if convert is None:
             self.decode: Callable[[bytes | None, DecodeContext], Any] = _raw
+            self.decode_record: Callable[[bytes | None], dict[str, Any]] = _no_record(name)
         else:
             read = codec.decoder(spec.value_schema)
+            self.decode_record = read
 
             def decode(value: bytes | None, ctx: DecodeContext) -> Any:
                 return convert(read(value), ctx)
@@ -276,6 +280,13 @@ class Contract:
 
 def _raw(value: bytes | None, ctx: DecodeContext) -> Any:
     return value
+
+
+def _no_record(name: str) -> Callable[[bytes | None], dict[str, Any]]:
+    def decode_record(value: bytes | None) -> dict[str, Any]:
+        raise ValueError(f"{name} carries raw bytes, not Avro records")
+
+    return decode_record
 
 
 def contract(name: str, namespace: str = "", codec: Any = None) -> Contract:

@@ -53,10 +53,12 @@ class Quotes(Processor):
         self.lateness = timedelta(seconds=settings.bar_allowed_lateness)
         codec: Codec = ctx.codec
         self.bars_topic = contract("md.bars.1m", settings.namespace, codec)
+        # The newest tick per symbol, kept as its md.ticks value.
+        ticks = contract("md.ticks", settings.namespace, codec)
         self.latest: Store[Tick] = Store(
             "latest-quote",
-            lambda tick: codec.encode("Tick", tick.to_record()),
-            lambda raw: Tick.from_record(codec.decode(raw, "Tick")),
+            lambda tick: ticks.encode(tick.to_record()),
+            lambda raw: Tick.from_record(ticks.decode_record(raw)),
         )
         self.bar_state: Store[BarState] = Store("bar-state", BarState.to_json, BarState.from_json)
         self.writer = writer

@@ -44,7 +44,7 @@ from typing import Any
 from prometheus_client import Counter, Gauge, Histogram
 
 from finstream.agents.scheduler import DueIndex
-from finstream.codec import Codec, DecodeError, EncodeError
+from finstream.codec import DecodeError, EncodeError
 from finstream.domain import digest as digest_
 from finstream.domain.partitioning import key_partition
 from finstream.domain.preferences import CHANNELS, Preferences
@@ -75,7 +75,7 @@ from finstream.runtime.state import Store
 from finstream.runtime.worker import ServiceContext
 from finstream.settings import Settings
 from finstream.templating import load_templates
-from finstream.topics import contract
+from finstream.topics import Contract, contract
 
 log = get_logger(__name__)
 
@@ -115,19 +115,19 @@ def policy_from_settings(settings: Settings) -> Policy:
 
 
 class StoredPrefs:
-    """A user's preferences as stored: the Avro bytes, decoded the first time they are needed."""
+    """A user's preferences as stored: the notify.preferences value, decoded when first needed."""
 
-    __slots__ = ("_codec", "_prefs", "raw")
+    __slots__ = ("_prefs", "_topic", "raw")
 
-    def __init__(self, raw: bytes, codec: Codec, prefs: Preferences | None = None) -> None:
+    def __init__(self, raw: bytes, topic: Contract, prefs: Preferences | None = None) -> None:
         self.raw = raw
-        self._codec = codec
+        self._topic = topic
         self._prefs = prefs
 
     @property
     def prefs(self) -> Preferences:
         if self._prefs is None:
-            self._prefs = Preferences.from_record(self._codec.decode(self.raw, "UserPreferences"))
+            self._prefs = Preferences.from_record(self._topic.decode_record(self.raw))
         return self._prefs
 
 
@@ -194,6 +194,8 @@ class Router(Processor):
         ns = settings.namespace
         requests = contract("notify.requests", ns, ctx.codec)
         prefs = contract("notify.preferences", ns, ctx.codec)
+        self.requests = requests
+        self.prefs_contract = prefs
         self.requests_topic = requests.name
         self.prefs_topic = prefs.name
         self.audit = contract("audit.events", ns, ctx.codec)
@@ -202,9 +204,8 @@ class Router(Processor):
         self.partitions = requests.partitions
         if prefs.partitions != self.partitions:
             raise ValueError("notify.requests and notify.preferences must have equal partitions")
-        codec = ctx.codec
         self.prefs_store: Store[StoredPrefs] = Store(
-            "prefs", lambda p: p.raw, lambda raw: StoredPrefs(raw, codec)
+            "prefs", lambda p: p.raw, lambda raw: StoredPrefs(raw, prefs)
         )
         self.state_store: Store[UserState] = Store(
             "state", UserState.to_bytes, UserState.from_bytes
@@ -381,7 +382,7 @@ class Router(Processor):
             if newer is not None and prefs.updated_at is not None and newer > prefs.updated_at:
                 log.info("older preferences ignored", user_id=user)
                 return
-        batch.prefs[user] = StoredPrefs(ev.value, self.codec, prefs)
+        batch.prefs[user] = StoredPrefs(ev.value, self.prefs_contract, prefs)
         batch.forgotten.discard(user)
         batch.redis_ops.append((user, ev.value, letter))
 
@@ -482,7 +483,7 @@ class Router(Processor):
                 request.request_id,
                 to_micros(outcome.release_at),
                 outcome.hold_reason or "scheduled",
-                self.codec.encode("NotificationRequest", held),
+                self.requests.encode(held),
                 work.bypass_caps,
             )
         sent = [c for c in CHANNELS if any(m.channel == c for m in messages)]
@@ -669,9 +670,7 @@ class Router(Processor):
             )
         for category in [c for c, d in holds.digests.items() if d.due <= now_us]:
             buffer = holds.digests.pop(category)
-            value = self.codec.encode(
-                "NotificationRequest", digest_.digest_request(user, buffer, from_micros(now_us))
-            )
+            value = self.requests.encode(digest_.digest_request(user, buffer, from_micros(now_us)))
             batch.letters.append(_Letter(self.requests_topic, partition, -1, key, value, exc, []))
 
     def _release_user(self, user: str, batch: _Batch, now: datetime) -> None:
@@ -690,9 +689,7 @@ class Router(Processor):
                 self.requests_topic, partition, -1, user.encode(), hold.request, "", []
             )
             try:
-                request = Request.from_record(
-                    self.codec.decode(hold.request, "NotificationRequest")
-                )
+                request = Request.from_record(self.requests.decode_record(hold.request))
             except (DecodeError, InvalidRequest) as exc:
                 letter.error = f"held request does not decode: {exc}"
                 batch.letters.append(letter)
@@ -725,7 +722,7 @@ class Router(Processor):
             RELEASE_DELAY.observe((now_us - buffer.due) / 1e6)
             record = digest_.digest_request(user, buffer, now)
             try:
-                encoded = self.codec.encode("NotificationRequest", record)
+                encoded = self.requests.encode(record)
             except EncodeError as exc:
                 batch.letters.append(
                     _Letter(self.requests_topic, partition, -1, user.encode(), None, exc, [])

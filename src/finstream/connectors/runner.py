@@ -62,6 +62,7 @@ from finstream.domain.time import utcnow
 from finstream.runtime.logging import get_logger
 from finstream.runtime.worker import ServiceContext
 from finstream.settings import Settings
+from finstream.topics import contract
 
 log = get_logger(__name__)
 
@@ -400,7 +401,8 @@ async def run(ctx: ServiceContext) -> None:
     settings = ctx.settings
     publisher = await ctx.publisher()
     sink = TickSink(
-        TickPublisher(ctx.codec, publisher, settings.topic("md.ticks")), settings.md_dedupe_window
+        TickPublisher(publisher, contract("md.ticks", settings.namespace, ctx.codec)),
+        settings.md_dedupe_window,
     )
     try:
         runner, _ = build_runner(settings, sink)

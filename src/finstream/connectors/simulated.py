@@ -29,6 +29,7 @@ from finstream.domain.simulation import GbmMarket
 from finstream.domain.time import utcnow
 from finstream.runtime.logging import get_logger
 from finstream.runtime.worker import ServiceContext
+from finstream.topics import contract
 
 log = get_logger(__name__)
 
@@ -42,7 +43,7 @@ async def run(ctx: ServiceContext) -> None:
         run_id=f"sim{seed}" if seed is not None else f"sim-{uuid.uuid4().hex[:8]}",
     )
     publisher = await ctx.publisher()
-    out = TickPublisher(ctx.codec, publisher, settings.topic("md.ticks"))
+    out = TickPublisher(publisher, contract("md.ticks", settings.namespace, ctx.codec))
     ctx.health.set_ready(True)
     rate = settings.sim_rate
     limit = settings.sim_count

@@ -23,6 +23,7 @@ import redis.asyncio as aioredis
 from finstream.codec import Codec, DecodeError
 from finstream.domain.time import to_micros
 from finstream.settings import Settings
+from finstream.topics import contract
 
 # KEYS[1] value key (string), KEYS[2] version key; ARGV[1] bytes, ARGV[2] version.
 _PUT_IF_NEWER = """
@@ -72,10 +73,12 @@ def _text(value: bytes | str) -> str:
 
 
 class PreferencesStore:
+    """Each user's latest notify.preferences value (its bytes, as on the topic)."""
+
     def __init__(self, redis: aioredis.Redis, settings: Settings, codec: Codec) -> None:
         self._redis = redis
         self._settings = settings
-        self._codec = codec
+        self._topic = contract("notify.preferences", settings.namespace, codec)
         self._put = redis.register_script(_PUT_IF_NEWER)
 
     def _keys(self, user_id: str) -> list[str]:
@@ -84,7 +87,7 @@ class PreferencesStore:
 
     async def put(self, user_id: str, value: bytes) -> bool:
         """Store encoded UserPreferences unless a newer version is there."""
-        record = self._codec.decode(value, "UserPreferences")
+        record = self._topic.decode_record(value)
         return bool(
             await self._put(keys=self._keys(user_id), args=[value, to_micros(record["updated_at"])])
         )
@@ -101,16 +104,18 @@ class PreferencesStore:
         if raw is None:
             return None
         try:
-            return self._codec.decode(raw, "UserPreferences")
+            return self._topic.decode_record(raw)
         except DecodeError:
             return None
 
 
 class RulesStore:
+    """Each user's live alert rules, as their alerts.rules values."""
+
     def __init__(self, redis: aioredis.Redis, settings: Settings, codec: Codec) -> None:
         self._redis = redis
         self._settings = settings
-        self._codec = codec
+        self._topic = contract("alerts.rules", settings.namespace, codec)
         self._put = redis.register_script(_PUT_RULE_IF_NEWER)
         self._delete = redis.register_script(_DELETE_RULE)
 
@@ -123,7 +128,7 @@ class RulesStore:
         return self._settings.redis_key("rules:index")
 
     async def put(self, value: bytes) -> bool:
-        record = self._codec.decode(value, "AlertRule")
+        record = self._topic.decode_record(value)
         keys = [*self._user_keys(record["user_id"]), self._index]
         args = [record["rule_id"], value, to_micros(record["updated_at"]), record["user_id"]]
         return bool(await self._put(keys=keys, args=args))
@@ -147,9 +152,9 @@ class RulesStore:
         if user is None:
             return None
         raw = await self._redis.hget(self._user_keys(user)[0], rule_id)
-        return self._codec.decode(_bytes(raw), "AlertRule") if raw is not None else None
+        return self._topic.decode_record(_bytes(raw)) if raw is not None else None
 
     async def list_for_user(self, user_id: str) -> list[dict[str, Any]]:
         raw = await self._redis.hgetall(self._user_keys(user_id)[0])
-        rules = [self._codec.decode(_bytes(v), "AlertRule") for v in raw.values()]
+        rules = [self._topic.decode_record(_bytes(v)) for v in raw.values()]
         return sorted(rules, key=lambda r: (r["created_at"], r["rule_id"]))

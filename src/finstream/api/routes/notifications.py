@@ -169,10 +169,11 @@ async def create_notification(
         "correlation_id": cid,
     }
     try:
+        requests = res.topic("notify.requests")
         await res.publisher.send_and_wait(
-            res.settings.topic("notify.requests"),
+            requests.name,
             body.user_id.encode(),
-            res.codec.encode("NotificationRequest", record),
+            requests.encode(record),
             correlation_header(cid),
         )
     except BaseException:

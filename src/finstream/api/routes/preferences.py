@@ -61,7 +61,7 @@ async def _store(
         raise field_problem("body", exc.field, str(exc)) from None
     record = protect_preferences(parsed, current, now)
     record["updated_at"] = next_version(now, current["updated_at"] if current else None)
-    value = res.codec.encode("UserPreferences", record)
+    value = res.topic("notify.preferences").encode(record)
     await publish(res, request, "notify.preferences", user, value)
     await res.prefs.put(user, value)
     return _response(record)

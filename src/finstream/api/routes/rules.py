@@ -66,7 +66,7 @@ async def _owned(res: Resources, user: str, rule_id: str) -> AlertRule:
 
 
 async def _write(res: Resources, request: Request, rule: AlertRule) -> None:
-    value = res.codec.encode("AlertRule", rule.to_record())
+    value = res.topic("alerts.rules").encode(rule.to_record())
     await publish(res, request, "alerts.rules", rule.rule_id, value)
     await res.rules.put(value)
 
