@@ -19,17 +19,13 @@ from typing import Any, cast
 
 import click
 
+from finstream.cli_common import fail
 from finstream.domain.alerts import AlertRule, RuleValidationError, parse_rule
 from finstream.domain.time import utcnow
 from finstream.settings import Settings, get_settings
 
 _RELATIVE = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
-
-
-def _fail(message: str) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(1)
 
 
 def parse_when(text: str, now: datetime, *, name: str) -> datetime:
@@ -200,8 +196,7 @@ def alerts_add(rules_file: Path | None, **fields: Any) -> None:
         try:
             rules = load_rules(rules_file, now=now)
         except BacktestError as exc:
-            _fail(str(exc))
-            return
+            fail(str(exc))
     else:
         data = {k: v for k, v in fields.items() if v not in (None, False)}
         if fields.get("expires"):
@@ -219,8 +214,7 @@ def alerts_add(rules_file: Path | None, **fields: Any) -> None:
                 "expires_at": "--expires",
                 "rule_id": "--id",
             }.get(exc.field, f"--{exc.field}")
-            _fail(f"rule refused: {exc.message} (option {option})")
-            return
+            fail(f"rule refused: {exc.message} (option {option})")
     rules_topic = contract("alerts.rules", settings.namespace)
     _publish(settings, [(r.rule_id, rules_topic.encode(r.to_record())) for r in rules])
     for r in rules:
@@ -250,8 +244,7 @@ def alerts_show(rule_id: str) -> None:
     """Show one rule in full (JSON)."""
     rule = read_rules(get_settings()).get(rule_id)
     if rule is None:
-        _fail(f"no rule {rule_id!r}")
-        return
+        fail(f"no rule {rule_id!r}")
     click.echo(json.dumps(rule.to_json(), indent=2))
     click.echo(rule.describe(), err=True)
 
@@ -266,8 +259,7 @@ def alerts_rm(rule_ids: tuple[str, ...], force: bool) -> None:
         known = read_rules(settings)
         missing = [r for r in rule_ids if r not in known]
         if missing:
-            _fail(f"no rule {', '.join(missing)} (--force deletes anyway)")
-            return
+            fail(f"no rule {', '.join(missing)} (--force deletes anyway)")
     _publish(settings, [(r, None) for r in rule_ids])
     for r in rule_ids:
         click.echo(f"removed {r}")
@@ -338,8 +330,7 @@ def alerts_backtest(  # noqa: PLR0917 (a click command's options)
             max_future=timedelta(seconds=settings.tick_max_future_seconds),
         )
     except (BacktestError, IntervalError) as exc:
-        _fail(str(exc))
-        return
+        fail(str(exc))
     if source == "kafka":
         read = _from_kafka(settings, bt, start, timedelta(seconds=slack), quiet)
     else:
@@ -373,7 +364,7 @@ def _from_kafka(settings: Settings, bt: Any, start: datetime, slack: timedelta, 
     try:
         src.open()
     except BacktestError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     n = 0
     with tqdm(total=src.total, unit="tick", disable=quiet, file=sys.stderr) as bar:
         for tick in src.ticks():
@@ -400,8 +391,7 @@ async def _from_postgres(settings: Settings, bt: Any, quiet: bool) -> int:
             settings.database_url.get_secret_value(), bt.since, bt.until, bt.symbols
         )
     except OSError as exc:
-        _fail(f"cannot reach PostgreSQL: {exc}")
-        return 0
+        fail(f"cannot reach PostgreSQL: {exc}")
     n = 0
     with tqdm(total=total, unit="tick", disable=quiet, file=sys.stderr) as bar:
         async for tick in rows:

@@ -15,14 +15,10 @@ from typing import Any, TypeVar
 
 import click
 
+from finstream.cli_common import fail
 from finstream.settings import Settings, get_settings
 
 T = TypeVar("T")
-
-
-def _fail(message: str) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(1)
 
 
 def _with_conn(settings: Settings, work: Callable[[Any], Awaitable[T]]) -> T:
@@ -38,10 +34,38 @@ def _with_conn(settings: Settings, work: Callable[[Any], Awaitable[T]]) -> T:
     try:
         return asyncio.run(go())
     except OSError as exc:
-        _fail(f"cannot reach PostgreSQL: {exc} (is `finstream stack up` done?)")
+        fail(f"cannot reach PostgreSQL: {exc} (is `finstream stack up` done?)")
     except asyncpg.PostgresError as exc:
-        _fail(f"PostgreSQL: {exc}")
+        fail(f"PostgreSQL: {exc}")
     raise AssertionError("unreachable")
+
+
+@click.group()
+def db() -> None:
+    """PostgreSQL: schema, backups and restore, retention, health."""
+
+
+@db.command("migrate")
+def db_migrate() -> None:
+    """Apply pending SQL migrations (idempotent)."""
+    from finstream.sinks.postgres import MigrationError, connect, migrate
+
+    async def go() -> list[Any]:
+        conn = await connect(get_settings())
+        try:
+            return await migrate(conn)
+        finally:
+            await conn.close()
+
+    try:
+        applied = asyncio.run(go())
+    except MigrationError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"cannot reach PostgreSQL: {exc} (is `finstream stack up` done?)")
+    for m in applied:
+        click.echo(f"applied {m.version:04d}_{m.name}")
+    click.echo(f"database: {len(applied)} migration(s) applied, schema up to date")
 
 
 # -- backups ----------------------------------------------------------------------------
@@ -67,11 +91,9 @@ def backup(kind: str) -> None:
         pgbr.run(f"--type={kind}", "backup", log=lambda line: click.echo(f"  {line}"))
         found = backups_of(pgbr.info())
     except BackupError as exc:
-        _fail(str(exc))
-        return
+        fail(str(exc))
     if not found:
-        _fail("pgbackrest finished but lists no backup")
-        return
+        fail("pgbackrest finished but lists no backup")
     latest = found[-1]
     _with_conn(settings, lambda conn: record_backups(conn, found))
     click.echo(
@@ -97,8 +119,7 @@ def backups(as_json: bool) -> None:
     try:
         info = PgBackRest.for_settings(settings).info()
     except BackupError as exc:
-        _fail(str(exc))
-        return
+        fail(str(exc))
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -128,8 +149,7 @@ def verify() -> None:
         click.echo("verify: checksums of backups and WAL in the repository (pgbackrest verify)")
         pgbr.run("verify", log=lambda line: click.echo(f"  {line}"))
     except BackupError as exc:
-        _fail(str(exc))
-        return
+        fail(str(exc))
     click.echo("verify: archive and repository OK")
 
 
@@ -146,7 +166,7 @@ def restore(to_time: str | None, latest: bool, rewind_consumers: bool) -> None:
     """Restore the stack's PostgreSQL to a point in time (or the latest archived WAL)."""
     from datetime import timedelta
 
-    from finstream.cli import _when
+    from finstream.cli_common import when as _when
     from finstream.db.backup import (
         REWIND_SLACK_SECONDS,
         BackupError,
@@ -158,14 +178,13 @@ def restore(to_time: str | None, latest: bool, rewind_consumers: bool) -> None:
     )
 
     if (to_time is None) == (not latest):
-        _fail("give exactly one of --to-time T or --latest")
+        fail("give exactly one of --to-time T or --latest")
     settings = get_settings()
     target = _when(to_time) if to_time else None
     try:
         seconds = do_restore(settings, target, click.echo)
     except BackupError as exc:
-        _fail(str(exc))
-        return
+        fail(str(exc))
     click.echo(f"restore: done in {seconds:.1f}s; the server accepts writes")
     if not rewind_consumers:
         return
@@ -177,8 +196,7 @@ def restore(to_time: str | None, latest: bool, rewind_consumers: bool) -> None:
     try:
         moved = rewind_groups(settings, when, click.echo)
     except Exception as exc:  # Kafka unreachable: the restore itself is done
-        _fail(f"restored, but could not rewind consumer groups: {exc}")
-        return
+        fail(f"restored, but could not rewind consumer groups: {exc}")
     click.echo(
         f"restore: {moved} partition(s) of sink consumer groups rewound to {when.isoformat()}"
     )
@@ -191,7 +209,7 @@ def restore(to_time: str | None, latest: bool, rewind_consumers: bool) -> None:
 @click.option("--no-demo", is_flag=True, help="Migrations only, no demo data.")
 def init(no_demo: bool) -> None:
     """A new environment: migrations, partitions, development logins and the demo data."""
-    from finstream.cli import db_migrate, topics_apply
+    from finstream.cli_topics import topics_apply
     from finstream.db.grants import provision_dev_logins
 
     settings = get_settings()
@@ -209,7 +227,7 @@ def init(no_demo: bool) -> None:
         # No quotes to wait for in a new environment: rule levels use defaults.
         items = demo.seed(settings, quote_wait=0.0)
     except Exception as exc:
-        _fail(f"cannot send the demo data to Kafka at {settings.kafka_bootstrap}: {exc}")
+        fail(f"cannot send the demo data to Kafka at {settings.kafka_bootstrap}: {exc}")
     personas = ", ".join(p.user_id for p in demo.PERSONAS)
     click.echo(f"demo: {personas}; {len(items)} records (preferences, alert rules, notifications)")
 
@@ -224,7 +242,7 @@ def reset(confirm: str | None) -> None:
 
     settings = get_settings()
     if settings.env not in ("dev", "test"):
-        _fail(f"db reset refuses to run with FINSTREAM_ENV={settings.env} (development only)")
+        fail(f"db reset refuses to run with FINSTREAM_ENV={settings.env} (development only)")
     name = (urlparse(settings.database_url.get_secret_value()).path or "/").lstrip("/")
     typed = (
         confirm
@@ -232,7 +250,7 @@ def reset(confirm: str | None) -> None:
         else click.prompt(f"type the database name ({name}) to drop all its tables")
     )
     if typed != name:
-        _fail(f"{typed!r} is not {name!r}; nothing dropped")
+        fail(f"{typed!r} is not {name!r}; nothing dropped")
 
     async def go(conn: Any) -> int:
         rows = await conn.fetch(
@@ -270,11 +288,9 @@ def retention(no_audit: bool) -> None:
     try:
         report = _with_conn(settings, work)
     except RetentionBusy as exc:
-        _fail(str(exc))
-        return
+        fail(str(exc))
     except Exception as exc:
-        _fail(f"retention pass failed: {type(exc).__name__}: {exc}")
-        return
+        fail(f"retention pass failed: {type(exc).__name__}: {exc}")
     for line in report.lines():
         click.echo(line)
     click.echo(
@@ -341,8 +357,7 @@ def slow_queries(limit: int, order: str) -> None:
 
     rows = _with_conn(get_settings(), work)
     if isinstance(rows, str):
-        _fail(rows)
-        return
+        fail(rows)
     click.echo(f"{'calls':>8} {'total ms':>11} {'mean ms':>9} {'max ms':>9} {'rows':>9}  query")
     for r in rows:
         query = " ".join(str(r["query"]).split())
@@ -353,3 +368,6 @@ def slow_queries(limit: int, order: str) -> None:
 
 
 COMMANDS = [backup, backups, verify, restore, init, reset, retention, health, stats, slow_queries]
+
+for _command in COMMANDS:
+    db.add_command(_command)

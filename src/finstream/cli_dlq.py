@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 from dataclasses import dataclass
 from typing import Any
 
 import click
 
+from finstream.cli_common import fail
 from finstream.domain.deadletter import (
     DLQ_HEADER_PREFIX,
     H_AT,
@@ -65,11 +65,6 @@ class Letter:
         return [(k, v) for k, v in self.headers if not k.startswith(DLQ_HEADER_PREFIX)]
 
 
-def _fail(message: str) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(1)
-
-
 def read_letters(settings: Settings, timeout: float = 10.0) -> list[Letter]:
     """Every dead letter currently in the dlq topic, oldest first per partition."""
     import time
@@ -90,10 +85,10 @@ def read_letters(settings: Settings, timeout: float = 10.0) -> list[Letter]:
         try:
             meta = consumer.list_topics(topic, timeout=timeout)
         except KafkaException as exc:
-            _fail(f"cannot reach Kafka at {settings.kafka_bootstrap}: {exc}")
+            fail(f"cannot reach Kafka at {settings.kafka_bootstrap}: {exc}")
         info = meta.topics.get(topic)
         if info is None or info.error is not None or not info.partitions:
-            _fail(f"topic {topic} does not exist (run `finstream topics apply`)")
+            fail(f"topic {topic} does not exist (run `finstream topics apply`)")
         ends: dict[int, int] = {}
         starts = []
         for p in info.partitions:
@@ -231,7 +226,7 @@ def show_command(ref: str) -> None:
         if (letter.partition, letter.offset) == (partition, offset)
     ]
     if not found:
-        _fail(f"no dead letter at {ref}")
+        fail(f"no dead letter at {ref}")
     letter = found[0]
     info = letter.info
     for header in (
@@ -317,7 +312,7 @@ def redrive_command(  # noqa: PLR0917 (click passes options positionally)
     from finstream.topics import contract, load_catalogue
 
     if not refs and not everything:
-        _fail("name dead letters (PARTITION:OFFSET) or pass --all")
+        fail("name dead letters (PARTITION:OFFSET) or pass --all")
     settings = get_settings()
     wanted = {_parse_ref(r) for r in refs}
     letters = [
@@ -328,7 +323,7 @@ def redrive_command(  # noqa: PLR0917 (click passes options positionally)
     ]
     missing = wanted - {(x.partition, x.offset) for x in letters}
     if missing and not everything:
-        _fail(f"no dead letter at {', '.join(f'{p}:{o}' for p, o in sorted(missing))}")
+        fail(f"no dead letter at {', '.join(f'{p}:{o}' for p, o in sorted(missing))}")
     producer = (
         None
         if dry_run
@@ -384,5 +379,5 @@ def redrive_command(  # noqa: PLR0917 (click passes options positionally)
         click.echo(f"{letter.ref}: {'would redrive' if dry_run else 'redriven'} to {target}")
         sent += 1
     if producer is not None and producer.flush(30) != 0:
-        _fail("some redriven records were not acknowledged by Kafka")
+        fail("some redriven records were not acknowledged by Kafka")
     click.echo(f"{sent} redriven, {skipped} skipped{' (dry run)' if dry_run else ''}")

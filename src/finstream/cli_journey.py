@@ -50,7 +50,8 @@ def journey(
 ) -> None:
     """The journey of REQUEST_ID (decisions, holds, rendering, provider attempts, timings),
     or with --user the user's notifications between --from and --to."""
-    from finstream.cli import _when, fail
+    from finstream.cli_common import fail
+    from finstream.cli_common import when as _when
     from finstream.codec import default_codec
     from finstream.domain.time import utcnow
     from finstream.sinks import journeys
@@ -76,10 +77,8 @@ def journey(
         found = asyncio.run(go())
     except OSError as exc:
         fail(f"cannot reach PostgreSQL: {exc} (is `finstream stack up` done?)")
-        return
     except asyncpg.PostgresError as exc:
         fail(f"PostgreSQL: {exc} (is `finstream db migrate` done?)")
-        return
     if request_id is not None:
         if found is None:
             fail(f"no journey for request {request_id!r} (nothing audited or delivered yet)")

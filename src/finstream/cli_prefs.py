@@ -15,19 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import click
 
+from finstream.cli_common import fail
 from finstream.settings import Settings, get_settings
-
-
-def _fail(message: str) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(1)
 
 
 def mask(value: str) -> str:
@@ -242,16 +237,16 @@ def prefs_set(
         try:
             doc = json.loads(text)
         except ValueError as exc:
-            _fail(f"preferences JSON does not parse: {exc}")
+            fail(f"preferences JSON does not parse: {exc}")
         if not isinstance(doc, dict):
-            _fail("preferences JSON must be an object")
+            fail("preferences JSON must be an object")
         data.update(doc)
     data["user_id"] = user
     data = apply_flags(data, flags)
     try:
         record = parse_preferences(data, now=utcnow(), consent_source="operator")
     except PreferencesValidationError as exc:
-        _fail(exc.message)
+        fail(exc.message)
     value = contract("notify.preferences", settings.namespace).encode(record)
     asyncio.run(_publish(settings, user, value))
     click.echo(json.dumps(printable(record, reveal), indent=2, ensure_ascii=False))
@@ -265,7 +260,7 @@ def prefs_show(user: str, reveal: bool) -> None:
     """Print USER's preferences (from the read model the router keeps in Redis)."""
     record = asyncio.run(_current(get_settings(), user))
     if record is None:
-        _fail(f"no preferences for {user!r} (defaults apply: in-app only)")
+        fail(f"no preferences for {user!r} (defaults apply: in-app only)")
     assert record is not None
     click.echo(json.dumps(printable(record, reveal), indent=2, ensure_ascii=False))
 

@@ -23,10 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import click
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from finstream.settings import Settings
+from finstream.settings import Settings, get_settings
 
 WINDOW = 60.0
 FIRST_SAMPLE_GAP = 3.0
@@ -236,3 +237,29 @@ def render(rows: Sequence[RoleRow], svc: Sequence[tuple[str, bool, str]]) -> str
         lines.append("")
         lines.append("* over less than a minute (no older sample yet; --watch builds one up)")
     return "\n".join(lines)
+
+
+# -- the command ----------------------------------------------------------------
+
+
+@click.command("status")
+@click.option("--watch", is_flag=True, help="Refresh the table until Ctrl-C.")
+@click.option(
+    "--interval", type=float, default=5.0, show_default=True, help="Seconds, with --watch."
+)
+def status(watch: bool, interval: float) -> None:
+    """Up/ready, consumer lag, events per second over the last minute, dead letters and the
+    last error of every role, and whether each service answers."""
+    settings = get_settings()
+    try:
+        while True:
+            table = render(collect(settings), services(settings))
+            if watch:
+                click.clear()
+                click.echo(f"finstream status  {time.strftime('%H:%M:%S')}  (Ctrl-C stops)\n")
+            click.echo(table)
+            if not watch:
+                return
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return

@@ -61,7 +61,9 @@ def _ports(settings: Settings, roles: list[str]) -> dict[str, int]:
 
 
 def _prepare(settings: Settings) -> None:
-    from finstream.cli import db_migrate, stack_up, topics_apply
+    from finstream.cli_db import db_migrate
+    from finstream.cli_stack import stack_up
+    from finstream.cli_topics import topics_apply
 
     ctx = click.get_current_context()
     ctx.invoke(stack_up)
