@@ -7,7 +7,7 @@ import json
 import httpx
 
 from finstream.api.app import create_app
-from finstream.api.cli import OPENAPI_PATH, openapi_text
+from finstream.cli.api import OPENAPI_PATH, openapi_text
 from finstream.settings import Settings
 
 

@@ -13,10 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from finstream.connectors.alphavantage import parse_global_quote, parse_intraday
+from finstream.connectors.file_feed import row_to_tick
 from finstream.connectors.finnhub import parse_quote, parse_ws_message
 from finstream.connectors.iex import parse_legacy_quote
 from finstream.connectors.polygon import parse_message
-from finstream.connectors.replay import row_to_tick
 from finstream.connectors.yahoo import parse_chart, parse_quote_response
 from finstream.domain.resilience import ProviderError
 from finstream.domain.ticks import Tick, TickValidationError, validate_tick

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from finstream.connectors.replay import ReplayConnector, parse_speed, parse_time, row_to_tick
+from finstream.connectors.file_feed import ReplayConnector, parse_speed, parse_time, row_to_tick
 from finstream.domain.resilience import ProviderError
 from finstream.domain.ticks import Tick
 from tests.fakes.marketdata.helpers import RECEIVED, gate, options

@@ -9,7 +9,7 @@ import click
 import pytest
 
 from finstream.agents.scheduler import DueIndex
-from finstream.cli_prefs import apply_flags, mask, printable
+from finstream.cli.prefs import apply_flags, mask, printable
 from finstream.domain.preferences import parse_preferences
 
 NOW = datetime(2025, 6, 1, tzinfo=UTC)

@@ -14,10 +14,10 @@ from datetime import timedelta
 
 from finstream.connectors.alphavantage import AlphaVantageConnector
 from finstream.connectors.base import Connector, ConnectorOptions
+from finstream.connectors.file_feed import ReplayConnector
 from finstream.connectors.finnhub import FinnhubConnector, FinnhubStreamConnector
 from finstream.connectors.iex import IexConnector
 from finstream.connectors.polygon import PolygonConnector
-from finstream.connectors.replay import ReplayConnector
 from finstream.connectors.simulated import SimulatedConnector
 from finstream.connectors.yahoo import YahooConnector
 from finstream.domain.marketdata import DailyReset, LimitSpec, parse_daily_resets, parse_limits

@@ -14,29 +14,29 @@ import click
 _LAZY: dict[str, tuple[str, str]] = {
     # name: (module:attribute, help)
     "run": (
-        "finstream.runtime.supervisor:run_command",
+        "finstream.cli.run:run_command",
         "Run the whole pipeline locally (make run).",
     ),
-    "alerts": ("finstream.cli_alerts:alerts", "Alert rules: add, list, show, remove, back-test."),
-    "dlq": ("finstream.cli_dlq:dlq", "Dead letters: list, show, redrive to their source topic."),
-    "api": ("finstream.api.cli:api", "Serve the API; dev tokens, OpenAPI document, live stream."),
+    "alerts": ("finstream.cli.alerts:alerts", "Alert rules: add, list, show, remove, back-test."),
+    "dlq": ("finstream.cli.dlq:dlq", "Dead letters: list, show, redrive to their source topic."),
+    "api": ("finstream.cli.api:api", "Serve the API; dev tokens, OpenAPI document, live stream."),
     "connect": (
-        "finstream.cli_connectors:connect_command",
+        "finstream.cli.connectors:connect_command",
         "Run market-data connectors in the foreground.",
     ),
     "providers": (
-        "finstream.cli_connectors:providers_group",
+        "finstream.cli.connectors:providers_group",
         "Market-data providers: list, check credentials and limits.",
     ),
-    "prefs": ("finstream.cli_prefs:prefs", "Users' notification preferences: set, show, forget."),
-    "audit": ("finstream.cli_audit:audit", "Audit trail: verify the hash chain, show events."),
+    "prefs": ("finstream.cli.prefs:prefs", "Users' notification preferences: set, show, forget."),
+    "audit": ("finstream.cli.audit:audit", "Audit trail: verify the hash chain, show events."),
     # issue 16: the newcomer's demo, journeys and the status table
-    "demo": ("finstream.demo:demo", "Demo data: personas, alert rules, a notifying service."),
+    "demo": ("finstream.cli.demo:demo", "Demo data: personas, alert rules, a notifying service."),
     "journey": (
-        "finstream.cli_journey:journey",
+        "finstream.cli.journey:journey",
         "The journey of a notification (or a user's, by time range).",
     ),
-    "status": ("finstream.status:status", "Every role and service: ready, lag, throughput."),
+    "status": ("finstream.cli.status:status", "Every role and service: ready, lag, throughput."),
 }
 
 
@@ -69,10 +69,10 @@ def main() -> None:
 
 def _add_core_commands() -> None:
     """The groups that every installation uses, loaded with the command itself."""
-    from finstream.cli_db import db
-    from finstream.cli_stack import stack
-    from finstream.cli_topics import topics
-    from finstream.cli_worker import roles, worker
+    from finstream.cli.db import db
+    from finstream.cli.stack import stack
+    from finstream.cli.topics import topics
+    from finstream.cli.worker import roles, worker
 
     for command in (stack, topics, db, worker, roles):
         main.add_command(command)

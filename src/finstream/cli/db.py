@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import click
 
-from finstream.cli_common import fail
+from finstream.cli.common import fail
 from finstream.settings import Settings, get_settings
 
 T = TypeVar("T")
@@ -166,7 +166,7 @@ def restore(to_time: str | None, latest: bool, rewind_consumers: bool) -> None:
     """Restore the stack's PostgreSQL to a point in time (or the latest archived WAL)."""
     from datetime import timedelta
 
-    from finstream.cli_common import when as _when
+    from finstream.cli.common import when as _when
     from finstream.db.backup import (
         REWIND_SLACK_SECONDS,
         BackupError,
@@ -209,7 +209,7 @@ def restore(to_time: str | None, latest: bool, rewind_consumers: bool) -> None:
 @click.option("--no-demo", is_flag=True, help="Migrations only, no demo data.")
 def init(no_demo: bool) -> None:
     """A new environment: migrations, partitions, development logins and the demo data."""
-    from finstream.cli_topics import topics_apply
+    from finstream.cli.topics import topics_apply
     from finstream.db.grants import provision_dev_logins
 
     settings = get_settings()
@@ -220,7 +220,7 @@ def init(no_demo: bool) -> None:
         click.echo(f"database: development logins {', '.join(users)}")
     if no_demo:
         return
-    from finstream import demo
+    from finstream.cli import demo
 
     ctx.invoke(topics_apply, dry_run=False, replication_factor=None)
     try:

@@ -113,8 +113,8 @@ async def _connect(
     from datetime import timedelta
 
     from finstream.connectors.base import StreamConnector
+    from finstream.connectors.file_feed import ReplayConnector
     from finstream.connectors.publish import TickOutput, TickPublisher, TickSink
-    from finstream.connectors.replay import ReplayConnector
     from finstream.connectors.runner import build_runner
     from finstream.domain.marketdata_dedupe import Gap
     from finstream.domain.resilience import ProviderError

@@ -19,7 +19,7 @@ from typing import Any, cast
 
 import click
 
-from finstream.cli_common import fail
+from finstream.cli.common import fail
 from finstream.domain.alerts import AlertRule, RuleValidationError, parse_rule
 from finstream.domain.time import utcnow
 from finstream.settings import Settings, get_settings

@@ -61,9 +61,9 @@ def _ports(settings: Settings, roles: list[str]) -> dict[str, int]:
 
 
 def _prepare(settings: Settings) -> None:
-    from finstream.cli_db import db_migrate
-    from finstream.cli_stack import stack_up
-    from finstream.cli_topics import topics_apply
+    from finstream.cli.db import db_migrate
+    from finstream.cli.stack import stack_up
+    from finstream.cli.topics import topics_apply
 
     ctx = click.get_current_context()
     ctx.invoke(stack_up)
@@ -117,7 +117,7 @@ def _demo_symbol(settings: Settings) -> str:
 
 def _seed_in_background(settings: Settings) -> threading.Thread:
     """`finstream demo seed` beside the supervisor loop (it waits for the first quotes)."""
-    from finstream import demo
+    from finstream.cli import demo
 
     def go() -> None:
         try:

@@ -21,7 +21,7 @@ from typing import Any
 
 import click
 
-from finstream.cli_common import fail
+from finstream.cli.common import fail
 from finstream.domain.deadletter import (
     DLQ_HEADER_PREFIX,
     H_AT,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from finstream.cli_common import fail
-from finstream.cli_common import when as _when
+from finstream.cli.common import fail
+from finstream.cli.common import when as _when
 from finstream.settings import get_settings
 
 

@@ -111,7 +111,7 @@ def rate(
 
 def targets(settings: Settings) -> tuple[dict[str, int], dict[str, str | None]]:
     """(role -> health port, sandbox name -> URL) of the current run."""
-    from finstream.runtime.supervisor import run_file
+    from finstream.cli.run import run_file
 
     path = run_file(settings)
     with contextlib.suppress(OSError, ValueError, KeyError):

@@ -50,8 +50,8 @@ def journey(
 ) -> None:
     """The journey of REQUEST_ID (decisions, holds, rendering, provider attempts, timings),
     or with --user the user's notifications between --from and --to."""
-    from finstream.cli_common import fail
-    from finstream.cli_common import when as _when
+    from finstream.cli.common import fail
+    from finstream.cli.common import when as _when
     from finstream.codec import default_codec
     from finstream.domain.time import utcnow
     from finstream.sinks import journeys

@@ -46,7 +46,7 @@ from zoneinfo import ZoneInfo
 
 import click
 
-from finstream.cli_common import fail
+from finstream.cli.common import fail
 from finstream.settings import Settings, get_settings
 
 DEMO_USER = "demo-user"
