@@ -28,11 +28,11 @@ import csv
 import io
 import json
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import IO, Any
 
 from finstream.codec import DecodeError
 from finstream.domain.alert_engine import Firing, RuleBook, SymbolState, evaluate
@@ -40,6 +40,8 @@ from finstream.domain.alerts import AlertRule, RuleValidationError, parse_rule
 from finstream.domain.bars import Interval, decimal_text
 from finstream.domain.ticks import Tick, TickValidationError, validate_tick
 from finstream.domain.time import utcnow
+from finstream.runtime.topic_reader import read_range
+from finstream.settings import Settings
 from finstream.topics import Contract
 
 
@@ -170,85 +172,39 @@ class Backtest:
 
 @dataclass
 class KafkaSource:
-    """md.ticks between two times, per partition in offset order."""
+    """md.ticks from ``since - slack`` to the end each partition had when the test began."""
 
-    bootstrap: str
+    settings: Settings
     ticks_topic: Contract
     since: datetime
     slack: timedelta = timedelta(minutes=5)
     misrouted: int = 0
     undecodable: int = 0
-    total: int = 0
-    _plan: list[tuple[int, int, int]] = field(default_factory=list)  # partition, start, end
 
-    @property
-    def topic(self) -> str:
-        return self.ticks_topic.name
+    def ticks(self, on_progress: Callable[[int, int], None] | None = None) -> Iterator[Tick]:
+        """Ticks in offset order per partition (a symbol's ticks share one); a tick on
+        the wrong partition is skipped, as the live agent does (its rules live elsewhere).
 
-    def open(self) -> KafkaSource:
-        from confluent_kafka import Consumer, TopicPartition
-
-        consumer = Consumer(self._config())
-        try:
-            md = consumer.list_topics(self.topic, timeout=10)
-            meta = md.topics.get(self.topic)
-            if meta is None or meta.error is not None or not meta.partitions:
-                raise BacktestError(f"topic {self.topic} does not exist")
-            millis = int((self.since - self.slack).timestamp() * 1000)
-            wanted = [TopicPartition(self.topic, p, millis) for p in sorted(meta.partitions)]
-            found = consumer.offsets_for_times(wanted, timeout=10)
-            for tp in found:
-                _low, high = consumer.get_watermark_offsets(
-                    TopicPartition(self.topic, tp.partition), timeout=10
-                )
-                start = tp.offset if tp.offset >= 0 else high
-                if start < high:
-                    self._plan.append((tp.partition, start, high))
-        finally:
-            consumer.close()
-        self.total = sum(end - start for _, start, end in self._plan)
-        return self
-
-    def _config(self) -> dict[str, Any]:
-        return {
-            "bootstrap.servers": self.bootstrap,
-            "group.id": "finstream-backtest",
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",
-            "isolation.level": "read_committed",
-            "log_level": 3,
-        }
-
-    def ticks(self) -> Iterator[Tick]:
-        """Ticks in offset order per partition; a tick on the wrong partition is skipped,
-        as the live agent does (its rules live elsewhere)."""
-        from confluent_kafka import Consumer, TopicPartition
-
-        consumer = Consumer(self._config())
-        try:
-            for partition, start, end in self._plan:
-                consumer.assign([TopicPartition(self.topic, partition, start)])
-                position = start
-                while position < end:
-                    batch = consumer.consume(num_messages=1000, timeout=5.0)
-                    if not batch:
-                        continue
-                    for msg in batch:
-                        offset = cast(int, msg.offset())
-                        if msg.error() or offset >= end:
-                            continue
-                        position = offset + 1
-                        try:
-                            tick = Tick.from_record(self.ticks_topic.decode_record(msg.value()))
-                        except DecodeError:
-                            self.undecodable += 1
-                            continue
-                        if self.ticks_topic.partition(tick.symbol.encode()) != partition:
-                            self.misrouted += 1
-                            continue
-                        yield tick
-        finally:
-            consumer.close()
+        Raises :class:`~finstream.runtime.topic_reader.TopicReadError`.
+        """
+        for record in read_range(
+            self.settings,
+            self.ticks_topic.name,
+            self.since - self.slack,
+            None,
+            isolation="read_committed",
+            group="finstream-backtest",
+            on_progress=on_progress,
+        ):
+            try:
+                tick = Tick.from_record(self.ticks_topic.decode_record(record.value))
+            except DecodeError:
+                self.undecodable += 1
+                continue
+            if self.ticks_topic.partition(tick.symbol.encode()) != record.partition:
+                self.misrouted += 1
+                continue
+            yield tick
 
 
 async def postgres_ticks(

@@ -1,4 +1,4 @@
-"""Reading topics over a time range: `finstream topics tail` and `topics replay`.
+"""Replaying topics: `finstream topics tail` and `topics replay` (reading: runtime.topic_reader).
 
 Analysts replay a topic between two times into a JSON-lines file (values
 decoded with the catalogue's schema) or into a sandbox topic (bytes, keys,
@@ -11,32 +11,24 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections.abc import Iterator
+from datetime import datetime
 from decimal import Decimal
 from typing import IO, Any
 
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Producer
 
 from finstream.codec import DecodeError
+from finstream.runtime.kafka import client_config, producer_config
+from finstream.runtime.topic_reader import Record, TopicReadError
 from finstream.settings import Settings
 from finstream.topics import Contract, contract, load_catalogue
 
+GROUP = "finstream-replay"  # names the reading client; nothing is committed
 
-class ReplayError(RuntimeError):
+
+class ReplayError(TopicReadError):
     """A replay cannot run as asked; the message says why."""
-
-
-@dataclass(frozen=True)
-class Record:
-    topic: str
-    partition: int
-    offset: int
-    timestamp: datetime | None
-    key: bytes | None
-    value: bytes | None
-    headers: tuple[tuple[str, bytes], ...]
 
 
 def to_jsonable(value: Any) -> Any:
@@ -91,114 +83,8 @@ def source_contract(settings: Settings, topic: str) -> Contract | None:
         return None
 
 
-def _headers(headers: Any) -> tuple[tuple[str, bytes], ...]:
-    pairs = headers.items() if isinstance(headers, dict) else (headers or [])
-    return tuple((k, v.encode() if isinstance(v, str) else (v or b"")) for k, v in pairs)
-
-
-def _consumer(settings: Settings) -> Consumer:
-    return Consumer(
-        {
-            "bootstrap.servers": settings.kafka_bootstrap,
-            "group.id": "finstream-replay",
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-            "log_level": 3,
-        }
-    )
-
-
 def _ms(when: datetime) -> int:
     return int(when.timestamp() * 1000)
-
-
-def read_range(
-    settings: Settings,
-    topic: str,
-    start: datetime | None,
-    end: datetime | None,
-    *,
-    tail: int | None = None,
-    on_progress: Callable[[int, int], None] | None = None,
-) -> Iterator[Record]:
-    """Records of every partition with start <= timestamp < end (or the last ``tail`` per partition).
-
-    Bounded: the end offsets are fixed when reading starts, so a busy topic
-    does not keep a replay running forever.
-    """
-    consumer = _consumer(settings)
-    try:
-        metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
-        if metadata is None or metadata.error is not None:
-            raise ReplayError(f"topic {topic} does not exist")
-        partitions = sorted(metadata.partitions)
-        highs = {
-            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-            for p in partitions
-        }
-        if tail is not None:
-            starts = {p: max(low, high - tail) for p, (low, high) in highs.items()}
-        elif start is not None:
-            found = consumer.offsets_for_times(
-                [TopicPartition(topic, p, _ms(start)) for p in partitions], timeout=10
-            )
-            starts = {
-                tp.partition: (tp.offset if tp.offset >= 0 else highs[tp.partition][1])
-                for tp in found
-            }
-        else:
-            starts = {p: low for p, (low, _high) in highs.items()}
-        if end is not None:
-            found = consumer.offsets_for_times(
-                [TopicPartition(topic, p, _ms(end)) for p in partitions], timeout=10
-            )
-            stops = {
-                tp.partition: (tp.offset if tp.offset >= 0 else highs[tp.partition][1])
-                for tp in found
-            }
-        else:
-            stops = {p: high for p, (_low, high) in highs.items()}
-        todo = {p for p in partitions if starts[p] < stops[p]}
-        total = sum(max(stops[p] - starts[p], 0) for p in partitions)
-        if not todo:
-            return
-        consumer.assign([TopicPartition(topic, p, starts[p]) for p in sorted(todo)])
-        done = 0
-        while todo:
-            msg = consumer.poll(1.0)
-            if msg is None:
-                continue
-            error = msg.error()
-            if error is not None:
-                if error.code() == KafkaError._PARTITION_EOF:
-                    todo.discard(msg.partition())
-                    continue
-                raise ReplayError(f"reading {topic}: {error}")
-            p = msg.partition()
-            offset = msg.offset()
-            if p is None or offset is None or p not in todo:
-                continue
-            if offset >= stops[p]:
-                todo.discard(p)
-                consumer.pause([TopicPartition(topic, p)])
-                continue
-            kind, ts = msg.timestamp()
-            yield Record(
-                topic=topic,
-                partition=p,
-                offset=offset,
-                timestamp=datetime.fromtimestamp(ts / 1000, UTC) if kind and ts >= 0 else None,
-                key=msg.key(),
-                value=msg.value(),
-                headers=_headers(msg.headers()),
-            )
-            done += 1
-            if on_progress is not None:
-                on_progress(done, total)
-            if offset + 1 >= stops[p]:
-                todo.discard(p)
-    finally:
-        consumer.close()
 
 
 def write_jsonl(records: Iterator[Record], out: IO[str], source: Contract | None) -> int:
@@ -215,7 +101,7 @@ def ensure_sandbox(settings: Settings, source: str, target: str) -> None:
 
     if target.removeprefix(settings.namespace) in load_catalogue().names:
         raise ReplayError(f"{target} is a catalogue topic; replay only into a sandbox topic")
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap, "log_level": 3})
+    admin = AdminClient({**client_config(settings), "log_level": 3})
     topics = admin.list_topics(timeout=10).topics
     if target in topics:
         return
@@ -232,14 +118,7 @@ def ensure_sandbox(settings: Settings, source: str, target: str) -> None:
 
 
 def copy_to_topic(settings: Settings, records: Iterator[Record], target: str) -> int:
-    producer = Producer(
-        {
-            "bootstrap.servers": settings.kafka_bootstrap,
-            "enable.idempotence": True,
-            "partitioner": "murmur2_random",
-            "log_level": 3,
-        }
-    )
+    producer = Producer({**producer_config(settings), "log_level": 3})
     count = 0
     for record in records:
         while True:

@@ -1,8 +1,11 @@
-"""The `finstream` command.
+"""The `finstream` command: one module per command group.
 
-Core commands live here; each capability adds its command group in its own
-module and one line in ``_LAZY`` (loaded only when used, so `finstream stack
-status` does not pay for importing the stream roles).
+The core groups (``stack``, ``topics``, ``db``, ``worker``/``roles``) load with
+the command; every other group is one line in ``_LAZY``, imported only when
+used, so `finstream stack status` does not pay for importing the stream
+roles. Errors go through :func:`finstream.cli.common.fail`: one line on
+stderr, exit status 1. ``python -m finstream.cli`` (``__main__``) is how
+worker processes are started.
 """
 
 from __future__ import annotations
@@ -79,7 +82,3 @@ def _add_core_commands() -> None:
 
 
 _add_core_commands()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

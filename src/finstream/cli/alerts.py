@@ -15,7 +15,7 @@ import re
 import sys
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import click
 
@@ -52,64 +52,31 @@ def parse_when(text: str, now: datetime, *, name: str) -> datetime:
 
 def read_rules(settings: Settings, timeout: float = 15.0) -> dict[str, AlertRule]:
     """Every live rule in alerts.rules: the topic read to its current end, tombstones applied."""
-    import time
-    import uuid
-
-    from confluent_kafka import Consumer, KafkaException, TopicPartition
-
     from finstream.codec import DecodeError
+    from finstream.runtime.topic_reader import TopicMissing, TopicReadError, read_to_end
     from finstream.topics import contract
 
     rules_topic = contract("alerts.rules", settings.namespace)
-    topic = rules_topic.name
-    consumer = Consumer(
-        {
-            "bootstrap.servers": settings.kafka_bootstrap,
-            "group.id": f"finstream-cli-{uuid.uuid4().hex}",
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-            "log_level": 3,
-        }
-    )
     rules: dict[str, AlertRule] = {}
     try:
-        try:
-            meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
-        except KafkaException as exc:
-            raise click.ClickException(
-                f"cannot reach Kafka at {settings.kafka_bootstrap}: {exc}"
-            ) from None
-        if meta is None or meta.error is not None:
-            raise click.ClickException(
-                f"topic {topic} does not exist (run `finstream topics apply`)"
-            )
-        ends: dict[int, int] = {}
-        assign = []
-        for p in meta.partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-            if high > low:
-                ends[p] = high
-                assign.append(TopicPartition(topic, p, low))
-        consumer.assign(assign)
-        deadline = time.monotonic() + timeout
-        while ends and time.monotonic() < deadline:
-            for msg in consumer.consume(num_messages=500, timeout=0.5):
-                if msg.error():
-                    continue
-                key = (msg.key() or b"").decode("utf-8", "replace")
-                if msg.value() is None:
-                    rules.pop(key, None)
-                else:
-                    # Undecodable is not a rule (the alerts role dead-letters it).
-                    with contextlib.suppress(DecodeError):
-                        rules[key] = AlertRule.from_record(rules_topic.decode_record(msg.value()))
-                partition = cast(int, msg.partition())
-                if cast(int, msg.offset()) + 1 >= ends.get(partition, 0):
-                    ends.pop(partition, None)
-        if ends:
-            raise click.ClickException(f"timed out reading {topic}")
-    finally:
-        consumer.close()
+        for record in read_to_end(
+            settings,
+            rules_topic.name,
+            isolation="read_committed",
+            group="finstream-cli",
+            idle_timeout=timeout,
+        ):
+            key = (record.key or b"").decode("utf-8", "replace")
+            if record.value is None:
+                rules.pop(key, None)
+            else:
+                # Undecodable is not a rule (the alerts role dead-letters it).
+                with contextlib.suppress(DecodeError):
+                    rules[key] = AlertRule.from_record(rules_topic.decode_record(record.value))
+    except TopicMissing as exc:
+        raise click.ClickException(f"{exc} (run `finstream topics apply`)") from None
+    except TopicReadError as exc:
+        raise click.ClickException(str(exc)) from None
     return rules
 
 
@@ -355,23 +322,24 @@ def alerts_backtest(  # noqa: PLR0917 (a click command's options)
 def _from_kafka(settings: Settings, bt: Any, start: datetime, slack: timedelta, quiet: bool) -> int:
     from tqdm import tqdm
 
-    from finstream.backtest import BacktestError, KafkaSource
+    from finstream.backtest import KafkaSource
+    from finstream.runtime.topic_reader import TopicReadError
     from finstream.topics import contract
 
-    src = KafkaSource(
-        settings.kafka_bootstrap, contract("md.ticks", settings.namespace), start, slack
-    )
-    try:
-        src.open()
-    except BacktestError as exc:
-        fail(str(exc))
+    src = KafkaSource(settings, contract("md.ticks", settings.namespace), start, slack)
     n = 0
-    with tqdm(total=src.total, unit="tick", disable=quiet, file=sys.stderr) as bar:
-        for tick in src.ticks():
-            bt.feed(tick)
-            n += 1
-            bar.update(1)
-        bar.update(src.total - bar.n)
+    with tqdm(unit="tick", disable=quiet, file=sys.stderr) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        try:
+            for tick in src.ticks(progress):
+                bt.feed(tick)
+                n += 1
+        except TopicReadError as exc:
+            fail(str(exc))
     if src.misrouted or src.undecodable:
         click.echo(
             f"skipped {src.misrouted} tick(s) on the wrong partition and "

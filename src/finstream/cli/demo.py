@@ -336,16 +336,10 @@ def publish(settings: Settings, items: list[Record]) -> None:
     """Produce with Kafka's default (murmur2) partitioner, preferences flushed first."""
     from confluent_kafka import Producer
 
+    from finstream.runtime.kafka import producer_config
     from finstream.topics import contract
 
-    producer = Producer(
-        {
-            "bootstrap.servers": settings.kafka_bootstrap,
-            "partitioner": "murmur2_random",
-            "enable.idempotence": True,
-            "log_level": 3,
-        }
-    )
+    producer = Producer({**producer_config(settings), "log_level": 3})
     errors: list[str] = []
 
     def done(err: Any, _msg: Any) -> None:

@@ -67,68 +67,19 @@ class Letter:
 
 def read_letters(settings: Settings, timeout: float = 10.0) -> list[Letter]:
     """Every dead letter currently in the dlq topic, oldest first per partition."""
-    import time
-
-    from confluent_kafka import Consumer, KafkaException, TopicPartition
+    from finstream.runtime.topic_reader import TopicMissing, TopicReadError, read_to_end
 
     topic = settings.topic("dlq")
-    consumer = Consumer(
-        {
-            "bootstrap.servers": settings.kafka_bootstrap,
-            "group.id": "finstream-dlq-cli",
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",
-            "log_level": 3,
-        }
-    )
     try:
-        try:
-            meta = consumer.list_topics(topic, timeout=timeout)
-        except KafkaException as exc:
-            fail(f"cannot reach Kafka at {settings.kafka_bootstrap}: {exc}")
-        info = meta.topics.get(topic)
-        if info is None or info.error is not None or not info.partitions:
-            fail(f"topic {topic} does not exist (run `finstream topics apply`)")
-        ends: dict[int, int] = {}
-        starts = []
-        for p in info.partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
-            if high > low:
-                ends[p] = high
-                starts.append(TopicPartition(topic, p, low))
-        if not starts:
-            return []
-        consumer.assign(starts)
-        letters: list[Letter] = []
-        deadline = time.monotonic() + timeout + 0.1 * sum(ends.values())
-        while ends and time.monotonic() < deadline:
-            msg = consumer.poll(0.5)
-            if msg is None or msg.error():
-                continue
-            p, off = msg.partition(), msg.offset()
-            if p is None or off is None:
-                continue
-            letters.append(
-                Letter(
-                    p,
-                    off,
-                    msg.key(),
-                    msg.value(),
-                    _headers(msg.headers()),
-                )
-            )
-            if off + 1 >= ends.get(p, 0):
-                ends.pop(p, None)
-        return sorted(letters, key=lambda x: (x.info.get(H_AT, ""), x.partition, x.offset))
-    finally:
-        consumer.close()
-
-
-def _headers(raw: Any) -> tuple[tuple[str, bytes], ...]:
-    out = []
-    for k, v in raw or ():
-        out.append((str(k), v if isinstance(v, bytes) else str(v or "").encode()))
-    return tuple(out)
+        letters = [
+            Letter(r.partition, r.offset, r.key, r.value, r.headers)
+            for r in read_to_end(settings, topic, group="finstream-dlq-cli", idle_timeout=timeout)
+        ]
+    except TopicMissing as exc:
+        fail(f"{exc} (run `finstream topics apply`)")
+    except TopicReadError as exc:
+        fail(str(exc))
+    return sorted(letters, key=lambda x: (x.info.get(H_AT, ""), x.partition, x.offset))
 
 
 def _matches(
@@ -309,6 +260,7 @@ def redrive_command(  # noqa: PLR0917 (click passes options positionally)
     from confluent_kafka import Producer
 
     from finstream.codec import DecodeError
+    from finstream.runtime.kafka import producer_config
     from finstream.topics import contract, load_catalogue
 
     if not refs and not everything:
@@ -327,16 +279,9 @@ def redrive_command(  # noqa: PLR0917 (click passes options positionally)
     producer = (
         None
         if dry_run
-        else Producer(
-            {
-                "bootstrap.servers": settings.kafka_bootstrap,
-                "enable.idempotence": True,
-                # murmur2 like the Java clients and every finstream producer: a redriven key must land
-                # on the partition its co-partitioned state lives on.
-                "partitioner": "murmur2_random",
-                "log_level": 3,
-            }
-        )
+        # Every finstream producer's configuration (murmur2): a redriven key lands
+        # on the partition its co-partitioned state lives on.
+        else Producer({**producer_config(settings), "log_level": 3})
     )
     catalogue_names = set(load_catalogue().names)
     sent = skipped = 0

@@ -227,27 +227,9 @@ async def _progress(settings: Settings) -> str:
 
 def _topic_sizes(settings: Settings, names: list[str]) -> dict[str, int]:
     """Messages ever written to each topic (sum of high watermarks)."""
-    from confluent_kafka import Consumer, TopicPartition
+    from finstream.runtime.topic_reader import end_offsets
 
-    consumer = Consumer(
-        {
-            "bootstrap.servers": settings.kafka_bootstrap,
-            "group.id": "finstream-run-progress",
-            "log_level": 3,
-        }
-    )
-    try:
-        sizes = {}
-        for name in names:
-            topic = settings.topic(name)
-            partitions = consumer.list_topics(topic, timeout=5).topics[topic].partitions
-            sizes[name] = sum(
-                consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=5)[1]
-                for p in partitions
-            )
-        return sizes
-    finally:
-        consumer.close()
+    return {name: sum(end_offsets(settings, settings.topic(name)).values()) for name in names}
 
 
 def _where_to_look(settings: Settings, ports: dict[str, int]) -> str:

@@ -87,13 +87,14 @@ def topics_list() -> None:
 def topics_tail(topic: str, lines: int) -> None:
     """The last messages of a catalogue topic, decoded, as JSON lines."""
     from finstream import replay
+    from finstream.runtime.topic_reader import TopicReadError, read_range
 
     settings = get_settings()
     name = settings.topic(topic)
     try:
-        records = replay.read_range(settings, name, None, None, tail=lines)
+        records = read_range(settings, name, None, None, tail=lines, group=replay.GROUP)
         replay.write_jsonl(records, sys.stdout, replay.source_contract(settings, name))
-    except replay.ReplayError as exc:
+    except TopicReadError as exc:
         fail(str(exc))
 
 
@@ -115,6 +116,7 @@ def topics_replay(
     from tqdm import tqdm
 
     from finstream import replay
+    from finstream.runtime.topic_reader import TopicReadError, read_range
 
     if (out is None) == (to_topic is None):
         fail("give exactly one of --out FILE or --to-topic NAME")
@@ -130,7 +132,7 @@ def topics_replay(
         bar.update(done - bar.n)
 
     try:
-        records = replay.read_range(settings, name, t1, t2, on_progress=progress)
+        records = read_range(settings, name, t1, t2, on_progress=progress, group=replay.GROUP)
         if to_topic is not None:
             target = settings.topic(to_topic)
             replay.ensure_sandbox(settings, name, target)
@@ -144,7 +146,7 @@ def topics_replay(
             with out.open("w") as fh:
                 count = replay.write_jsonl(records, fh, replay.source_contract(settings, name))
             where = str(out)
-    except replay.ReplayError as exc:
+    except TopicReadError as exc:
         bar.close()
         fail(str(exc))
     bar.close()
