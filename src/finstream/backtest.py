@@ -1,6 +1,6 @@
 """Back-testing alert rules on history: what would these rules have fired?
 
-The evaluation is :func:`finstream.domain.alert_engine.evaluate`, the very
+The evaluation is :func:`finstream.domain.alerts.engine.evaluate`, the very
 function the live alerts agent runs, fed with the same ticks in the same
 order, so a back-test over the ticks the agent saw reports the firings the
 agent made (same fired ids). Two sources of history:
@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import IO, Any
 
 from finstream.codec import DecodeError
-from finstream.domain.alert_engine import Firing, RuleBook, SymbolState, evaluate
-from finstream.domain.alerts import AlertRule, RuleValidationError, parse_rule
-from finstream.domain.bars import Interval, decimal_text
-from finstream.domain.ticks import Tick, TickValidationError, validate_tick
+from finstream.domain.alerts.engine import Firing, RuleBook, SymbolState, evaluate
+from finstream.domain.alerts.rules import AlertRule, RuleValidationError, parse_rule
+from finstream.domain.marketdata.bars import Interval, decimal_text
+from finstream.domain.marketdata.ticks import Tick, TickValidationError, validate_tick
 from finstream.domain.time import utcnow
 from finstream.runtime.topic_reader import read_range
 from finstream.settings import Settings

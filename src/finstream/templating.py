@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from finstream.domain.templates import Limits, Templates
+from finstream.domain.notify.templates import Limits, Templates
 from finstream.resources import resource
 from finstream.settings import Settings
 

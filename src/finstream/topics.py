@@ -25,12 +25,12 @@ from pydantic import (
     model_validator,
 )
 
-from finstream.domain.alerts import AlertRule, validate_rule
-from finstream.domain.bars import Bar, validate_bar
+from finstream.domain.alerts.rules import AlertRule, validate_rule
+from finstream.domain.marketdata.bars import Bar, validate_bar
+from finstream.domain.marketdata.ticks import Tick, validate_tick
+from finstream.domain.notify.preferences import Preferences
+from finstream.domain.notify.routing import Request
 from finstream.domain.partitioning import key_partition
-from finstream.domain.preferences import Preferences
-from finstream.domain.routing import Request
-from finstream.domain.ticks import Tick, validate_tick
 from finstream.resources import resource
 
 

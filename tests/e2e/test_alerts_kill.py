@@ -17,9 +17,9 @@ import httpx
 from confluent_kafka import Producer
 
 from finstream.backtest import Backtest
-from finstream.domain.alerts import AlertRule, parse_rule
-from finstream.domain.bars import parse_interval
-from finstream.domain.simulation import GbmMarket
+from finstream.domain.alerts.rules import AlertRule, parse_rule
+from finstream.domain.marketdata.bars import parse_interval
+from finstream.domain.marketdata.simulation import GbmMarket
 from tests.support.services import TestEnv, WorkerProcess, group_caught_up, wait_until
 
 SYMBOLS = ["AAPL", "MSFT", "NVDA", "TSLA", "JPM", "META"]

@@ -124,7 +124,7 @@ async def test_migrating_an_unpartitioned_ticks_table_keeps_its_rows(stack: Sett
             # The history sink's idempotent insert works on the partitioned table.
             pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
             try:
-                from finstream.domain.ticks import Tick
+                from finstream.domain.marketdata.ticks import Tick
 
                 tick = Tick(
                     symbol="MSFT",

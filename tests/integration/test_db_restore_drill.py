@@ -35,7 +35,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from finstream.domain.simulation import GbmMarket
+from finstream.domain.marketdata.simulation import GbmMarket
 from finstream.settings import Settings
 from finstream.sinks.delivery.store import DeliveryStore, NewDelivery
 from finstream.sinks.postgres import migrate

@@ -13,16 +13,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from finstream.domain.alert_engine import (
+from finstream.domain.alerts.engine import (
     Firing,
     RuleBook,
     SymbolState,
     evaluate,
     fired_id,
 )
-from finstream.domain.alerts import AlertRule, parse_rule
-from finstream.domain.bars import parse_interval
-from finstream.domain.ticks import Tick, make_tick
+from finstream.domain.alerts.rules import AlertRule, parse_rule
+from finstream.domain.marketdata.bars import parse_interval
+from finstream.domain.marketdata.ticks import Tick, make_tick
 
 T0 = datetime(2025, 3, 3, 14, 30, tzinfo=UTC)
 MINUTE = parse_interval("1m")

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from finstream.codec import Codec
-from finstream.domain.alerts import (
+from finstream.domain.alerts.rules import (
     CONDITIONS,
     FREQUENCIES,
     AlertRule,

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from finstream.codec import Codec
-from finstream.domain.bars import (
+from finstream.domain.marketdata.bars import (
     Bar,
     BarState,
     BarValidationError,
@@ -22,7 +22,7 @@ from finstream.domain.bars import (
     parse_intervals,
     validate_bar,
 )
-from finstream.domain.ticks import Tick, make_tick
+from finstream.domain.marketdata.ticks import Tick, make_tick
 
 T0 = datetime(2025, 3, 3, 14, 30, tzinfo=UTC)
 M1 = parse_interval("1m")
@@ -214,7 +214,7 @@ def test_validate_bar_refuses_inconsistent_bars() -> None:
 
 
 def test_a_tick_resent_within_the_window_counts_once_and_beyond_it_again() -> None:
-    from finstream.domain.bars import DEDUPE_WINDOW
+    from finstream.domain.marketdata.bars import DEDUPE_WINDOW
 
     first = tick(0, "10", T0)
     state = add_tick(BarState(), first, M1, timedelta(0)).state

@@ -15,8 +15,8 @@ from finstream.connectors.alphavantage import (
     parse_global_quote,
     parse_intraday,
 )
-from finstream.domain.marketdata import parse_daily_resets, seconds_until_reset
-from finstream.domain.marketdata_dedupe import SnapshotClock
+from finstream.domain.marketdata.dedupe import SnapshotClock
+from finstream.domain.marketdata.normalize import parse_daily_resets, seconds_until_reset
 from finstream.domain.resilience import ErrorClass, ProviderError
 from tests.fakes.marketdata.alphavantage import (
     BAD_KEY,

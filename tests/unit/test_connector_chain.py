@@ -24,10 +24,10 @@ from finstream.connectors.publish import TickSink
 from finstream.connectors.registry import PROVIDERS, ChainSpec, ConfigError, build, chain_specs
 from finstream.connectors.runner import ChainRunner
 from finstream.connectors.yahoo import YahooConnector
-from finstream.domain.marketdata_dedupe import Gap
-from finstream.domain.marketdata_failover import ProviderGate
+from finstream.domain.marketdata.dedupe import Gap
+from finstream.domain.marketdata.failover import ProviderGate
+from finstream.domain.marketdata.ticks import Tick
 from finstream.domain.resilience import CircuitState
-from finstream.domain.ticks import Tick
 from finstream.settings import Settings
 from tests.fakes.marketdata.alphavantage import FakeAlphaVantage
 from tests.fakes.marketdata.finnhub import FakeFinnhub

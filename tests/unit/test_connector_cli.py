@@ -17,7 +17,7 @@ from finstream.connectors.alphavantage import AlphaVantageConnector
 from finstream.connectors.publish import TickSink
 from finstream.connectors.registry import ChainSpec
 from finstream.connectors.runner import ChainRunner
-from finstream.domain.ticks import Tick
+from finstream.domain.marketdata.ticks import Tick
 from tests.fakes.marketdata.alphavantage import FakeAlphaVantage
 from tests.fakes.marketdata.finnhub import FakeFinnhub
 from tests.fakes.marketdata.helpers import gate, options

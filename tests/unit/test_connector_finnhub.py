@@ -18,8 +18,8 @@ from finstream.connectors.finnhub import (
     parse_quote,
     parse_ws_message,
 )
+from finstream.domain.marketdata.ticks import Tick
 from finstream.domain.resilience import CircuitState, ErrorClass, ProviderError
-from finstream.domain.ticks import Tick
 from tests.fakes.marketdata.finnhub import FakeFinnhub
 from tests.fakes.marketdata.helpers import RECEIVED, gate, options
 from tests.fakes.marketdata.market import FakeMarket

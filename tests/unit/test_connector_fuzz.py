@@ -18,8 +18,8 @@ from finstream.connectors.finnhub import parse_quote, parse_ws_message
 from finstream.connectors.iex import parse_legacy_quote
 from finstream.connectors.polygon import parse_message
 from finstream.connectors.yahoo import parse_chart, parse_quote_response
+from finstream.domain.marketdata.ticks import Tick, TickValidationError, validate_tick
 from finstream.domain.resilience import ProviderError
-from finstream.domain.ticks import Tick, TickValidationError, validate_tick
 from tests.fakes.marketdata.helpers import RECEIVED
 
 scalars = (

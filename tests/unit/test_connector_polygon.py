@@ -13,8 +13,8 @@ from decimal import Decimal
 import pytest
 
 from finstream.connectors.polygon import PolygonConnector, parse_message
+from finstream.domain.marketdata.ticks import Tick
 from finstream.domain.resilience import CircuitState, ErrorClass, ProviderError
-from finstream.domain.ticks import Tick
 from tests.fakes.marketdata.helpers import RECEIVED, gate, options
 from tests.fakes.marketdata.market import FakeMarket
 from tests.fakes.marketdata.polygon import FakePolygon

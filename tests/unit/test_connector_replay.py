@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from finstream.connectors.file_feed import ReplayConnector, parse_speed, parse_time, row_to_tick
+from finstream.domain.marketdata.ticks import Tick
 from finstream.domain.resilience import ProviderError
-from finstream.domain.ticks import Tick
 from tests.fakes.marketdata.helpers import RECEIVED, gate, options
 from tests.support.clock import FakeClock
 

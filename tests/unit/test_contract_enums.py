@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from finstream.api import models
-from finstream.domain.alerts import CONDITIONS, FREQUENCIES
-from finstream.domain.preferences import CHANNELS, PUSH_PLATFORMS
-from finstream.domain.routing import PRIORITIES
+from finstream.domain.alerts.rules import CONDITIONS, FREQUENCIES
+from finstream.domain.notify.preferences import CHANNELS, PUSH_PLATFORMS
+from finstream.domain.notify.routing import PRIORITIES
 from finstream.resources import resource
 
 

@@ -8,9 +8,9 @@ from decimal import Decimal
 from hypothesis import given
 from hypothesis import strategies as st
 
-from finstream.domain.marketdata import quote_id, quote_marker, trade_id
-from finstream.domain.marketdata_dedupe import GapTracker, SnapshotClock, TickDeduper
-from finstream.domain.ticks import Tick, make_tick
+from finstream.domain.marketdata.dedupe import GapTracker, SnapshotClock, TickDeduper
+from finstream.domain.marketdata.normalize import quote_id, quote_marker, trade_id
+from finstream.domain.marketdata.ticks import Tick, make_tick
 
 T0 = datetime(2024, 5, 10, 14, 0, tzinfo=UTC)
 

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from finstream.domain.marketdata import LOCAL_RATE_LIMIT, STREAM_NOT_READY, LimitSpec
-from finstream.domain.marketdata_failover import FailoverChain, Outcome, ProviderGate
+from finstream.domain.marketdata.failover import FailoverChain, Outcome, ProviderGate
+from finstream.domain.marketdata.normalize import LOCAL_RATE_LIMIT, STREAM_NOT_READY, LimitSpec
 from finstream.domain.resilience import CircuitState, ErrorClass, ProviderError
 
 SYMS = ("AAPL", "MSFT", "IBM")

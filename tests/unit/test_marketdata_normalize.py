@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from finstream.domain.marketdata import (
+from finstream.domain.marketdata.normalize import (
     EASTERN,
     classify_status,
     epoch_to_utc,

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from finstream.codec import Codec
-from finstream.domain.preferences import (
+from finstream.domain.notify.preferences import (
     Preferences,
     PreferencesValidationError,
     parse_preferences,

@@ -8,9 +8,9 @@ from typing import Any
 import click
 import pytest
 
-from finstream.agents.scheduler import DueIndex
 from finstream.cli.prefs import apply_flags, mask, printable
-from finstream.domain.preferences import parse_preferences
+from finstream.domain.notify.due import DueIndex
+from finstream.domain.notify.preferences import parse_preferences
 
 NOW = datetime(2025, 6, 1, tzinfo=UTC)
 

@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from finstream.codec import Codec
-from finstream.domain.digest import DigestBuffer
-from finstream.domain.notifications import outbound_message_id
-from finstream.domain.preferences import CHANNELS, Preferences, parse_preferences
-from finstream.domain.routing import (
+from finstream.domain.notify.digest import DigestBuffer
+from finstream.domain.notify.ids import outbound_message_id
+from finstream.domain.notify.preferences import CHANNELS, Preferences, parse_preferences
+from finstream.domain.notify.routing import (
     Action,
     Hold,
     Holds,
@@ -25,7 +25,7 @@ from finstream.domain.routing import (
     decide,
     remember,
 )
-from finstream.domain.templates import Templates
+from finstream.domain.notify.templates import Templates
 from finstream.resources import resource
 
 NOW = datetime(2025, 6, 11, 12, 0, tzinfo=UTC)  # a Wednesday
@@ -356,7 +356,7 @@ def test_consent_and_opt_outs_always_win(
     if r.channels:
         assert reached <= set(r.channels)
     if not r.critical and reached and out.send and p.quiet_hours:
-        from finstream.domain.quiet_hours import is_quiet
+        from finstream.domain.notify.quiet_hours import is_quiet
 
         interrupting = set(out.send) & POLICY.quiet_channels
         assert not (interrupting and is_quiet(p.quiet_hours, p.timezone, at))

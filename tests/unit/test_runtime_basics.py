@@ -12,9 +12,9 @@ import pytest
 import structlog
 
 from finstream.domain.deadletter import DeadLetter, parse_headers
-from finstream.domain.notifications import outbound_message_id
-from finstream.domain.simulation import GbmMarket
-from finstream.domain.ticks import validate_tick
+from finstream.domain.marketdata.simulation import GbmMarket
+from finstream.domain.marketdata.ticks import validate_tick
+from finstream.domain.notify.ids import outbound_message_id
 from finstream.runtime.logging import (
     configure_logging,
     correlation,

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from finstream.cli.status import RoleRow, last_error, parse_metrics, rate, render
-from finstream.domain import journey as j
+from finstream.domain.notify import journey as j
 
 METRICS = """\
 # HELP finstream_consumer_lag Messages behind

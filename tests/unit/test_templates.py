@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from finstream.domain.templates import (
+from finstream.domain.notify.templates import (
     ChannelNotAvailable,
     Limits,
     MissingVariable,

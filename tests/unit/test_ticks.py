@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from finstream.codec import Codec
-from finstream.domain.ticks import (
+from finstream.domain.marketdata.ticks import (
     Tick,
     TickValidationError,
     make_tick,

@@ -18,7 +18,7 @@ partition *p* of each to the same replica:
 ``md.ticks``
     Looks up the tick's symbol only (a tick's cost does not grow with other
     symbols' rules), runs the pure evaluation of
-    :mod:`finstream.domain.alert_engine` (shared with back-testing), and
+    :mod:`finstream.domain.alerts.engine` (shared with back-testing), and
     publishes an AlertFired (``alerts.fired``, keyed by user) and a
     NotificationRequest (``notify.requests``, category ``price_alert``) per
     firing; the symbol's evaluation state goes to the ``state`` store.
@@ -45,11 +45,11 @@ from typing import Any
 from prometheus_client import Counter, Gauge
 
 from finstream.codec import EncodeError
-from finstream.domain.alert_engine import Evaluation, RuleBook, SymbolState, evaluate
-from finstream.domain.alerts import AlertRule
-from finstream.domain.bars import Interval, parse_interval
+from finstream.domain.alerts.engine import Evaluation, RuleBook, SymbolState, evaluate
+from finstream.domain.alerts.rules import AlertRule
+from finstream.domain.marketdata.bars import Interval, parse_interval
+from finstream.domain.marketdata.ticks import Tick
 from finstream.domain.partitioning import key_partition
-from finstream.domain.ticks import Tick
 from finstream.domain.time import utcnow
 from finstream.runtime.engine import Event, Output, Processor, StreamEngine
 from finstream.runtime.kafka import correlation_header

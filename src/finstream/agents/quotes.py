@@ -2,7 +2,7 @@
 
 Runs on the stream engine, exactly once: per batch of validated ticks it
 updates two stores, ``latest-quote`` (the newest tick per symbol) and
-``bar-state`` (the open bars per symbol and width, :mod:`finstream.domain.bars`),
+``bar-state`` (the open bars per symbol and width, :mod:`finstream.domain.marketdata.bars`),
 and publishes the bars that close or are corrected; bars, dead letters, the
 stores' changelogs and the md.ticks offsets commit in one transaction.
 
@@ -24,8 +24,8 @@ from datetime import timedelta
 from prometheus_client import Counter
 
 from finstream.codec import Codec
-from finstream.domain.bars import BarState, IntervalError, add_tick, parse_intervals
-from finstream.domain.ticks import Tick
+from finstream.domain.marketdata.bars import BarState, IntervalError, add_tick, parse_intervals
+from finstream.domain.marketdata.ticks import Tick
 from finstream.runtime.engine import Event, Output, Processor, StreamEngine
 from finstream.runtime.logging import get_logger
 from finstream.runtime.state import Store

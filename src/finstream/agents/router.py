@@ -9,8 +9,8 @@ before a partition is routed:
 * ``state``  dedupe ids, collapse windows, the send log for caps (JSON);
 * ``holds``  held requests and open digests, released by time (JSON).
 
-Each request goes through :func:`finstream.domain.routing.decide`; the
-decision is rendered (:mod:`finstream.domain.templates`), published as one
+Each request goes through :func:`finstream.domain.notify.routing.decide`; the
+decision is rendered (:mod:`finstream.domain.notify.templates`), published as one
 OutboundMessage per channel and contact, and audited on ``audit.events``.
 Outputs, dead letters, the stores' changelogs and the input offsets commit in
 one Kafka transaction, so a replica killed anywhere comes back with the state
@@ -43,13 +43,11 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from finstream.agents.scheduler import DueIndex
 from finstream.codec import DecodeError, EncodeError
-from finstream.domain import digest as digest_
-from finstream.domain.partitioning import key_partition
-from finstream.domain.preferences import CHANNELS, Preferences
-from finstream.domain.resilience import Backoff
-from finstream.domain.routing import (
+from finstream.domain.notify import digest as digest_
+from finstream.domain.notify.due import DueIndex
+from finstream.domain.notify.preferences import CHANNELS, Preferences
+from finstream.domain.notify.routing import (
     Action,
     Composed,
     Decision,
@@ -66,7 +64,9 @@ from finstream.domain.routing import (
     remember,
     select_channels,
 )
-from finstream.domain.templates import ChannelNotAvailable, TemplateError
+from finstream.domain.notify.templates import ChannelNotAvailable, TemplateError
+from finstream.domain.partitioning import key_partition
+from finstream.domain.resilience import Backoff
 from finstream.domain.time import from_micros, to_micros, utcnow
 from finstream.runtime.engine import Event, Output, Processor, StreamEngine
 from finstream.runtime.kafka import correlation_header

@@ -29,7 +29,7 @@ from finstream.api.limits import RateLimiter
 from finstream.api.metrics import AUTH_FAILURES, RATE_LIMITED
 from finstream.api.problems import Problem
 from finstream.codec import Codec, default_codec
-from finstream.domain.templates import Templates
+from finstream.domain.notify.templates import Templates
 from finstream.runtime.kafka import DeadLetters, KafkaPublisher
 from finstream.runtime.logging import get_logger
 from finstream.settings import Settings

@@ -1,8 +1,8 @@
 """Request and response bodies: the shapes the OpenAPI document publishes.
 
 Pydantic checks types and shapes (and names the offending field when they are
-wrong); the domain parsers (:func:`finstream.domain.alerts.parse_rule`,
-:func:`finstream.domain.preferences.parse_preferences`) then check meaning,
+wrong); the domain parsers (:func:`finstream.domain.alerts.rules.parse_rule`,
+:func:`finstream.domain.notify.preferences.parse_preferences`) then check meaning,
 so the rules live in one place for the API, the CLI and the topic readers.
 Decimals travel as strings: a JSON number goes through a binary float on the
 way in, so send ``"189.12"`` where every digit matters.
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from finstream.api.auth import USER_ID_PATTERN
-from finstream.domain.alerts import (
+from finstream.domain.alerts.rules import (
     CONDITIONS,
     FREQUENCIES,
     MAX_COOLDOWN_SECONDS,
@@ -25,7 +25,7 @@ from finstream.domain.alerts import (
     MAX_WINDOW_BARS,
     MAX_WINDOW_SECONDS,
 )
-from finstream.domain.preferences import (
+from finstream.domain.notify.preferences import (
     CHANNELS,
     MAX_CAP_LIMIT,
     MAX_CAP_WINDOW_SECONDS,
@@ -38,7 +38,7 @@ from finstream.domain.preferences import (
     MAX_QUIET_WINDOWS,
     PUSH_PLATFORMS,
 )
-from finstream.domain.routing import PRIORITIES
+from finstream.domain.notify.routing import PRIORITIES
 
 if TYPE_CHECKING:
     Condition = str

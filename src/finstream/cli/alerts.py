@@ -20,7 +20,7 @@ from typing import Any
 import click
 
 from finstream.cli.common import fail
-from finstream.domain.alerts import AlertRule, RuleValidationError, parse_rule
+from finstream.domain.alerts.rules import AlertRule, RuleValidationError, parse_rule
 from finstream.domain.time import utcnow
 from finstream.settings import Settings, get_settings
 
@@ -280,7 +280,7 @@ def alerts_backtest(  # noqa: PLR0917 (a click command's options)
 ) -> None:
     """Run rules over history and report every firing with the tick that caused it."""
     from finstream.backtest import Backtest, BacktestError, load_rules, write_firings
-    from finstream.domain.bars import IntervalError, parse_interval
+    from finstream.domain.marketdata.bars import IntervalError, parse_interval
 
     settings = get_settings()
     now = utcnow()

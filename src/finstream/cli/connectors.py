@@ -116,9 +116,9 @@ async def _connect(
     from finstream.connectors.file_feed import ReplayConnector
     from finstream.connectors.publish import TickOutput, TickPublisher, TickSink
     from finstream.connectors.runner import build_runner
-    from finstream.domain.marketdata_dedupe import Gap
+    from finstream.domain.marketdata.dedupe import Gap
+    from finstream.domain.marketdata.ticks import Tick
     from finstream.domain.resilience import ProviderError
-    from finstream.domain.ticks import Tick
     from finstream.domain.time import utcnow
     from finstream.runtime.kafka import KafkaPublisher
     from finstream.topics import contract

@@ -293,8 +293,8 @@ def service_requests(now: datetime) -> list[dict[str, Any]]:
 
 def records(settings: Settings, now: datetime, quotes: Mapping[str, Decimal]) -> list[Record]:
     """Everything the seed publishes, in order: preferences, rules, requests."""
-    from finstream.domain.alerts import parse_rule
-    from finstream.domain.preferences import parse_preferences
+    from finstream.domain.alerts.rules import parse_rule
+    from finstream.domain.notify.preferences import parse_preferences
 
     out: list[Record] = []
     for prefs in preferences(now):

@@ -1,7 +1,7 @@
 """`finstream prefs`: operators set, show and forget users' notification preferences.
 
 Preferences live in the compacted ``notify.preferences`` topic; ``set``
-validates (the same :func:`~finstream.domain.preferences.parse_preferences`
+validates (the same :func:`~finstream.domain.notify.preferences.parse_preferences`
 as the API) and publishes a new version keyed by user id, ``forget`` publishes
 a tombstone. ``show`` reads the Redis read model that the router keeps.
 
@@ -221,7 +221,7 @@ def prefs_set(
     **flags: Any,
 ) -> None:
     """Validate and publish a new version of USER's preferences."""
-    from finstream.domain.preferences import PreferencesValidationError, parse_preferences
+    from finstream.domain.notify.preferences import PreferencesValidationError, parse_preferences
     from finstream.domain.time import utcnow
     from finstream.topics import contract
 

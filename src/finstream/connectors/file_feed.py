@@ -33,7 +33,8 @@ from typing import Any, ClassVar
 
 from finstream.connectors.base import ConnectorOptions, Emit, StreamConnector
 from finstream.connectors.metrics import PROVIDER_ERRORS
-from finstream.domain.marketdata import (
+from finstream.domain.marketdata.failover import ProviderGate
+from finstream.domain.marketdata.normalize import (
     epoch_to_utc,
     malformed,
     optional_positive,
@@ -44,9 +45,8 @@ from finstream.domain.marketdata import (
     quote_marker,
     trade_id,
 )
-from finstream.domain.marketdata_failover import ProviderGate
+from finstream.domain.marketdata.ticks import Tick, TickValidationError, normalize_symbol
 from finstream.domain.resilience import ProviderError
-from finstream.domain.ticks import Tick, TickValidationError, normalize_symbol
 from finstream.domain.time import utcnow
 from finstream.runtime.logging import get_logger
 

@@ -6,8 +6,8 @@ from datetime import datetime
 from typing import Protocol
 
 from finstream.connectors.metrics import PUBLISH_LATENCY, TICKS_PUBLISHED, TICKS_SUPPRESSED
-from finstream.domain.marketdata_dedupe import TickDeduper
-from finstream.domain.ticks import Tick
+from finstream.domain.marketdata.dedupe import TickDeduper
+from finstream.domain.marketdata.ticks import Tick
 from finstream.domain.time import utcnow
 from finstream.runtime.kafka import Publisher
 from finstream.topics import Contract
@@ -41,7 +41,7 @@ class TickSink:
 
     One sink per process, so a quote seen from two providers, a re-sent
     WebSocket trade or a re-polled unchanged quote is published once (see
-    :class:`~finstream.domain.marketdata_dedupe.TickDeduper`). The latency
+    :class:`~finstream.domain.marketdata.dedupe.TickDeduper`). The latency
     metric runs from a tick's ``received_at`` to Kafka's acknowledgement.
     """
 

@@ -20,10 +20,15 @@ from finstream.connectors.iex import IexConnector
 from finstream.connectors.polygon import PolygonConnector
 from finstream.connectors.simulated import SimulatedConnector
 from finstream.connectors.yahoo import YahooConnector
-from finstream.domain.marketdata import DailyReset, LimitSpec, parse_daily_resets, parse_limits
-from finstream.domain.marketdata_failover import ProviderGate
+from finstream.domain.marketdata.failover import ProviderGate
+from finstream.domain.marketdata.normalize import (
+    DailyReset,
+    LimitSpec,
+    parse_daily_resets,
+    parse_limits,
+)
+from finstream.domain.marketdata.ticks import TickValidationError, normalize_symbol
 from finstream.domain.resilience import Backoff
-from finstream.domain.ticks import TickValidationError, normalize_symbol
 from finstream.settings import Settings
 
 

@@ -24,8 +24,8 @@ from typing import ClassVar
 
 from finstream.connectors.base import ConnectorOptions, Emit, StreamConnector, sleep_or_stop
 from finstream.connectors.publish import TickPublisher
-from finstream.domain.marketdata_failover import ProviderGate
-from finstream.domain.simulation import GbmMarket
+from finstream.domain.marketdata.failover import ProviderGate
+from finstream.domain.marketdata.simulation import GbmMarket
 from finstream.domain.time import utcnow
 from finstream.runtime.logging import get_logger
 from finstream.runtime.worker import ServiceContext

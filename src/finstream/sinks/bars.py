@@ -28,7 +28,7 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 
-from finstream.domain.bars import Bar
+from finstream.domain.marketdata.bars import Bar
 from finstream.runtime.engine import Event, Output, Processor, StreamEngine
 from finstream.runtime.logging import get_logger
 from finstream.runtime.worker import ServiceContext

@@ -17,7 +17,7 @@ from typing import Any
 
 import asyncpg
 
-from finstream.domain.ticks import Tick
+from finstream.domain.marketdata.ticks import Tick
 from finstream.runtime.engine import Event, Output, Processor, StreamEngine
 from finstream.runtime.logging import get_logger
 from finstream.runtime.worker import ServiceContext

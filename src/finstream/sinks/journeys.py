@@ -1,6 +1,6 @@
 """Reads a notification's journey from PostgreSQL (audit_events, deliveries, delivery_results).
 
-The API and ``finstream journey`` share this; :mod:`finstream.domain.journey`
+The API and ``finstream journey`` share this; :mod:`finstream.domain.notify.journey`
 puts the rows in order. Recipients are masked (:func:`~finstream.domain.delivery.mask`)
 and message bodies are not returned: the journey is for explaining what
 happened, not for reading someone's mail.
@@ -15,7 +15,7 @@ from typing import Any
 import asyncpg
 
 from finstream.codec import Codec
-from finstream.domain import journey as j
+from finstream.domain.notify import journey as j
 
 Conn = asyncpg.Connection | asyncpg.Pool
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from finstream.domain.ticks import Tick
+from finstream.domain.marketdata.ticks import Tick
 from finstream.domain.time import to_micros
 from finstream.runtime.logging import get_logger
 from finstream.settings import Settings

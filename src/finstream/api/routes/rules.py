@@ -31,7 +31,7 @@ from finstream.api.models import (
 from finstream.api.policy import merge_patch, next_version, resolve_user
 from finstream.api.problems import Problem, field_problem, not_found, problem_responses
 from finstream.api.routes.common import IfMatch, RuleIdPath, UserPath, check_if_match, etag, publish
-from finstream.domain.alerts import AlertRule, RuleValidationError, parse_rule
+from finstream.domain.alerts.rules import AlertRule, RuleValidationError, parse_rule
 from finstream.domain.time import to_micros, utcnow
 
 router = APIRouter(tags=["alert rules"])

@@ -11,8 +11,8 @@ from pydantic import Field
 from finstream.api.deps import Caller, Res
 from finstream.api.models import RequestChannel, _In
 from finstream.api.problems import Problem, not_found, problem_responses
-from finstream.domain.preferences import CHANNELS
-from finstream.domain.templates import ChannelNotAvailable, TemplateError
+from finstream.domain.notify.preferences import CHANNELS
+from finstream.domain.notify.templates import ChannelNotAvailable, TemplateError
 
 router = APIRouter(tags=["templates"])
 

@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from finstream.domain.marketdata import LOCAL_RATE_LIMIT, STREAM_NOT_READY, LimitSpec
+from finstream.domain.marketdata.normalize import LOCAL_RATE_LIMIT, STREAM_NOT_READY, LimitSpec
 from finstream.domain.resilience import (
     CircuitBreaker,
     CircuitState,

@@ -32,8 +32,8 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from finstream.domain.marketdata.ticks import Tick, TickValidationError, make_tick, to_decimal
 from finstream.domain.resilience import ErrorClass, ProviderError
-from finstream.domain.ticks import Tick, TickValidationError, make_tick, to_decimal
 
 EASTERN = ZoneInfo("America/New_York")
 # Far above any quote response; a bigger body is not what we asked for.

@@ -27,7 +27,7 @@ VOLUME_SPIKE               the forming bar's volume >= ``multiplier`` x the
                            before it.
 ========================== ===============================================
 
-Evaluation lives in :mod:`finstream.domain.alert_engine`, shared by the live
+Evaluation lives in :mod:`finstream.domain.alerts.engine`, shared by the live
 alerts agent and back-testing.
 """
 
@@ -41,7 +41,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from finstream.domain.ticks import TickValidationError, normalize_symbol, to_decimal
+from finstream.domain.marketdata.ticks import TickValidationError, normalize_symbol, to_decimal
 
 CONDITIONS = (
     "CROSSING",
