@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 from confluent_kafka import Producer
 
-from finstream.backtest import Backtest
+from finstream.cli.backtest import Backtest
 from finstream.domain.alerts.rules import AlertRule, parse_rule
 from finstream.domain.marketdata.bars import parse_interval
 from finstream.domain.marketdata.simulation import GbmMarket

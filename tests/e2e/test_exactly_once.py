@@ -23,7 +23,7 @@ import redis
 from finstream.domain.marketdata.bars import Bar, BarState, add_tick, parse_interval
 from finstream.domain.marketdata.simulation import GbmMarket
 from finstream.domain.marketdata.ticks import Tick
-from finstream.sinks.quote_cache import decimal_text
+from finstream.stores.quotes import decimal_text
 from tests.support.services import (
     TestEnv,
     WorkerProcess,

@@ -9,7 +9,7 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from finstream.backtest import Backtest
+from finstream.cli.backtest import Backtest
 from finstream.domain.alerts.rules import parse_rule
 from finstream.domain.marketdata.bars import parse_interval
 from finstream.domain.marketdata.ticks import make_tick

@@ -32,7 +32,7 @@ from finstream.domain.retention import floor, partition_name, step
 from finstream.settings import Settings
 from finstream.sinks.audit import AuditWriter, verify
 from finstream.sinks.history import TickWriter
-from finstream.sinks.postgres import create_pool, load_migrations, migrate
+from finstream.stores.postgres import create_pool, load_migrations, migrate
 from tests.support.services import TestEnv, _db_url
 
 NOW = datetime.now(UTC)

@@ -29,7 +29,7 @@ from confluent_kafka.admin import AdminClient
 
 from finstream.codec import Codec
 from finstream.settings import Settings
-from finstream.sinks.postgres import migrate
+from finstream.stores.postgres import migrate
 from finstream.topics import apply, describe, load_catalogue, plan
 
 REPO = Path(__file__).resolve().parents[2]

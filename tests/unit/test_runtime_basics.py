@@ -22,7 +22,7 @@ from finstream.runtime.logging import (
     redact,
 )
 from finstream.settings import Settings
-from finstream.sinks.postgres import MigrationError, load_migrations
+from finstream.stores.postgres import MigrationError, load_migrations
 
 
 def test_redaction_masks_secrets_and_contact_details() -> None:

@@ -6,7 +6,7 @@ updates two stores, ``latest-quote`` (the newest tick per symbol) and
 and publishes the bars that close or are corrected; bars, dead letters, the
 stores' changelogs and the md.ticks offsets commit in one transaction.
 
-The Redis quote cache (:mod:`finstream.sinks.quote_cache`) is written after
+The Redis quote cache (:mod:`finstream.stores.quotes`) is written after
 every batch, before the commit, newest tick per symbol in one pipeline:
 writes are monotonic in event time, so a batch processed again after a crash
 rewrites the same values and never moves a quote backwards. If Redis is
@@ -30,8 +30,8 @@ from finstream.runtime.engine import Event, Output, Processor, StreamEngine
 from finstream.runtime.logging import get_logger
 from finstream.runtime.state import Store
 from finstream.runtime.worker import ServiceContext
-from finstream.sinks.quote_cache import QuoteCache, QuoteWriter
-from finstream.sinks.redis_client import connect
+from finstream.stores.quotes import QuoteCache, QuoteWriter
+from finstream.stores.redis import connect
 from finstream.topics import contract
 
 log = get_logger(__name__)

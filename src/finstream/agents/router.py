@@ -20,7 +20,7 @@ of held requests and digests (every ``router_tick_seconds``) runs between
 batches, in the same transactions.
 
 Consuming a preferences record also updates the Redis read model
-(:class:`~finstream.sinks.state_store.PreferencesStore`), before the commit.
+(:class:`~finstream.stores.read_models.PreferencesStore`), before the commit.
 
 Co-partitioning: state lives in the partition that Kafka's default (murmur2)
 partitioner gives the user id. A record that arrives on another partition
@@ -74,7 +74,7 @@ from finstream.runtime.logging import correlation, correlation_from_headers, get
 from finstream.runtime.state import Store
 from finstream.runtime.worker import ServiceContext
 from finstream.settings import Settings
-from finstream.templating import load_templates
+from finstream.stores.templates import load_templates
 from finstream.topics import Contract, contract
 
 log = get_logger(__name__)
@@ -313,8 +313,8 @@ class Router(Processor):
     async def _update_read_model(
         self, ops: list[tuple[str, bytes | None, _Letter]], out: Output
     ) -> None:
-        from finstream.sinks.redis_client import connect
-        from finstream.sinks.state_store import PreferencesStore
+        from finstream.stores.read_models import PreferencesStore
+        from finstream.stores.redis import connect
 
         if self._read_model is None:
             self._read_model = PreferencesStore(connect(self.settings), self.settings, self.codec)

@@ -33,11 +33,11 @@ from finstream.domain.notify.templates import Templates
 from finstream.runtime.kafka import DeadLetters, KafkaPublisher
 from finstream.runtime.logging import get_logger
 from finstream.settings import Settings
-from finstream.sinks.inbox import Inbox
-from finstream.sinks.postgres import create_pool
-from finstream.sinks.quote_cache import QuoteCache
-from finstream.sinks.state_store import PreferencesStore, RulesStore
-from finstream.templating import load_templates
+from finstream.stores.inbox import Inbox
+from finstream.stores.postgres import create_pool
+from finstream.stores.quotes import QuoteCache
+from finstream.stores.read_models import PreferencesStore, RulesStore
+from finstream.stores.templates import load_templates
 from finstream.topics import Contract, contract
 
 log = get_logger(__name__)

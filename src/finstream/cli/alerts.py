@@ -158,7 +158,7 @@ def alerts_add(rules_file: Path | None, **fields: Any) -> None:
     settings = get_settings()
     now = utcnow()
     if rules_file is not None:
-        from finstream.backtest import BacktestError, load_rules
+        from finstream.cli.backtest import BacktestError, load_rules
 
         try:
             rules = load_rules(rules_file, now=now)
@@ -279,7 +279,7 @@ def alerts_backtest(  # noqa: PLR0917 (a click command's options)
     quiet: bool,
 ) -> None:
     """Run rules over history and report every firing with the tick that caused it."""
-    from finstream.backtest import Backtest, BacktestError, load_rules, write_firings
+    from finstream.cli.backtest import Backtest, BacktestError, load_rules, write_firings
     from finstream.domain.marketdata.bars import IntervalError, parse_interval
 
     settings = get_settings()
@@ -322,7 +322,7 @@ def alerts_backtest(  # noqa: PLR0917 (a click command's options)
 def _from_kafka(settings: Settings, bt: Any, start: datetime, slack: timedelta, quiet: bool) -> int:
     from tqdm import tqdm
 
-    from finstream.backtest import KafkaSource
+    from finstream.cli.backtest import KafkaSource
     from finstream.runtime.topic_reader import TopicReadError
     from finstream.topics import contract
 
@@ -352,7 +352,7 @@ def _from_kafka(settings: Settings, bt: Any, start: datetime, slack: timedelta, 
 async def _from_postgres(settings: Settings, bt: Any, quiet: bool) -> int:
     from tqdm import tqdm
 
-    from finstream.backtest import postgres_ticks
+    from finstream.cli.backtest import postgres_ticks
 
     try:
         total, rows = await postgres_ticks(

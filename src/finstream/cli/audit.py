@@ -20,7 +20,7 @@ def audit() -> None:
 def audit_verify() -> None:
     """Walk the chain; exit 1 and name the first row that was edited, inserted or removed."""
     from finstream.sinks.audit import verify
-    from finstream.sinks.postgres import connect
+    from finstream.stores.postgres import connect
 
     async def go() -> str:
         conn = await connect(get_settings())
@@ -41,7 +41,7 @@ def audit_verify() -> None:
 @click.option("--limit", default=50, show_default=True)
 def audit_show(user_id: str | None, subject: str | None, limit: int) -> None:
     """Print the latest audit events, newest last, one JSON object per line."""
-    from finstream.sinks.postgres import connect
+    from finstream.stores.postgres import connect
 
     async def go() -> None:
         conn = await connect(get_settings())

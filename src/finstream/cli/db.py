@@ -48,7 +48,7 @@ def db() -> None:
 @db.command("migrate")
 def db_migrate() -> None:
     """Apply pending SQL migrations (idempotent)."""
-    from finstream.sinks.postgres import MigrationError, connect, migrate
+    from finstream.stores.postgres import MigrationError, connect, migrate
 
     async def go() -> list[Any]:
         conn = await connect(get_settings())
@@ -238,7 +238,7 @@ def reset(confirm: str | None) -> None:
     """Development only: drop every table of the database and migrate again."""
     from urllib.parse import urlparse
 
-    from finstream.sinks.postgres import migrate
+    from finstream.stores.postgres import migrate
 
     settings = get_settings()
     if settings.env not in ("dev", "test"):

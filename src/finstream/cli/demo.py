@@ -310,8 +310,8 @@ def records(settings: Settings, now: datetime, quotes: Mapping[str, Decimal]) ->
 
 async def latest_quotes(settings: Settings, wait: float) -> dict[str, Decimal]:
     """The quote cache's prices; waits up to ``wait`` seconds for the first ones."""
-    from finstream.sinks.quote_cache import QuoteCache
-    from finstream.sinks.redis_client import connect
+    from finstream.stores.quotes import QuoteCache
+    from finstream.stores.redis import connect
 
     symbols = [s.strip().upper() for s in (settings.md_symbols or settings.sim_symbols).split(",")]
     redis = connect(settings)

@@ -209,7 +209,7 @@ async def _reopen(settings: Settings, message_id: str) -> str:
     """Reopen a delivery for a redrive; returns what happened ('reopened' or why not)."""
     import asyncpg
 
-    from finstream.sinks.redis_client import connect
+    from finstream.stores.redis import connect
 
     conn = await asyncpg.connect(settings.database_url.get_secret_value())
     try:

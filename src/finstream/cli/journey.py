@@ -54,8 +54,8 @@ def journey(
     from finstream.cli.common import when as _when
     from finstream.codec import default_codec
     from finstream.domain.time import utcnow
-    from finstream.sinks import journeys
-    from finstream.sinks.postgres import connect
+    from finstream.stores import journeys
+    from finstream.stores.postgres import connect
 
     if (request_id is None) == (user_id is None):
         fail("give a REQUEST_ID or --user USER")

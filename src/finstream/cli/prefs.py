@@ -163,8 +163,8 @@ def apply_flags(data: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
 
 async def _current(settings: Settings, user: str) -> dict[str, Any] | None:
     from finstream.codec import default_codec
-    from finstream.sinks.redis_client import connect
-    from finstream.sinks.state_store import PreferencesStore
+    from finstream.stores.read_models import PreferencesStore
+    from finstream.stores.redis import connect
 
     redis = connect(settings)
     try:

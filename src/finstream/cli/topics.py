@@ -86,7 +86,7 @@ def topics_list() -> None:
 @click.option("-n", "--lines", default=10, show_default=True, help="Last N messages per partition.")
 def topics_tail(topic: str, lines: int) -> None:
     """The last messages of a catalogue topic, decoded, as JSON lines."""
-    from finstream import replay
+    from finstream.cli import replay
     from finstream.runtime.topic_reader import TopicReadError, read_range
 
     settings = get_settings()
@@ -115,7 +115,7 @@ def topics_replay(
     """Replay a topic over a time range into a file or a sandbox topic."""
     from tqdm import tqdm
 
-    from finstream import replay
+    from finstream.cli import replay
     from finstream.runtime.topic_reader import TopicReadError, read_range
 
     if (out is None) == (to_topic is None):

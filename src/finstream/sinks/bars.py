@@ -33,8 +33,8 @@ from finstream.runtime.engine import Event, Output, Processor, StreamEngine
 from finstream.runtime.logging import get_logger
 from finstream.runtime.worker import ServiceContext
 from finstream.settings import Settings
-from finstream.sinks.postgres import create_pool
-from finstream.sinks.redis_client import connect
+from finstream.stores.postgres import create_pool
+from finstream.stores.redis import connect
 
 log = get_logger(__name__)
 

@@ -21,7 +21,7 @@ from finstream.domain.marketdata.ticks import Tick
 from finstream.runtime.engine import Event, Output, Processor, StreamEngine
 from finstream.runtime.logging import get_logger
 from finstream.runtime.worker import ServiceContext
-from finstream.sinks.postgres import create_pool
+from finstream.stores.postgres import create_pool
 
 log = get_logger(__name__)
 

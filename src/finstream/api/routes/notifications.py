@@ -25,7 +25,7 @@ from finstream.api.problems import Problem, field_problem, not_found, problem_re
 from finstream.api.routes.common import UserPath
 from finstream.domain.time import utcnow
 from finstream.runtime.kafka import correlation_header
-from finstream.sinks import journeys
+from finstream.stores import journeys
 
 router = APIRouter(tags=["notifications"])
 

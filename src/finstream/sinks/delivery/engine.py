@@ -106,7 +106,7 @@ from finstream.sinks.delivery.store import (
     Transition,
     outbox_headers,
 )
-from finstream.sinks.state_store import PreferencesStore
+from finstream.stores.read_models import PreferencesStore
 from finstream.topics import contract
 
 log = get_logger(__name__)

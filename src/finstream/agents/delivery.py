@@ -19,8 +19,8 @@ from finstream.runtime.logging import get_logger
 from finstream.runtime.worker import ServiceContext
 from finstream.sinks.delivery.base import CHANNEL_TOPICS, build_chain
 from finstream.sinks.delivery.engine import DeliveryEngine
-from finstream.sinks.postgres import create_pool
-from finstream.sinks.redis_client import connect
+from finstream.stores.postgres import create_pool
+from finstream.stores.redis import connect
 
 log = get_logger(__name__)
 

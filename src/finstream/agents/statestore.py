@@ -1,7 +1,7 @@
 """The ``statestore`` role: compacted state topics -> Redis read models.
 
 Consumes ``alerts.rules`` (key: rule id) and ``notify.preferences`` (key: user
-id) and keeps :mod:`finstream.sinks.state_store` current, so the API and the
+id) and keeps :mod:`finstream.stores.read_models` current, so the API and the
 delivery workers can point-query what a compacted topic cannot answer.
 
 Applying is idempotent and version-ordered (a record never replaces a newer
@@ -17,8 +17,8 @@ from __future__ import annotations
 from finstream.runtime.engine import Event, Output, Processor, StreamEngine
 from finstream.runtime.logging import get_logger
 from finstream.runtime.worker import ServiceContext
-from finstream.sinks.redis_client import connect
-from finstream.sinks.state_store import PreferencesStore, RulesStore
+from finstream.stores.read_models import PreferencesStore, RulesStore
+from finstream.stores.redis import connect
 
 log = get_logger(__name__)
 
