@@ -6,8 +6,8 @@ import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from finstream.cli.status import RoleRow, last_error, parse_metrics, rate, render
 from finstream.domain.notify import journey as j
+from finstream.stack.status import RoleRow, last_error, parse_metrics, rate, render
 
 METRICS = """\
 # HELP finstream_consumer_lag Messages behind
