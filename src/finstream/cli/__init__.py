@@ -39,7 +39,7 @@ _LAZY: dict[str, tuple[str, str]] = {
         "finstream.cli.journey:journey",
         "The journey of a notification (or a user's, by time range).",
     ),
-    "status": ("finstream.stack.status:status", "Every role and service: ready, lag, throughput."),
+    "status": ("finstream.cli.status:status", "Every role and service: ready, lag, throughput."),
 }
 
 

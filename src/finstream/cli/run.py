@@ -28,6 +28,7 @@ from typing import IO
 import click
 
 from finstream.settings import Settings, child_environment, get_settings
+from finstream.stack.status import run_file
 
 STOP_GRACE_SECONDS = 30.0
 DEMO_USER = "demo-user"
@@ -163,11 +164,6 @@ def _mailpit_child(settings: Settings, logs: Path) -> Child | None:
         "2000",
     ]
     return Child("mailpit", settings.mailpit_http_port, logs / "mailpit.log", argv=argv)
-
-
-def run_file(settings: Settings) -> Path:
-    """Where `finstream run` writes what it started (read by `finstream status`)."""
-    return settings.stack_dir / "run.json"
 
 
 def _write_run_file(settings: Settings, children: list[Child]) -> None:

@@ -23,11 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import click
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from finstream.settings import Settings, get_settings
+from finstream.settings import Settings
 
 WINDOW = 60.0
 FIRST_SAMPLE_GAP = 3.0
@@ -109,10 +108,13 @@ def rate(
     return (value - v0) / (now - t0), now - t0
 
 
+def run_file(settings: Settings) -> Path:
+    """Where `finstream run` writes what it started (read by `finstream status`)."""
+    return settings.stack_dir / "run.json"
+
+
 def targets(settings: Settings) -> tuple[dict[str, int], dict[str, str | None]]:
     """(role -> health port, sandbox name -> URL) of the current run."""
-    from finstream.cli.run import run_file
-
     path = run_file(settings)
     with contextlib.suppress(OSError, ValueError, KeyError):
         state = json.loads(path.read_text())
@@ -237,29 +239,3 @@ def render(rows: Sequence[RoleRow], svc: Sequence[tuple[str, bool, str]]) -> str
         lines.append("")
         lines.append("* over less than a minute (no older sample yet; --watch builds one up)")
     return "\n".join(lines)
-
-
-# -- the command ----------------------------------------------------------------
-
-
-@click.command("status")
-@click.option("--watch", is_flag=True, help="Refresh the table until Ctrl-C.")
-@click.option(
-    "--interval", type=float, default=5.0, show_default=True, help="Seconds, with --watch."
-)
-def status(watch: bool, interval: float) -> None:
-    """Up/ready, consumer lag, events per second over the last minute, dead letters and the
-    last error of every role, and whether each service answers."""
-    settings = get_settings()
-    try:
-        while True:
-            table = render(collect(settings), services(settings))
-            if watch:
-                click.clear()
-                click.echo(f"finstream status  {time.strftime('%H:%M:%S')}  (Ctrl-C stops)\n")
-            click.echo(table)
-            if not watch:
-                return
-            time.sleep(interval)
-    except KeyboardInterrupt:
-        return
