@@ -57,7 +57,7 @@ _ROLES = [
     RoleSpec(
         "history",
         "sink",
-        "finstream.sinks.history:run",
+        "finstream.agents.history:run",
         ("md.ticks",),
         "Writes ticks to PostgreSQL in idempotent batches.",
     ),
@@ -72,14 +72,14 @@ _ROLES = [
     RoleSpec(
         "audit",
         "sink",
-        "finstream.sinks.audit:run",
+        "finstream.agents.audit:run",
         ("audit.events",),
         "Hash-chains audit events into PostgreSQL (tamper-evident; `finstream audit verify`).",
     ),
     RoleSpec(
         "inapp",
         "sink",
-        "finstream.sinks.delivery.inapp:run",
+        "finstream.agents.delivery:run_inapp",
         ("notify.outbound.inapp",),
         "Stores in-app messages in users' Redis inboxes.",
     ),
@@ -121,7 +121,7 @@ _ROLES = [
     RoleSpec(
         "bars",
         "sink",
-        "finstream.sinks.bars:run",
+        "finstream.agents.bars:run",
         ("md.bars.1m",),
         "Stores bars in PostgreSQL (highest revision wins) and the latest ones in Redis.",
     ),

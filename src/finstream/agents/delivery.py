@@ -89,3 +89,7 @@ async def run_push(ctx: ServiceContext) -> None:
 
 async def run_sms(ctx: ServiceContext) -> None:
     await run_channel(ctx, "SMS")
+
+
+async def run_inapp(ctx: ServiceContext) -> None:
+    await run_channel(ctx, "INAPP")

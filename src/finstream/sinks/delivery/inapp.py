@@ -24,7 +24,6 @@ from finstream.domain import strict_json
 from finstream.domain.delivery import DeliveryError
 from finstream.domain.resilience import ErrorClass
 from finstream.domain.time import to_micros
-from finstream.runtime.worker import ServiceContext
 from finstream.settings import Settings
 from finstream.sinks.delivery.base import Message, Reconcile, Sent
 from finstream.stores.inbox import Inbox
@@ -91,9 +90,3 @@ class InboxProvider:
 
 def create(settings: Settings) -> InboxProvider:
     return InboxProvider(settings)
-
-
-async def run(ctx: ServiceContext) -> None:
-    from finstream.agents.delivery import run_channel
-
-    await run_channel(ctx, "INAPP")
