@@ -34,7 +34,7 @@ import websockets
 from tests.support.api import AUDIENCE, ISSUER, Keys
 from tests.support.services import TestEnv, WorkerProcess, create_env, destroy_env, free_port
 
-from finstream.domain.ticks import make_tick
+from finstream.domain.marketdata.ticks import make_tick
 from finstream.domain.time import utcnow
 from finstream.settings import Settings
 from finstream.sinks.quote_cache import QuoteCache

@@ -25,12 +25,12 @@ from pydantic import (
     model_validator,
 )
 
-from finstream.domain.alerts import AlertRule, validate_rule
-from finstream.domain.bars import Bar, validate_bar
+from finstream.domain.alerts.rules import AlertRule, validate_rule
+from finstream.domain.marketdata.bars import Bar, validate_bar
+from finstream.domain.marketdata.ticks import Tick, validate_tick
+from finstream.domain.notify.preferences import Preferences
+from finstream.domain.notify.routing import Request
 from finstream.domain.partitioning import key_partition
-from finstream.domain.preferences import Preferences
-from finstream.domain.routing import Request
-from finstream.domain.ticks import Tick, validate_tick
 from finstream.resources import resource
 
 
@@ -240,8 +240,10 @@ class Contract:
 
     ``name`` is the namespaced topic name; ``decode`` turns a value into the
     validated domain object of the topic's ``type`` (raising ValueError, with
-    the reason, for anything else); ``partition`` places a key as Kafka's
-    default partitioner does.
+    the reason, for anything else); ``decode_record`` gives the Avro record
+    as written, unconverted and unvalidated (for display, and for stores
+    that keep a topic's values); ``encode`` frames a record with the topic's
+    schema; ``partition`` places a key as Kafka's default partitioner does.
     """
 
     def __init__(self, spec: TopicSpec, name: str, codec: Any) -> None:
@@ -251,8 +253,10 @@ class Contract:
         convert = CONTRACT_TYPES[spec.type]
         if convert is None:
             self.decode: Callable[[bytes | None, DecodeContext], Any] = _raw
+            self.decode_record: Callable[[bytes | None], dict[str, Any]] = _no_record(name)
         else:
             read = codec.decoder(spec.value_schema)
+            self.decode_record = read
 
             def decode(value: bytes | None, ctx: DecodeContext) -> Any:
                 return convert(read(value), ctx)
@@ -276,6 +280,13 @@ class Contract:
 
 def _raw(value: bytes | None, ctx: DecodeContext) -> Any:
     return value
+
+
+def _no_record(name: str) -> Callable[[bytes | None], dict[str, Any]]:
+    def decode_record(value: bytes | None) -> dict[str, Any]:
+        raise ValueError(f"{name} carries raw bytes, not Avro records")
+
+    return decode_record
 
 
 def contract(name: str, namespace: str = "", codec: Any = None) -> Contract:

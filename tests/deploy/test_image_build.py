@@ -33,7 +33,7 @@ from typing import Any
 import httpx
 import pytest
 
-from finstream.domain.ticks import Tick
+from finstream.domain.marketdata.ticks import Tick
 from tests.support.services import TestEnv, free_port, wait_until
 
 from .conftest import ROOT, TOOLS_ENV

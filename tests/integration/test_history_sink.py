@@ -8,7 +8,7 @@ from decimal import Decimal
 from pathlib import Path
 
 from finstream.domain.deadletter import parse_headers
-from finstream.domain.simulation import GbmMarket
+from finstream.domain.marketdata.simulation import GbmMarket
 from tests.support.services import TestEnv, WorkerProcess, wait_until
 
 

@@ -30,11 +30,11 @@ import pytest
 import redis
 from pydantic import SecretStr
 
-from finstream.domain.preferences import parse_preferences
+from finstream.domain.notify.preferences import parse_preferences
 from finstream.settings import Settings
-from finstream.sinks.inbox import Inbox
-from finstream.sinks.redis_client import connect
 from finstream.stack import Stack, StackError
+from finstream.stores.inbox import Inbox
+from finstream.stores.redis import connect
 from tests.support.services import (
     TestEnv,
     WorkerProcess,

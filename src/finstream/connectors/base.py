@@ -44,7 +44,8 @@ from finstream.connectors.metrics import (
     REQUEST_SECONDS,
     STREAM_RECONNECTS,
 )
-from finstream.domain.marketdata import (
+from finstream.domain.marketdata.failover import Outcome, ProviderGate
+from finstream.domain.marketdata.normalize import (
     LOCAL_RATE_LIMIT,
     MAX_BODY_BYTES,
     body_hint,
@@ -52,9 +53,8 @@ from finstream.domain.marketdata import (
     malformed,
     scrub,
 )
-from finstream.domain.marketdata_failover import Outcome, ProviderGate
+from finstream.domain.marketdata.ticks import Tick, TickValidationError, validate_tick
 from finstream.domain.resilience import Backoff, ErrorClass, ProviderError, parse_retry_after
-from finstream.domain.ticks import Tick, TickValidationError, validate_tick
 from finstream.domain.time import utcnow
 from finstream.runtime.logging import get_logger
 

@@ -14,16 +14,21 @@ from datetime import timedelta
 
 from finstream.connectors.alphavantage import AlphaVantageConnector
 from finstream.connectors.base import Connector, ConnectorOptions
+from finstream.connectors.file_feed import ReplayConnector
 from finstream.connectors.finnhub import FinnhubConnector, FinnhubStreamConnector
 from finstream.connectors.iex import IexConnector
 from finstream.connectors.polygon import PolygonConnector
-from finstream.connectors.replay import ReplayConnector
 from finstream.connectors.simulated import SimulatedConnector
 from finstream.connectors.yahoo import YahooConnector
-from finstream.domain.marketdata import DailyReset, LimitSpec, parse_daily_resets, parse_limits
-from finstream.domain.marketdata_failover import ProviderGate
+from finstream.domain.marketdata.failover import ProviderGate
+from finstream.domain.marketdata.normalize import (
+    DailyReset,
+    LimitSpec,
+    parse_daily_resets,
+    parse_limits,
+)
+from finstream.domain.marketdata.ticks import TickValidationError, normalize_symbol
 from finstream.domain.resilience import Backoff
-from finstream.domain.ticks import TickValidationError, normalize_symbol
 from finstream.settings import Settings
 
 
