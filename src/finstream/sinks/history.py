@@ -1,8 +1,9 @@
 """Tick history writer: md.ticks -> PostgreSQL ``ticks``, in batches, idempotently.
 
 The ``history`` role (:mod:`finstream.agents.history`) runs it at least once:
-each batch of validated ticks is copied into a temporary table and inserted
-with ON CONFLICT DO NOTHING on (symbol, tick_id), in one PostgreSQL
+each batch of validated ticks is copied straight into ``ticks`` or, when
+some of it is stored already (a batch re-read after a crash), copied into a
+temporary table and inserted with ON CONFLICT DO NOTHING, in one PostgreSQL
 transaction, before the engine commits the batch's offsets. A worker killed at any point re-reads only what was not yet
 committed, and the conflict clause turns the re-read into no new rows: no tick
 lost, none duplicated. Undecodable or invalid ticks are dead-lettered by the
@@ -70,13 +71,23 @@ class TickWriter:
             return 0
         # A batch may hold the same tick twice (a re-sent message): keep one.
         unique = {(t.symbol, t.tick_id): t for t in ticks}
+        rows = [tick_row(t) for t in unique.values()]
         async with self._pool.acquire() as conn, conn.transaction():
+            # Almost every batch is new: COPY straight into the table (about twice
+            # the rows/s of COPY into a temporary table plus INSERT ... SELECT,
+            # measured on the bench machine). A batch re-read after a crash
+            # collides with what was stored: the savepoint undoes the COPY and the
+            # merge below keeps only the rows not stored yet.
+            try:
+                async with conn.transaction():
+                    await conn.copy_records_to_table("ticks", records=rows, columns=COLUMNS)
+                return len(rows)
+            except asyncpg.UniqueViolationError:
+                pass
             await conn.execute(
                 "CREATE TEMP TABLE IF NOT EXISTS _ticks_in "
                 "(LIKE ticks INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
             )
-            await conn.copy_records_to_table(
-                "_ticks_in", records=[tick_row(t) for t in unique.values()], columns=COLUMNS
-            )
+            await conn.copy_records_to_table("_ticks_in", records=rows, columns=COLUMNS)
             status = await conn.execute(_INSERT)
         return int(status.split()[-1])
