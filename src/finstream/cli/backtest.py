@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from finstream.codec import DecodeError
-from finstream.domain.alerts.engine import Firing, RuleBook, SymbolState, evaluate
+from finstream.domain.alerts.engine import RuleBook, SymbolState, evaluate
+from finstream.domain.alerts.firings import Firing
 from finstream.domain.alerts.rules import AlertRule, RuleValidationError, parse_rule
 from finstream.domain.marketdata.bars import Interval, decimal_text
 from finstream.domain.marketdata.ticks import Tick, TickValidationError, validate_tick

@@ -30,93 +30,37 @@ condition only on closed bars, with the bar's close as the price and the
 previous bar's close as the previous price; a bar closes when the first tick
 of a later bar arrives, and the firing names the tick that made the close.
 
-Windows (moving conditions, volume spike) have the resolution of one bar:
-``bars=N`` covers the current bar and the N-1 completed bars before it;
-``window_seconds=W`` covers the current bar and every completed bar that ended
-less than W seconds before the tick.
+Conditions and their windows: :mod:`finstream.domain.alerts.conditions`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from bisect import bisect_left, bisect_right
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from finstream.domain.alerts.rules import (
-    CHANNEL_CONDITIONS,
-    LEVEL_CONDITIONS,
-    MOVING_CONDITIONS,
-    AlertRule,
+from finstream.domain.alerts.conditions import (
+    BAND_CONDITIONS,
+    BAND_STATE_CONDITIONS,
+    LEVEL_EDGE_CONDITIONS,
+    Check,
+    EvalBar,
+    View,
+    compile_condition,
 )
-from finstream.domain.marketdata.bars import Interval, decimal_text
+from finstream.domain.alerts.firings import Firing, fired_id
+from finstream.domain.alerts.rules import MOVING_CONDITIONS, AlertRule
+from finstream.domain.marketdata.bars import Interval
 from finstream.domain.marketdata.ticks import Tick
 from finstream.domain.time import from_micros, to_micros
 
 MINUTE_US = 60_000_000
-_HUNDRED = Decimal(100)
 
 
 # -- state ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class EvalBar:
-    """A bar of the evaluation interval (forming or completed). Times in micros."""
-
-    start: int
-    high: Decimal
-    low: Decimal
-    close: Decimal
-    volume: Decimal
-    last_tick_id: str
-    last_ts: int
-
-    def add(self, tick: Tick, ts: int) -> EvalBar:
-        volume = self.volume
-        if tick.kind == "TRADE" and tick.size is not None:
-            volume += tick.size
-        return EvalBar(
-            start=self.start,
-            high=max(self.high, tick.price),
-            low=min(self.low, tick.price),
-            close=tick.price,
-            volume=volume,
-            last_tick_id=tick.tick_id,
-            last_ts=ts,
-        )
-
-    @classmethod
-    def first(cls, start: int, tick: Tick, ts: int) -> EvalBar:
-        volume = tick.size if tick.kind == "TRADE" and tick.size is not None else Decimal(0)
-        return cls(start, tick.price, tick.price, tick.price, volume, tick.tick_id, ts)
-
-    def pack(self) -> list[Any]:
-        return [
-            self.start,
-            str(self.high),
-            str(self.low),
-            str(self.close),
-            str(self.volume),
-            self.last_tick_id,
-            self.last_ts,
-        ]
-
-    @classmethod
-    def unpack(cls, raw: list[Any]) -> EvalBar:
-        return cls(
-            raw[0],
-            Decimal(raw[1]),
-            Decimal(raw[2]),
-            Decimal(raw[3]),
-            Decimal(raw[4]),
-            raw[5],
-            raw[6],
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,8 +162,6 @@ class SymbolState:
 
 # -- rule books ------------------------------------------------------------------------
 
-Check = Callable[["_View"], bool]
-
 
 @dataclass(frozen=True, slots=True)
 class CompiledRule:
@@ -244,7 +186,7 @@ class CompiledRule:
             expires=to_micros(rule.expires_at) if rule.expires_at is not None else None,
             frequency=rule.frequency,
             cooldown=(rule.cooldown_seconds or 0) * 1_000_000,
-            check=_compile(rule, interval),
+            check=compile_condition(rule, interval),
         )
 
 
@@ -326,90 +268,6 @@ class RuleBook:
         )
 
 
-# -- firings ---------------------------------------------------------------------------
-
-
-def fired_id(rule_id: str, tick_id: str) -> str:
-    """Deterministic: the same rule fired by the same tick always has the same id."""
-    digest = hashlib.sha256(f"{rule_id}\x1f{tick_id}".encode()).hexdigest()
-    return f"f-{digest[:40]}"
-
-
-@dataclass(frozen=True, slots=True)
-class Firing:
-    fired_id: str
-    rule: AlertRule
-    price: Decimal
-    tick_id: str
-    tick_ts: datetime
-    at_bar_close: bool = False
-
-    @property
-    def request_id(self) -> str:
-        """The NotificationRequest's idempotency key, derived from the firing."""
-        return f"alert-{self.fired_id[2:]}"
-
-    def title(self) -> str:
-        what = self.rule.describe().split(" ", 1)[1]
-        return f"{self.rule.symbol} alert: {what}"
-
-    def body(self) -> str:
-        when = self.tick_ts.strftime("%Y-%m-%d %H:%M:%S UTC")
-        close = " at the bar close" if self.at_bar_close else ""
-        text = f"{self.rule.symbol} traded at {decimal_text(self.price)}{close} ({when})."
-        if self.rule.message:
-            text += f" {self.rule.message}"
-        return text
-
-    def alert_fired(self, fired_at: datetime) -> dict[str, Any]:
-        return {
-            "fired_id": self.fired_id,
-            "rule_id": self.rule.rule_id,
-            "user_id": self.rule.user_id,
-            "symbol": self.rule.symbol,
-            "condition": self.rule.condition,
-            "price": self.price,
-            "tick_id": self.tick_id,
-            "tick_ts": self.tick_ts,
-            "fired_at": fired_at,
-            "message": self.rule.message,
-        }
-
-    def notification_request(self, created_at: datetime) -> dict[str, Any]:
-        rule = self.rule
-        data = {
-            "symbol": rule.symbol,
-            "price": decimal_text(self.price),
-            "condition": rule.condition,
-            "rule_id": rule.rule_id,
-            "fired_id": self.fired_id,
-            "frequency": rule.frequency,
-            "tick_id": self.tick_id,
-            "tick_ts": self.tick_ts.isoformat(),
-            "description": rule.describe(),
-            "title": self.title(),
-            "body": self.body(),
-        }
-        if rule.message:
-            data["message"] = rule.message
-        return {
-            "request_id": self.request_id,
-            "user_id": rule.user_id,
-            "category": "price_alert",
-            "priority": "HIGH",
-            "template": "price_alert",
-            "data": data,
-            "channels": [],
-            "deliver_at": None,
-            "expires_at": None,
-            # Repeated firings of one rule replace each other on a device.
-            "collapse_key": f"price_alert:{rule.rule_id}",
-            "created_at": created_at,
-            "source": "alerts",
-            "correlation_id": self.fired_id,
-        }
-
-
 @dataclass(frozen=True, slots=True)
 class Evaluation:
     state: SymbolState
@@ -417,139 +275,6 @@ class Evaluation:
     stale: bool = False
     duplicate: bool = False
     history_changed: bool = False
-
-
-# -- conditions ------------------------------------------------------------------------
-
-LEVEL_EDGE_CONDITIONS = frozenset({"CROSSING", "CROSSING_UP", "CROSSING_DOWN"})
-# True while the price is on one side of their thresholds.
-BAND_STATE_CONDITIONS = frozenset(
-    {"GREATER_THAN", "LESS_THAN", "INSIDE_CHANNEL", "OUTSIDE_CHANNEL"}
-)
-# True only when the price moves across a threshold since the previous tick.
-BAND_EDGE_CONDITIONS = frozenset({"ENTERING_CHANNEL", "EXITING_CHANNEL"})
-BAND_CONDITIONS = BAND_STATE_CONDITIONS | BAND_EDGE_CONDITIONS
-
-
-@dataclass(slots=True)
-class _View:
-    """What a condition looks at: the price, the one before, and the bars around it."""
-
-    price: Decimal
-    prev: Decimal | None
-    ts: int
-    current: EvalBar  # the forming bar (tick mode) or the closing bar (close mode)
-    history: tuple[EvalBar, ...]  # completed bars before ``current``, oldest first
-    prev_close: Decimal | None
-    interval: Interval
-    # Window extremes and volume sums, computed once per view for all rules.
-    memo: dict[tuple[Any, ...], Any] = field(default_factory=dict)
-
-    def window(self, bars: int | None, seconds: int | None) -> tuple[Decimal, Decimal]:
-        """(lowest low, highest high) over the window, the current bar included."""
-        key = ("w", bars, seconds)
-        hit = self.memo.get(key)
-        if hit is None:
-            if bars is not None:
-                earlier: Sequence[EvalBar] = self.history[-(bars - 1) :] if bars > 1 else ()
-            else:
-                assert seconds is not None
-                since = self.ts - seconds * 1_000_000
-                width = self.interval.micros
-                earlier = [b for b in self.history if b.start + width > since]
-            low, high = self.current.low, self.current.high
-            for b in earlier:
-                low = min(low, b.low)
-                high = max(high, b.high)
-            hit = self.memo[key] = (low, high)
-        return hit
-
-    def volume_total(self, bars: int) -> Decimal | None:
-        """Total volume of the last ``bars`` completed bars, or None without that many."""
-        key = ("v", bars)
-        if key not in self.memo:
-            window = self.history[-bars:] if len(self.history) >= bars else None
-            self.memo[key] = (
-                sum((b.volume for b in window), Decimal(0)) if window is not None else None
-            )
-        return self.memo[key]  # type: ignore[no-any-return]
-
-
-def _inside(lower: Decimal, upper: Decimal, price: Decimal) -> bool:
-    return lower <= price <= upper
-
-
-def _given(value: Decimal | None) -> Decimal:
-    assert value is not None  # validate_rule guarantees the condition's parameters
-    return value
-
-
-def _compile(rule: AlertRule, interval: Interval) -> Check:
-    """The rule's condition as a function of a view (see the table in domain.alerts.rules)."""
-    c = rule.condition
-    if c in LEVEL_CONDITIONS:
-        level = rule.value
-        assert level is not None
-        if c == "CROSSING_UP":
-            return lambda v: v.prev is not None and v.prev < level <= v.price
-        if c == "CROSSING_DOWN":
-            return lambda v: v.prev is not None and v.prev >= level > v.price
-        if c == "CROSSING":
-            return lambda v: (
-                v.prev is not None and (v.prev < level <= v.price or v.prev >= level > v.price)
-            )
-        if c == "GREATER_THAN":
-            return lambda v: v.price > level
-        return lambda v: v.price < level
-    if c in CHANNEL_CONDITIONS:
-        lo, hi = rule.lower, rule.upper
-        assert lo is not None
-        assert hi is not None
-        if c == "ENTERING_CHANNEL":
-            return lambda v: v.prev is not None and not lo <= v.prev <= hi and lo <= v.price <= hi
-        if c == "EXITING_CHANNEL":
-            return lambda v: v.prev is not None and lo <= v.prev <= hi and not lo <= v.price <= hi
-        if c == "INSIDE_CHANNEL":
-            return lambda v: lo <= v.price <= hi
-        return lambda v: not lo <= v.price <= hi
-    if c in MOVING_CONDITIONS:
-        pct, bars, seconds = _given(rule.percent), rule.bars, rule.window_seconds
-        if c == "MOVING_UP_PERCENT":
-
-            def up(v: _View) -> bool:
-                low = v.window(bars, seconds)[0]
-                return (v.price - low) * _HUNDRED >= pct * low
-
-            return up
-
-        def down(v: _View) -> bool:
-            high = v.window(bars, seconds)[1]
-            return (high - v.price) * _HUNDRED >= pct * high
-
-        return down
-    if c == "CHANGE_FROM_PREV_CLOSE_PERCENT":
-        pct = _given(rule.percent)
-        return lambda v: (
-            v.prev_close is not None
-            and abs(v.price - v.prev_close) * _HUNDRED >= pct * v.prev_close
-        )
-    if c == "VOLUME_SPIKE":
-        n, mult = rule.bars, rule.multiplier
-        assert n is not None
-        assert mult is not None
-
-        def spike(v: _View) -> bool:
-            total = v.volume_total(n)
-            # current >= multiplier x (total / n), without dividing.
-            return total is not None and total > 0 and v.current.volume * n >= mult * total
-
-        return spike
-    raise ValueError(f"unknown condition {c}")
-
-
-def condition_met(rule: AlertRule, view: _View) -> bool:
-    """Whether ``rule``'s condition holds for ``view`` (compiles the rule each call)."""
-    return _compile(rule, view.interval)(view)
 
 
 # -- frequencies -------------------------------------------------------------------------
@@ -614,7 +339,7 @@ def evaluate(
         # The forming bar has closed: evaluate the bar-close rules on it.
         if book.close_rules:
             prev = history[-1].close if history else None
-            view = _View(bar.close, prev, bar.last_ts, bar, history, state.prev_close, interval)
+            view = View(bar.close, prev, bar.last_ts, bar, history, state.prev_close, interval)
             for c in book.close_rules:
                 if not c.check(view) or not _armed(c, bar.last_ts, respect_created_at):
                     continue
@@ -639,7 +364,7 @@ def evaluate(
     bar = EvalBar.first(start, tick, ts) if bar is None else bar.add(tick, ts)
     prev_close = tick.prev_close if tick.prev_close is not None else state.prev_close
     price, prev = tick.price, state.last_price
-    view = _View(price, prev, ts, bar, history, prev_close, interval)
+    view = View(price, prev, ts, bar, history, prev_close, interval)
     met: list[CompiledRule] = []
     if book.levels and prev is not None and prev != price:
         lo, hi = (prev, price) if prev < price else (price, prev)

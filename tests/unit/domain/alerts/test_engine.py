@@ -13,13 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from finstream.domain.alerts.engine import (
-    Firing,
-    RuleBook,
-    SymbolState,
-    evaluate,
-    fired_id,
-)
+from finstream.domain.alerts.engine import RuleBook, SymbolState, evaluate
+from finstream.domain.alerts.firings import Firing, fired_id
 from finstream.domain.alerts.rules import AlertRule, parse_rule
 from finstream.domain.marketdata.bars import parse_interval
 from finstream.domain.marketdata.ticks import Tick, make_tick
