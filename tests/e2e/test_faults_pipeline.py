@@ -46,10 +46,10 @@ import pytest
 import redis
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from finstream.domain.alerts import parse_rule
-from finstream.domain.bars import Bar, BarState, add_tick, parse_interval
-from finstream.domain.preferences import parse_preferences
-from finstream.domain.ticks import Tick
+from finstream.domain.alerts.rules import parse_rule
+from finstream.domain.marketdata.bars import Bar, BarState, add_tick, parse_interval
+from finstream.domain.marketdata.ticks import Tick
+from finstream.domain.notify.preferences import parse_preferences
 from finstream.domain.time import utcnow
 from finstream.roles import ROLES
 from finstream.settings import Settings

@@ -29,7 +29,7 @@ import httpx
 import pytest
 import yaml
 
-from finstream.domain.simulation import GbmMarket
+from finstream.domain.marketdata.simulation import GbmMarket
 from tests.support.services import (
     REPO,
     TestEnv,

@@ -48,8 +48,8 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from finstream.api.auth import AuthError, KeysUnavailable, Principal, bearer_token
 from finstream.api.hub import frame_for, frame_text
 from finstream.api.metrics import AUTH_FAILURES, WS_CONNECTIONS, WS_DROPPED, WS_MESSAGES
+from finstream.domain.marketdata.ticks import SYMBOL_RE
 from finstream.domain.resilience import RateLimiter as TokenBucket
-from finstream.domain.ticks import SYMBOL_RE
 from finstream.runtime.logging import get_logger
 
 log = get_logger(__name__)

@@ -37,7 +37,9 @@ from datetime import date, datetime, timedelta
 from typing import Any, ClassVar
 
 from finstream.connectors.base import ConnectorOptions, HttpConnector, PollResult, per_symbol
-from finstream.domain.marketdata import (
+from finstream.domain.marketdata.dedupe import SnapshotClock
+from finstream.domain.marketdata.failover import ProviderGate
+from finstream.domain.marketdata.normalize import (
     DailyReset,
     load_json,
     local_to_utc,
@@ -54,10 +56,8 @@ from finstream.domain.marketdata import (
     seconds_until_reset,
     zone,
 )
-from finstream.domain.marketdata_dedupe import SnapshotClock
-from finstream.domain.marketdata_failover import ProviderGate
+from finstream.domain.marketdata.ticks import Tick, TickValidationError, normalize_symbol
 from finstream.domain.resilience import ErrorClass, ProviderError
-from finstream.domain.ticks import Tick, TickValidationError, normalize_symbol
 from finstream.domain.time import utcnow
 
 NAME = "alphavantage"

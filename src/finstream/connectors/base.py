@@ -37,8 +37,15 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
-from finstream.connectors.metrics import PROVIDER_ERRORS, REQUEST_SECONDS, STREAM_RECONNECTS
-from finstream.domain.marketdata import (
+from finstream.connectors.metrics import (
+    PROVIDER_ERRORS,
+    RATE_LIMIT_WAIT,
+    RATE_LIMITED,
+    REQUEST_SECONDS,
+    STREAM_RECONNECTS,
+)
+from finstream.domain.marketdata.failover import Outcome, ProviderGate
+from finstream.domain.marketdata.normalize import (
     LOCAL_RATE_LIMIT,
     MAX_BODY_BYTES,
     body_hint,
@@ -46,9 +53,8 @@ from finstream.domain.marketdata import (
     malformed,
     scrub,
 )
-from finstream.domain.marketdata_failover import Outcome, ProviderGate
+from finstream.domain.marketdata.ticks import Tick, TickValidationError, validate_tick
 from finstream.domain.resilience import Backoff, ErrorClass, ProviderError, parse_retry_after
-from finstream.domain.ticks import Tick, TickValidationError, validate_tick
 from finstream.domain.time import utcnow
 from finstream.runtime.logging import get_logger
 
@@ -296,6 +302,7 @@ class HttpConnector(PollingConnector):
                 return
             wait = self.gate.wait_time(now)
             if now + wait > deadline:
+                RATE_LIMITED.labels(self.name).inc()
                 raise ProviderError(
                     ErrorClass.THROTTLED,
                     f"local rate limit: next request allowed in {wait:.2f}s",
@@ -303,6 +310,7 @@ class HttpConnector(PollingConnector):
                     retry_after=wait,
                     code=LOCAL_RATE_LIMIT,
                 )
+            RATE_LIMIT_WAIT.labels(self.name).inc(max(wait, 0.001))
             await self.options.sleep(max(wait, 0.001))
 
     async def get(

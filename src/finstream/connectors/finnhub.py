@@ -34,7 +34,8 @@ from finstream.connectors.base import (
     WebSocketConnector,
     per_symbol,
 )
-from finstream.domain.marketdata import (
+from finstream.domain.marketdata.failover import ProviderGate
+from finstream.domain.marketdata.normalize import (
     decimal_value,
     epoch_to_utc,
     load_json,
@@ -50,9 +51,8 @@ from finstream.domain.marketdata import (
     require_mapping,
     trade_id,
 )
-from finstream.domain.marketdata_failover import ProviderGate
+from finstream.domain.marketdata.ticks import Tick, TickValidationError, normalize_symbol
 from finstream.domain.resilience import ErrorClass, ProviderError
-from finstream.domain.ticks import Tick, TickValidationError, normalize_symbol
 
 NAME = "finnhub"
 WS_NAME = "finnhub-ws"

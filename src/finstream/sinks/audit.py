@@ -1,4 +1,5 @@
-"""Audit sink: audit.events -> PostgreSQL ``audit_events``, hash-chained and tamper-evident.
+"""Audit writer (the ``audit`` role, :mod:`finstream.agents.audit`): audit.events -> PostgreSQL
+``audit_events``, hash-chained and tamper-evident.
 
 Every row carries ``prev_hash`` (the hash of the row before it) and
 ``hash = sha256(prev_hash + canonical(row))``, the canonical form being the
@@ -30,11 +31,7 @@ from typing import Any
 import asyncpg
 
 from finstream.domain.time import to_micros
-from finstream.runtime.engine import Event, Output, Processor, StreamEngine
 from finstream.runtime.logging import get_logger
-from finstream.runtime.worker import ServiceContext
-from finstream.sinks.postgres import create_pool
-from finstream.sinks.postgres import probe as pg_probe
 
 log = get_logger(__name__)
 
@@ -203,32 +200,3 @@ async def verify(conn: asyncpg.Connection, page: int = 5000) -> Verification:
             base + checked + 1,
         )
     return Verification(True, checked, head_seq)
-
-
-class AuditSink(Processor):
-    def __init__(self, writer: AuditWriter) -> None:
-        self.writer = writer
-
-    async def process(self, events: list[Event], out: Output) -> None:
-        stored = await self.writer.append([ev.item for ev in events])
-        log.debug("audit batch stored", received=len(events), stored=stored)
-
-
-async def run(ctx: ServiceContext) -> None:
-    settings = ctx.settings
-    pool = await create_pool(settings)
-    ctx.health.add_dependency("postgresql", lambda: pg_probe(pool))
-    engine = StreamEngine(
-        settings,
-        ctx.role,
-        ["audit.events"],
-        AuditSink(AuditWriter(pool)),
-        ctx.health,
-        guarantee="at_least_once",
-        batch_size=settings.audit_batch_size,
-        batch_wait=settings.audit_batch_ms / 1000,
-    )
-    try:
-        await engine.run(ctx.stop)
-    finally:
-        await pool.close()

@@ -1,4 +1,4 @@
-"""Bars sink (role ``bars``): md.bars.1m -> PostgreSQL ``bars`` and Redis.
+"""Bars writer (the ``bars`` role, :mod:`finstream.agents.bars`): md.bars.1m -> PostgreSQL ``bars`` and Redis.
 
 PostgreSQL keeps every bar, one row per (symbol, interval, start); an upsert
 replaces a row only with a higher revision, so redelivered, replayed or
@@ -14,13 +14,13 @@ API's WebSocket). JSON fields: symbol, interval, start, end (ISO 8601),
 open, high, low, close, volume, vwap (decimal strings; vwap may be null),
 trades, final, revision.
 
-Runs on the stream engine, at least once: a batch is stored in PostgreSQL,
+The role runs on the stream engine, at least once: a batch is stored in PostgreSQL,
 then in Redis, then its offsets are committed; a crash re-reads what was not
 committed, which the revision checks make harmless.
 
 PostgreSQL is the source of truth of the Redis copy: when Redis turns out to
 have lost it (a partition's repair mark is gone,
-:class:`finstream.sinks.redis_client.RepairMarks`), the latest bars of the
+:class:`finstream.stores.redis.RepairMarks`), the latest bars of the
 symbols of the partitions this replica owns are written back from the
 ``bars`` table, without publishing them again on the live channels.
 """
@@ -34,17 +34,9 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 
-from finstream.domain.bars import Bar, parse_intervals
-from finstream.domain.partitioning import key_partition
-from finstream.runtime.engine import Event, Output, Processor, StreamEngine
+from finstream.domain.marketdata.bars import Bar
 from finstream.runtime.logging import get_logger
-from finstream.runtime.worker import ServiceContext
 from finstream.settings import Settings
-from finstream.sinks.postgres import create_pool
-from finstream.sinks.postgres import probe as pg_probe
-from finstream.sinks.redis_client import RepairMarks, connect
-from finstream.sinks.redis_client import probe as redis_probe
-from finstream.topics import contract
 
 log = get_logger(__name__)
 
@@ -189,83 +181,3 @@ class BarStore:
     async def latest(self, symbol: str, interval: str, count: int) -> list[dict[str, Any]]:
         raw = await self._redis.zrange(bars_key(self._settings, interval, symbol), -count, -1)
         return [json.loads(m) for m in raw if isinstance(m, bytes | str)]
-
-
-class BarsSink(Processor):
-    def __init__(
-        self,
-        store: BarStore,
-        marks: RepairMarks | None = None,
-        partitions: int = 1,
-        intervals: Sequence[str] = ("1m",),
-    ) -> None:
-        self.store = store
-        self.marks = marks
-        self.partitions = partitions
-        self.intervals = list(intervals)
-        self.owned: set[int] = set()
-
-    async def process(self, events: list[Event], out: Output) -> None:
-        bars = [ev.item for ev in events]
-        stored = await self.store.write_postgres(bars)
-        cached = await self.store.write_redis(bars)
-        log.debug("bars stored", received=len(bars), postgres=stored, redis=cached)
-
-    async def assigned(self, partitions: frozenset[int]) -> None:
-        self.owned = set(partitions)
-
-    async def revoked(self, partitions: frozenset[int]) -> None:
-        self.owned -= partitions
-
-    async def punctuate(self, out: Output) -> None:
-        if self.marks is None or not self.owned:
-            return
-        try:
-            lost = await self.marks.missing(str(p) for p in sorted(self.owned))
-            if not lost:
-                return
-            wanted = {int(p) for p in lost}
-            restored = await self.store.restore_redis(
-                lambda symbol: key_partition(symbol.encode(), self.partitions) in wanted,
-                self.intervals,
-            )
-            await self.marks.mark(lost)
-        except Exception as exc:
-            # Tried again at the next punctuation; the live writes go on meanwhile.
-            log.warning("bars in Redis not repaired yet", error=f"{type(exc).__name__}: {exc}")
-            return
-        log.warning(
-            "Redis had lost the latest bars; repaired them from PostgreSQL",
-            partitions=lost,
-            bars=restored,
-        )
-
-
-async def run(ctx: ServiceContext) -> None:
-    settings = ctx.settings
-    pool = await create_pool(settings)
-    redis = connect(settings)
-    ctx.health.add_dependency("postgresql", lambda: pg_probe(pool))
-    ctx.health.add_dependency("redis", lambda: redis_probe(redis))
-    sink = BarsSink(
-        BarStore(pool, redis, settings),
-        RepairMarks(redis, settings, ctx.role),
-        contract("md.bars.1m", settings.namespace).partitions,
-        [i.name for i in parse_intervals(settings.bar_intervals)],
-    )
-    engine = StreamEngine(
-        settings,
-        ctx.role,
-        ["md.bars.1m"],
-        sink,
-        ctx.health,
-        guarantee="at_least_once",
-        batch_size=settings.bars_batch_size,
-        batch_wait=settings.bars_batch_ms / 1000,
-        punctuate_every=settings.redis_repair_check_seconds,
-    )
-    try:
-        await engine.run(ctx.stop)
-    finally:
-        await pool.close()
-        await redis.aclose()

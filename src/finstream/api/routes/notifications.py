@@ -25,7 +25,7 @@ from finstream.api.problems import Problem, field_problem, not_found, problem_re
 from finstream.api.routes.common import UserPath
 from finstream.domain.time import utcnow
 from finstream.runtime.kafka import correlation_header
-from finstream.sinks import journeys
+from finstream.stores import journeys
 
 router = APIRouter(tags=["notifications"])
 
@@ -169,10 +169,11 @@ async def create_notification(
         "correlation_id": cid,
     }
     try:
+        requests = res.topic("notify.requests")
         await res.publisher.send_and_wait(
-            res.settings.topic("notify.requests"),
+            requests.name,
             body.user_id.encode(),
-            res.codec.encode("NotificationRequest", record),
+            requests.encode(record),
             correlation_header(cid),
         )
     except BaseException:

@@ -33,7 +33,7 @@ from finstream.api.policy import (
 )
 from finstream.api.problems import field_problem, not_found, problem_responses, validation_problem
 from finstream.api.routes.common import IfMatch, UserPath, check_if_match, etag, publish
-from finstream.domain.preferences import PreferencesValidationError, parse_preferences
+from finstream.domain.notify.preferences import PreferencesValidationError, parse_preferences
 from finstream.domain.time import utcnow
 
 router = APIRouter(tags=["preferences"])
@@ -61,7 +61,7 @@ async def _store(
         raise field_problem("body", exc.field, str(exc)) from None
     record = protect_preferences(parsed, current, now)
     record["updated_at"] = next_version(now, current["updated_at"] if current else None)
-    value = res.codec.encode("UserPreferences", record)
+    value = res.topic("notify.preferences").encode(record)
     await publish(res, request, "notify.preferences", user, value)
     await res.prefs.put(user, value)
     return _response(record)

@@ -31,7 +31,7 @@ from finstream.api.models import (
 from finstream.api.policy import merge_patch, next_version, resolve_user
 from finstream.api.problems import Problem, field_problem, not_found, problem_responses
 from finstream.api.routes.common import IfMatch, RuleIdPath, UserPath, check_if_match, etag, publish
-from finstream.domain.alerts import AlertRule, RuleValidationError, parse_rule
+from finstream.domain.alerts.rules import AlertRule, RuleValidationError, parse_rule
 from finstream.domain.time import to_micros, utcnow
 
 router = APIRouter(tags=["alert rules"])
@@ -66,7 +66,7 @@ async def _owned(res: Resources, user: str, rule_id: str) -> AlertRule:
 
 
 async def _write(res: Resources, request: Request, rule: AlertRule) -> None:
-    value = res.codec.encode("AlertRule", rule.to_record())
+    value = res.topic("alerts.rules").encode(rule.to_record())
     await publish(res, request, "alerts.rules", rule.rule_id, value)
     await res.rules.put(value)
 

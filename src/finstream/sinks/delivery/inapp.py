@@ -1,6 +1,6 @@
 """In-app delivery: notify.outbound.inapp -> the user's Redis inbox.
 
-The inbox (:mod:`finstream.sinks.inbox`) keeps read/unread state and the
+The inbox (:mod:`finstream.stores.inbox`) keeps read/unread state and the
 per-user cap, and publishes each new message on the user's pub/sub channel
 for live delivery. As a provider it is the one that can never show a message
 twice: storing is idempotent on message_id (its Lua script remembers the ids
@@ -13,7 +13,7 @@ outage is retried with backoff instead of stalling the partition.
 
 The delivery records are the inboxes' source of truth: when Redis turns out
 to have lost them (the role's repair mark is gone,
-:class:`finstream.sinks.redis_client.RepairMarks`), :class:`InboxRepair` puts
+:class:`finstream.stores.redis.RepairMarks`), :class:`InboxRepair` puts
 every delivered in-app message that PostgreSQL still holds back into its
 user's inbox (idempotent on message_id, not published to live clients again,
 the per-user cap applied). Read and archived marks lived only in Redis: the
@@ -38,11 +38,10 @@ from finstream.domain.delivery import DeliveryError
 from finstream.domain.resilience import ErrorClass
 from finstream.domain.time import to_micros
 from finstream.runtime.logging import get_logger
-from finstream.runtime.worker import ServiceContext
 from finstream.settings import Settings
 from finstream.sinks.delivery.base import Message, Reconcile, Sent
-from finstream.sinks.inbox import Inbox
-from finstream.sinks.redis_client import RepairMarks, connect
+from finstream.stores.inbox import Inbox
+from finstream.stores.redis import RepairMarks, connect
 
 log = get_logger(__name__)
 
@@ -171,9 +170,3 @@ class InboxRepair:
 
 def create(settings: Settings) -> InboxProvider:
     return InboxProvider(settings)
-
-
-async def run(ctx: ServiceContext) -> None:
-    from finstream.sinks.delivery.worker import run_channel
-
-    await run_channel(ctx, "INAPP")
