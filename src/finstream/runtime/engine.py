@@ -676,6 +676,9 @@ class StreamEngine:
             raise Rewind(f"transaction aborted: {exc}") from exc
         TRANSACTIONS.labels(self.role, "committed").inc()
 
+    # How long past its own timeout a send_offsets_to_transaction may take.
+    _offsets_grace = 5.0
+
     def _send_offsets(self, producer: Any, offsets: list[TopicPartition]) -> None:
         """send_offsets_to_transaction, on a thread of its own and bounded.
 
@@ -692,16 +695,17 @@ class StreamEngine:
         offsets are never committed. The batch is rewound and processed again.
         """
         timeout = self._txn_call_timeout
+        bound = timeout + self._offsets_grace
         metadata = self._consumer.consumer_group_metadata()
         call = self._offsets_calls.submit(
             producer.send_offsets_to_transaction, offsets, metadata, timeout
         )
         try:
-            call.result(timeout + 5)
+            call.result(bound)
         except FutureTimeout:
             log.warning(
                 "send_offsets_to_transaction did not return; abandoning the producer",
-                seconds=timeout + 5,
+                seconds=bound,
             )
             # The blocked thread keeps the producer referenced: never deallocated
             # (rd_kafka_destroy would block as well).
@@ -712,7 +716,7 @@ class StreamEngine:
             raise KafkaException(
                 KafkaError(
                     KafkaError._TIMED_OUT,
-                    f"send_offsets_to_transaction did not return within {timeout + 5:.0f}s",
+                    f"send_offsets_to_transaction did not return within {bound:.0f}s",
                 )
             ) from None
 
