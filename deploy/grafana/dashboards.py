@@ -15,7 +15,7 @@ schemaVersion 39), the four an operator opens first:
 (finstream-database.json is written by hand, issue 13.) Every query is checked
 against the metric names the code defines by tests/deploy/test_chart.py and
 tests/deploy/test_dashboards.py, which also lints the JSON model and checks
-that these files are what this script writes. deploy/grafana/snapshot.py draws
+that these files are what this script writes. deploy/grafana/screenshots.py draws
 the panels' data from a local run for deploy/README.md.
 """
 

@@ -61,7 +61,7 @@ STRIMZI_VERSION=0.45.0
 # PeerAuthentication/AuthorizationPolicy and Cilium's CiliumNetworkPolicy.
 # VictoriaMetrics (Apache-2.0; answers PromQL): vmalert-tool unit-tests the
 # chart's alert rules, victoria-metrics scrapes a local run for the dashboard
-# pictures (deploy/grafana/snapshot.py). Newer releases need a newer Go.
+# pictures (deploy/grafana/screenshots.py). Newer releases need a newer Go.
 VICTORIAMETRICS_VERSION=v1.151.0
 ISTIO_API_VERSION=v1.32.0
 CILIUM_VERSION=v1.18.0

@@ -6,7 +6,7 @@ linted here instead: what Grafana needs to load and draw each panel, the
 layout, the variables, and each query's legend against the labels the query
 keeps. Every query names only metrics the code defines
 (test_chart.py::test_alert_and_dashboard_queries_parse_and_use_real_metrics);
-deploy/grafana/snapshot.py draws the panels' data from a local run into
+deploy/grafana/screenshots.py draws the panels' data from a local run into
 deploy/README.md.
 """
 

@@ -36,7 +36,8 @@ from collections.abc import Mapping, Sequence
 from datetime import date, datetime, timedelta
 from typing import Any, ClassVar
 
-from finstream.connectors.base import ConnectorOptions, HttpConnector, PollResult, per_symbol
+from finstream.connectors.base import ConnectorOptions, PollResult
+from finstream.connectors.http import HttpConnector, per_symbol
 from finstream.domain.marketdata.dedupe import SnapshotClock
 from finstream.domain.marketdata.failover import ProviderGate
 from finstream.domain.marketdata.normalize import (

@@ -27,13 +27,9 @@ from datetime import datetime
 from typing import Any, ClassVar
 from urllib.parse import urlencode
 
-from finstream.connectors.base import (
-    ConnectorOptions,
-    HttpConnector,
-    PollResult,
-    WebSocketConnector,
-    per_symbol,
-)
+from finstream.connectors.base import ConnectorOptions, PollResult
+from finstream.connectors.http import HttpConnector, per_symbol
+from finstream.connectors.websocket import WebSocketConnector
 from finstream.domain.marketdata.failover import ProviderGate
 from finstream.domain.marketdata.normalize import (
     decimal_value,

@@ -15,7 +15,8 @@ from datetime import datetime
 from typing import Any, ClassVar
 from urllib.parse import quote
 
-from finstream.connectors.base import ConnectorOptions, HttpConnector, PollResult, per_symbol
+from finstream.connectors.base import ConnectorOptions, PollResult
+from finstream.connectors.http import HttpConnector, per_symbol
 from finstream.domain.marketdata.failover import ProviderGate
 from finstream.domain.marketdata.normalize import (
     epoch_to_utc,

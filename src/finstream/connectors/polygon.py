@@ -22,7 +22,8 @@ from typing import Any, ClassVar
 
 from websockets.asyncio.client import ClientConnection
 
-from finstream.connectors.base import ConnectorOptions, WebSocketConnector
+from finstream.connectors.base import ConnectorOptions
+from finstream.connectors.websocket import WebSocketConnector
 from finstream.domain.marketdata.failover import ProviderGate
 from finstream.domain.marketdata.normalize import (
     epoch_to_utc,

@@ -28,7 +28,8 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
-from finstream.connectors.base import ConnectorOptions, HttpConnector, HttpReply, PollResult
+from finstream.connectors.base import ConnectorOptions, PollResult
+from finstream.connectors.http import HttpConnector, HttpReply
 from finstream.domain.marketdata.failover import ProviderGate
 from finstream.domain.marketdata.normalize import (
     body_hint,

@@ -182,13 +182,19 @@ async def test_auth_failure_is_not_retried_in_a_tight_loop(market: FakeMarket) -
 async def test_max_connections_status(market: FakeMarket) -> None:
     fake = FakePolygon(market)
     fake.mode = "max_connections"
+    # The connector clears last_error at its next successful handshake, which may
+    # come before the test looks again: keep the error seen at a refusal.
+    seen: list[ProviderError] = []
+
+    def refused(_: list[Tick]) -> bool:
+        if conn.disconnects["max_connections"] >= 1 and conn.last_error is not None:
+            seen.append(conn.last_error)
+        return bool(seen)
+
     async with serve(fake) as url:
         conn = connector(url, fake.api_key)
-        await run_until(
-            conn, {"AAPL"}, lambda _: conn.disconnects["max_connections"] >= 1, "the refusal"
-        )
-    assert conn.last_error is not None
-    assert conn.last_error.error_class is ErrorClass.THROTTLED
+        await run_until(conn, {"AAPL"}, refused, "the refusal")
+    assert seen[0].error_class is ErrorClass.THROTTLED
 
 
 async def test_silent_after_auth_reconnects(market: FakeMarket) -> None:

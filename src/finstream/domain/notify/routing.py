@@ -42,15 +42,11 @@ from typing import Any
 
 from finstream.domain.notify import caps as caps_
 from finstream.domain.notify.digest import DigestBuffer
+from finstream.domain.notify.fitting import fit_push
 from finstream.domain.notify.ids import outbound_message_id
 from finstream.domain.notify.preferences import CHANNELS, Contact, Preferences
 from finstream.domain.notify.quiet_hours import is_quiet, next_allowed
-from finstream.domain.notify.templates import (
-    ChannelNotAvailable,
-    Rendered,
-    Templates,
-    fit_push,
-)
+from finstream.domain.notify.templates import ChannelNotAvailable, Rendered, Templates
 from finstream.domain.time import to_micros
 
 

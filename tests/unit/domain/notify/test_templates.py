@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from finstream.domain.notify.fitting import fit_push, fit_sms, is_gsm7, sms_segments, truncate
 from finstream.domain.notify.templates import (
     ChannelNotAvailable,
     Limits,
@@ -17,12 +18,7 @@ from finstream.domain.notify.templates import (
     TemplateError,
     Templates,
     UnknownTemplate,
-    fit_push,
-    fit_sms,
-    is_gsm7,
     locale_chain,
-    sms_segments,
-    truncate,
 )
 from finstream.resources import resource
 
