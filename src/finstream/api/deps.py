@@ -30,7 +30,8 @@ from finstream.api.metrics import AUTH_FAILURES, RATE_LIMITED
 from finstream.api.problems import Problem
 from finstream.codec import Codec, default_codec
 from finstream.domain.notify.templates import Templates
-from finstream.runtime.kafka import DeadLetters, KafkaPublisher
+from finstream.runtime.deadletters import DeadLetters
+from finstream.runtime.kafka import KafkaPublisher
 from finstream.runtime.logging import get_logger
 from finstream.settings import Settings
 from finstream.stores.inbox import Inbox

@@ -85,9 +85,9 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from finstream.domain.resilience import Backoff
 from finstream.domain.time import utcnow
+from finstream.runtime.deadletters import DeadLetters
 from finstream.runtime.health import HealthServer
 from finstream.runtime.kafka import (
-    DeadLetters,
     client_config,
     consumer_config,
     kafka_error,

@@ -17,8 +17,9 @@ from typing import Any
 
 from finstream.codec import Codec, default_codec
 from finstream.roles import ROLES, RoleSpec
+from finstream.runtime.deadletters import DeadLetters
 from finstream.runtime.health import HealthServer
-from finstream.runtime.kafka import DeadLetters, KafkaPublisher, check_access
+from finstream.runtime.kafka import KafkaPublisher, check_access
 from finstream.runtime.logging import configure_logging, get_logger
 from finstream.settings import Settings, get_settings
 
