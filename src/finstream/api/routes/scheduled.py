@@ -75,6 +75,7 @@ def _requested_by(caller: Principal) -> str:
 
 
 async def _command(
+    *,
     res: Resources,
     request: Request,
     caller: Caller,
@@ -162,7 +163,15 @@ async def reschedule(
         deliver_at = check_deliver_at(body.deliver_at, utcnow())
     except InvalidCommand as exc:
         raise field_problem("body", "deliver_at", str(exc)) from None
-    return await _command(res, request, caller, user_id, item_id, "RESCHEDULE", deliver_at)
+    return await _command(
+        res=res,
+        request=request,
+        caller=caller,
+        user_id=user_id,
+        item_id=item_id,
+        action="RESCHEDULE",
+        deliver_at=deliver_at,
+    )
 
 
 @router.delete(
@@ -177,4 +186,6 @@ async def reschedule(
 async def cancel(
     *, user_id: UserPath, item_id: ItemIdPath, request: Request, res: Res, caller: Caller
 ) -> Any:
-    return await _command(res, request, caller, user_id, item_id, "CANCEL")
+    return await _command(
+        res=res, request=request, caller=caller, user_id=user_id, item_id=item_id, action="CANCEL"
+    )
