@@ -205,7 +205,7 @@ async def test_list_reschedule_cancel_and_the_race(
         refused = outcome(env, late["command_id"])
         assert refused["action"] == "command_refused"
         assert refused["details"]["outcome"] == "already_released"
-        assert refused["reason"] == "cancel: already released"
+        assert refused["reason"] == "already released"
 
         # Cancel first: h-first is due in 20 s and cancelled at once; h-mark is due at the
         # same time and not cancelled. Once h-mark is out, h-first's time has come and gone.

@@ -279,14 +279,13 @@ def apply(
 ) -> Result:
     """Apply one command to the user's holds and state (changed in place), or say why not."""
     found = items(command.user_id, holds, describe).get(command.item_id)
-    verb = command.action.lower()
     if found is None:
         seen = state.seen.get(command.item_id)
         if seen is not None and seen[0] == CANCELLED:
-            return Result(ALREADY_CANCELLED, f"{verb}: already cancelled")
+            return Result(ALREADY_CANCELLED, "already cancelled")
         if seen is not None and seen[0] in (DONE, HELD):
-            return Result(ALREADY_RELEASED, f"{verb}: already released")
-        return Result(NOT_FOUND, f"{verb}: nothing of that id is held for the user")
+            return Result(ALREADY_RELEASED, "already released")
+        return Result(NOT_FOUND, "nothing of that id is held for the user")
     now_us = to_micros(now)
     if command.action == "CANCEL":
         if found.kind == "DIGEST":

@@ -89,13 +89,13 @@ def test_cancel_drops_the_hold_and_remembers_the_id() -> None:
     assert holds.empty()
     assert state.seen["r1"][0] == sched.CANCELLED
     again = run(command("r1", command_id="c-2"), holds, state)
-    assert (again.outcome, again.reason) == (sched.ALREADY_CANCELLED, "cancel: already cancelled")
+    assert (again.outcome, again.reason) == (sched.ALREADY_CANCELLED, "already cancelled")
 
 
 def test_cancel_after_the_release_is_already_released() -> None:
     holds, state = Holds(), UserState(seen={"r1": (DONE, NOW.timestamp() + 60)})
     result = run(command("r1"), holds, state)
-    assert (result.outcome, result.reason) == (sched.ALREADY_RELEASED, "cancel: already released")
+    assert (result.outcome, result.reason) == (sched.ALREADY_RELEASED, "already released")
     assert not result.applied
 
 
@@ -276,3 +276,50 @@ def test_every_hold_ends_once_and_nothing_cancelled_is_sent(steps: list[tuple[An
     assert len(sent) == len(set(sent)), "released once"
     assert not cancelled & set(sent), "a cancelled hold is never sent"
     assert cancelled | set(sent) == {"r0", "r1", "r2"}
+
+
+# -- the journey of a held request that was rescheduled, then cancelled --------------------
+
+
+def test_the_journey_shows_commands_on_a_hold() -> None:
+    from finstream.domain.notify import journey
+
+    holds, state = holds_with(hold("r1", NOW + timedelta(hours=1)))
+    held = journey.AuditRow(
+        NOW,
+        "router",
+        "scheduled",
+        "request",
+        "r1",
+        "u1",
+        "deliver_at",
+        {
+            "phase": "intake",
+            "channels": "email",
+            "release_at": (NOW + timedelta(hours=1)).isoformat(),
+        },
+    )
+
+    def row(cmd: sched.Command, at: datetime) -> journey.AuditRow:
+        e = sched.audit_event(cmd, run(cmd, holds, state), at)
+        return journey.AuditRow(
+            e["at"], e["actor"], e["action"], e["subject_type"], e["subject_id"], e["user_id"],
+            e["reason"], e["details"],
+        )  # fmt: skip
+
+    later = NOW + timedelta(hours=3)
+    moved = row(command("r1", "RESCHEDULE", later), NOW + timedelta(seconds=1))
+    cancelled = row(command("r1"), NOW + timedelta(seconds=2))
+    refused = row(command("r1", command_id="again"), NOW + timedelta(seconds=3))
+    j = journey.build("r1", [held, moved], [], [])
+    assert j is not None
+    assert j["state"] == "held"
+    assert j["channels"]["email"]["held_until"] == later.isoformat()
+    j = journey.build("r1", [held, moved, cancelled, refused], [], [])
+    assert j is not None
+    assert j["state"] == "cancelled"
+    assert j["channels"]["email"]["decision"] == "cancelled"
+    summaries = [s["summary"] for s in j["steps"]]
+    assert f"rescheduled to {later.isoformat()} by user:u1" in summaries
+    assert "cancelled by user:u1" in summaries
+    assert "cancel by user:u1: already cancelled" in summaries
