@@ -129,8 +129,9 @@ class ScheduleControl:
         router = self.router
         stored = router.holds_store.get(router._partition(user), user.encode())
         forgotten = user in batch.forgotten
-        before = sched.items(user, stored, self.describe)
-        after = {} if forgotten else sched.items(user, holds, self.describe)
+        old, new = sched.changed_holds(stored, None if forgotten else holds)
+        before = sched.items(user, old, self.describe)
+        after = sched.items(user, new, self.describe)
         for change in sched.changes(
             before,
             after,

@@ -204,6 +204,19 @@ def items(
     return out
 
 
+def changed_holds(before: Holds | None, after: Holds | None) -> tuple[Holds, Holds]:
+    """``before`` and ``after`` narrowed to the held requests that differ (and all digests:
+    one per category), so that only those are described (their bytes decoded)."""
+    b, a = before or Holds(), after or Holds()
+    ids = {
+        k for k in b.requests.keys() | a.requests.keys() if b.requests.get(k) != a.requests.get(k)
+    }
+    return (
+        Holds({k: h for k, h in b.requests.items() if k in ids}, b.digests),
+        Holds({k: h for k, h in a.requests.items() if k in ids}, a.digests),
+    )
+
+
 def item_key(user: str, item_id: str) -> bytes:
     """The notify.scheduled.items key (compaction keeps one record per item)."""
     return f"{user}/{item_id}".encode()

@@ -323,3 +323,19 @@ def test_the_journey_shows_commands_on_a_hold() -> None:
     assert f"rescheduled to {later.isoformat()} by user:u1" in summaries
     assert "cancelled by user:u1" in summaries
     assert "cancel by user:u1: already cancelled" in summaries
+
+
+@given(
+    st.sets(st.sampled_from(["a", "b", "c", "d"])),
+    st.sets(st.sampled_from(["a", "b", "c", "d"])),
+    st.sets(st.sampled_from(["a", "b", "c", "d"])),
+)
+def test_narrowing_to_what_changed_loses_no_change(
+    before_ids: set[str], after_ids: set[str], moved: set[str]
+) -> None:
+    before = Holds({r: hold(r, NOW + timedelta(hours=1)) for r in before_ids})
+    after = Holds({r: hold(r, NOW + timedelta(hours=2 if r in moved else 1)) for r in after_ids})
+    full = sched.changes(sched.items("u1", before, describe), sched.items("u1", after, describe))
+    old, new = sched.changed_holds(before, after)
+    narrow = sched.changes(sched.items("u1", old, describe), sched.items("u1", new, describe))
+    assert narrow == full
