@@ -6,10 +6,13 @@ sent once and the cancel reports "already released"."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
+import time
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -28,7 +31,7 @@ pytestmark = pytest.mark.e2e
 USER = "sam-sched"
 
 
-def request(request_id: str, deliver_at: datetime) -> dict[str, Any]:
+def request(request_id: str, deliver_at: datetime | None) -> dict[str, Any]:
     return {
         "request_id": request_id,
         "user_id": USER,
@@ -95,6 +98,17 @@ def outcome(env: TestEnv, command_id: str) -> dict[str, Any]:
 def dead_letters(env: TestEnv, count: int) -> list[dict[str, bytes]] | None:
     found = [dict(m.headers() or []) for m in env.consume_all("dlq", timeout=5)]
     return found if len(found) >= count else None
+
+
+async def eventually(probe: Callable[[], Awaitable[Any]], message: str) -> Any:
+    """wait_until for a probe that needs this event loop (the in-process API)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        found = await probe()
+        if found:
+            return found
+        await asyncio.sleep(0.25)
+    raise AssertionError(f"timed out waiting for {message}")
 
 
 def cli(env: TestEnv, *args: str) -> subprocess.CompletedProcess[str]:
@@ -259,3 +273,97 @@ async def test_list_reschedule_cancel_and_the_race(
     assert {h.get(H_ERROR_CLASS, b"").decode() for h in letters} >= {"InvalidKey"}
     # What is still held is listed: h-keep and the CLI's rescheduled one.
     assert set(listed(env)) == {"h-keep", "h-cli-move"}
+
+
+async def test_quiet_hours_holds_and_digests_are_under_control_too(
+    env: TestEnv, log_dir: Path, tmp_path: Path
+) -> None:
+    keys = Keys.create(tmp_path / "jwks")
+    user = "quinn-sched"
+    now = utcnow()
+    prefs = parse_preferences(
+        {
+            "user_id": user,
+            "timezone": "UTC",
+            "emails": [{"address": "quinn@example.com", "verified": True}],
+            # In quiet hours now (UTC), for the next two hours.
+            "quiet_hours": [
+                {
+                    "start": (now - timedelta(hours=1)).strftime("%H:%M"),
+                    "end": (now + timedelta(hours=2)).strftime("%H:%M"),
+                }
+            ],
+            "categories": {
+                "account": {"channels": ["email"]},
+                "news": {"channels": ["inapp"], "digest": True},
+            },
+        },
+        now=now,
+    )
+
+    def req(rid: str, category: str, priority: str) -> dict[str, Any]:
+        r = request(rid, None)
+        return {**r, "user_id": user, "category": category, "priority": priority}
+
+    with workers(
+        env,
+        log_dir,
+        "router",
+        "statestore",
+        router_tick_seconds="0.1",
+        router_digest_seconds="3600",
+    ):
+        env.produce_records("notify.preferences", "UserPreferences", [(user, prefs)])
+        r = redis.Redis.from_url(env.settings.redis_url.get_secret_value())
+        wait_until(
+            lambda: r.exists(env.settings.redis_key(f"prefs:{{{user}}}")),
+            timeout=30,
+            message="the router knows the user's preferences",
+        )
+        r.close()
+        env.produce_records(
+            "notify.requests",
+            "NotificationRequest",
+            [
+                (user, req("q-quiet", "account", "NORMAL")),
+                (user, req("q-low-1", "news", "LOW")),
+                (user, req("q-low-2", "news", "LOW")),
+            ],
+        )
+        async with api_client(api_settings(env.settings, keys)) as (client, _res):
+            me = auth(keys.token(user))
+
+            async def items() -> dict[str, dict[str, Any]]:
+                page = (await client.get("/v1/users/me/scheduled", headers=me)).json()
+                return {i["kind"] + ":" + i["reason"]: i for i in page["items"]}
+
+            async def both() -> dict[str, dict[str, Any]] | None:
+                found = await items()
+                digest = found.get("digest:digest")
+                ready = "request:quiet_hours" in found and digest and digest["items"] == 2
+                return found if ready else None
+
+            found = await eventually(both, "a quiet-hours hold and a digest of 2 listed")
+            quiet = found["request:quiet_hours"]
+            assert (quiet["item_id"], quiet["channels"]) == ("q-quiet", ["email"])
+            digest_id = found["digest:digest"]["item_id"]
+            assert digest_id.startswith("digest-")
+
+            # The digest, brought forward, goes out now; the quiet-hours hold is cancelled.
+            soon = (utcnow() + timedelta(seconds=2)).isoformat()
+            moved = await client.patch(
+                f"/v1/users/me/scheduled/{digest_id}", headers=me, json={"deliver_at": soon}
+            )
+            assert moved.status_code == 202, moved.text
+            gone = await client.delete("/v1/users/me/scheduled/q-quiet", headers=me)
+            assert gone.status_code == 202, gone.text
+            assert outcome(env, moved.json()["command_id"])["action"] == "rescheduled"
+            assert outcome(env, gone.json()["command_id"])["action"] == "cancelled"
+            wait_until(lambda: digest_id in sent(env), timeout=60, message="the digest sent")
+
+            async def nothing() -> bool:
+                return not await items()
+
+            await eventually(nothing, "nothing held any more")
+    emails = env.consume_all("notify.outbound.email", timeout=5)
+    assert not [m for m in emails if m.key() == user.encode()]
