@@ -135,7 +135,7 @@ async def test_list_reschedule_cancel_and_the_race(
     prefs = parse_preferences(
         {"user_id": USER, "categories": {"account": {"channels": ["inapp"]}}}, now=utcnow()
     )
-    with workers(env, log_dir, "router", "statestore", router_tick_seconds="0.1"):
+    with workers(env, log_dir, "router", "statestore", router_tick_seconds="0.1") as running:
         env.produce_records("notify.preferences", "UserPreferences", [(USER, prefs)])
         r = redis.Redis.from_url(env.settings.redis_url.get_secret_value())
         wait_until(
@@ -250,6 +250,20 @@ async def test_list_reschedule_cancel_and_the_race(
             ],
         )
         letters = wait_until(lambda: dead_letters(env, 3), timeout=60, message="3 dead letters")
+
+        # A restarted router announces what it holds again: the read model heals.
+        r = redis.Redis.from_url(env.settings.redis_url.get_secret_value())
+        r.delete(env.settings.redis_key(f"scheduled:{{{USER}}}"))
+        r.close()
+        assert listed(env) == {}
+        router = running[0]
+        router.stop()
+        router.start()
+        wait_until(
+            lambda: set(listed(env)) == {"h-keep", "h-cli-move"},
+            timeout=60,
+            message="the held items announced again",
+        )
 
     out_ids = sent(env)
     done = outcomes(env)

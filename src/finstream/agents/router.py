@@ -234,6 +234,7 @@ class Router(Processor):
     async def assigned(self, partitions: frozenset[int]) -> None:
         self.owned = partitions
         self._rebuild_index()
+        self.scheduled.assigned(partitions)
         log.info("routing partitions", partitions=sorted(partitions), held_users=len(self.index))
 
     async def revoked(self, partitions: frozenset[int]) -> None:
@@ -642,6 +643,7 @@ class Router(Processor):
 
     async def punctuate(self, out: Output) -> None:
         """Release every hold and digest that is due on the partitions this replica owns."""
+        self.scheduled.announce(out)
         due = self.index.next_due()
         if due is None or due > to_micros(utcnow()):
             return

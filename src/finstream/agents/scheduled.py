@@ -18,6 +18,11 @@ so the router stays about routing. The decisions are pure, in
   held or rescheduled, a tombstone (header ``finstream-scheduled-state``) when
   it is released, cancelled or forgotten. The statestore role keeps it in
   Redis for ``GET /v1/users/{user}/scheduled``.
+* After an assignment (a start, a restart, a rebalance) the router announces
+  again everything it holds on the partitions it got, from its restored
+  store, in its first release tick: the read model heals if Redis lost it,
+  and holds made before this topic existed are listed. (The store does not
+  remember which holds were rescheduled: announced again, they read ``held``.)
 """
 
 from __future__ import annotations
@@ -54,6 +59,27 @@ class ScheduleControl:
         self.commands_topic = self.commands.name
         if self.commands.partitions != router.partitions:
             raise ValueError("notify.scheduled.commands must have notify.requests' partitions")
+        self._announce: frozenset[int] = frozenset()
+
+    def assigned(self, partitions: frozenset[int]) -> None:
+        self._announce = partitions
+
+    def announce(self, out: Any) -> None:
+        """Publish every item held on newly assigned partitions (once per assignment)."""
+        if not self._announce:
+            return
+        partitions, self._announce = self._announce & self.router.owned, frozenset()
+        now = utcnow()
+        count = 0
+        for partition in sorted(partitions):
+            for _p, key, holds in self.router.holds_store.items(partition):
+                user = key.decode()
+                for item in sched.items(user, holds, self.describe).values():
+                    record = item.record("HELD", now)
+                    key_ = sched.item_key(user, item.item_id)
+                    out.produce(self.items.name, key_, self.items.encode(record))
+                    count += 1
+        log.info("scheduled items announced", partitions=sorted(partitions), items=count)
 
     def describe(self, raw: bytes) -> sched.Described:
         request = Request.from_record(self.router.requests.decode_record(raw))
