@@ -88,7 +88,7 @@ class ScheduleControl:
         )
 
     def command(self, ev: Event, headers: list[tuple[str, bytes]], batch: _Batch) -> None:
-        from finstream.agents.router import _Letter
+        from finstream.agents.router import _Letter, _Out  # the router imports this module
 
         command: sched.Command = ev.item
         if ev.key != command.user_id.encode():
@@ -122,8 +122,6 @@ class ScheduleControl:
             elif result.outcome == sched.OUTCOME_RESCHEDULED:
                 batch.rescheduled.setdefault(user, {})[command.item_id] = command.command_id
             event = sched.audit_event(command, result, now)
-            from finstream.agents.router import _Out
-
             batch.outputs.append(
                 _Out(
                     router.audit_topic,
