@@ -1,7 +1,7 @@
 """The ``statestore`` role: compacted state topics -> Redis read models.
 
-Consumes ``alerts.rules`` (key: rule id) and ``notify.preferences`` (key: user
-id) and keeps :mod:`finstream.stores.read_models` current, so the API and the
+Consumes ``alerts.rules`` (key: rule id), ``notify.preferences`` (key: user
+id) and ``notify.scheduled.items`` (key: user id/item id) and keeps :mod:`finstream.stores.read_models` current, so the API and the
 delivery workers can point-query what a compacted topic cannot answer.
 
 Applying is idempotent and version-ordered (a record never replaces a newer
@@ -14,20 +14,29 @@ compaction keep the wrong record), goes to ``dlq`` and the partition moves on.
 
 from __future__ import annotations
 
+from finstream.domain.notify.scheduled import split_key
 from finstream.runtime.engine import Event, Output, Processor, StreamEngine
 from finstream.runtime.logging import get_logger
 from finstream.runtime.worker import ServiceContext
-from finstream.stores.read_models import PreferencesStore, RulesStore
+from finstream.stores.read_models import PreferencesStore, RulesStore, ScheduledStore
 from finstream.stores.redis import connect
 
 log = get_logger(__name__)
 
 
 class StateStoreSink(Processor):
-    def __init__(self, ctx: ServiceContext, rules: RulesStore, prefs: PreferencesStore) -> None:
+    def __init__(
+        self,
+        ctx: ServiceContext,
+        rules: RulesStore,
+        prefs: PreferencesStore,
+        scheduled: ScheduledStore,
+    ) -> None:
         self.rules = rules
         self.prefs = prefs
+        self.scheduled = scheduled
         self.rules_topic = ctx.settings.topic("alerts.rules")
+        self.scheduled_topic = ctx.settings.topic("notify.scheduled.items")
 
     async def process(self, events: list[Event], out: Output) -> None:
         for ev in events:
@@ -41,6 +50,8 @@ class StateStoreSink(Processor):
                     )
                 else:
                     await self.rules.put(ev.value)
+            elif ev.topic == self.scheduled_topic:
+                await self._scheduled(ev, out)
             elif ev.value is None:
                 await self.prefs.delete(key)
             elif ev.item.user_id != key:
@@ -52,17 +63,31 @@ class StateStoreSink(Processor):
             else:
                 await self.prefs.put(key, ev.value)
 
+    async def _scheduled(self, ev: Event, out: Output) -> None:
+        user, item_id = split_key(ev.key or b"")
+        if not user or not item_id:
+            out.dead_letter(ev, "key is not USER/ITEM_ID", "InvalidKey")
+        elif ev.value is None:
+            await self.scheduled.delete(user, item_id)
+        elif (ev.item["user_id"], ev.item["item_id"]) != (user, item_id):
+            out.dead_letter(ev, f"key {user}/{item_id} is not the item's", "KeyMismatch")
+        else:
+            await self.scheduled.put(user, item_id, ev.value)
+
 
 async def run(ctx: ServiceContext) -> None:
     settings = ctx.settings
     redis = connect(settings)
     sink = StateStoreSink(
-        ctx, RulesStore(redis, settings, ctx.codec), PreferencesStore(redis, settings, ctx.codec)
+        ctx,
+        RulesStore(redis, settings, ctx.codec),
+        PreferencesStore(redis, settings, ctx.codec),
+        ScheduledStore(redis, settings, ctx.codec),
     )
     engine = StreamEngine(
         settings,
         ctx.role,
-        ["alerts.rules", "notify.preferences"],
+        ["alerts.rules", "notify.preferences", "notify.scheduled.items"],
         sink,
         ctx.health,
         guarantee="at_least_once",
