@@ -65,7 +65,7 @@ _ROLES = [
         "router",
         "stream",
         "finstream.agents.router:run",
-        ("notify.requests", "notify.preferences"),
+        ("notify.requests", "notify.preferences", "notify.scheduled.commands"),
         "Routes notification requests by users' preferences (consent, quiet hours, caps, "
         "digests, schedules) to outbound channel topics; keeps the preferences read model.",
     ),
@@ -108,8 +108,8 @@ _ROLES = [
         "statestore",
         "sink",
         "finstream.agents.statestore:run",
-        ("alerts.rules", "notify.preferences"),
-        "Keeps the Redis read models of alert rules and preferences current.",
+        ("alerts.rules", "notify.preferences", "notify.scheduled.items"),
+        "Keeps the Redis read models of alert rules, preferences and scheduled items current.",
     ),
     RoleSpec(
         "api",

@@ -30,6 +30,7 @@ from finstream.domain.marketdata.bars import Bar, validate_bar
 from finstream.domain.marketdata.ticks import Tick, validate_tick
 from finstream.domain.notify.preferences import Preferences
 from finstream.domain.notify.routing import Request
+from finstream.domain.notify.scheduled import Command
 from finstream.domain.partitioning import key_partition
 from finstream.resources import resource
 
@@ -217,6 +218,10 @@ def _preferences(record: dict[str, Any], ctx: DecodeContext) -> Any:
     return Preferences.from_record(record)
 
 
+def _command(record: dict[str, Any], ctx: DecodeContext) -> Any:
+    return Command.from_record(record)
+
+
 def _record(record: dict[str, Any], ctx: DecodeContext) -> Any:
     return record
 
@@ -230,6 +235,7 @@ CONTRACT_TYPES: dict[str, Any] = {
     "AlertRule": _rule,
     "Request": _request,
     "Preferences": _preferences,
+    "ScheduleCommand": _command,
     "record": _record,
     "raw": None,
 }

@@ -112,3 +112,60 @@ def test_statestore_mirrors_the_topics(env: TestEnv, log_dir: Path) -> None:
         wait_until(lambda: read(env)["ann"] == [], message="live delete")
     finally:
         assert worker.stop() == 0, worker.log_tail()
+
+
+def test_statestore_keeps_scheduled_items(env: TestEnv, log_dir: Path) -> None:
+    from finstream.domain.notify.scheduled import Item, item_key
+    from finstream.domain.time import to_micros
+    from finstream.stores.read_models import ScheduledStore
+
+    codec = Codec()
+
+    def value(item_id: str, user: str = "ann", hours: int = 1, state: str = "HELD") -> bytes:
+        item = Item(item_id, user, "REQUEST", "deliver_at", to_micros(T0) + hours, "account")
+        return codec.encode("ScheduledItem", item.record(state, T0))
+
+    env.produce(
+        "notify.scheduled.items",
+        [
+            (item_key("ann", "s-1"), value("s-1")),
+            (item_key("ann", "s-2"), value("s-2")),
+            (item_key("ann", "s-1"), value("s-1", hours=5, state="RESCHEDULED")),
+            (item_key("ann", "s-2"), None),  # released
+            (item_key("ann", "s-3"), value("s-3", user="ben")),  # not the key's
+            (b"no-slash", value("s-4")),
+        ],
+    )
+
+    def listed() -> list[tuple[str, str, int]]:
+        async def go() -> list[tuple[str, str, int]]:
+            redis = connect(env.settings)
+            try:
+                found = await ScheduledStore(redis, env.settings, codec).list_for_user("ann")
+                return [(r["item_id"], r["state"], to_micros(r["due"])) for r in found]
+            finally:
+                await redis.aclose()
+
+        return asyncio.run(go())
+
+    worker = WorkerProcess(env, "statestore", log_dir).start()
+    try:
+        wait_until(
+            lambda: listed() == [("s-1", "RESCHEDULED", to_micros(T0) + 5)],
+            timeout=60,
+            message="the scheduled items mirrored",
+        )
+        source = env.topic("notify.scheduled.items").encode()
+
+        def letters() -> list[str] | None:
+            found = sorted(
+                dict(m.headers())[H_ERROR_CLASS].decode()
+                for m in env.consume_all("dlq")
+                if dict(m.headers())[H_SOURCE_TOPIC] == source
+            )
+            return found if len(found) >= 2 else None
+
+        found = wait_until(letters, timeout=30, message="dead letters of notify.scheduled.items")
+        assert found == ["InvalidKey", "KeyMismatch"]
+    finally:
+        assert worker.stop() == 0, worker.log_tail()

@@ -133,3 +133,48 @@ def test_a_batch_partly_stored_adds_only_its_new_ticks(env: TestEnv) -> None:
         [t.tick_id for t in ticks],
     )
     assert (rows[0]["n"], rows[0]["d"]) == (150, 150)
+
+
+def test_an_aborted_transaction_upstream_leaves_no_lag(env: TestEnv, log_dir: Path) -> None:
+    """A read_committed consumer skips an aborted transaction's records and its
+    marker without handing anything to the role; the engine still commits the
+    position past them, so the group catches up to the end of the topic."""
+    import uuid
+
+    from confluent_kafka import Producer
+
+    from finstream.codec import Codec
+    from tests.support.services import group_caught_up
+
+    codec = Codec()
+    worker = WorkerProcess(env, "history", log_dir).start()
+    try:
+        stored = _ticks(20, seed=7)
+        env.produce_records("md.ticks", "Tick", stored)
+        group = env.settings.group("history")
+        wait_until(lambda: group_caught_up(env, group, ["md.ticks"]), message="first ticks")
+
+        producer = Producer(
+            {**env.kafka_config(), "transactional.id": f"aborting-{uuid.uuid4().hex}"}
+        )
+        producer.init_transactions(30)
+        producer.begin_transaction()
+        for key, record in _ticks(10, seed=8):
+            producer.produce(
+                env.topic("md.ticks"), key=key.encode(), value=codec.encode("Tick", record)
+            )
+        producer.flush(30)
+        producer.abort_transaction(30)
+
+        wait_until(
+            lambda: group_caught_up(env, group, ["md.ticks"]),
+            message="the history group's offsets past the aborted transaction",
+        )
+        ids = [r["tick_id"] for _, r in stored]
+        rows = env.sql("SELECT count(*) AS n FROM ticks WHERE tick_id = ANY($1::text[])", ids)
+        assert rows[0]["n"] == 20
+        aborted = [r["tick_id"] for _, r in _ticks(10, seed=8)]
+        rows = env.sql("SELECT count(*) AS n FROM ticks WHERE tick_id = ANY($1::text[])", aborted)
+        assert rows[0]["n"] == 0
+    finally:
+        worker.stop()

@@ -24,6 +24,8 @@ DESIGN_TOPICS = {
     "notify.outbound.sms",
     "notify.outbound.inapp",
     "notify.scheduled",
+    "notify.scheduled.commands",
+    "notify.scheduled.items",
     "notify.delivery",
     "audit.events",
     "dlq",
@@ -39,8 +41,15 @@ def test_state_topics_are_compacted_and_copartitioned() -> None:
     c = load_catalogue()
     assert c.get("alerts.rules").cleanup_policy == "compact"
     assert c.get("notify.preferences").cleanup_policy == "compact"
+    assert c.get("notify.scheduled.items").cleanup_policy == "compact"
     by_user = {
-        c.get(n).partitions for n in ("notify.requests", "notify.preferences", "notify.scheduled")
+        c.get(n).partitions
+        for n in (
+            "notify.requests",
+            "notify.preferences",
+            "notify.scheduled",
+            "notify.scheduled.commands",
+        )
     }
     assert len(by_user) == 1, "user-keyed topics must be co-partitioned"
 

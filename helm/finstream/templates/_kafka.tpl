@@ -86,7 +86,7 @@ roles' producers; tests/deploy/test_chart_production.py checks the inputs. */}}
   "sandbox" (dict)
   "quotes" (dict "write" (list "md.bars.1m" "dlq") "stream" true)
   "alerts" (dict "write" (list "alerts.fired" "alerts.rules.by-symbol" "notify.requests" "audit.events" "dlq") "stream" true)
-  "router" (dict "write" (concat $outbound (list "audit.events" "dlq")) "stream" true)
+  "router" (dict "write" (concat $outbound (list "notify.scheduled.items" "audit.events" "dlq")) "stream" true)
   "history" (dict "write" (list "dlq"))
   "bars" (dict "write" (list "dlq"))
   "statestore" (dict "write" (list "dlq"))
@@ -95,7 +95,7 @@ roles' producers; tests/deploy/test_chart_production.py checks the inputs. */}}
   "delivery-email" (dict "write" $delivery)
   "delivery-push" (dict "write" $delivery)
   "delivery-sms" (dict "write" $delivery)
-  "api" (dict "write" (list "alerts.rules" "notify.preferences" "notify.requests" "notify.delivery" "audit.events"))
+  "api" (dict "write" (list "alerts.rules" "notify.preferences" "notify.requests" "notify.scheduled.commands" "notify.delivery" "audit.events"))
   "retention" (dict "write" (list "audit.events"))
   | toJson }}
 {{- end }}

@@ -9,6 +9,10 @@ before a partition is routed:
 * ``state``  dedupe ids, collapse windows, the send log for caps (JSON);
 * ``holds``  held requests and open digests, released by time (JSON).
 
+A third input, ``notify.scheduled.commands``, cancels or reschedules held
+items, and every change of what is held goes to ``notify.scheduled.items``:
+see :mod:`finstream.agents.scheduled`.
+
 Each request goes through :func:`finstream.domain.notify.routing.decide`; the
 decision is rendered (:mod:`finstream.domain.notify.templates`), published as one
 OutboundMessage per channel and contact, and audited on ``audit.events``.
@@ -43,6 +47,7 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from finstream.agents.scheduled import ScheduleControl
 from finstream.codec import DecodeError, EncodeError
 from finstream.domain.notify import digest as digest_
 from finstream.domain.notify.due import DueIndex
@@ -181,6 +186,9 @@ class _Batch:
     prefs: dict[str, StoredPrefs | None] = field(default_factory=dict)  # None: forgotten
     forgotten: set[str] = field(default_factory=set)
     redis_ops: list[tuple[str, bytes | None, _Letter]] = field(default_factory=list)
+    # user -> item id -> command id: holds that commands cancelled or rescheduled
+    cancelled: dict[str, dict[str, str]] = field(default_factory=dict)
+    rescheduled: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 class Router(Processor):
@@ -216,6 +224,7 @@ class Router(Processor):
         self.owned: frozenset[int] = frozenset()
         self._read_model: Any = None
         self._backoff = Backoff(base=0.2, cap=5.0)
+        self.scheduled = ScheduleControl(self)
 
     def _partition(self, user: str) -> int:
         return key_partition(user.encode(), self.partitions)
@@ -225,6 +234,7 @@ class Router(Processor):
     async def assigned(self, partitions: frozenset[int]) -> None:
         self.owned = partitions
         self._rebuild_index()
+        self.scheduled.assigned(partitions)
         log.info("routing partitions", partitions=sorted(partitions), held_users=len(self.index))
 
     async def revoked(self, partitions: frozenset[int]) -> None:
@@ -241,6 +251,8 @@ class Router(Processor):
                     continue
                 if ev.topic == self.prefs_topic:
                     self._preferences(ev, headers, batch)
+                elif ev.topic == self.scheduled.commands_topic:
+                    self.scheduled.command(ev, headers, batch)
                 else:
                     self._request(ev, headers, batch)
             except Exception as exc:  # a bug must not stall the partition
@@ -266,6 +278,7 @@ class Router(Processor):
             out.produce(o.topic, o.key, o.value, o.headers, o.partition)
         for letter in batch.letters:
             self._dead_letter(letter, out)
+        self.scheduled.publish(batch, out)  # before the stores change: it compares with them
         self._write_state(batch)
         if batch.redis_ops:
             await self._update_read_model(batch.redis_ops, out)
@@ -630,6 +643,7 @@ class Router(Processor):
 
     async def punctuate(self, out: Output) -> None:
         """Release every hold and digest that is due on the partitions this replica owns."""
+        self.scheduled.announce(out)
         due = self.index.next_due()
         if due is None or due > to_micros(utcnow()):
             return
@@ -744,7 +758,7 @@ async def run(ctx: ServiceContext) -> None:
     engine = StreamEngine(
         ctx.settings,
         ctx.role,
-        ["notify.requests", "notify.preferences"],
+        ["notify.requests", "notify.preferences", "notify.scheduled.commands"],
         router,
         ctx.health,
         guarantee="exactly_once",

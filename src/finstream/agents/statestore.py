@@ -1,7 +1,7 @@
 """The ``statestore`` role: compacted state topics -> Redis read models.
 
-Consumes ``alerts.rules`` (key: rule id) and ``notify.preferences`` (key: user
-id) and keeps :mod:`finstream.stores.read_models` current, so the API and the
+Consumes ``alerts.rules`` (key: rule id), ``notify.preferences`` (key: user
+id) and ``notify.scheduled.items`` (key: user id/item id) and keeps :mod:`finstream.stores.read_models` current, so the API and the
 delivery workers can point-query what a compacted topic cannot answer.
 
 Applying is idempotent and version-ordered (a record never replaces a newer
@@ -14,7 +14,7 @@ compaction keep the wrong record), goes to ``dlq`` and the partition moves on.
 The topics are the source of truth of the read models: when Redis turns out
 to have lost them (a partition's repair mark is gone,
 :class:`finstream.stores.redis.RepairMarks`), the replica reads that
-partition of both topics again from the beginning, with a reader of its own
+partition of the three topics again from the beginning, with a reader of its own
 that stops at the end it saw when it started, and applies every record with
 the same version-ordered writes; then it marks the partition repaired.
 """
@@ -27,12 +27,13 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from finstream.codec import Codec, DecodeError
+from finstream.domain.notify.scheduled import split_key
 from finstream.runtime.engine import Event, Output, Processor, StreamEngine
 from finstream.runtime.kafka import consumer_config
 from finstream.runtime.logging import get_logger
 from finstream.runtime.worker import ServiceContext
 from finstream.settings import Settings
-from finstream.stores.read_models import PreferencesStore, RulesStore
+from finstream.stores.read_models import PreferencesStore, RulesStore, ScheduledStore
 from finstream.stores.redis import RepairMarks, connect
 from finstream.stores.redis import probe as redis_probe
 from finstream.topics import contract
@@ -84,15 +85,18 @@ class StateStoreSink(Processor):
         ctx: ServiceContext,
         rules: RulesStore,
         prefs: PreferencesStore,
+        scheduled: ScheduledStore,
         marks: RepairMarks | None = None,
     ) -> None:
         self.settings = ctx.settings
         self.codec: Codec = ctx.codec
         self.rules = rules
         self.prefs = prefs
+        self.scheduled = scheduled
         self.marks = marks
         self.rules_topic = ctx.settings.topic("alerts.rules")
         self.prefs_topic = ctx.settings.topic("notify.preferences")
+        self.scheduled_topic = ctx.settings.topic("notify.scheduled.items")
         self.owned: set[int] = set()
 
     async def assigned(self, partitions: frozenset[int]) -> None:
@@ -119,12 +123,13 @@ class StateStoreSink(Processor):
             log.warning("read models not repaired yet", error=f"{type(exc).__name__}: {exc}")
 
     async def repair(self, partition: int) -> int:
-        """Apply partition ``partition`` of both topics again, from the beginning."""
+        """Apply partition ``partition`` of the three topics again, from the beginning."""
         topics = [
             t
             for t, name in (
                 (self.rules_topic, "alerts.rules"),
                 (self.prefs_topic, "notify.preferences"),
+                (self.scheduled_topic, "notify.scheduled.items"),
             )
             if partition < contract(name, self.settings.namespace).partitions
         ]
@@ -142,6 +147,8 @@ class StateStoreSink(Processor):
 
     async def _reapply(self, topic: str, raw_key: bytes | None, value: bytes | None) -> int:
         # What process() stored; what it dead-lettered stays out (it is in dlq already).
+        if topic == self.scheduled_topic:
+            return await self._reapply_scheduled(raw_key, value)
         key = raw_key.decode("utf-8", "replace") if raw_key else ""
         rules = topic == self.rules_topic
         if value is None:
@@ -156,6 +163,22 @@ class StateStoreSink(Processor):
         await (self.rules.put(value) if rules else self.prefs.put(key, value))
         return 1
 
+    async def _reapply_scheduled(self, raw_key: bytes | None, value: bytes | None) -> int:
+        user, item_id = split_key(raw_key or b"")
+        if not user or not item_id:
+            return 0
+        if value is None:
+            await self.scheduled.delete(user, item_id)
+            return 1
+        try:
+            record = self.codec.decode(value, "ScheduledItem")
+        except DecodeError:
+            return 0
+        if (record["user_id"], record["item_id"]) != (user, item_id):
+            return 0
+        await self.scheduled.put(user, item_id, value)
+        return 1
+
     async def process(self, events: list[Event], out: Output) -> None:
         for ev in events:
             key = ev.key.decode("utf-8", "replace") if ev.key else ""
@@ -168,6 +191,8 @@ class StateStoreSink(Processor):
                     )
                 else:
                     await self.rules.put(ev.value)
+            elif ev.topic == self.scheduled_topic:
+                await self._scheduled(ev, out)
             elif ev.value is None:
                 await self.prefs.delete(key)
             elif ev.item.user_id != key:
@@ -179,6 +204,17 @@ class StateStoreSink(Processor):
             else:
                 await self.prefs.put(key, ev.value)
 
+    async def _scheduled(self, ev: Event, out: Output) -> None:
+        user, item_id = split_key(ev.key or b"")
+        if not user or not item_id:
+            out.dead_letter(ev, "key is not USER/ITEM_ID", "InvalidKey")
+        elif ev.value is None:
+            await self.scheduled.delete(user, item_id)
+        elif (ev.item["user_id"], ev.item["item_id"]) != (user, item_id):
+            out.dead_letter(ev, f"key {user}/{item_id} is not the item's", "KeyMismatch")
+        else:
+            await self.scheduled.put(user, item_id, ev.value)
+
 
 async def run(ctx: ServiceContext) -> None:
     settings = ctx.settings
@@ -188,12 +224,13 @@ async def run(ctx: ServiceContext) -> None:
         ctx,
         RulesStore(redis, settings, ctx.codec),
         PreferencesStore(redis, settings, ctx.codec),
+        ScheduledStore(redis, settings, ctx.codec),
         RepairMarks(redis, settings, ctx.role),
     )
     engine = StreamEngine(
         settings,
         ctx.role,
-        ["alerts.rules", "notify.preferences"],
+        ["alerts.rules", "notify.preferences", "notify.scheduled.items"],
         sink,
         ctx.health,
         guarantee="at_least_once",

@@ -37,6 +37,7 @@ from finstream.api.routes import (
     ops,
     preferences,
     rules,
+    scheduled,
     templates,
     webhooks,
 )
@@ -203,6 +204,7 @@ def create_app(settings: Settings | None = None, resources: Resources | None = N
         inbox,
         notifications,
         templates,
+        scheduled,
         webhooks,
         console,
     ):

@@ -330,6 +330,44 @@ class NotificationAccepted(_Out):
     status: Literal["accepted"]
 
 
+# -- scheduled notifications -----------------------------------------------------------
+
+
+class ScheduledItem(_Out):
+    item_id: str
+    user_id: str
+    kind: Literal["request", "digest"]
+    state: Literal["held", "rescheduled"]
+    reason: str = Field(description="Why it is held: deliver_at, quiet_hours or digest.")
+    due: str = Field(description="When the router releases it (ISO 8601).")
+    category: str
+    template: str | None = None
+    priority: str | None = None
+    channels: list[str] = []
+    items: int = Field(description="Messages in a digest (1 for a request).")
+    command_id: str | None = None
+    updated_at: str
+
+
+class ScheduledList(_Out):
+    user_id: str
+    items: list[ScheduledItem]
+
+
+class RescheduleIn(_In):
+    deliver_at: AwareDatetime = Field(
+        description="The new release time: in the future, at most 366 days ahead."
+    )
+
+
+class ScheduleCommandAccepted(_Out):
+    command_id: str
+    user_id: str
+    item_id: str
+    action: Literal["cancel", "reschedule"]
+    status: Literal["accepted"]
+
+
 # -- webhooks & health ------------------------------------------------------------------
 
 

@@ -41,6 +41,10 @@ _LAZY: dict[str, tuple[str, str]] = {
         "The journey of a notification (or a user's, by time range).",
     ),
     "status": ("finstream.cli.status:status", "Every role and service: ready, lag, throughput."),
+    "scheduled": (
+        "finstream.cli.scheduled:scheduled",
+        "Held notifications (deliver_at, quiet hours, digests): list, reschedule, cancel.",
+    ),
 }
 
 

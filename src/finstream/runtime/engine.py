@@ -383,7 +383,6 @@ class StreamEngine:
         # Whether records were processed since the last commit, and the offsets
         # committed then (the consumer's positions, which pass transaction
         # markers, so a caught-up group has no lag on transactional inputs).
-        self._consumed = False
         self._committed: dict[tuple[str, int], int] = {}
         self._assignment: frozenset[int] = frozenset()
         self._restored: set[int] = set()
@@ -471,7 +470,6 @@ class StreamEngine:
                 events = self._decode(messages)
                 if events:
                     await self.processor.process(events, self.out)
-                self._consumed = True
                 self._processing_seconds.observe(time.perf_counter() - started)
             now = time.monotonic()
             if (
@@ -620,7 +618,10 @@ class StreamEngine:
         Raises :class:`Rewind` if it cannot.
         """
         started = time.perf_counter()
-        offsets = self._offsets_to_commit() if self._consumed else []
+        # Positions also move when nothing reaches the processor: past an aborted
+        # transaction's records and its marker (after a producer crashed), which a
+        # read_committed consumer skips. Committing them keeps lag at zero.
+        offsets = self._offsets_to_commit()
         if self.exactly_once:
             if not offsets and not self._in_txn and not any(s.dirty for s in self.stores):
                 self._last_commit = time.monotonic()
@@ -634,7 +635,6 @@ class StreamEngine:
         for topic, n in self._produced.items():
             EVENTS_OUT.labels(self.role, topic).inc(n)
         self._produced.clear()
-        self._consumed = False
         for tp in offsets:
             self._committed[(tp.topic, tp.partition)] = tp.offset
         self._last_commit = time.monotonic()
@@ -816,7 +816,6 @@ class StreamEngine:
             self._abort(RuntimeError("rewind"))
         self._ensure_producer()
         self._produced.clear()
-        self._consumed = False
         self._committed.clear()
         self._delivery_errors.clear()
         assignment = self._consumer.assignment()
@@ -881,7 +880,6 @@ class StreamEngine:
             # Nothing of the open batch survives; the state of every partition
             # is read again at the next assignment.
             log.warning("commit on revocation failed", error=str(exc))
-            self._consumed = False
             self._forget_state()
         if not self._stopping:
             self._call_processor(self.processor.revoked(partitions))
@@ -900,7 +898,6 @@ class StreamEngine:
             except KafkaException as exc:
                 # The producer is None: replaced before the next batch.
                 log.warning("producer not replaced yet", error=str(exc))
-        self._consumed = False
         self._produced.clear()
         self._forget_state()
         self._call_processor(self.processor.revoked(frozenset(tp.partition for tp in tps)))

@@ -9,6 +9,8 @@ topic's record, so the read model holds exactly what the topic holds.
 * ``prefs:{user}``           UserPreferences bytes
 * ``rules:{user}``           hash rule_id -> AlertRule bytes
 * ``rules:index``            hash rule_id -> user_id (lookup by id across users)
+* ``scheduled:{user}``       hash item_id -> ScheduledItem bytes (notify.scheduled.items:
+  what the router holds for the user; a tombstone removes the item)
 
 Writes carry the record's ``updated_at`` and never replace a newer version
 with an older one, so replays and redelivery cannot move the model backwards.
@@ -158,3 +160,34 @@ class RulesStore:
         raw = await self._redis.hgetall(self._user_keys(user_id)[0])
         rules = [self._topic.decode_record(_bytes(v)) for v in raw.values()]
         return sorted(rules, key=lambda r: (r["created_at"], r["rule_id"]))
+
+
+class ScheduledStore:
+    """Each user's held notifications, as their notify.scheduled.items values.
+
+    One writer (the statestore role) applies the topic in order per key, so
+    the last record of an item wins; a tombstone removes it.
+    """
+
+    def __init__(self, redis: aioredis.Redis, settings: Settings, codec: Codec) -> None:
+        self._redis = redis
+        self._settings = settings
+        self._topic = contract("notify.scheduled.items", settings.namespace, codec)
+
+    def _key(self, user_id: str) -> str:
+        return self._settings.redis_key(f"scheduled:{{{user_id}}}")
+
+    async def put(self, user_id: str, item_id: str, value: bytes) -> None:
+        await self._redis.hset(self._key(user_id), item_id, value)
+
+    async def delete(self, user_id: str, item_id: str) -> None:
+        await self._redis.hdel(self._key(user_id), item_id)
+
+    async def get(self, user_id: str, item_id: str) -> dict[str, Any] | None:
+        raw = await self._redis.hget(self._key(user_id), item_id)
+        return self._topic.decode_record(_bytes(raw)) if raw is not None else None
+
+    async def list_for_user(self, user_id: str) -> list[dict[str, Any]]:
+        raw = await self._redis.hgetall(self._key(user_id))
+        found = [self._topic.decode_record(_bytes(v)) for v in raw.values()]
+        return sorted(found, key=lambda r: (r["due"], r["item_id"]))

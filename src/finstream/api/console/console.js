@@ -82,7 +82,9 @@ async function boot() {
   for (const s of symbols) quoteRow(s);
   setupChart();
   await selectSymbol(symbols[0]);
-  await Promise.all([loadRules(), loadInbox()]);
+  $("#scheduled-user").value = state.user;
+  $("#scheduled-user").readOnly = !operator;  // a user sees their own; operators anyone's
+  await Promise.all([loadRules(), loadInbox(), loadScheduled()]);
   connect();
   if (operator) {
     $("#journey-user").value = state.user;
@@ -91,6 +93,8 @@ async function boot() {
     setInterval(refreshStatus, 5000);
   }
   setInterval(loadInbox, 15000);
+  // Not while a time is being picked in the list.
+  setInterval(() => { if (!document.activeElement?.closest?.("#scheduled")) loadScheduled(); }, 15000);
 }
 
 // -- live stream ------------------------------------------------------------------------
@@ -273,6 +277,53 @@ async function loadInbox() {
     el("span", { class: "badge" }, m.category))));
 }
 
+// -- scheduled notifications --------------------------------------------------------------
+
+function scheduledUser() {
+  return $("#scheduled-user").value.trim() || state.user;
+}
+
+// A datetime-local value (the browser's zone) for a time; and back to ISO 8601 with a zone.
+function localInput(iso) {
+  const d = new Date(iso);
+  const pad = (n) => String(n).padStart(2, "0");
+  return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())}T${pad(d.getHours())}:${pad(d.getMinutes())}`;
+}
+
+async function loadScheduled(ev) {
+  if (ev) ev.preventDefault();
+  const user = scheduledUser();
+  let page;
+  try { page = await api(`/v1/users/${encodeURIComponent(user)}/scheduled`); } catch (e) { $("#scheduled-message").textContent = e.message; return; }
+  $("#scheduled").replaceChildren(...page.items.map((i) => {
+    const when = el("input", { type: "datetime-local", class: "when", value: localInput(i.due) });
+    return el("li", { "data-item": i.item_id, "data-state": i.state },
+      el("span", { class: "muted" }, new Date(i.due).toLocaleString()),
+      el("span", { class: "grow", title: i.item_id }, `${i.category}${i.template ? " · " + i.template : ""}${i.kind === "digest" ? ` · ${i.items} item(s)` : ""}`),
+      el("span", { class: "badge" }, `${i.kind === "digest" ? "digest" : i.reason}${i.state === "rescheduled" ? " · moved" : ""}`),
+      when,
+      el("button", { class: "reschedule", onclick: () => scheduledCommand(user, i.item_id, "PATCH", when.value) }, "reschedule"),
+      el("button", { class: "cancel", onclick: () => scheduledCommand(user, i.item_id, "DELETE") }, "cancel"));
+  }));
+  if (!page.items.length) $("#scheduled").replaceChildren(el("li", { class: "muted" }, `nothing held for ${user}`));
+}
+
+async function scheduledCommand(user, id, method, local) {
+  const message = $("#scheduled-message");
+  message.className = "muted";
+  const options = { method };
+  if (method === "PATCH") {
+    const at = new Date(local);
+    if (!local || Number.isNaN(at.getTime())) { message.className = "error"; message.textContent = "pick a new time"; return; }
+    options.body = { deliver_at: at.toISOString() };
+  }
+  try {
+    const answer = await api(`/v1/users/${encodeURIComponent(user)}/scheduled/${encodeURIComponent(id)}`, options);
+    message.textContent = `${answer.action} of ${id} accepted (command ${answer.command_id}); the journey of ${id} shows the outcome.`;
+  } catch (e) { message.className = "error"; message.textContent = e.message; }
+  setTimeout(loadScheduled, 1000);
+}
+
 // -- journeys (operators) ----------------------------------------------------------------
 
 async function searchJourneys(ev) {
@@ -315,5 +366,6 @@ async function refreshStatus() {
 document.addEventListener("DOMContentLoaded", () => {
   $("#rule-form").addEventListener("submit", addRule);
   $("#journey-form").addEventListener("submit", searchJourneys);
+  $("#scheduled-form").addEventListener("submit", loadScheduled);
   start().catch((e) => signOut(e.message));
 });

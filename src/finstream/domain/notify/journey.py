@@ -4,8 +4,9 @@ Built from what the pipeline already records, without I/O here:
 
 * the audit trail (``audit_events``): the router's decisions on the request
   (``subject_type = 'request'``: routed, scheduled, suppressed, digested,
-  duplicate, collapsed, expired, dropped), with the phase (``intake``,
-  ``release.<reason>``, ``digest``), the channels, why a channel was left out
+  duplicate, collapsed, expired, dropped; and the outcomes of commands on a
+  held request: cancelled, rescheduled, command_refused), with the phase
+  (``intake``, ``release.<reason>``, ``digest``, ``command``), the channels, why a channel was left out
   (``skipped.<channel>``), the hold's release time, the messages composed and
   their locales; and the delivery workers' events on those messages
   (``subject_type = 'message'``: rejections, final failures, feedback);
@@ -135,6 +136,31 @@ def build(
         locales = dict(
             pair.split(":", 1) for pair in d.get("locales", "").split(",") if ":" in pair
         )
+        if phase == "command":
+            # A cancel or reschedule of the held request (finstream.domain.notify.scheduled).
+            who = d.get("requested_by")
+            if e.action == "cancelled":
+                for ch in channels.values():
+                    if ch.decision == "held":
+                        ch.decision, ch.reason = "cancelled", e.reason
+                held_pending = False
+                final_action = "cancelled"
+                step(e.at, "decision", f"cancelled by {who}", action=e.action, reason=e.reason)
+            elif e.action == "rescheduled":
+                until = d.get("new_release_at")
+                for ch in channels.values():
+                    if ch.decision == "held":
+                        ch.held_until = until
+                step(
+                    e.at,
+                    "hold",
+                    f"rescheduled to {until} by {who}",
+                    action=e.action,
+                    release_at=until,
+                )
+            else:  # refused: the release (or another cancel) came first
+                step(e.at, "decision", f"{d.get('command')} by {who}: {e.reason}", action=e.action)
+            continue
         for key, why in d.items():
             if key.startswith("skipped."):
                 c = key.removeprefix("skipped.")
@@ -298,7 +324,15 @@ def build(
         state = "failed" if not any(s in DONE for s in states) else "partly delivered"
     elif states:
         state = "delivering"
-    elif final_action in ("suppressed", "dropped", "expired", "duplicate", "collapsed", "digested"):
+    elif final_action in (
+        "suppressed",
+        "dropped",
+        "expired",
+        "duplicate",
+        "collapsed",
+        "digested",
+        "cancelled",
+    ):
         state = final_action
     else:
         state = "routing"
