@@ -22,6 +22,10 @@
 #
 #   /usr/bin/chromium        Debian's Chromium, for the console's browser test
 #                            (Playwright drives it; it never downloads a browser)
+#   /usr/bin/prometheus, promtool
+#                            Debian's Prometheus: a test scrapes a stalled worker
+#                            and waits for the chart's alert to fire (never run
+#                            as a service here)
 #
 #   .tools/bin/vmalert-tool, victoria-metrics
 #                            VictoriaMetrics' rule unit tester and single-node
@@ -260,6 +264,23 @@ step_chromium() {
   command -v chromium >/dev/null || { echo "error: chromium did not install" >&2; exit 1; }
 }
 
+step_prometheus() {
+  if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then return; fi
+  log "installing Debian's prometheus (the stalled-consumer alert test)"
+  local sudo=()
+  if [[ "$(id -u)" != 0 ]]; then sudo=(sudo -n); fi
+  # Debian's convention for "do not start services from maintainer scripts".
+  local policy=/usr/sbin/policy-rc.d created=0
+  if [[ "$(id -u)" == 0 && ! -e "$policy" ]]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy"; chmod +x "$policy"; created=1
+  fi
+  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -q --no-install-recommends \
+    prometheus >/dev/null
+  if [[ "$created" == 1 ]]; then rm -f "$policy"; fi
+  command -v prometheus >/dev/null || { echo "error: prometheus did not install" >&2; exit 1; }
+}
+
 step_victoriametrics() {
   local key="victoriametrics=$VICTORIAMETRICS_VERSION"
   if done_already victoriametrics "$key" && [[ -x "$BIN/vmalert-tool" && -x "$BIN/victoria-metrics" ]]; then
@@ -342,6 +363,7 @@ step_crd_schemas
 step_compose_schema
 step_mailpit
 step_chromium
+step_prometheus
 step_toxiproxy
 step_victoriametrics
 step_image_tools
@@ -359,6 +381,7 @@ SCHEMAS=$SCHEMAS
 PYTHON=$PY
 MAILPIT=$BIN/mailpit
 CHROMIUM=$(command -v chromium)
+PROMETHEUS=$(command -v prometheus)
 BUILDAH=$(command -v buildah)
 VMALERT_TOOL=$BIN/vmalert-tool
 VICTORIA_METRICS=$BIN/victoria-metrics

@@ -41,6 +41,13 @@ class Settings(BaseSettings):
 
     # -- services --------------------------------------------------------------
     kafka_bootstrap: str = "127.0.0.1:9092"
+    kafka_socket_timeout_ms: int = Field(
+        default=60_000,
+        ge=1000,
+        description="A Kafka request not answered within this fails and its connection is "
+        "dropped (librdkafka socket.timeout.ms): how long a half-open broker connection holds "
+        "a client.",
+    )
     schema_registry_url: str | None = Field(
         default=None,
         description="Confluent-compatible registry; when set, events use the Confluent "
@@ -90,6 +97,12 @@ class Settings(BaseSettings):
         default=10.0,
         gt=0,
         description="Seconds to connect to Redis, and for a Redis command to answer.",
+    )
+    redis_repair_check_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        description="How often roles that keep copies in Redis (quote cache, bars, read "
+        "models, inboxes) check that Redis still holds them, and repair what it lost.",
     )
 
     # -- local stack (finstream stack up) ----------------------------------------
@@ -141,6 +154,24 @@ class Settings(BaseSettings):
     )
     internal_topic_replication: int = Field(
         default=1, description="Replication of the stream roles' changelog topics."
+    )
+    # Readiness (/readyz) tells the truth: every worker probes what it cannot
+    # work without (Kafka; PostgreSQL and Redis where the role writes to them)
+    # in the background, and a consuming role that commits no progress while
+    # records wait for it reports itself stalled (and
+    # finstream_stream_stalled_seconds grows, which the chart's
+    # FinstreamConsumerStalled alert watches).
+    health_probe_interval: float = Field(
+        default=2.0, gt=0, description="Seconds between a worker's probes of its dependencies."
+    )
+    health_probe_timeout: float = Field(
+        default=5.0, gt=0, description="A dependency probe not answered within this fails."
+    )
+    stream_stall_seconds: float = Field(
+        default=120.0,
+        gt=0,
+        description="Seconds without committed progress, while records wait, after which a "
+        "consuming role reports itself stalled (not ready).",
     )
 
     # -- market data -------------------------------------------------------------

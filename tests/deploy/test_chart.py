@@ -570,6 +570,7 @@ def test_monitoring_resources(renders: dict[str, Render]) -> None:
         "FinstreamDatabaseReplicationLag",
         "FinstreamRetentionFailed",
         "FinstreamConsumerLagHigh",
+        "FinstreamConsumerStalled",
         "FinstreamDeadLettersGrowing",
         "FinstreamDeliverySuccessLow",
         "FinstreamDeliveryCircuitOpen",
@@ -581,6 +582,44 @@ def test_monitoring_resources(renders: dict[str, Render]) -> None:
     assert {"finstream.json", "finstream-database.json"} <= set(dashboards["data"])
     # A cluster without the Prometheus operator gets neither (and no render error).
     assert renders["staging"].of_kind("ServiceMonitor") == []
+
+
+def stalled_rule(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (alert,) = [
+        r
+        for d in docs
+        if d["kind"] == "PrometheusRule"
+        for g in d["spec"]["groups"]
+        for r in g["rules"]
+        if r.get("alert") == "FinstreamConsumerStalled"
+    ]
+    return alert
+
+
+def test_stalled_consumer_alert_watches_the_stall_gauge_with_its_values(
+    tools: Tools, renders: dict[str, Render]
+) -> None:
+    """A role that commits nothing while records wait pages (its /readyz is red
+    already): the default threshold is the workers' own (FINSTREAM_STREAM_STALL_SECONDS,
+    120 s), and both knobs reach the rule. tests/e2e/test_stalled_consumer.py fires it."""
+    alert = stalled_rule(renders["prod"].docs)
+    assert alert["expr"].startswith("max by (role) (finstream_stream_stalled_seconds{namespace=")
+    assert alert["expr"].endswith("> 120")
+    assert alert["for"] == "5m"
+    assert alert["labels"]["severity"] == "critical"
+    proc = helm_template(
+        tools,
+        "--set",
+        "metrics.prometheusRule.stallSeconds=30",
+        "--set",
+        "metrics.prometheusRule.stallFor=1m",
+        overlay="values-prod.yaml",
+        apis=OPERATOR_APIS,
+    )
+    assert proc.returncode == 0, proc.stderr
+    alert = stalled_rule([d for d in yaml.safe_load_all(proc.stdout) if d])
+    assert alert["expr"].endswith("> 30")
+    assert alert["for"] == "1m"
 
 
 def test_helm_test_hook_checks_the_api(renders: dict[str, Render]) -> None:

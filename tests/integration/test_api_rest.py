@@ -15,8 +15,9 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlparse, urlunparse
 
 import httpx
 import pytest
@@ -32,7 +33,8 @@ from finstream.domain.marketdata.ticks import make_tick
 from finstream.domain.time import utcnow
 from finstream.settings import Settings
 from tests.support.api import Keys, api_client, api_settings, auth
-from tests.support.services import TestEnv
+from tests.support.services import TestEnv, free_port
+from tests.support.toxiproxy import Proxy, Toxiproxy
 
 pytestmark = pytest.mark.integration
 
@@ -832,9 +834,63 @@ async def test_health_readiness_metrics(api: tuple[httpx.AsyncClient, Resources]
     assert ready.json()["checks"] == {
         "redis": "ok",
         "postgresql": "ok",
+        "kafka": "ok",
         "pubsub": "ok",
         "keys": "ok",
     }
     metrics = (await client.get("/metrics")).text
     assert 'finstream_api_requests_total{method="GET",route="/healthz",status="200"}' in metrics
     assert "finstream_api_auth_failures_total" in metrics
+
+
+async def test_readiness_names_each_dependency_that_is_gone(
+    settings: Settings, log_dir: Path
+) -> None:
+    """/readyz is 503 while PostgreSQL, Redis or Kafka is unreachable, names which,
+    and is 200 again once it is back (the api role's /readyz says the same)."""
+    dead_kafka = settings.model_copy(update={"kafka_bootstrap": f"127.0.0.1:{free_port()}"})
+    async with api_client(dead_kafka) as (client, _):
+        ready = await client.get("/readyz")
+        assert ready.status_code == 503, ready.text
+        checks = ready.json()["checks"]
+        assert checks["kafka"].startswith("unreachable"), checks
+        assert {k for k, v in checks.items() if v != "ok"} == {"kafka"}
+
+    def through(url: str, proxy: Proxy) -> SecretStr:
+        parsed = urlparse(url)
+        netloc = parsed.netloc.rsplit("@", 1)
+        netloc[-1] = proxy.listen
+        return SecretStr(urlunparse(parsed._replace(netloc="@".join(netloc))))
+
+    def upstream(url: str, port: int) -> str:
+        parsed = urlparse(url)
+        return f"{parsed.hostname}:{parsed.port or port}"
+
+    database_url = settings.database_url.get_secret_value()
+    redis_url = settings.redis_url.get_secret_value()
+    with Toxiproxy(log_dir) as toxiproxy:
+        pg = toxiproxy.proxy("postgres", upstream(database_url, 5432))
+        rds = toxiproxy.proxy("redis", upstream(redis_url, 6379))
+        proxied = settings.model_copy(
+            update={"database_url": through(database_url, pg), "redis_url": through(redis_url, rds)}
+        )
+        async with api_client(proxied) as (client, _):
+
+            async def readiness() -> tuple[int, dict[str, str]]:
+                r = await client.get("/readyz")
+                return r.status_code, r.json()["checks"]
+
+            assert (await readiness())[0] == 200
+            # The live-update link (pubsub) runs on Redis too.
+            for proxy, name, also in ((pg, "postgresql", set()), (rds, "redis", {"pubsub"})):
+                proxy.enable(False)
+                status, checks = await readiness()
+                assert status == 503
+                assert name in {k for k, v in checks.items() if v != "ok"} <= {name, *also}, checks
+                assert checks[name].startswith("unreachable"), checks
+                proxy.enable(True)
+                # Back without a restart: the pool and the client reconnect.
+                deadline = time.monotonic() + 60
+                while (status := (await readiness())[0]) != 200 and time.monotonic() < deadline:  # noqa: ASYNC110 - polling the endpoint is the test
+                    await asyncio.sleep(0.2)
+                assert status == 200, await readiness()

@@ -13,6 +13,7 @@ from finstream.runtime.logging import get_logger
 from finstream.runtime.worker import ServiceContext
 from finstream.sinks.audit import AuditWriter
 from finstream.stores.postgres import create_pool
+from finstream.stores.postgres import probe as pg_probe
 
 log = get_logger(__name__)
 
@@ -29,6 +30,7 @@ class AuditSink(Processor):
 async def run(ctx: ServiceContext) -> None:
     settings = ctx.settings
     pool = await create_pool(settings)
+    ctx.health.add_dependency("postgresql", lambda: pg_probe(pool))
     engine = StreamEngine(
         settings,
         ctx.role,

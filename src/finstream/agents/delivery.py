@@ -19,8 +19,11 @@ from finstream.runtime.logging import get_logger
 from finstream.runtime.worker import ServiceContext
 from finstream.sinks.delivery.base import CHANNEL_TOPICS, build_chain
 from finstream.sinks.delivery.engine import DeliveryEngine
+from finstream.sinks.delivery.inapp import InboxProvider, InboxRepair
 from finstream.stores.postgres import create_pool
+from finstream.stores.postgres import probe as pg_probe
 from finstream.stores.redis import connect
+from finstream.stores.redis import probe as redis_probe
 
 log = get_logger(__name__)
 
@@ -46,6 +49,11 @@ async def run_channel(ctx: ServiceContext, channel: str) -> None:
         max_size=settings.delivery_db_pool_max_size or settings.delivery_concurrency + 4,
     )
     redis = connect(settings)
+    # Claims and records live in PostgreSQL; Redis is only the redelivery fast
+    # path, except for in-app messages, whose inbox it is.
+    ctx.health.add_dependency("postgresql", lambda: pg_probe(pool))
+    if channel == "INAPP":
+        ctx.health.add_dependency("redis", lambda: redis_probe(redis))
     publisher = await ctx.publisher()
     delivery = DeliveryEngine(
         settings=settings,
@@ -69,12 +77,20 @@ async def run_channel(ctx: ServiceContext, channel: str) -> None:
     )
     delivery_stop = asyncio.Event()
     delivery_task = asyncio.create_task(delivery.run(delivery_stop), name="delivery-engine")
+    repair_task = None
+    inbox = next((p for p in chain if isinstance(p, InboxProvider)), None)
+    if inbox is not None:
+        repair = InboxRepair(pool, inbox.inbox, redis, settings, ctx.codec)
+        repair_task = asyncio.create_task(repair.run(delivery_stop), name="inbox-repair")
     try:
         await stream.run(ctx.stop)
     finally:
         delivery_stop.set()
         with contextlib.suppress(Exception):
             await delivery_task
+        if repair_task is not None:
+            with contextlib.suppress(Exception):
+                await repair_task
         await redis.aclose()
         await pool.close()
 

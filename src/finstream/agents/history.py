@@ -15,6 +15,7 @@ from finstream.runtime.logging import get_logger
 from finstream.runtime.worker import ServiceContext
 from finstream.sinks.history import TickWriter
 from finstream.stores.postgres import create_pool
+from finstream.stores.postgres import probe as pg_probe
 
 log = get_logger(__name__)
 
@@ -59,6 +60,7 @@ class History(Processor):
 async def run(ctx: ServiceContext) -> None:
     settings = ctx.settings
     pool = await create_pool(settings)
+    ctx.health.add_dependency("postgresql", lambda: pg_probe(pool))
     engine = StreamEngine(
         settings,
         ctx.role,

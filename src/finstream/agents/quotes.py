@@ -11,8 +11,11 @@ every batch, before the commit, newest tick per symbol in one pipeline:
 writes are monotonic in event time, so a batch processed again after a crash
 rewrites the same values and never moves a quote backwards. If Redis is
 down, the newest tick per symbol waits in memory and is written when Redis
-answers; after a restart or rebalance the cache is repaired from the
-``latest-quote`` store (the source of truth).
+answers; after a restart or rebalance, and whenever Redis turns out to have
+lost the cache (a partition's repair mark is gone,
+:class:`finstream.stores.redis.RepairMarks`), the cache of the
+partitions this replica owns is repaired from the ``latest-quote`` store
+(the source of truth).
 
 A tick too late for its bar goes to dlq with the reason (``LateTick``).
 """
@@ -31,7 +34,8 @@ from finstream.runtime.logging import get_logger
 from finstream.runtime.state import Store
 from finstream.runtime.worker import ServiceContext
 from finstream.stores.quotes import QuoteCache, QuoteWriter
-from finstream.stores.redis import connect
+from finstream.stores.redis import RepairMarks, connect
+from finstream.stores.redis import probe as redis_probe
 from finstream.topics import contract
 
 log = get_logger(__name__)
@@ -44,7 +48,9 @@ _EMPTY = BarState()
 
 
 class Quotes(Processor):
-    def __init__(self, ctx: ServiceContext, writer: QuoteWriter) -> None:
+    def __init__(
+        self, ctx: ServiceContext, writer: QuoteWriter, marks: RepairMarks | None = None
+    ) -> None:
         settings = ctx.settings
         try:
             self.intervals = parse_intervals(settings.bar_intervals)
@@ -62,6 +68,8 @@ class Quotes(Processor):
         )
         self.bar_state: Store[BarState] = Store("bar-state", BarState.to_json, BarState.from_json)
         self.writer = writer
+        self.marks = marks
+        self.owned: set[int] = set()
         self._published = {
             (i.name, final): BARS_PUBLISHED.labels(i.name, str(final).lower())
             for i in self.intervals
@@ -100,16 +108,46 @@ class Quotes(Processor):
     async def assigned(self, partitions: frozenset[int]) -> None:
         # The store (restored from its changelog) is the truth; offering it
         # again repairs cache writes a crash lost. Monotonic writes make this safe.
-        for _p, _key, tick in self.latest.items():
-            self.writer.offer(tick)
+        self.owned = set(partitions)
+        await self._repair(partitions)
+
+    async def revoked(self, partitions: frozenset[int]) -> None:
+        self.owned -= partitions
+
+    async def punctuate(self, out: Output) -> None:
+        if self.marks is None or self.writer.pending or not self.owned:
+            return  # writes are failing: the writer retries them first
+        try:
+            lost = await self.marks.missing(str(p) for p in sorted(self.owned))
+        except Exception as exc:
+            log.warning("quote cache repair marks unreadable", error=str(exc))
+            return
+        if lost:
+            log.warning(
+                "Redis lost the quote cache; repairing it from the latest-quote store",
+                partitions=lost,
+            )
+            await self._repair(frozenset(int(p) for p in lost))
+
+    async def _repair(self, partitions: frozenset[int]) -> None:
+        for p in partitions:
+            for _p, _key, tick in self.latest.items(p):
+                self.writer.offer(tick)
         await self.writer.flush()
+        if self.marks is not None and not self.writer.pending:
+            try:
+                await self.marks.mark(str(p) for p in sorted(partitions))
+            except Exception as exc:
+                log.warning("quote cache repair marks not written", error=str(exc))
 
 
 async def run(ctx: ServiceContext) -> None:
     settings = ctx.settings
     redis = connect(settings)
+    # The quote cache is this role's output: a Redis that is gone makes it not ready.
+    ctx.health.add_dependency("redis", lambda: redis_probe(redis))
     writer = QuoteWriter(QuoteCache(redis, settings))
-    quotes = Quotes(ctx, writer)
+    quotes = Quotes(ctx, writer, RepairMarks(redis, settings, ctx.role))
     engine = StreamEngine(
         settings,
         ctx.role,
@@ -118,6 +156,7 @@ async def run(ctx: ServiceContext) -> None:
         ctx.health,
         guarantee="exactly_once",
         stores=[quotes.latest, quotes.bar_state],
+        punctuate_every=settings.redis_repair_check_seconds,
     )
     try:
         await engine.run(ctx.stop)

@@ -30,7 +30,8 @@ from finstream.api.metrics import AUTH_FAILURES, RATE_LIMITED
 from finstream.api.problems import Problem
 from finstream.codec import Codec, default_codec
 from finstream.domain.notify.templates import Templates
-from finstream.runtime.kafka import DeadLetters, KafkaPublisher
+from finstream.runtime.deadletters import DeadLetters
+from finstream.runtime.kafka import KafkaPublisher
 from finstream.runtime.logging import get_logger
 from finstream.settings import Settings
 from finstream.stores.inbox import Inbox
@@ -190,6 +191,12 @@ class Resources:
             checks["postgresql"] = "ok"
         except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
             checks["postgresql"] = f"unreachable: {type(exc).__name__}"
+        try:
+            # Requests are accepted only once Kafka has them (notifications, rules, preferences).
+            await asyncio.wait_for(self.publisher.probe(), 2.0)
+            checks["kafka"] = "ok"
+        except Exception as exc:
+            checks["kafka"] = f"unreachable: {type(exc).__name__}"
         checks["pubsub"] = "ok" if self.hub.healthy else "reconnecting"
         keyset = self.verifier.keyset
         checks["keys"] = "ok" if self.verifier.ready else (keyset.error if keyset else None) or "?"

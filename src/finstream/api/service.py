@@ -18,6 +18,7 @@ from typing import Any
 import uvicorn
 
 from finstream.api.app import create_app
+from finstream.api.deps import Resources
 from finstream.runtime.logging import get_logger
 from finstream.runtime.worker import ServiceContext
 from finstream.settings import Settings
@@ -56,17 +57,26 @@ def uvicorn_config(settings: Settings, app: Any, host: str, port: int) -> uvicor
     )
 
 
+async def _dependencies_ready(resources: Resources) -> None:
+    checks = await resources.readiness()
+    failing = {name: state for name, state in checks.items() if state != "ok"}
+    if failing:
+        raise RuntimeError(", ".join(f"{name} {state}" for name, state in failing.items()))
+
+
 async def run(ctx: ServiceContext) -> None:
     settings = ctx.settings
-    server = EmbeddedServer(
-        uvicorn_config(settings, create_app(settings), settings.api_host, settings.api_port)
-    )
+    app = create_app(settings)
+    server = EmbeddedServer(uvicorn_config(settings, app, settings.api_host, settings.api_port))
     serving = asyncio.create_task(server.serve(), name="uvicorn")
     stop = asyncio.create_task(ctx.stop.wait())
     while not server.started and not serving.done():  # noqa: ASYNC110 - uvicorn has no event
         await asyncio.sleep(0.05)
     if server.started:
         ctx.health.add_check(lambda: None if not serving.done() else "the API server stopped")
+        # The worker's /readyz (what Kubernetes probes) says what the API's own does.
+        resources: Resources = app.state.resources
+        ctx.health.add_dependency("api", lambda: _dependencies_ready(resources))
         ctx.health.set_ready(True)
         log.info("api listening", url=f"http://{settings.api_host}:{settings.api_port}")
     await asyncio.wait([serving, stop], return_when=asyncio.FIRST_COMPLETED)

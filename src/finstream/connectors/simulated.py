@@ -27,6 +27,7 @@ from finstream.connectors.publish import TickPublisher
 from finstream.domain.marketdata.failover import ProviderGate
 from finstream.domain.marketdata.simulation import GbmMarket
 from finstream.domain.time import utcnow
+from finstream.runtime.kafka import DeliveryError
 from finstream.runtime.logging import get_logger
 from finstream.runtime.worker import ServiceContext
 from finstream.topics import contract
@@ -52,6 +53,7 @@ async def run(ctx: ServiceContext) -> None:
     rate = settings.sim_rate
     limit = settings.sim_count
     sent = 0
+    lost = 0
     started = time.monotonic()
     log.info("simulated feed started", symbols=settings.symbols, rate=rate, limit=limit)
     while not ctx.stop.is_set() and (limit is None or sent < limit):
@@ -61,7 +63,13 @@ async def run(ctx: ServiceContext) -> None:
         while sent < due:
             await out.publish(market.next_tick(utcnow()))
             sent += 1
-        await publisher.flush()
+        try:
+            await publisher.flush()
+        except DeliveryError as exc:
+            # Not acknowledged within the producer's message timeout (the broker
+            # was gone longer): those ticks are lost; the feed goes on.
+            lost += 1
+            log.error("ticks not published", error=str(exc), failed_flushes=lost)
         next_at = started + sent / rate
         delay = next_at - time.monotonic()
         if delay > 0:

@@ -40,17 +40,34 @@ fencing error, aborts and rewinds.
 Threads. librdkafka calls block; they run on one dedicated thread, so the
 event loop stays free for the role's asyncio clients (Redis, PostgreSQL, the
 health server). Rebalance callbacks run on that thread inside ``consume``.
+
+Failures. Anything that fails a batch or a commit (a broker gone, a
+PostgreSQL or Redis write that failed) voids what is open and rewinds to the
+last commit after a backoff that grows while the failures go on (0.2 s to
+5 s), so the committed offsets hold and nothing is skipped. A transaction
+that Kafka failed (the broker gone, a timeout, fencing) is voided by a new
+producer with the same transactional id, created once the broker answers
+(see :meth:`StreamEngine._abort`).
+Readiness says what is wrong meanwhile: the engine probes Kafka in the
+background (the group's committed offsets and the ends of its partitions,
+:meth:`StreamEngine._probe_kafka_sync`), which also gives the consumer lag and
+whether the role is stalled: no committed progress for
+``stream_stall_seconds`` while records wait.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
+import queue
+import threading
 import time
 import uuid
 from collections import Counter as Tally
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Literal, TypeVar
@@ -68,9 +85,9 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from finstream.domain.resilience import Backoff
 from finstream.domain.time import utcnow
+from finstream.runtime.deadletters import DeadLetters
 from finstream.runtime.health import HealthServer
 from finstream.runtime.kafka import (
-    DeadLetters,
     client_config,
     consumer_config,
     kafka_error,
@@ -116,6 +133,12 @@ REWINDS = Counter(
     ["role", "reason"],
 )
 ASSIGNED = Gauge("finstream_stream_assigned_partitions", "Input partitions owned", ["role"])
+STALLED = Gauge(
+    "finstream_stream_stalled_seconds",
+    "Seconds the role has committed no progress while records wait on its partitions "
+    "(0 while it progresses or is caught up)",
+    ["role"],
+)
 
 _EOF = KafkaError._PARTITION_EOF
 # A topic just created, or a broker just restarted: its partitions have no leader yet.
@@ -130,6 +153,41 @@ _NOT_READY = (
 
 class Rewind(Exception):
     """The open batch or transaction is void: go back to the last commit."""
+
+
+class _DaemonCaller:
+    """Runs calls one at a time on a daemon thread of its own.
+
+    For a call that may never return: a ThreadPoolExecutor's threads are
+    joined when the interpreter exits, so one blocked call would keep a
+    stopped worker from exiting; a daemon thread is not waited for.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._calls: queue.SimpleQueue[
+            tuple[Future[Any], Callable[..., Any], tuple[Any, ...]] | None
+        ]
+        self._calls = queue.SimpleQueue()
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def _run(self) -> None:
+        while (item := self._calls.get()) is not None:
+            future, fn, args = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:
+                future.set_exception(exc)
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        future: Future[T] = Future()
+        self._calls.put((future, fn, args))
+        return future
+
+    def close(self) -> None:
+        """The thread ends after the call it is in, if any (never, for a blocked one)."""
+        self._calls.put(None)
 
 
 @dataclass(slots=True)
@@ -312,6 +370,8 @@ class StreamEngine:
         self.out = Output(self)
         self.instance_id = settings.instance_id or uuid.uuid4().hex[:12]
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"{role}-kafka")
+        # send_offsets_to_transaction runs here, bounded (see _send_offsets).
+        self._offsets_calls = _DaemonCaller(f"{role}-txn-offsets")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._consumer: Any = None
         self._producer: Any = None
@@ -333,13 +393,23 @@ class StreamEngine:
         self._txn_started = 0.0
         self._last_commit = time.monotonic()
         self._last_punctuate = time.monotonic()
-        self._last_lag = 0.0
         self._failures = 0
+        self._failed_at = 0.0
+        self._failure = ""
         self._backoff = Backoff(base=0.2, cap=5.0)
+        # The Kafka probe (health thread): its client, the lag it saw, and the
+        # committed progress that tells a stalled role from a busy one.
+        self._probe_client: Any = None
+        self._probe_committed: tuple[frozenset[int], int] | None = None
+        self._progress_at = time.monotonic()
+        self._stalled = 0.0
+        self._lag = 0
+        self._lag_labels: set[tuple[str, str]] = set()
         self._stopping = False
         self._processing_seconds = PROCESSING_SECONDS.labels(role, "batch")
         self._in_counters = {name: EVENTS_IN.labels(role, name) for name in self._inputs}
         self.health.add_check(self._readiness)
+        self.health.add_dependency("kafka", self._probe_kafka)
         self._problem: str | None = "starting"
 
     # -- running --------------------------------------------------------------------------
@@ -351,7 +421,17 @@ class StreamEngine:
         return await self._loop.run_in_executor(self._executor, context.run, fn, *args)
 
     def _readiness(self) -> str | None:
-        return self._problem
+        if self._problem:
+            return self._problem
+        if self._stalled > self.settings.stream_stall_seconds:
+            return (
+                f"stalled: no progress committed for {self._stalled:.0f}s "
+                f"while {self._lag} records wait"
+            )
+        return None
+
+    def _failure_problem(self) -> str | None:
+        return f"recovering from {self._failure}" if self._failures else None
 
     async def run(self, stop: asyncio.Event) -> None:
         self._loop = asyncio.get_running_loop()
@@ -375,6 +455,7 @@ class StreamEngine:
             finally:
                 await self._kafka(self._close)
                 self._executor.shutdown(wait=False)
+                self._offsets_calls.close()
 
     async def _step(self) -> None:
         opts = self.options
@@ -400,13 +481,17 @@ class StreamEngine:
                     await self.processor.punctuate(self.out)
             if now - self._last_commit >= opts.commit_interval:
                 await self.processor.flush()
-                await self._kafka(self._commit)
-            if now - self._last_lag >= 5.0:
-                self._last_lag = now
-                await self._kafka(self._report_lag)
-            if self._failures:
-                self._failures = 0
-                self._problem = None
+                progressed = await self._kafka(self._commit)
+                if self._failures and (
+                    progressed or time.monotonic() - self._failed_at > 2 * self._backoff.cap
+                ):
+                    # Recovered once a commit moved the offsets (or nothing failed
+                    # for a while): an empty commit right after a rewind proves
+                    # nothing, and counting it kept the backoff at its first step.
+                    log.info("recovered", after_failures=self._failures)
+                    self._failures = 0
+                    if self._pending is None:
+                        self._problem = None
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -415,8 +500,10 @@ class StreamEngine:
     async def _fail(self, exc: BaseException) -> None:
         """Void what is open; the next step rewinds to the last commit, after a backoff."""
         self._failures += 1
+        self._failed_at = time.monotonic()
         reason = f"{type(exc).__name__}: {exc}"
-        self._problem = f"recovering from {reason[:200]}"
+        self._failure = reason[:200]
+        self._problem = self._failure_problem()
         REWINDS.labels(self.role, type(exc).__name__).inc()
         log.warning(
             "batch failed; rewinding to the last commit", error=reason[:500], attempt=self._failures
@@ -500,6 +587,8 @@ class StreamEngine:
         partition: int | None,
     ) -> None:
         producer = self._producer
+        if self.exactly_once and producer is None:
+            raise Rewind("the transactional producer is being replaced")
         if self.exactly_once and not self._in_txn:
             producer.begin_transaction()
             self._in_txn = True
@@ -523,8 +612,11 @@ class StreamEngine:
 
     # -- commits ------------------------------------------------------------------------------
 
-    def _commit(self) -> None:
-        """Commit what was processed (Kafka thread). Raises :class:`Rewind` if it cannot."""
+    def _commit(self) -> bool:
+        """Commit what was processed (Kafka thread); True when offsets moved.
+
+        Raises :class:`Rewind` if it cannot.
+        """
         started = time.perf_counter()
         # Positions also move when nothing reaches the processor: past an aborted
         # transaction's records and its marker (after a producer crashed), which a
@@ -533,12 +625,12 @@ class StreamEngine:
         if self.exactly_once:
             if not offsets and not self._in_txn and not any(s.dirty for s in self.stores):
                 self._last_commit = time.monotonic()
-                return
+                return False
             self._commit_transaction(offsets)
         else:
             if not offsets and not self._produced:
                 self._last_commit = time.monotonic()
-                return
+                return False
             self._commit_offsets(offsets)
         for topic, n in self._produced.items():
             EVENTS_OUT.labels(self.role, topic).inc(n)
@@ -547,6 +639,7 @@ class StreamEngine:
             self._committed[(tp.topic, tp.partition)] = tp.offset
         self._last_commit = time.monotonic()
         COMMIT_SECONDS.labels(self.role).observe(time.perf_counter() - started)
+        return bool(offsets)
 
     def _offsets_to_commit(self) -> list[TopicPartition]:
         """The consumer's positions that moved since the last commit.
@@ -566,6 +659,7 @@ class StreamEngine:
         ]
 
     def _commit_transaction(self, offsets: list[TopicPartition]) -> None:
+        self._ensure_producer()
         producer = self._producer
         try:
             if not self._in_txn:
@@ -575,14 +669,56 @@ class StreamEngine:
                 for partition, key, value in store.drain_dirty():
                     self._produce(store.changelog, key, value, None, partition)
             if offsets:
-                producer.send_offsets_to_transaction(
-                    offsets, self._consumer.consumer_group_metadata(), 30
-                )
+                self._send_offsets(producer, offsets)
             self._end_transaction()
         except KafkaException as exc:
             self._abort(exc)
             raise Rewind(f"transaction aborted: {exc}") from exc
         TRANSACTIONS.labels(self.role, "committed").inc()
+
+    # How long past its own timeout a send_offsets_to_transaction may take.
+    _offsets_grace = 5.0
+
+    def _send_offsets(self, producer: Any, offsets: list[TopicPartition]) -> None:
+        """send_offsets_to_transaction, on a thread of its own and bounded.
+
+        librdkafka can block in it past its own timeout when the group
+        coordinator it cached went away (confluentinc/librdkafka#5456 and
+        #5511, open in 2.16): seen here as a router whose first transaction
+        after a broker restart never returned, while the others recovered. A
+        call that has not returned in time abandons its producer (its thread
+        stays blocked; the producer is kept, never closed, since closing it
+        would block too; the thread is a daemon, so it does not hold the
+        process at exit) and fails the transaction like any Kafka error: the
+        replacement's init_transactions, with the same transactional id,
+        fences the abandoned producer and aborts its transaction, so its
+        offsets are never committed. The batch is rewound and processed again.
+        """
+        timeout = self._txn_call_timeout
+        bound = timeout + self._offsets_grace
+        metadata = self._consumer.consumer_group_metadata()
+        call = self._offsets_calls.submit(
+            producer.send_offsets_to_transaction, offsets, metadata, timeout
+        )
+        try:
+            call.result(bound)
+        except FutureTimeout:
+            log.warning(
+                "send_offsets_to_transaction did not return; abandoning the producer",
+                seconds=bound,
+            )
+            # The blocked thread keeps the producer referenced: never deallocated
+            # (rd_kafka_destroy would block as well).
+            self._producer = None
+            self._in_txn = False
+            self._offsets_calls.close()
+            self._offsets_calls = _DaemonCaller(f"{self.role}-txn-offsets")
+            raise KafkaException(
+                KafkaError(
+                    KafkaError._TIMED_OUT,
+                    f"send_offsets_to_transaction did not return within {bound:.0f}s",
+                )
+            ) from None
 
     def _end_transaction(self) -> None:
         for attempt in range(1, 6):
@@ -598,25 +734,52 @@ class StreamEngine:
                 raise
 
     def _abort(self, exc: BaseException) -> None:
-        """Abort the open transaction; a fatal producer error replaces the producer."""
+        """Void the open transaction.
+
+        A batch the role itself gave up on is aborted in place. A transaction
+        that Kafka failed (a timeout, a broker that went away, fencing) is
+        voided by a new producer with the same transactional id instead: its
+        init_transactions aborts what the old one left open on the broker and
+        bumps the epoch. A broker restart leaves librdkafka's transactional
+        state behind (an abort that returns while nothing reached the broker,
+        sequence numbers the restarted broker does not know, and then a
+        send_offsets_to_transaction that never returned); a new producer
+        carries none of it. While the broker is gone the replacement fails and
+        the producer stays None: :meth:`_ensure_producer` tries again before
+        the next batch, after the engine's backoff.
+        """
         TRANSACTIONS.labels(self.role, "aborted").inc()
-        err = kafka_error(exc)
-        fatal = err is not None and err.fatal()
-        log.warning("aborting transaction", error=str(exc), fatal=fatal)
+        from_kafka = kafka_error(exc) is not None
+        log.warning("aborting transaction", error=str(exc), kafka=from_kafka)
         self._in_txn = False
         self._produced.clear()
-        if not fatal:
+        if not from_kafka and self._producer is not None:
             try:
-                self._producer.abort_transaction(30)
+                self._producer.abort_transaction(self._txn_call_timeout)
                 return
             except KafkaException as abort_exc:
-                abort_err = kafka_error(abort_exc)
-                if abort_err is None or not abort_err.fatal():
-                    raise
-                log.warning("abort failed fatally; replacing the producer", error=str(abort_exc))
-        # Fenced (another producer with our transactional id, or a newer epoch):
-        # this producer is unusable; a new one fences in turn whatever is left.
+                log.warning("abort failed; replacing the producer", error=str(abort_exc))
+        self._replace_producer()
+
+    def _ensure_producer(self) -> None:
+        """A usable transactional producer, or an exception (Kafka thread)."""
+        if self.exactly_once and self._producer is None:
+            self._replace_producer()
+
+    def _replace_producer(self) -> None:
+        self._in_txn = False
+        old, self._producer = self._producer, None
+        if old is not None:
+            # Its queued records belong to the void transaction: drop them.
+            with contextlib.suppress(Exception):
+                old.purge()
         self._producer = self._new_transactional_producer()
+
+    @property
+    def _txn_call_timeout(self) -> float:
+        # Long enough for a live coordinator, short enough that readiness and
+        # the backoff, not a blocked call, decide what happens while it is gone.
+        return max(self.settings.stream_transaction_timeout_ms / 1000, 5.0)
 
     def _commit_offsets(self, offsets: list[TopicPartition]) -> None:
         remaining = self._producer.flush(30)
@@ -650,11 +813,8 @@ class StreamEngine:
         its stores are read again before it resumes (:meth:`_prepare_assignment`).
         """
         if self.exactly_once and self._in_txn:
-            try:
-                self._abort(RuntimeError("rewind"))
-            except KafkaException as exc:
-                log.warning("abort failed; replacing the producer", error=str(exc))
-                self._producer = self._new_transactional_producer()
+            self._abort(RuntimeError("rewind"))
+        self._ensure_producer()
         self._produced.clear()
         self._committed.clear()
         self._delivery_errors.clear()
@@ -673,6 +833,7 @@ class StreamEngine:
         partitions, full = self._pending
         started = time.perf_counter()
         self._problem = "restoring state" if self.stores else "assigning partitions"
+        self._ensure_producer()
         assignment = self._consumer.assignment()
         # Waits out a dead owner's open transaction, whose changelog records
         # the restore must see resolved (committed or aborted).
@@ -682,7 +843,7 @@ class StreamEngine:
         self._call_processor(self.processor.assigned(partitions))
         self._consumer.resume(assignment)
         self._pending = None
-        self._problem = None
+        self._problem = self._failure_problem()
         log.info(
             "partitions ready",
             partitions=sorted(partitions),
@@ -703,7 +864,7 @@ class StreamEngine:
             consumer.pause(tps)
             self._pending = (partitions, False)
         else:
-            self._problem = None
+            self._problem = self._failure_problem()
         self._assignment = partitions
         ASSIGNED.labels(self.role).set(len(partitions))
         log.info("partitions assigned", partitions=sorted(partitions))
@@ -735,8 +896,8 @@ class StreamEngine:
             try:
                 self._abort(RuntimeError("partitions lost"))
             except KafkaException as exc:
-                log.warning("abort failed; replacing the producer", error=str(exc))
-                self._producer = self._new_transactional_producer()
+                # The producer is None: replaced before the next batch.
+                log.warning("producer not replaced yet", error=str(exc))
         self._produced.clear()
         self._forget_state()
         self._call_processor(self.processor.revoked(frozenset(tp.partition for tp in tps)))
@@ -762,7 +923,7 @@ class StreamEngine:
         ``committed`` until then, and we keep asking.
         """
         query = [TopicPartition(tp.topic, tp.partition) for tp in tps]
-        waited = 0.0
+        started = time.monotonic()
         while True:
             try:
                 return list(self._consumer.committed(query, timeout=5))
@@ -774,12 +935,19 @@ class StreamEngine:
                     KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
                     KafkaError.NOT_COORDINATOR,
                     KafkaError._TRANSPORT,
+                    KafkaError._WAIT_COORD,
                 ):
                     raise
-                waited += 5
-                log.info("waiting for committed offsets to be stable", waited_seconds=waited)
+                waited = time.monotonic() - started
+                log.info(
+                    "waiting for committed offsets to be stable",
+                    waited_seconds=round(waited, 1),
+                    error=str(err),
+                )
                 if waited > 600:
                     raise
+                # A broker that is gone answers at once: do not spin.
+                time.sleep(0.5)
 
     # -- state restore ---------------------------------------------------------------------------
 
@@ -842,6 +1010,7 @@ class StreamEngine:
                         log.info("restoring state", records=read, pending=sorted(pending))
             finally:
                 restorer.unassign()
+        self._close_restore_clients()
         for store in self.stores:
             store.finish_restore()
         self._restored |= set(wanted)
@@ -883,6 +1052,16 @@ class StreamEngine:
             )
         return self._restorer
 
+    def _close_restore_clients(self) -> None:
+        # Idle between restores; kept open they only reconnect (and log) while
+        # the broker is gone.
+        for name in ("_restorer", "_hwm"):
+            client = getattr(self, name)
+            setattr(self, name, None)
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    client.close()
+
     def _hwm_reader(self) -> Any:
         # Watermarks as a read_uncommitted client sees them: the true end of
         # the log, open transactions included (a read_committed client would
@@ -906,6 +1085,7 @@ class StreamEngine:
         producer = Producer(producer_config(self.settings, self._transactional_id))
         # Fences any earlier producer with this id and aborts its open transaction.
         producer.init_transactions(60)
+        log.info("transactional producer ready", transactional_id=self._transactional_id)
         return producer
 
     def _open(self) -> None:
@@ -933,15 +1113,18 @@ class StreamEngine:
         )
 
     def _close(self) -> None:
-        try:
-            if self._consumer is not None:
-                self._consumer.close()
-        finally:
-            if self._producer is not None:
-                self._producer.flush(10)
-            for extra in (self._restorer, self._hwm):
-                if extra is not None:
-                    extra.close()
+        # Stopping must not fail on a broker that is gone or a producer that
+        # is fenced: what was not committed is read again by the next owner.
+        for what, close in (
+            ("consumer", lambda: self._consumer is not None and self._consumer.close()),
+            ("producer", lambda: self._producer is not None and self._producer.flush(10)),
+            ("restore clients", self._close_restore_clients),
+            ("probe", lambda: self._probe_client is not None and self._probe_client.close()),
+        ):
+            try:
+                close()
+            except Exception as exc:
+                log.warning("closing the Kafka clients", client=what, error=str(exc))
 
     def _ensure_changelogs(self) -> None:
         admin = AdminClient(client_config(self.settings))
@@ -986,14 +1169,64 @@ class StreamEngine:
                 return
             time.sleep(0.1)
 
-    def _report_lag(self) -> None:
-        assignment = self._consumer.assignment()
-        if not assignment:
+    # -- readiness: the Kafka probe (health thread) -------------------------------------------
+
+    async def _probe_kafka(self) -> None:
+        await asyncio.to_thread(self._probe_kafka_sync)
+
+    def _probe_kafka_sync(self) -> None:
+        """Ask the broker for the group's committed offsets and the ends of its partitions.
+
+        Independent of the engine's own thread, so it answers (and the lag
+        gauge moves) exactly when that thread is stuck. Raises when Kafka
+        does not answer within the probe timeout: readiness then says so.
+        A consumer of its own that never joins the group (librdkafka's admin
+        client aborted the process on a coordinator lookup that timed out
+        while the broker restarted).
+        """
+        timeout = self.settings.health_probe_timeout
+        if self._probe_client is None:
+            self._probe_client = Consumer(consumer_config(self.settings, self.group))
+        probe = self._probe_client
+        owned = self._assignment
+        tps = [TopicPartition(t, p) for t in self._inputs for p in sorted(owned)]
+        now = time.monotonic()
+        if not tps:
+            probe.list_topics(topic=next(iter(self._inputs)), timeout=timeout)
+            self._record_progress(now, owned, 0, 0, {})
             return
-        for tp in self._consumer.position(assignment):
-            _low, high = self._consumer.get_watermark_offsets(tp, cached=True)
-            if high is None or high < 0 or tp.offset < 0:
-                continue
-            CONSUMER_LAG.labels(self.role, tp.topic, str(tp.partition)).set(
-                max(high - tp.offset, 0)
-            )
+        committed = {
+            (tp.topic, tp.partition): tp.offset for tp in probe.committed(tps, timeout=timeout)
+        }
+        # Timestamp -1 asks for the latest offset: one request per leader, and
+        # read_committed (this consumer's isolation) answers the last stable offset.
+        latest = [TopicPartition(tp.topic, tp.partition, -1) for tp in tps]
+        lags: dict[tuple[str, str], int] = {}
+        total_committed = 0
+        for tp in probe.offsets_for_times(latest, timeout=timeout):
+            done = max(committed.get((tp.topic, tp.partition), -1), 0)
+            total_committed += done
+            lags[(tp.topic, str(tp.partition))] = max(tp.offset - done, 0)
+        self._record_progress(now, owned, sum(lags.values()), total_committed, lags)
+
+    def _record_progress(
+        self,
+        now: float,
+        owned: frozenset[int],
+        lag: int,
+        committed: int,
+        lags: dict[tuple[str, str], int],
+    ) -> None:
+        seen = (owned, committed)
+        if lag == 0 or seen != self._probe_committed:
+            self._progress_at = now
+        self._probe_committed = seen
+        self._lag = lag
+        self._stalled = now - self._progress_at if lag > 0 else 0.0
+        STALLED.labels(self.role).set(self._stalled)
+        for topic, partition in self._lag_labels - set(lags):
+            with contextlib.suppress(KeyError):
+                CONSUMER_LAG.remove(self.role, topic, partition)
+        for (topic, partition), n in lags.items():
+            CONSUMER_LAG.labels(self.role, topic, partition).set(n)
+        self._lag_labels = set(lags)

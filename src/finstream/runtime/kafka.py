@@ -23,10 +23,8 @@ from typing import Any, Protocol
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from finstream.domain.deadletter import DeadLetter
-from finstream.domain.time import utcnow
 from finstream.runtime.logging import CORRELATION_HEADER, get_logger
-from finstream.runtime.metrics import DEAD_LETTERS, EVENTS_FAILED, EVENTS_OUT
+from finstream.runtime.metrics import EVENTS_OUT
 from finstream.settings import Settings
 
 log = get_logger(__name__)
@@ -39,6 +37,7 @@ def client_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
     the bootstrap servers and the security settings (TLS, SASL, mTLS)."""
     config: dict[str, Any] = {
         "bootstrap.servers": settings.kafka_bootstrap,
+        "socket.timeout.ms": settings.kafka_socket_timeout_ms,
         # librdkafka logs through its own channel; warnings and errors only.
         "log_level": 4,
         **security_config(settings),
@@ -167,8 +166,11 @@ def producer_config(settings: Settings, transactional_id: str | None = None) -> 
         # Streams uses 10 s for the same reason. A restarted worker with the same
         # instance id aborts it at once (init_transactions).
         config["transaction.timeout.ms"] = settings.stream_transaction_timeout_ms
-        # librdkafka requires a message to time out within its transaction.
+        # librdkafka requires a message, and a request, to time out within its transaction.
         config["message.timeout.ms"] = settings.stream_transaction_timeout_ms
+        config["socket.timeout.ms"] = min(
+            settings.kafka_socket_timeout_ms, settings.stream_transaction_timeout_ms - 100
+        )
     return config
 
 
@@ -225,17 +227,37 @@ class DeliveryError(RuntimeError):
     """The broker did not take a message (after the producer's own retries)."""
 
 
+async def probe_kafka(client: Any, topic: str, within: float) -> None:
+    """Raise unless the cluster answers a metadata request within ``within`` seconds.
+
+    A real round trip (librdkafka's own connection state says nothing about a
+    half-open connection); asking for one topic keeps the answer small.
+    """
+    await asyncio.to_thread(client.list_topics, topic=topic, timeout=within)
+
+
 class KafkaPublisher:
     """An idempotent producer for asyncio code (service roles, the API, the CLI).
 
     librdkafka sends in its own threads; a poller thread serves delivery
     reports and hands them to the event loop in bulk, so a send costs no
     round trip and :meth:`flush` waits only for what was sent before it.
+
+    When the broker goes away, librdkafka keeps the records and retries
+    them for ``message.timeout.ms`` (120 s): a broker back within that
+    loses nothing, and the idempotent producer writes nothing twice. A
+    record not acknowledged by then fails its :meth:`flush` with
+    :class:`DeliveryError`; a full local queue makes :meth:`send` wait
+    (without blocking the event loop). A producer that hits a fatal error
+    (its idempotence state lost) is replaced by a new one: the records it
+    held fail, the next ones go out.
     """
 
     def __init__(self, settings: Settings, role: str) -> None:
         self.role = role
-        self._producer = Producer(producer_config(settings))
+        self._settings = settings
+        self._fatal: str | None = None
+        self._producer = self._new_producer()
         self._pending: list[asyncio.Future[Delivered]] = []
         self._reports: collections.deque[tuple[asyncio.Future[Delivered], Any, Any]] = (
             collections.deque()
@@ -243,6 +265,30 @@ class KafkaPublisher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+
+    def _new_producer(self) -> Any:
+        return Producer({**producer_config(self._settings), "error_cb": self._on_error})
+
+    def _on_error(self, err: Any) -> None:
+        # librdkafka retries everything else by itself; a fatal error ends this producer.
+        if isinstance(err, KafkaError) and err.fatal():
+            self._fatal = str(err)
+            log.error("Kafka producer failed fatally; it will be replaced", error=str(err))
+
+    def _renew_if_fatal(self) -> None:
+        if self._fatal is None:
+            return
+        old, self._producer, self._fatal = self._producer, self._new_producer(), None
+        # Its records fail their futures now (purged) instead of hanging.
+        with contextlib.suppress(Exception):
+            old.purge()
+            old.poll(0)
+
+    async def probe(self) -> None:
+        """Raise unless Kafka answers (a dependency probe for readiness)."""
+        await probe_kafka(
+            self._producer, self._settings.topic("dlq"), self._settings.health_probe_timeout
+        )
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -263,6 +309,7 @@ class KafkaPublisher:
 
     def _poll(self) -> None:
         while not self._stopping.is_set():
+            self._renew_if_fatal()
             if self._producer.poll(0.05) and self._reports and self._loop is not None:
                 with contextlib.suppress(RuntimeError):  # the loop closed under us
                     self._loop.call_soon_threadsafe(self._drain)
@@ -297,15 +344,30 @@ class KafkaPublisher:
             kwargs["headers"] = list(headers)
         if partition is not None:
             kwargs["partition"] = partition
-        while True:
-            try:
-                self._producer.produce(topic, **kwargs)
-                break
-            except BufferError:
-                # The local queue is full: let librdkafka send some first.
-                self._producer.poll(0.1)
+        # BufferError (the local queue is full) goes to the caller, who waits.
+        self._producer.produce(topic, **kwargs)
         EVENTS_OUT.labels(self.role, topic).inc()
         return fut
+
+    async def _submit_waiting(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Headers,
+        partition: int | None,
+    ) -> asyncio.Future[Delivered]:
+        waited = 0
+        while True:
+            try:
+                return self._submit(topic, key, value, headers, partition)
+            except BufferError:
+                # Full while the broker is slow or gone: librdkafka's own thread
+                # drains it; the event loop (health, other clients) keeps running.
+                if waited % 200 == 0:
+                    log.warning("Kafka producer queue full; waiting", topic=topic)
+                waited += 1
+                await asyncio.sleep(0.05)
 
     async def send(
         self,
@@ -315,127 +377,19 @@ class KafkaPublisher:
         headers: Headers = (),
         partition: int | None = None,
     ) -> None:
-        self._pending.append(self._submit(topic, key, value, headers, partition))
+        self._pending.append(await self._submit_waiting(topic, key, value, headers, partition))
 
     async def send_and_wait(
         self, topic: str, key: bytes | None, value: bytes | None, headers: Headers = ()
     ) -> Delivered:
         """Send one message and wait for the broker's acknowledgement."""
-        return await self._submit(topic, key, value, headers, None)
+        return await (await self._submit_waiting(topic, key, value, headers, None))
 
     async def flush(self) -> None:
         pending, self._pending = self._pending, []
         for fut in pending:
             # Raises if the broker refused the message: the caller must not commit.
             await fut
-
-
-class DeadLetters:
-    """Builds dead letters for the dlq topic and moves the counters."""
-
-    def __init__(self, publisher: Publisher | None, settings: Settings, role: str) -> None:
-        self._publisher = publisher
-        self.topic = settings.topic("dlq")
-        self._role = role
-
-    def letter(
-        self,
-        *,
-        source_topic: str,
-        partition: int,
-        offset: int,
-        key: bytes | None,
-        value: bytes | None,
-        error: BaseException | str,
-        error_class: str | None = None,
-        headers: Headers = (),
-        attempts: int | None = None,
-    ) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
-        """The dlq record (key, value, headers) for one failed message; counts it."""
-        if isinstance(error, BaseException):
-            error_class = error_class or type(error).__name__
-            reason = str(error) or type(error).__name__
-        else:
-            error_class = error_class or "Error"
-            reason = error
-        letter = DeadLetter(
-            source_topic=source_topic,
-            source_partition=partition,
-            source_offset=offset,
-            error_class=error_class,
-            reason=reason,
-            role=self._role,
-            at=utcnow(),
-            key=key,
-            value=value,
-            original_headers=tuple((k, bytes(v or b"")) for k, v in headers),
-            attempts=attempts,
-        )
-        DEAD_LETTERS.labels(self._role, source_topic, error_class).inc()
-        EVENTS_FAILED.labels(self._role, source_topic, error_class).inc()
-        log.warning(
-            "dead letter",
-            source_topic=source_topic,
-            partition=partition,
-            offset=offset,
-            error_class=error_class,
-            reason=reason[:300],
-        )
-        return key, value, letter.headers()
-
-    async def send(
-        self,
-        *,
-        source_topic: str,
-        partition: int,
-        offset: int,
-        key: bytes | None,
-        value: bytes | None,
-        error: BaseException | str,
-        error_class: str | None = None,
-        headers: Headers = (),
-        attempts: int | None = None,
-    ) -> None:
-        assert self._publisher is not None, "DeadLetters without a publisher cannot send"
-        k, v, h = self.letter(
-            source_topic=source_topic,
-            partition=partition,
-            offset=offset,
-            key=key,
-            value=value,
-            error=error,
-            error_class=error_class,
-            headers=headers,
-            attempts=attempts,
-        )
-        await self._publisher.send(self.topic, k, v, h)
-
-    async def send_message(
-        self,
-        message: Any,
-        error: BaseException | str,
-        *,
-        error_class: str | None = None,
-        attempts: int | None = None,
-    ) -> None:
-        """Dead-letter a consumed record (anything with topic/partition/offset/key/value/headers)."""
-        await self.send(
-            source_topic=message.topic,
-            partition=message.partition,
-            offset=message.offset,
-            key=message.key,
-            value=message.value,
-            error=error,
-            error_class=error_class,
-            headers=message_header_pairs(message.headers),
-            attempts=attempts,
-        )
-
-
-def message_header_pairs(headers: Any) -> list[tuple[str, bytes]]:
-    """Headers of a consumed record as (name, bytes) pairs."""
-    pairs = headers.items() if isinstance(headers, dict) else (headers or ())
-    return [(k, v.encode() if isinstance(v, str) else bytes(v or b"")) for k, v in pairs]
 
 
 def correlation_header(correlation_id: str | None) -> list[tuple[str, bytes]]:

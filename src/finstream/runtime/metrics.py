@@ -33,3 +33,8 @@ CONSUMER_LAG = Gauge(
     ["role", "topic", "partition"],
 )
 READY = Gauge("finstream_ready", "1 when the worker reports ready", ["role"])
+DEPENDENCY_UP = Gauge(
+    "finstream_dependency_up",
+    "1 when the worker's last probe of a dependency it needs (kafka, postgresql, redis) succeeded",
+    ["role", "dependency"],
+)

@@ -17,8 +17,9 @@ from typing import Any
 
 from finstream.codec import Codec, default_codec
 from finstream.roles import ROLES, RoleSpec
+from finstream.runtime.deadletters import DeadLetters
 from finstream.runtime.health import HealthServer
-from finstream.runtime.kafka import DeadLetters, KafkaPublisher, check_access
+from finstream.runtime.kafka import KafkaPublisher, check_access
 from finstream.runtime.logging import configure_logging, get_logger
 from finstream.settings import Settings, get_settings
 
@@ -43,6 +44,8 @@ class ServiceContext:
             pub = KafkaPublisher(self.settings, self.role)
             await pub.start()
             self._publisher = pub
+            # A role that publishes cannot work without Kafka: readiness says so.
+            self.health.add_dependency("kafka", pub.probe)
         return self._publisher
 
     async def dead_letters(self) -> DeadLetters:
@@ -74,7 +77,13 @@ def run_role(role: str, options: dict[str, Any] | None = None) -> None:
 
 
 async def _run_service(spec: RoleSpec, settings: Settings, options: dict[str, Any]) -> None:
-    health = HealthServer(spec.name, settings.http_host, settings.http_port)
+    health = HealthServer(
+        spec.name,
+        settings.http_host,
+        settings.http_port,
+        probe_interval=settings.health_probe_interval,
+        probe_timeout=settings.health_probe_timeout,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -17,12 +17,18 @@ trades, final, revision.
 The role runs on the stream engine, at least once: a batch is stored in PostgreSQL,
 then in Redis, then its offsets are committed; a crash re-reads what was not
 committed, which the revision checks make harmless.
+
+PostgreSQL is the source of truth of the Redis copy: when Redis turns out to
+have lost it (a partition's repair mark is gone,
+:class:`finstream.stores.redis.RepairMarks`), the latest bars of the
+symbols of the partitions this replica owns are written back from the
+``bars`` table, without publishing them again on the live channels.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import asyncpg
@@ -50,7 +56,7 @@ ON CONFLICT (symbol, interval, start) DO UPDATE SET
 WHERE bars.revision < excluded.revision
 """
 
-# KEYS[1] sorted set; ARGV: score (start, epoch s), revision, JSON, keep, channel.
+# KEYS[1] sorted set; ARGV: score (start, epoch s), revision, JSON, keep, channel ('' for none).
 # A member with the same start and an equal or higher revision wins.
 _PUT_BAR = """
 local existing = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], ARGV[1])
@@ -66,10 +72,30 @@ end
 redis.call('ZADD', KEYS[1], ARGV[1], ARGV[3])
 redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -(tonumber(ARGV[4]) + 1))
 if redis.call('ZSCORE', KEYS[1], ARGV[3]) then
-  redis.call('PUBLISH', ARGV[5], ARGV[3])
+  if ARGV[5] ~= '' then
+    redis.call('PUBLISH', ARGV[5], ARGV[3])
+  end
   return 1
 end
 return 0
+"""
+
+# The latest bars of one symbol and width, as the Redis copy keeps them.
+_LATEST = """
+SELECT symbol, interval, start, "end", open, high, low, close, volume, vwap, trades, final,
+       revision
+FROM bars WHERE symbol = $1 AND interval = $2 ORDER BY start DESC LIMIT $3
+"""
+
+# Every symbol with bars, one index probe each (a loose index scan: no table scan).
+_SYMBOLS = """
+WITH RECURSIVE s AS (
+    (SELECT symbol FROM bars ORDER BY symbol LIMIT 1)
+    UNION ALL
+    SELECT (SELECT b.symbol FROM bars b WHERE b.symbol > s.symbol ORDER BY b.symbol LIMIT 1)
+    FROM s WHERE s.symbol IS NOT NULL
+)
+SELECT symbol FROM s WHERE symbol IS NOT NULL
 """
 
 
@@ -123,7 +149,7 @@ class BarStore:
             status = await conn.execute(_UPSERT, *columns)
         return int(status.split()[-1])
 
-    async def write_redis(self, bars: Sequence[Bar]) -> int:
+    async def write_redis(self, bars: Sequence[Bar], *, publish: bool = True) -> int:
         if not bars:
             return 0
         keep = self._settings.bars_redis_keep
@@ -132,11 +158,25 @@ class BarStore:
                 key = bars_key(self._settings, b.interval, b.symbol)
                 member = json.dumps(b.to_json(), separators=(",", ":"))
                 score = int(b.start.timestamp())
+                channel = key if publish else ""
                 await self._put(
-                    keys=[key], args=[score, b.revision, member, keep, key], client=pipe
+                    keys=[key], args=[score, b.revision, member, keep, channel], client=pipe
                 )
             results = await pipe.execute()
         return sum(int(r) for r in results)
+
+    async def restore_redis(self, owns: Callable[[str], bool], intervals: Sequence[str]) -> int:
+        """Write the latest bars of the owned symbols from PostgreSQL back to Redis."""
+        keep = self._settings.bars_redis_keep
+        restored = 0
+        async with self._pool.acquire() as conn:
+            symbols = [r["symbol"] for r in await conn.fetch(_SYMBOLS) if owns(r["symbol"])]
+            for symbol in symbols:
+                for interval in intervals:
+                    rows = await conn.fetch(_LATEST, symbol, interval, keep)
+                    bars = [Bar(**dict(r)) for r in rows]
+                    restored += await self.write_redis(bars, publish=False)
+        return restored
 
     async def latest(self, symbol: str, interval: str, count: int) -> list[dict[str, Any]]:
         raw = await self._redis.zrange(bars_key(self._settings, interval, symbol), -count, -1)

@@ -163,8 +163,11 @@ def _apt_install(package: str) -> None:
 
 
 class Stack:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, kafka_properties: dict[str, str] | None = None) -> None:
+        """``kafka_properties`` override the broker's server.properties (fault tests add a
+        listener that advertises a proxy's address)."""
         self.settings = settings
+        self.kafka_properties = dict(kafka_properties or {})
         self.root = settings.stack_dir
         self.kafka_dir = self.root / "kafka"
         self.pg_dir = self.root / "postgres"
@@ -413,6 +416,7 @@ class Stack:
             "group.initial.rebalance.delay.ms": "0",
             "log.retention.check.interval.ms": "60000",
             "log.segment.bytes": str(256 * 1024 * 1024),
+            **self.kafka_properties,
         }
         secured = self._secured()
         if secured is not None:

@@ -27,7 +27,7 @@ from finstream.domain import strict_json
 from finstream.settings import Settings
 
 # KEYS: msgs, index, unread, archived, seen
-# ARGV: id, json, score, cap, channel, seen_cap
+# ARGV: id, json, score, cap, channel ('' publishes nothing: a repair), seen_cap
 _ADD = """
 if redis.call('ZSCORE', KEYS[5], ARGV[1]) then
   return 0
@@ -51,7 +51,9 @@ if n > cap then
   end
   redis.call('ZREMRANGEBYRANK', KEYS[2], 0, n - cap - 1)
 end
-redis.call('PUBLISH', ARGV[5], ARGV[2])
+if ARGV[5] ~= '' then
+  redis.call('PUBLISH', ARGV[5], ARGV[2])
+end
 return 1
 """
 
@@ -77,9 +79,19 @@ class Inbox:
         return self._settings.redis_key(f"inbox:{user_id}")
 
     async def add(
-        self, user_id: str, message_id: str, message: dict[str, Any], score: float
+        self,
+        user_id: str,
+        message_id: str,
+        message: dict[str, Any],
+        score: float,
+        *,
+        publish: bool = True,
     ) -> bool:
-        """Store a message; False when it was stored before (a redelivery)."""
+        """Store a message; False when it was stored before (a redelivery).
+
+        ``publish=False`` stores without telling live clients: what a repair
+        puts back was delivered (and shown) before.
+        """
         # Strict JSON: the payload is published to browsers as it is (NonFiniteNumber else).
         payload = strict_json.dumps({**message, "message_id": message_id}, default=str)
         keys = [self._key(user_id, p) for p in ("msgs", "index", "unread", "archived", "seen")]
@@ -88,7 +100,7 @@ class Inbox:
             payload,
             score,
             self._cap,
-            self.channel(user_id),
+            self.channel(user_id) if publish else "",
             self._cap * 10,
         ]
         return bool(await self._add(keys=keys, args=args))

@@ -132,6 +132,12 @@ with contextlib.suppress(ValueError):  # registered once per process
     REGISTRY.register(_POOLS)
 
 
+async def probe(pool: asyncpg.Pool) -> None:
+    """Raise unless the pool hands out a connection that answers (a readiness probe)."""
+    async with pool.acquire() as conn:
+        await conn.fetchval("SELECT 1")
+
+
 async def connect(settings: Settings) -> asyncpg.Connection:
     return await asyncpg.connect(
         settings.database_url.get_secret_value(),

@@ -22,7 +22,7 @@ async def healthz() -> Any:
 @router.get(
     "/readyz",
     response_model=Readiness,
-    summary="Readiness: Redis, PostgreSQL, the pub/sub link and the token keys are usable",
+    summary="Readiness: Redis, PostgreSQL, Kafka, the pub/sub link and the token keys are usable",
     responses={503: {"description": "Not ready", "model": Readiness}},
 )
 async def readyz(res: Res) -> Any:

@@ -88,8 +88,9 @@ from finstream.domain.resilience import (
     RateLimiter,
 )
 from finstream.domain.time import utcnow
+from finstream.runtime.deadletters import DeadLetters
 from finstream.runtime.engine import Event
-from finstream.runtime.kafka import DeadLetters, KafkaPublisher, correlation_header
+from finstream.runtime.kafka import KafkaPublisher, correlation_header
 from finstream.runtime.logging import correlation, correlation_from_headers, get_logger
 from finstream.runtime.metrics import DEAD_LETTERS, EVENTS_FAILED
 from finstream.settings import Settings
