@@ -96,8 +96,9 @@ def main(argv: list[str]) -> None:
                     "data": {
                         "symbol": "AAPL",
                         "price": "190.10",
-                        "title": "AAPL",
-                        "body": "crossed",
+                        # What the price_alert template needs: without it the router
+                        # drops the request as unrenderable and nothing is measured.
+                        "description": "AAPL crossed above 190.00",
                     },
                     "channels": [],
                     "deliver_at": None,
