@@ -86,6 +86,8 @@ DEFAULT_CATEGORIES: Mapping[str, CategoryPolicy] = {
         ("email", "push", "inapp"), transactional=False, consent="marketing"
     ),
     "product": CategoryPolicy(("email", "inapp"), transactional=False, consent="marketing"),
+    # One-time codes to a contact being verified (the request names it: contact_id).
+    "verification": CategoryPolicy(("email", "sms")),
 }
 
 
@@ -127,6 +129,7 @@ class Request:
     expires_at: datetime | None
     collapse_key: str | None
     correlation_id: str | None
+    contact_id: str | None = None  # send to this contact only, verified or not
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> Request:
@@ -160,6 +163,7 @@ class Request:
             expires_at=record.get("expires_at"),
             collapse_key=record.get("collapse_key") or None,
             correlation_id=record.get("correlation_id"),
+            contact_id=record.get("contact_id") or None,
         )
 
     @property
@@ -331,7 +335,13 @@ def select_channels(
         state = "withdrawn" if prefs.consent(category.consent) is False else "not given"
         return (), {}, f"consent for {category.consent} {state}"
     skipped: dict[str, str] = {}
-    if request.channels:
+    if request.contact_id is not None:
+        # A request for one contact (a verification code) goes to its channel only.
+        target = prefs.contact_channel(request.contact_id)
+        if target is None:
+            return (), {}, f"no contact {request.contact_id}"
+        candidates = [target]
+    elif request.channels:
         candidates = list(request.channels)
         if user_cat is not None and user_cat.channels is not None:
             for c in candidates:
@@ -353,7 +363,7 @@ def select_channels(
         if purpose is not None and prefs.consent(purpose) is not True:
             skipped[c] = f"no consent for {purpose}"
             continue
-        contacts, why = prefs.contacts(c)
+        contacts, why = prefs.contacts(c, only=request.contact_id)
         if not contacts:
             skipped[c] = why or f"no {c} contact"
             continue
@@ -531,7 +541,7 @@ def compose(
         except ChannelNotAvailable as exc:
             skipped[channel] = str(exc)
             continue
-        contacts, _ = prefs.contacts(channel)
+        contacts, _ = prefs.contacts(channel, only=request.contact_id)
         for contact in contacts:
             out.append(
                 Composed(
@@ -583,6 +593,8 @@ def outbound_record(
         "expires_at": request.expires_at,
         "attempt": 0,
         "correlation_id": request.correlation_id,
+        "sealed": None,
+        "template": request.template,
     }
 
 
