@@ -42,6 +42,7 @@ from typing import Any
 
 from finstream.domain import caps as caps_
 from finstream.domain.digest import DigestBuffer
+from finstream.domain.envelope import mask_recipient
 from finstream.domain.notifications import outbound_message_id
 from finstream.domain.preferences import CHANNELS, Contact, Preferences
 from finstream.domain.quiet_hours import is_quiet, next_allowed
@@ -507,6 +508,13 @@ def contact_hash(recipient: str) -> str:
     return hashlib.sha256(recipient.encode()).hexdigest()[:16]
 
 
+def contact_ref(contact: Contact) -> str:
+    """How an audit event names a contact: its id, else the recipient masked. Never a
+    hash of the address: audit rows outlive an erasure, and an unkeyed hash of an
+    address can be matched by anyone who knows the address."""
+    return contact.contact_id or mask_recipient(contact.recipient)
+
+
 @dataclass(frozen=True)
 class Composed:
     channel: str
@@ -632,9 +640,7 @@ def audit_event(
         details[f"skipped.{channel}"] = why
     if messages:
         details["message_ids"] = ",".join(m.message["message_id"] for m in messages)
-        details["contacts"] = ",".join(
-            f"{m.channel}:{contact_hash(m.contact.recipient)}" for m in messages
-        )
+        details["contacts"] = ",".join(f"{m.channel}:{contact_ref(m.contact)}" for m in messages)
     if messages:
         # The rendered locale per channel (after fallback), for the notification's journey.
         details["locales"] = ",".join(

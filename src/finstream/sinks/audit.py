@@ -20,14 +20,18 @@ hashing, so that what is hashed is what is stored.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import asyncpg
+from prometheus_client import Gauge
 
 from finstream.domain.time import to_micros
 from finstream.runtime.engine import Event, Output, Processor, StreamEngine
@@ -157,16 +161,21 @@ def _row_event(row: Any) -> dict[str, Any]:
     return event
 
 
-async def verify(conn: asyncpg.Connection, page: int = 5000) -> Verification:
-    """Walk the whole chain; report the first row that does not fit."""
-    head = await conn.fetchrow("SELECT * FROM audit_chain_head WHERE id = 1")
-    if head is None:
-        return Verification(False, 0, 0, "audit_chain_head row is missing")
-    head_seq, head_hash = int(head["seq"]), str(head["hash"])
-    # Retention may have removed the oldest rows: the chain then starts after base_seq.
-    base = int(head.get("base_seq") or 0)
-    prev, expected, checked = str(head.get("base_hash") or GENESIS), base + 1, 0
+async def verify(conn: asyncpg.Connection | Any, page: int = 5000) -> Verification:
+    """Walk the whole chain; report the first row that does not fit.
+
+    The head and the rows are read in one snapshot, so a verification running
+    beside the audit role's appends (the role's own schedule) sees a chain
+    and a head that belong together.
+    """
     async with conn.transaction(isolation="repeatable_read", readonly=True):
+        head = await conn.fetchrow("SELECT * FROM audit_chain_head WHERE id = 1")
+        if head is None:
+            return Verification(False, 0, 0, "audit_chain_head row is missing")
+        head_seq, head_hash = int(head["seq"]), str(head["hash"])
+        # Retention may have removed the oldest rows: the chain then starts after base_seq.
+        base = int(head.get("base_seq") or 0)
+        prev, expected, checked = str(head.get("base_hash") or GENESIS), base + 1, 0
         last = base
         while True:
             rows = await conn.fetch(
@@ -213,9 +222,53 @@ class AuditSink(Processor):
         log.debug("audit batch stored", received=len(events), stored=stored)
 
 
+CHAIN_OK = Gauge(
+    "finstream_audit_chain_ok",
+    "1 when the last scheduled verification found the audit chain intact, 0 when broken",
+)
+CHAIN_EVENTS = Gauge(
+    "finstream_audit_chain_verified_events", "Audit rows the last scheduled verification checked"
+)
+VERIFIED_AT = Gauge(
+    "finstream_audit_verify_last_run_timestamp_seconds",
+    "When the audit chain was last verified (Unix time), intact or not",
+)
+VERIFY_SECONDS = Gauge(
+    "finstream_audit_verify_duration_seconds", "How long the last verification of the chain took"
+)
+
+
+async def verify_on_schedule(pool: asyncpg.Pool, interval: float, stop: asyncio.Event) -> None:
+    """``finstream audit verify`` every ``audit_verify_interval`` seconds, as metrics
+    (the FinstreamAuditChainBroken alert fires on ``finstream_audit_chain_ok == 0``)."""
+    while not stop.is_set():
+        started = time.monotonic()
+        try:
+            async with pool.acquire() as conn:
+                result = await verify(conn)
+        except Exception as exc:  # the schedule outlives a database hiccup
+            log.warning("scheduled audit verification failed", error=str(exc)[:300])
+        else:
+            CHAIN_OK.set(1 if result.ok else 0)
+            CHAIN_EVENTS.set(result.checked)
+            VERIFIED_AT.set(time.time())
+            VERIFY_SECONDS.set(time.monotonic() - started)
+            if result.ok:
+                log.info("audit chain verified", events=result.checked, head=result.head_seq)
+            else:
+                log.error("AUDIT CHAIN BROKEN", problem=result.render(), seq=result.seq)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=interval)
+
+
 async def run(ctx: ServiceContext) -> None:
     settings = ctx.settings
     pool = await create_pool(settings)
+    schedule = None
+    if settings.audit_verify_interval > 0:
+        schedule = asyncio.create_task(
+            verify_on_schedule(pool, settings.audit_verify_interval, ctx.stop)
+        )
     engine = StreamEngine(
         settings,
         ctx.role,
@@ -229,4 +282,8 @@ async def run(ctx: ServiceContext) -> None:
     try:
         await engine.run(ctx.stop)
     finally:
+        if schedule is not None:
+            schedule.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await schedule
         await pool.close()
