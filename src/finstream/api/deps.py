@@ -30,6 +30,10 @@ from finstream.api.metrics import AUTH_FAILURES, RATE_LIMITED
 from finstream.api.problems import Problem
 from finstream.codec import Codec, default_codec
 from finstream.domain.templates import Templates
+from finstream.privacy.keys import KeyRing
+from finstream.privacy.kms import token_secrets
+from finstream.privacy.prefs import PreferencesWriter
+from finstream.privacy.verify import Verifier
 from finstream.runtime.kafka import DeadLetters, KafkaPublisher
 from finstream.runtime.logging import get_logger
 from finstream.settings import Settings
@@ -108,9 +112,15 @@ class Resources:
     hub: PubSubHub
     dead_letters: DeadLetters
     templates: Templates
+    # issue 14: users' data keys, the signing secrets, sealed and audited preference writes
+    keys: KeyRing
+    secrets: list[bytes]
+    writer: PreferencesWriter
+    contacts: Verifier
 
     @classmethod
     async def open(cls, settings: Settings) -> Resources:
+        secrets = token_secrets(settings)  # refuses to start without them in production
         verifier = TokenVerifier.from_settings(settings)
         await verifier.start()
         url = settings.redis_url.get_secret_value()
@@ -139,6 +149,10 @@ class Resources:
             await hub_redis.aclose()
             raise
         codec = default_codec()
+        keys = KeyRing.from_settings(settings, pg)
+        writer = PreferencesWriter(
+            settings=settings, codec=codec, redis=redis, publisher=publisher, keys=keys, actor="api"
+        )
         return cls(
             settings=settings,
             codec=codec,
@@ -157,9 +171,23 @@ class Resources:
             hub=hub,
             dead_letters=DeadLetters(publisher, settings, "api"),
             templates=load_templates(settings),
+            keys=keys,
+            secrets=secrets,
+            writer=writer,
+            contacts=Verifier(
+                settings=settings,
+                codec=codec,
+                pg=pg,
+                redis=redis,
+                publisher=publisher,
+                keys=keys,
+                secrets=secrets,
+            ),
         )
 
     async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.keys.close()
         await self.hub.stop()
         with contextlib.suppress(Exception):
             await self.publisher.stop()

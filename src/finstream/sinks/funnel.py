@@ -85,25 +85,26 @@ async def record(conn: Any, rows: Sequence[FunnelRow]) -> list[tuple[Stage, str]
 
 
 async def funnel(
-    conn: asyncpg.Pool | asyncpg.Connection, start: datetime, end: datetime, group_by: str
+    conn: asyncpg.Pool | asyncpg.Connection, start: datetime, end: datetime, group_by: str | None
 ) -> list[dict[str, Any]]:
-    """The funnel per ``group_by`` value for rows first seen in [start, end)."""
-    if group_by not in GROUP_BY:
+    """The funnel per ``group_by`` value (None: one total) for rows first seen in [start, end)."""
+    if group_by is not None and group_by not in GROUP_BY:
         raise ValueError(f"group_by must be one of {', '.join(GROUP_BY)}")
     counts = ",\n".join(f"count({s.value}_at) AS {s.value}" for s in FUNNEL)
+    key = f"coalesce({group_by}, 'unknown')" if group_by else "'total'"
     rows = await conn.fetch(
-        f"""SELECT coalesce({group_by}, 'unknown') AS key,
+        f"""SELECT {key} AS key,
                    count(DISTINCT request_id) AS requests,
                    {counts}
             FROM notification_funnel
             WHERE first_at >= $1 AND first_at < $2
-            GROUP BY 1 ORDER BY 1""",
+            {"GROUP BY 1 ORDER BY 1" if group_by else ""}""",
         start,
         end,
     )
     return [
         {
-            group_by: r["key"],
+            **({group_by: r["key"]} if group_by else {}),
             "requests": int(r["requests"]),
             **{s.value: int(r[s.value]) for s in FUNNEL},
         }
