@@ -44,6 +44,9 @@ _LAZY: dict[str, tuple[str, str]] = {
         "The journey of a notification (or a user's, by time range).",
     ),
     "status": ("finstream.cli_status:status", "Every role and service: ready, lag, throughput."),
+    # issue 14: privacy
+    "users": ("finstream.cli_users:users", "Erase or export a user (keys destroyed, audited)."),
+    "keys": ("finstream.cli_users:keys", "Users' data keys: status, rotate, re-wrap."),
 }
 
 

@@ -372,6 +372,14 @@ def seed(settings: Settings, *, quote_wait: float = 20.0) -> list[Record]:
     from finstream.domain.time import utcnow
 
     quotes = asyncio.run(latest_quotes(settings, quote_wait))
-    items = records(settings, utcnow(), quotes)
+    items = asyncio.run(_sealed(settings, records(settings, utcnow(), quotes)))
     publish(settings, items)
     return items
+
+
+async def _sealed(settings: Settings, items: list[Record]) -> list[Record]:
+    """Contacts and request data sealed under each persona's key, as the API does."""
+    from finstream.privacy.producer import Sealer
+
+    async with Sealer.open(settings) as sealer:
+        return list(await sealer.records(items))

@@ -20,6 +20,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
+from typing import Any
 
 CODE_DIGITS = 6
 SEND_WINDOW = timedelta(hours=1)
@@ -33,6 +34,15 @@ def new_code() -> str:
 
 def new_contact_id() -> str:
     return f"c-{secrets.token_hex(6)}"
+
+
+def assign_contact_ids(record: dict[str, Any]) -> dict[str, Any]:
+    """Every email address and phone number without an id gets one (in place)."""
+    for field in ("emails", "phones"):
+        for item in record.get(field) or ():
+            if not item.get("id"):
+                item["id"] = new_contact_id()
+    return record
 
 
 def code_digest(secret: bytes, user_id: str, contact_id: str, code: str) -> str:
