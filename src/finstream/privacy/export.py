@@ -116,14 +116,14 @@ async def export(s: Sources, user: str) -> dict[str, Any]:
                 content = None
         deliveries.append(
             {
-                **{k: r[k] for k in r if k != "content"},
+                **{k: v for k, v in r.items() if k != "content"},
                 "content": content,
                 "results": by_message.get(r["message_id"], []),
             }
         )
     audit_rows = [
         {
-            **{k: r[k] for k in r if k != "details"},
+            **{k: v for k, v in r.items() if k != "details"},
             "details": json.loads(r["details"])
             if isinstance(r["details"], str)
             else dict(r["details"] or {}),
