@@ -317,7 +317,15 @@ def prefs_show(user: str, reveal: bool) -> None:
 @click.argument("user")
 @click.confirmation_option(prompt="Forget this user's preferences, contacts and held messages?")
 def prefs_forget(user: str) -> None:
-    """Publish a tombstone: the router forgets USER's preferences, state and held messages."""
+    """Publish a tombstone: the router forgets USER's preferences, state and held messages.
+
+    Not an erasure: deliveries, the inbox, rules and sealed copies on topics stay
+    (`finstream users forget USER` erases a user)."""
     settings = get_settings()
     asyncio.run(_publish(settings, user, None))
     click.echo(f"tombstone for {user} published to {settings.topic('notify.preferences')}")
+    click.echo(
+        "not an erasure: `finstream users forget USER` also destroys the user's keys and "
+        "deletes their deliveries, inbox, rules and verifications",
+        err=True,
+    )

@@ -31,9 +31,12 @@ async def _services(settings: Settings) -> AsyncIterator[Any]:
     from finstream.privacy.erasure import Services
     from finstream.privacy.keys import KeyRing
     from finstream.runtime.kafka import KafkaPublisher
+    from finstream.runtime.logging import configure_logging
     from finstream.sinks.postgres import create_pool
     from finstream.sinks.redis_client import connect
 
+    # Logs go to stderr: stdout is the command's JSON.
+    configure_logging(settings.log_level, "console", role="cli")
     pool = await create_pool(settings, min_size=0, max_size=2)
     redis = connect(settings)
     publisher = KafkaPublisher(settings, "cli")
