@@ -259,3 +259,40 @@ def test_sink_replicas_store_each_event_once_in_one_chain(env: TestEnv, log_dir:
     finally:
         assert a.stop() == 0, a.log_tail()
         assert b.stop() == 0, b.log_tail()
+
+
+async def test_the_scheduled_verification_reports_an_intact_then_a_broken_chain(
+    env: TestEnv,
+) -> None:
+    """The audit role's schedule (audit_verify_interval): metrics the alert rules read."""
+    from prometheus_client import REGISTRY
+
+    from finstream.sinks.audit import verify_on_schedule
+    from tests.support.waiting import until
+
+    def sample(name: str) -> float | None:
+        return REGISTRY.get_sample_value(name)
+
+    await _reset(env)
+    pool = await asyncpg.create_pool(
+        env.settings.database_url.get_secret_value(), min_size=1, max_size=2
+    )
+    stop = asyncio.Event()
+    schedule = asyncio.create_task(verify_on_schedule(pool, 0.05, stop))
+    try:
+        await AuditWriter(pool).append([event(i) for i in range(1, 8)])
+        await until(
+            lambda: (
+                sample("finstream_audit_chain_ok") == 1
+                and sample("finstream_audit_chain_verified_events") == 7
+            ),
+            "the schedule verified seven events",
+        )
+        assert (sample("finstream_audit_verify_last_run_timestamp_seconds") or 0) > 0
+        async with pool.acquire() as conn:
+            await conn.execute("UPDATE audit_events SET reason = 'rewritten' WHERE seq = 3")
+        await until(lambda: sample("finstream_audit_chain_ok") == 0, "the schedule found the break")
+    finally:
+        stop.set()
+        await schedule
+        await pool.close()

@@ -307,3 +307,21 @@ def test_preference_audits_say_old_and_new_with_contacts_masked() -> None:
     assert "+1415" not in repr(created)
     assert preference_changes(PREFS, PREFS) == {"changed": ""}
     assert rule_changes(None, {"rule_id": "r", "value": "190"})["value.new"] == '"190"'
+
+
+# -- start-up checks ----------------------------------------------------------------------
+
+
+def test_production_mail_refuses_the_placeholder_unsubscribe_link() -> None:
+    from finstream.privacy.kms import PrivacyConfigError, check_unsubscribe_url
+    from finstream.settings import Settings
+
+    check_unsubscribe_url(Settings(env="test"))  # dev and test keep the placeholder
+    with pytest.raises(PrivacyConfigError, match="placeholder"):
+        check_unsubscribe_url(Settings(env="prod"))
+    check_unsubscribe_url(
+        Settings(
+            env="prod",
+            delivery_email_unsubscribe_url="https://api.example.com/v1/unsubscribe/{token}",
+        )
+    )
