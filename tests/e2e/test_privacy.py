@@ -506,6 +506,16 @@ async def test_provider_feedback_and_one_click_unsubscribe_change_preferences(
 
     await until(complained, "the address marked complained")
 
+    # A SendGrid unsubscribe event opts the user out of the message's category.
+    r = await sendgrid([{"event": "unsubscribe", "sg_event_id": uid("u"), "message_id": bea_mid}])
+    assert r.json() == {"accepted": 1, "ignored": 0}, r.text
+
+    async def unsubscribed() -> bool:
+        account = (await prefs_of(client, bea_token))["categories"].get("account") or {}
+        return account.get("enabled") is False
+
+    await until(unsubscribed, "the category opted out after SendGrid's unsubscribe")
+
     # 4. Twilio: a carrier STOP (21610) marks the number opted out.
     cy_number = phone()
     cy, cy_token, _ = await verified_user(
@@ -559,6 +569,7 @@ async def test_provider_feedback_and_one_click_unsubscribe_change_preferences(
         (ann, "feedback_email_bounced"),
         (ann, "unsubscribed"),
         (bea, "feedback_email_complained"),
+        (bea, "feedback_unsubscribed"),
         (cy, "feedback_phone_opted_out"),
         (ann, "message_opened"),
         (ann, "message_clicked"),
