@@ -528,7 +528,11 @@ class StreamEngine:
     def _commit(self) -> None:
         """Commit what was processed (Kafka thread). Raises :class:`Rewind` if it cannot."""
         started = time.perf_counter()
-        offsets = self._offsets_to_commit() if self._consumed else []
+        # Positions move past transaction markers without a record being handed out
+        # (the marker after a batch's last record may be read by the next, empty,
+        # consume): committed too, or a caught-up group would keep a lag of one.
+        # Never past a batch that failed (its rewind is pending).
+        offsets = [] if self._needs_rewind else self._offsets_to_commit()
         if self.exactly_once:
             if not offsets and not self._in_txn and not any(s.dirty for s in self.stores):
                 self._last_commit = time.monotonic()
