@@ -842,6 +842,44 @@ async def test_after_erasure_nothing_of_the_user_is_anywhere_in_clear_and_nothin
     await until(lambda: _has(audit_actions(res, user), "user_erased"), "the erasure audited")
 
 
+async def test_operators_export_and_erase_anyone_users_only_themselves(
+    api: tuple[httpx.AsyncClient, Resources], keys: Keys
+) -> None:
+    client, res = api
+    user, other = uid("olga"), uid("otto")
+    email = f"{user}@example.com"
+    await put_prefs(client, keys.token(user), {"emails": [email]})
+    operator = keys.token(uid("ops"), roles=["operator"])
+    service = keys.token("svc-privacy", roles=["service"])
+
+    # A user reaches only themselves (anyone else answers 404, like a missing user); a
+    # service neither; an operator anyone.
+    assert (
+        await client.get(f"/v1/users/{user}/export", headers=auth(keys.token(other)))
+    ).status_code == 404
+    assert (
+        await client.delete(f"/v1/users/{user}", headers=auth(keys.token(other)))
+    ).status_code == 404
+    assert (await client.get(f"/v1/users/{user}/export", headers=auth(service))).status_code == 403
+    exported = await client.get(f"/v1/users/{user}/export", headers=auth(operator))
+    assert exported.status_code == 200, exported.text
+    assert exported.json()["preferences"]["emails"][0]["address"] == email
+
+    erased = await client.delete(f"/v1/users/{user}", headers=auth(operator))
+    assert erased.status_code == 200, erased.text
+    assert erased.json()["already_erased"] is False
+    again = await client.delete(f"/v1/users/{user}", headers=auth(operator))
+    assert again.json()["already_erased"] is True
+    after = await client.get(f"/v1/users/{user}/export", headers=auth(operator))
+    assert after.json()["preferences"] is None
+    for action in ("user_exported", "user_erased", "user_erasure_repeated"):
+        await until(lambda action=action: _has(audit_actions(res, user), action), action)
+    row = await res.pg.fetchrow(
+        "SELECT reason FROM audit_events WHERE user_id = $1 AND action = 'user_erased'", user
+    )
+    assert "operator:" in row["reason"]
+
+
 def test_users_forget_from_the_command_line_is_idempotent(env: TestEnv) -> None:
     user = uid("cli-user")
     run = [sys.executable, "-m", "finstream.cli", "users", "forget", "--yes", user]
