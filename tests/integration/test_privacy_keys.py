@@ -189,3 +189,54 @@ def test_production_refuses_to_start_without_master_keys(env: TestEnv) -> None:
         with pytest.raises(PrivacyConfigError):
             LocalMasterKeys.parse(bad)
     assert master_keys(env.settings).current_id == "dev"
+
+
+def test_the_readme_rotation_from_the_command_line(env: TestEnv) -> None:
+    """`finstream keys rotate`, then the master key procedure: new key first, `keys rewrap`,
+    `keys status` shows nothing left under the old one, the old one dropped."""
+    import subprocess
+    import sys
+
+    def cli(*args: str, masters: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "finstream.cli", "keys", *args],
+            env=env.env(privacy_master_keys=masters),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    m1, m2 = f"c1{uuid.uuid4().hex[:6]}", f"c2{uuid.uuid4().hex[:6]}"
+    asyncio.run(_reset_other_keys(env))
+    old = f"{m1}:{base64.b64encode(os.urandom(32)).decode()}"
+    new = f"{m2}:{base64.b64encode(os.urandom(32)).decode()}"
+    user = f"u-{uuid.uuid4().hex[:6]}"
+
+    async def seal(masters: str) -> str:
+        pool = await _pool(env)
+        try:
+            keys = await KeyRing(pool, LocalMasterKeys.parse(masters)).load([user], create=True)
+            return keys[user].seal_text("before the rotation")
+        finally:
+            await pool.close()
+
+    async def opens(masters: str, token: str) -> tuple[str, int]:
+        pool = await _pool(env)
+        try:
+            keys = (await KeyRing(pool, LocalMasterKeys.parse(masters)).load([user]))[user]
+            return keys.open_text(token), keys.current or 0
+        finally:
+            await pool.close()
+
+    token = asyncio.run(seal(old))
+    assert "1 users have a new data key version" in cli("rotate", user, masters=old)
+    assert asyncio.run(opens(old, token)) == ("before the rotation", 2)
+    assert f"master {m1} (current): 2 keys of 1 users" in cli("status", masters=old)
+    assert "2 keys re-wrapped under master key " + m2 in cli("rewrap", masters=f"{new},{old}")
+    status = cli("status", masters=f"{new},{old}")
+    assert f"master {m2} (current): 2 keys of 1 users" in status
+    assert m1 not in status
+    assert asyncio.run(opens(new, token)) == ("before the rotation", 2)
