@@ -841,6 +841,26 @@ async def test_after_erasure_nothing_of_the_user_is_anywhere_in_clear_and_nothin
     # The erasure itself is on the audit trail (without the user's data).
     await until(lambda: _has(audit_actions(res, user), "user_erased"), "the erasure audited")
 
+    # Nothing is routed for the erased user again: the API refuses, and the router drops
+    # (audited) what an upstream producer still writes for them.
+    late = await client.post(
+        "/v1/notifications",
+        json={
+            "user_id": user,
+            "category": "account",
+            "template": "message",
+            "data": {"title": "t", "body": "b"},
+        },
+        headers={**auth(service), "Idempotency-Key": uuid.uuid4().hex},
+    )
+    assert late.status_code == 410, late.text
+    env.produce_records(
+        "notify.requests",
+        "NotificationRequest",
+        [(user, {**broken, "request_id": uid("late"), "data": {"body": "x", "title": "y"}})],
+    )
+    await until(lambda: _has(audit_actions(res, user), "dropped"), "the late request dropped")
+
 
 async def test_operators_export_and_erase_anyone_users_only_themselves(
     api: tuple[httpx.AsyncClient, Resources], keys: Keys
