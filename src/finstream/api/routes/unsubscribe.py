@@ -56,7 +56,13 @@ def _read(res: Any, token: str) -> unsub.Unsubscribe:
     "/v1/unsubscribe/{token}",
     response_class=HTMLResponse,
     summary="The unsubscribe page of a marketing email's link (changes nothing)",
-    responses={200: {"content": {"text/html": {}}}, **problem_responses(404, 410, 422)},
+    responses={
+        200: {"content": {"text/html": {}}},
+        # A person follows the link: a page, not problem JSON, says what is wrong.
+        404: {"description": "Not a valid unsubscribe link", "content": {"text/html": {}}},
+        410: {"description": "The link has expired", "content": {"text/html": {}}},
+        **problem_responses(422),
+    },
 )
 async def unsubscribe_page(token: TokenPath, res: Res) -> Response:
     try:
