@@ -50,13 +50,16 @@ COPY --from=build /opt/finstream /opt/finstream
 COPY --chmod=0755 deploy/image/healthcheck.py /usr/local/bin/finstream-healthcheck
 
 # Read-only root filesystem: Python writes no bytecode (pip compiled it at
-# install), and everything finstream writes goes to /tmp or the state dir
-# (the dev API key pair), both volumes. Stream roles keep their state in
-# memory, restored from changelog topics.
+# install), and everything finstream writes goes to /tmp or the state dir,
+# both volumes. Production unless told otherwise: the API refuses to start
+# without real keys (no development signing key) and the market-data roles
+# refuse synthetic prices; the Compose demo sets FINSTREAM_ENV=dev. Stream
+# roles keep their state in memory, restored from changelog topics.
 ENV PATH=/opt/finstream/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     HOME=/var/lib/finstream \
+    FINSTREAM_ENV=production \
     FINSTREAM_HTTP_HOST=0.0.0.0 \
     FINSTREAM_API_HOST=0.0.0.0 \
     FINSTREAM_STACK_DIR=/var/lib/finstream/stack

@@ -31,14 +31,14 @@ from typing import Any
 import aiohttp
 import redis.asyncio as aioredis
 import websockets
-from tests.support.api import AUDIENCE, ISSUER, Keys
-from tests.support.services import TestEnv, WorkerProcess, create_env, destroy_env, free_port
 
-from finstream.domain.ticks import make_tick
+from finstream.domain.marketdata.ticks import make_tick
 from finstream.domain.time import utcnow
 from finstream.settings import Settings
 from finstream.sinks.quote_cache import QuoteCache
 from finstream.stack import Stack
+from finstream.testing.api import AUDIENCE, ISSUER, Keys
+from finstream.testing.services import TestEnv, WorkerProcess, create_env, destroy_env, free_port
 
 CLIENTS = 1_000
 RATE = 10  # quotes per second at the fixed rate: 10,000 deliveries per second

@@ -32,8 +32,8 @@ from finstream.connectors.finnhub import parse_quote, parse_ws_message
 from finstream.connectors.iex import parse_legacy_quote
 from finstream.connectors.polygon import parse_message
 from finstream.connectors.yahoo import parse_chart, parse_quote_response
-from finstream.domain.marketdata_dedupe import TickDeduper
-from finstream.domain.ticks import Tick, validate_tick
+from finstream.domain.marketdata.dedupe import TickDeduper
+from finstream.domain.marketdata.ticks import Tick, validate_tick
 
 BODIES = 200
 MIN_SECONDS = 0.2

@@ -25,12 +25,12 @@ from typing import Any
 
 import httpx
 from tests.fakes.delivery.kit import DeliveryFakes
-from tests.support.services import TestEnv, WorkerProcess, create_env, destroy_env
 
 from finstream.domain.time import utcnow
 from finstream.settings import Settings
 from finstream.sinks.delivery.sendgrid import SendGrid
 from finstream.stack import Stack
+from finstream.testing.services import TestEnv, WorkerProcess, create_env, destroy_env
 
 COUNT = 2_000
 BASELINE_COUNT = 2_000

@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Consumer, Producer, TopicPartition
-from tests.support.services import TestEnv, WorkerProcess, create_env, destroy_env, wait_until
 
 from finstream.settings import Settings
 from finstream.stack import Stack
+from finstream.testing.services import TestEnv, WorkerProcess, create_env, destroy_env, wait_until
 
 __all__ = ["TestEnv", "WorkerProcess", "create_env", "wait_until"]
 
@@ -200,7 +200,7 @@ def worker(env: TestEnv, role: str, logs: Path, **settings: str) -> WorkerProces
 
 
 def metric(worker: WorkerProcess, name: str) -> float:
-    from tests.support.services import metric_value
+    from finstream.testing.services import metric_value
 
     return metric_value(worker, name)
 

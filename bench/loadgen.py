@@ -31,7 +31,7 @@ from confluent_kafka import Producer
 
 from bench.workloads import CROSSING_SYMBOLS, first_prices, symbols, tape
 from finstream.codec import Codec
-from finstream.domain.ticks import Tick
+from finstream.domain.marketdata.ticks import Tick
 
 
 def main(argv: list[str]) -> None:

@@ -8,8 +8,8 @@ from decimal import Decimal
 from typing import Any
 
 from finstream.domain.alerts import AlertRule, parse_rule
-from finstream.domain.simulation import GbmMarket
-from finstream.domain.ticks import Tick
+from finstream.domain.marketdata.simulation import GbmMarket
+from finstream.domain.marketdata.ticks import Tick
 
 
 def symbols(n: int, prefix: str = "S") -> list[str]:

@@ -22,8 +22,8 @@ from quixstreams import Application
 
 from bench.anchor.common import ContractValue, Progress
 from finstream.codec import Codec
-from finstream.domain.alert_engine import RuleBook, SymbolState, evaluate
-from finstream.domain.bars import parse_interval
+from finstream.domain.alerts.engine import RuleBook, SymbolState, evaluate
+from finstream.domain.marketdata.bars import parse_interval
 from finstream.domain.time import utcnow
 
 

@@ -16,7 +16,7 @@ benchmark's measure of progress, as a finstream role's events-in counter).
 MODE says how the bars are built:
 
 ``domain`` (the default): with finstream's own pure bar code
-    (``finstream.domain.bars.add_tick``: decimals, allowed lateness,
+    (``finstream.domain.marketdata.bars.add_tick``: decimals, allowed lateness,
     revisions, duplicate ticks; bars Avro-encoded to OUT_TOPIC), the tick
     decoded and validated by finstream's topic contract, the latest tick and
     the bar state kept in Quix's state store. Exactly the quotes role's work
@@ -102,14 +102,14 @@ class DomainQuotes:
 
     def __init__(self) -> None:
         from finstream.codec import Codec
-        from finstream.domain.bars import parse_interval
+        from finstream.domain.marketdata.bars import parse_interval
 
         self.codec = Codec()
         self.interval = parse_interval("1m")
         self.lateness = timedelta(seconds=5)
 
     def __call__(self, tick: Any, state: Any) -> list[bytes]:
-        from finstream.domain.bars import BarState, add_tick
+        from finstream.domain.marketdata.bars import BarState, add_tick
 
         latest = state.get("latest")
         if latest is None or tick.ts.timestamp() >= latest:

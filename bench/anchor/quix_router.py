@@ -24,8 +24,8 @@ from quixstreams import Application
 
 from bench.anchor.common import ContractValue, Progress
 from finstream.codec import Codec
-from finstream.domain.preferences import CHANNELS, Preferences
-from finstream.domain.routing import (
+from finstream.domain.notify.preferences import CHANNELS, Preferences
+from finstream.domain.notify.routing import (
     Action,
     Hold,
     Holds,
@@ -36,7 +36,7 @@ from finstream.domain.routing import (
     decide,
     remember,
 )
-from finstream.domain.templates import Limits, Templates
+from finstream.domain.notify.templates import Limits, Templates
 from finstream.domain.time import to_micros, utcnow
 from finstream.resources import resource
 

@@ -54,14 +54,20 @@ def kubernetes(version: str, out: Path) -> int:
     return count
 
 
-def _strict(node: Any) -> Any:
+_BRANCHES = ("anyOf", "oneOf", "allOf", "not")
+
+
+def _strict(node: Any, branch: bool = False) -> Any:
+    # Inside anyOf/oneOf/allOf/not a structural schema only constrains (e.g.
+    # Cilium's "one of ingress, egress, ..."); the API server prunes by the
+    # properties outside them, so closing a branch would reject valid objects.
     if isinstance(node, list):
-        return [_strict(n) for n in node]
+        return [_strict(n, branch) for n in node]
     if not isinstance(node, dict):
         return node
-    node = {k: _strict(v) for k, v in node.items()}
+    node = {k: _strict(v, branch or k in _BRANCHES) for k, v in node.items()}
     preserve = node.get("x-kubernetes-preserve-unknown-fields") is True
-    if "properties" in node and "additionalProperties" not in node and not preserve:
+    if "properties" in node and "additionalProperties" not in node and not preserve and not branch:
         node["additionalProperties"] = False
     if node.get("x-kubernetes-int-or-string") is True and "anyOf" not in node:
         node.pop("type", None)

@@ -57,7 +57,7 @@ class SchemaVersion:
     canonical: str
     fingerprint: bytes  # 8 bytes, little-endian, as framed
 
-    @property
+    @functools.cached_property
     def field_names(self) -> frozenset[str]:
         return frozenset(f["name"] for f in self.raw["fields"])
 

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -45,6 +45,33 @@ class Settings(BaseSettings):
         default=None,
         description="Confluent-compatible registry; when set, events use the Confluent "
         "wire format instead of Avro single-object encoding.",
+    )
+    # -- Kafka security (issue 15): every client, via runtime/kafka.py client_config.
+    # Strimzi's conventions: a SCRAM-SHA-512 KafkaUser's Secret holds `password`;
+    # a TLS KafkaUser's holds user.crt/user.key; the cluster CA is ca.crt of
+    # <cluster>-cluster-ca-cert (deploy/README.md, Securing Kafka).
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        default="PLAINTEXT",
+        description="PLAINTEXT locally; SASL_SSL (or SSL with a client certificate) in production.",
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        default="SCRAM-SHA-512", description="SASL mechanism (Strimzi's KafkaUsers: SCRAM-SHA-512)."
+    )
+    kafka_sasl_username: str | None = Field(default=None, description="SASL user (KafkaUser name).")
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_ca_file: Path | None = Field(
+        default=None,
+        description="PEM CA bundle the brokers' certificates chain to (default: system).",
+    )
+    kafka_ssl_cert_file: Path | None = Field(
+        default=None, description="PEM client certificate for mutual TLS (user.crt)."
+    )
+    kafka_ssl_key_file: Path | None = Field(
+        default=None, description="PEM private key of the client certificate (user.key)."
+    )
+    kafka_ssl_key_password: SecretStr | None = None
+    kafka_ssl_verify_hostname: bool = Field(
+        default=True, description="Check that a broker's certificate names the host dialled."
     )
     database_url: SecretStr = SecretStr("postgresql://finstream:finstream@127.0.0.1:5432/finstream")
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
@@ -131,6 +158,11 @@ class Settings(BaseSettings):
     # which must allow a request; the defaults follow each provider's
     # documented free-tier limits.
     md_chain: str = Field(default="simulated", description="Ordered providers, comma-separated.")
+    md_allow_synthetic: bool = Field(
+        default=False,
+        description="Let the connector run the simulated and replay providers when env is "
+        "production (their prices are not real, yet would fire real users' alerts).",
+    )
     md_symbols: str = Field(default="", description="Symbols of md_chain (empty: sim_symbols).")
     md_chains: dict[str, str] = Field(
         default_factory=dict,
@@ -374,6 +406,12 @@ class Settings(BaseSettings):
         ge=0,
         description="Seconds between retention passes of the `retention` role (0: only monitor).",
     )
+    audit_verify_interval: float = Field(
+        default=3600.0,
+        ge=0,
+        description="Seconds between walks of the audit chain by the `retention` role "
+        "(finstream_audit_chain_ok; 0: never).",
+    )
     db_monitor_interval: float = Field(
         default=30.0, gt=0, description="Seconds between database health metrics updates."
     )
@@ -533,11 +571,6 @@ class Settings(BaseSettings):
     privacy_unsubscribe_ttl_days: float = Field(
         default=60.0, gt=0, description="How long an unsubscribe link in an email works."
     )
-    audit_verify_interval: float = Field(
-        default=3600.0,
-        ge=0,
-        description="Seconds between verifications of the audit chain by the audit role (0: off).",
-    )
     api_sns_topic_arns: str = Field(
         default="",
         description="SNS topics whose SES notifications the API accepts (comma-separated ARNs).",
@@ -550,10 +583,44 @@ class Settings(BaseSettings):
         default=True, description="Confirm SNS subscriptions of the configured topics."
     )
 
-    @field_validator("stack_dir", "pgbackrest_config", "templates_dir", "mailpit_bin", mode="after")
+    @field_validator(
+        "stack_dir",
+        "pgbackrest_config",
+        "templates_dir",
+        "mailpit_bin",
+        "kafka_ssl_ca_file",
+        "kafka_ssl_cert_file",
+        "kafka_ssl_key_file",
+        mode="after",
+    )
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
         return value.expanduser().resolve() if value is not None else None
+
+    @model_validator(mode="after")
+    def _kafka_security(self) -> Settings:
+        # A half-configured client would fail later with a librdkafka message far
+        # from the cause; say which setting is missing instead.
+        protocol = self.kafka_security_protocol
+        if protocol.startswith("SASL_") and not (
+            self.kafka_sasl_username and self.kafka_sasl_password
+        ):
+            raise ValueError(
+                f"FINSTREAM_KAFKA_SECURITY_PROTOCOL={protocol} needs FINSTREAM_KAFKA_SASL_USERNAME "
+                "and FINSTREAM_KAFKA_SASL_PASSWORD"
+            )
+        if (self.kafka_ssl_cert_file is None) != (self.kafka_ssl_key_file is None):
+            raise ValueError(
+                "FINSTREAM_KAFKA_SSL_CERT_FILE and FINSTREAM_KAFKA_SSL_KEY_FILE go together "
+                "(the client certificate and its private key)"
+            )
+        tls_files = (self.kafka_ssl_ca_file, self.kafka_ssl_cert_file)
+        if any(tls_files) and not protocol.endswith("SSL"):
+            raise ValueError(
+                f"FINSTREAM_KAFKA_SSL_* files are set but FINSTREAM_KAFKA_SECURITY_PROTOCOL is "
+                f"{protocol}: use SSL or SASL_SSL"
+            )
+        return self
 
     # -- derived names -----------------------------------------------------------
     def topic(self, name: str) -> str:
@@ -577,6 +644,25 @@ class Settings(BaseSettings):
         return value
 
     @property
+    def production(self) -> bool:
+        return self.env == "production"
+
+    def synthetic_market_refusal(self, providers: set[str]) -> str | None:
+        """Why synthetic prices (simulated, replay) may not be published here, if so.
+
+        Their ticks land on the production md.ticks and fire real users' alerts.
+        """
+        synthetic = sorted(providers & {"simulated", "replay"})
+        if not synthetic or not self.production or self.md_allow_synthetic:
+            return None
+        return (
+            f"{', '.join(synthetic)} market data is not real, and FINSTREAM_ENV=production: "
+            "its prices would reach production topics and fire real users' alerts. Configure "
+            "real providers (FINSTREAM_MD_CHAIN), or set FINSTREAM_MD_ALLOW_SYNTHETIC=true "
+            "for a load test"
+        )
+
+    @property
     def mailpit_path(self) -> Path:
         return self.mailpit_bin or REPO_ROOT / ".tools" / "bin" / "mailpit"
 
@@ -591,6 +677,16 @@ class Settings(BaseSettings):
     @property
     def symbols(self) -> list[str]:
         return [s.strip().upper() for s in self.sim_symbols.split(",") if s.strip()]
+
+
+def describe_invalid(exc: ValidationError) -> str:
+    """A settings validation error as one line naming the variables (for the CLI)."""
+    parts = []
+    for error in exc.errors():
+        msg = str(error["msg"]).removeprefix("Value error, ")
+        loc = error.get("loc") or ()
+        parts.append(f"FINSTREAM_{str(loc[0]).upper()}: {msg}" if loc else msg)
+    return "invalid settings: " + "; ".join(parts)
 
 
 @functools.cache

@@ -25,12 +25,12 @@ from pydantic import (
     model_validator,
 )
 
-from finstream.domain.alerts import AlertRule, validate_rule
-from finstream.domain.bars import Bar, validate_bar
+from finstream.domain.alerts.rules import AlertRule, validate_rule
+from finstream.domain.marketdata.bars import Bar, validate_bar
+from finstream.domain.marketdata.ticks import Tick, validate_tick
+from finstream.domain.notify.preferences import Preferences
+from finstream.domain.notify.routing import Request
 from finstream.domain.partitioning import key_partition
-from finstream.domain.preferences import Preferences
-from finstream.domain.routing import Request
-from finstream.domain.ticks import Tick, validate_tick
 from finstream.resources import resource
 
 
@@ -240,8 +240,10 @@ class Contract:
 
     ``name`` is the namespaced topic name; ``decode`` turns a value into the
     validated domain object of the topic's ``type`` (raising ValueError, with
-    the reason, for anything else); ``partition`` places a key as Kafka's
-    default partitioner does.
+    the reason, for anything else); ``decode_record`` gives the Avro record
+    as written, unconverted and unvalidated (for display, and for stores
+    that keep a topic's values); ``encode`` frames a record with the topic's
+    schema; ``partition`` places a key as Kafka's default partitioner does.
     """
 
     def __init__(self, spec: TopicSpec, name: str, codec: Any) -> None:
@@ -251,8 +253,10 @@ class Contract:
         convert = CONTRACT_TYPES[spec.type]
         if convert is None:
             self.decode: Callable[[bytes | None, DecodeContext], Any] = _raw
+            self.decode_record: Callable[[bytes | None], dict[str, Any]] = _no_record(name)
         else:
             read = codec.decoder(spec.value_schema)
+            self.decode_record = read
 
             def decode(value: bytes | None, ctx: DecodeContext) -> Any:
                 return convert(read(value), ctx)
@@ -276,6 +280,13 @@ class Contract:
 
 def _raw(value: bytes | None, ctx: DecodeContext) -> Any:
     return value
+
+
+def _no_record(name: str) -> Callable[[bytes | None], dict[str, Any]]:
+    def decode_record(value: bytes | None) -> dict[str, Any]:
+        raise ValueError(f"{name} carries raw bytes, not Avro records")
+
+    return decode_record
 
 
 def contract(name: str, namespace: str = "", codec: Any = None) -> Contract:
@@ -379,18 +390,22 @@ def plan(
 # -- applying ------------------------------------------------------------------
 
 
-def _admin(bootstrap: str) -> Any:
+def _admin(client: str | Mapping[str, Any]) -> Any:
+    """An admin client for a bootstrap address, or for a whole client configuration
+    (``finstream.runtime.kafka.client_config``: security settings included)."""
     from confluent_kafka.admin import AdminClient
 
-    return AdminClient(
-        {"bootstrap.servers": bootstrap, "socket.timeout.ms": 10_000, "log_level": 3}
-    )
+    config = {"bootstrap.servers": client} if isinstance(client, str) else dict(client)
+    # Quiet: the caller reports a failure in one line (librdkafka would repeat it per retry).
+    return AdminClient({**config, "socket.timeout.ms": 10_000, "log_level": 0})
 
 
-def describe(bootstrap: str, names: list[str], timeout: float = 15.0) -> dict[str, ExistingTopic]:
+def describe(
+    client: str | Mapping[str, Any], names: list[str], timeout: float = 15.0
+) -> dict[str, ExistingTopic]:
     from confluent_kafka.admin import ConfigResource, ResourceType  # type: ignore[attr-defined]
 
-    admin = _admin(bootstrap)
+    admin = _admin(client)
     metadata = admin.list_topics(timeout=timeout)
     present = [n for n in names if n in metadata.topics and metadata.topics[n].error is None]
     result: dict[str, ExistingTopic] = {}
@@ -412,7 +427,7 @@ def describe(bootstrap: str, names: list[str], timeout: float = 15.0) -> dict[st
 
 
 def apply(
-    bootstrap: str,
+    client: str | Mapping[str, Any],
     changes: list[Change],
     replication_factor: int | None = None,
     timeout: float = 30.0,
@@ -427,7 +442,7 @@ def apply(
         ResourceType,
     )
 
-    admin = _admin(bootstrap)
+    admin = _admin(client)
     creates = [
         NewTopic(
             c.topic,

@@ -116,6 +116,12 @@ RENDERS: dict[str, tuple[str | None, tuple[str, ...], tuple[str, ...]]] = {
     "staging-operators": ("values-staging.yaml", OPERATOR_APIS, ()),
     "prod": ("values-prod.yaml", OPERATOR_APIS, ()),
     "prod-hpa": ("values-prod.yaml", OPERATOR_APIS, ("--set", "autoscaling.engine=hpa")),
+    # issue 15: the optional Istio mode and Cilium FQDN egress.
+    "prod-mesh": (
+        "values-prod.yaml",
+        OPERATOR_APIS,
+        ("--set", "istio.enabled=true", "--set", "networkPolicy.cilium.enabled=true"),
+    ),
 }
 
 

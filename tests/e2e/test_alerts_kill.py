@@ -16,10 +16,10 @@ from typing import Any
 import httpx
 from confluent_kafka import Producer
 
-from finstream.backtest import Backtest
-from finstream.domain.alerts import AlertRule, parse_rule
-from finstream.domain.bars import parse_interval
-from finstream.domain.simulation import GbmMarket
+from finstream.cli.backtest import Backtest
+from finstream.domain.alerts.rules import AlertRule, parse_rule
+from finstream.domain.marketdata.bars import parse_interval
+from finstream.domain.marketdata.simulation import GbmMarket
 from tests.support.services import TestEnv, WorkerProcess, group_caught_up, wait_until
 
 SYMBOLS = ["AAPL", "MSFT", "NVDA", "TSLA", "JPM", "META"]

@@ -7,7 +7,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from finstream.domain.simulation import GbmMarket
+from finstream.domain.marketdata.simulation import GbmMarket
 from tests.support.services import TestEnv, WorkerProcess, wait_until
 
 TOTAL = 30_000

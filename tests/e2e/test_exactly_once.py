@@ -20,10 +20,10 @@ from typing import Any
 import pytest
 import redis
 
-from finstream.domain.bars import Bar, BarState, add_tick, parse_interval
-from finstream.domain.simulation import GbmMarket
-from finstream.domain.ticks import Tick
-from finstream.sinks.quote_cache import decimal_text
+from finstream.domain.marketdata.bars import Bar, BarState, add_tick, parse_interval
+from finstream.domain.marketdata.simulation import GbmMarket
+from finstream.domain.marketdata.ticks import Tick
+from finstream.stores.quotes import decimal_text
 from tests.support.services import (
     TestEnv,
     WorkerProcess,

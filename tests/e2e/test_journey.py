@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import redis
 
-from finstream.domain.preferences import parse_preferences
+from finstream.domain.notify.preferences import parse_preferences
 from finstream.domain.time import utcnow
 from tests.fakes.delivery.kit import DeliveryFakes
 from tests.support.api import Keys, api_client, api_settings, auth

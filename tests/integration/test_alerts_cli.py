@@ -9,10 +9,10 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from finstream.backtest import Backtest
-from finstream.domain.alerts import parse_rule
-from finstream.domain.bars import parse_interval
-from finstream.domain.ticks import make_tick
+from finstream.cli.backtest import Backtest
+from finstream.domain.alerts.rules import parse_rule
+from finstream.domain.marketdata.bars import parse_interval
+from finstream.domain.marketdata.ticks import make_tick
 from tests.support.services import TestEnv
 
 

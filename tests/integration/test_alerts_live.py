@@ -17,10 +17,10 @@ import pytest
 from confluent_kafka import Producer
 
 from finstream.codec import Codec
-from finstream.domain.alerts import AlertRule, parse_rule
+from finstream.domain.alerts.rules import AlertRule, parse_rule
 from finstream.domain.deadletter import H_ERROR_CLASS, H_ERROR_MESSAGE, parse_headers
+from finstream.domain.marketdata.ticks import make_tick
 from finstream.domain.partitioning import key_partition
-from finstream.domain.ticks import make_tick
 from tests.support.services import TestEnv, WorkerProcess, wait_until
 
 NOW = datetime.now(UTC).replace(microsecond=0)

@@ -28,7 +28,7 @@ from twilio.request_validator import RequestValidator
 from finstream.api.deps import Resources
 from finstream.api.webhooks import sign_sendgrid
 from finstream.domain.deadletter import H_ERROR_MESSAGE, H_SOURCE_TOPIC
-from finstream.domain.ticks import make_tick
+from finstream.domain.marketdata.ticks import make_tick
 from finstream.domain.time import utcnow
 from finstream.settings import Settings
 from tests.support.api import Keys, api_client, api_settings, auth

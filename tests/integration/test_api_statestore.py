@@ -12,8 +12,8 @@ import pytest
 
 from finstream.codec import Codec
 from finstream.domain.deadletter import H_ERROR_CLASS, H_SOURCE_TOPIC
-from finstream.sinks.redis_client import connect
-from finstream.sinks.state_store import PreferencesStore, RulesStore
+from finstream.stores.read_models import PreferencesStore, RulesStore
+from finstream.stores.redis import connect
 from tests.support.services import TestEnv, WorkerProcess, wait_until
 
 pytestmark = pytest.mark.integration

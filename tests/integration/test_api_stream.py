@@ -22,7 +22,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from finstream.api.deps import Resources
-from finstream.domain.ticks import make_tick
+from finstream.domain.marketdata.ticks import make_tick
 from finstream.domain.time import utcnow
 from finstream.settings import Settings
 from tests.support.api import Keys, api_server, api_settings

@@ -12,7 +12,7 @@ from typing import Any
 import redis
 
 from finstream.domain.deadletter import H_ERROR_CLASS, H_ERROR_MESSAGE, parse_headers
-from finstream.domain.ticks import make_tick
+from finstream.domain.marketdata.ticks import make_tick
 from tests.support.services import TestEnv, wait_until, workers
 
 NOW = datetime.now(UTC)

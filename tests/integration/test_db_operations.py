@@ -32,7 +32,7 @@ from finstream.domain.retention import floor, partition_name, step
 from finstream.settings import Settings
 from finstream.sinks.audit import AuditWriter, verify
 from finstream.sinks.history import TickWriter
-from finstream.sinks.postgres import create_pool, load_migrations, migrate
+from finstream.stores.postgres import create_pool, load_migrations, migrate
 from tests.support.services import TestEnv, _db_url
 
 NOW = datetime.now(UTC)
@@ -124,7 +124,7 @@ async def test_migrating_an_unpartitioned_ticks_table_keeps_its_rows(stack: Sett
             # The history sink's idempotent insert works on the partitioned table.
             pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
             try:
-                from finstream.domain.ticks import Tick
+                from finstream.domain.marketdata.ticks import Tick
 
                 tick = Tick(
                     symbol="MSFT",

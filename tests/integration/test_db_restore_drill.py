@@ -35,11 +35,11 @@ from typing import Any
 import asyncpg
 import pytest
 
-from finstream.domain.simulation import GbmMarket
+from finstream.domain.marketdata.simulation import GbmMarket
 from finstream.settings import Settings
 from finstream.sinks.delivery.store import DeliveryStore, NewDelivery
-from finstream.sinks.postgres import migrate
 from finstream.stack import Stack
+from finstream.stores.postgres import migrate
 from tests.support.services import TestEnv, WorkerProcess, free_port, wait_until
 
 pytestmark = pytest.mark.timeout(900)

@@ -22,6 +22,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
+from finstream.agents.delivery import Intake
 from finstream.codec import Codec
 from finstream.domain.deadletter import parse_headers
 from finstream.domain.resilience import RateLimiter
@@ -33,9 +34,8 @@ from finstream.settings import Settings
 from finstream.sinks.delivery import metrics as m
 from finstream.sinks.delivery.base import CHANNEL_TOPICS, build_chain
 from finstream.sinks.delivery.engine import Breaker, DeliveryEngine
-from finstream.sinks.delivery.worker import Intake
-from finstream.sinks.redis_client import connect
-from finstream.sinks.state_store import PreferencesStore
+from finstream.stores.read_models import PreferencesStore
+from finstream.stores.redis import connect
 from tests.fakes.delivery.kit import DeliveryFakes
 from tests.support.services import TestEnv
 

@@ -29,8 +29,8 @@ from finstream.connectors.publish import TickSink
 from finstream.connectors.registry import ChainSpec
 from finstream.connectors.runner import ChainRunner
 from finstream.connectors.yahoo import YahooConnector
+from finstream.domain.marketdata.ticks import Tick
 from finstream.domain.resilience import CircuitState
-from finstream.domain.ticks import Tick
 from tests.fakes.marketdata.alphavantage import FakeAlphaVantage
 from tests.fakes.marketdata.finnhub import FakeFinnhub
 from tests.fakes.marketdata.helpers import gate, options

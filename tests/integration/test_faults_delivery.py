@@ -34,8 +34,8 @@ from finstream.runtime.kafka import KafkaPublisher
 from finstream.settings import Settings
 from finstream.sinks.delivery.base import CHANNEL_TOPICS, build_chain
 from finstream.sinks.delivery.engine import DeliveryEngine
-from finstream.sinks.postgres import create_pool
-from finstream.sinks.redis_client import connect
+from finstream.stores.postgres import create_pool
+from finstream.stores.redis import connect
 from tests.fakes.delivery.kit import DeliveryFakes
 from tests.support.services import TestEnv
 from tests.support.toxiproxy import Proxy, Toxiproxy

@@ -8,7 +8,7 @@ from decimal import Decimal
 from pathlib import Path
 
 from finstream.domain.deadletter import parse_headers
-from finstream.domain.simulation import GbmMarket
+from finstream.domain.marketdata.simulation import GbmMarket
 from tests.support.services import TestEnv, WorkerProcess, wait_until
 
 
@@ -98,3 +98,38 @@ def _consumed(metrics: str) -> float:
         if line.startswith("finstream_events_in_total{"):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+def test_a_batch_partly_stored_adds_only_its_new_ticks(env: TestEnv) -> None:
+    """A batch re-read after a crash overlaps what was stored: the fast COPY path
+    collides, and the merge keeps exactly the ticks not stored yet."""
+    import asyncio
+
+    import asyncpg
+
+    from finstream.domain.marketdata.ticks import Tick
+    from finstream.sinks.history import TickWriter
+
+    ticks = [Tick.from_record(r) for _, r in _ticks(150, seed=3)]
+
+    async def go() -> tuple[int, int, int]:
+        pool = await asyncpg.create_pool(
+            env.settings.database_url.get_secret_value(), min_size=1, max_size=1
+        )
+        try:
+            writer = TickWriter(pool)
+            first = await writer.write(ticks[:100])
+            second = await writer.write(ticks)  # 100 stored, 50 new, plus in-batch repeats
+            again = await writer.write(ticks[:10] + ticks[:10])
+            return first, second, again
+        finally:
+            await pool.close()
+
+    first, second, again = asyncio.run(go())
+    assert (first, second, again) == (100, 50, 0)
+    rows = env.sql(
+        "SELECT count(*) AS n, count(DISTINCT (symbol, tick_id)) AS d FROM ticks"
+        " WHERE tick_id = ANY($1::text[])",
+        [t.tick_id for t in ticks],
+    )
+    assert (rows[0]["n"], rows[0]["d"]) == (150, 150)

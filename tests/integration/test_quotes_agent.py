@@ -9,7 +9,7 @@ from pathlib import Path
 
 import redis
 
-from finstream.domain.ticks import make_tick
+from finstream.domain.marketdata.ticks import make_tick
 from tests.support.services import TestEnv, WorkerProcess, wait_until
 
 

@@ -8,7 +8,7 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from finstream.domain.ticks import make_tick
+from finstream.domain.marketdata.ticks import make_tick
 from finstream.topics import describe
 from tests.support.services import TestEnv
 

@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
-from finstream.domain.notifications import outbound_message_id
-from finstream.domain.preferences import Preferences, parse_preferences
-from finstream.domain.quiet_hours import next_allowed
-from finstream.sinks.redis_client import connect
-from finstream.sinks.state_store import PreferencesStore
+from finstream.domain.notify.ids import outbound_message_id
+from finstream.domain.notify.preferences import Preferences, parse_preferences
+from finstream.domain.notify.quiet_hours import next_allowed
+from finstream.stores.read_models import PreferencesStore
+from finstream.stores.redis import connect
 from tests.support.privacy import opened_messages
 from tests.support.services import TestEnv, WorkerProcess, wait_until
 

@@ -152,7 +152,7 @@ def test_router_killed_mid_stream_loses_and_duplicates_nothing(env: TestEnv, log
 
 
 def test_two_replicas_share_users_and_release_each_hold_once(env: TestEnv, log_dir: Path) -> None:
-    from finstream.domain.preferences import parse_preferences
+    from finstream.domain.notify.preferences import parse_preferences
 
     users = [f"rep-{i}" for i in range(30)]
     prefs = [

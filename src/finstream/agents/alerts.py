@@ -18,7 +18,7 @@ partition *p* of each to the same replica:
 ``md.ticks``
     Looks up the tick's symbol only (a tick's cost does not grow with other
     symbols' rules), runs the pure evaluation of
-    :mod:`finstream.domain.alert_engine` (shared with back-testing), and
+    :mod:`finstream.domain.alerts.engine` (shared with back-testing), and
     publishes an AlertFired (``alerts.fired``, keyed by user) and a
     NotificationRequest (``notify.requests``, category ``price_alert``) per
     firing; the symbol's evaluation state goes to the ``state`` store.
@@ -44,19 +44,19 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge
 
-from finstream.codec import Codec, EncodeError
-from finstream.domain.alert_engine import Evaluation, RuleBook, SymbolState, evaluate
-from finstream.domain.alerts import AlertRule
-from finstream.domain.bars import Interval, parse_interval
+from finstream.codec import EncodeError
+from finstream.domain.alerts.engine import Evaluation, RuleBook, SymbolState, evaluate
+from finstream.domain.alerts.rules import AlertRule
+from finstream.domain.marketdata.bars import Interval, parse_interval
+from finstream.domain.marketdata.ticks import Tick
 from finstream.domain.partitioning import key_partition
-from finstream.domain.ticks import Tick
 from finstream.domain.time import utcnow
 from finstream.runtime.engine import Event, Output, Processor, StreamEngine
 from finstream.runtime.kafka import correlation_header
 from finstream.runtime.logging import get_logger
 from finstream.runtime.state import Store
 from finstream.runtime.worker import ServiceContext
-from finstream.topics import contract
+from finstream.topics import Contract, contract
 
 log = get_logger(__name__)
 
@@ -88,20 +88,21 @@ class BadInput(ValueError):
     """Input that cannot be used; its message is the dead letter's reason."""
 
 
-def encode_rules(codec: Codec, rules: dict[str, AlertRule]) -> bytes:
+def encode_rules(rules_topic: Contract, rules: dict[str, AlertRule]) -> bytes:
+    """A symbol's rules for the changelog: each as its alerts.rules value."""
     return json.dumps(
         {
-            rid: base64.b64encode(codec.encode("AlertRule", r.to_record())).decode()
+            rid: base64.b64encode(rules_topic.encode(r.to_record())).decode()
             for rid, r in sorted(rules.items())
         },
         separators=(",", ":"),
     ).encode()
 
 
-def decode_rules(codec: Codec, raw: bytes) -> dict[str, AlertRule]:
+def decode_rules(rules_topic: Contract, raw: bytes) -> dict[str, AlertRule]:
     doc = json.loads(raw)
     return {
-        rid: AlertRule.from_record(codec.decode(base64.b64decode(b), "AlertRule"))
+        rid: AlertRule.from_record(rules_topic.decode_record(base64.b64decode(b)))
         for rid, b in doc.items()
     }
 
@@ -125,7 +126,9 @@ class Alerts(Processor):
         self.max_rules = settings.alert_max_rules_per_symbol
         self.rule_symbol: Store[str] = Store("alert-rule-symbol", str.encode, bytes.decode)
         self.rules: Store[dict[str, AlertRule]] = Store(
-            "alert-rules", lambda r: encode_rules(codec, r), lambda raw: decode_rules(codec, raw)
+            "alert-rules",
+            lambda r: encode_rules(self.rules_topic, r),
+            lambda raw: decode_rules(self.rules_topic, raw),
         )
         self.state: Store[SymbolState] = Store(
             "alert-state", SymbolState.to_bytes, SymbolState.from_bytes

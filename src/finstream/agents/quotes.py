@@ -2,11 +2,11 @@
 
 Runs on the stream engine, exactly once: per batch of validated ticks it
 updates two stores, ``latest-quote`` (the newest tick per symbol) and
-``bar-state`` (the open bars per symbol and width, :mod:`finstream.domain.bars`),
+``bar-state`` (the open bars per symbol and width, :mod:`finstream.domain.marketdata.bars`),
 and publishes the bars that close or are corrected; bars, dead letters, the
 stores' changelogs and the md.ticks offsets commit in one transaction.
 
-The Redis quote cache (:mod:`finstream.sinks.quote_cache`) is written after
+The Redis quote cache (:mod:`finstream.stores.quotes`) is written after
 every batch, before the commit, newest tick per symbol in one pipeline:
 writes are monotonic in event time, so a batch processed again after a crash
 rewrites the same values and never moves a quote backwards. If Redis is
@@ -24,14 +24,14 @@ from datetime import timedelta
 from prometheus_client import Counter
 
 from finstream.codec import Codec
-from finstream.domain.bars import BarState, IntervalError, add_tick, parse_intervals
-from finstream.domain.ticks import Tick
+from finstream.domain.marketdata.bars import BarState, IntervalError, add_tick, parse_intervals
+from finstream.domain.marketdata.ticks import Tick
 from finstream.runtime.engine import Event, Output, Processor, StreamEngine
 from finstream.runtime.logging import get_logger
 from finstream.runtime.state import Store
 from finstream.runtime.worker import ServiceContext
-from finstream.sinks.quote_cache import QuoteCache, QuoteWriter
-from finstream.sinks.redis_client import connect
+from finstream.stores.quotes import QuoteCache, QuoteWriter
+from finstream.stores.redis import connect
 from finstream.topics import contract
 
 log = get_logger(__name__)
@@ -53,10 +53,12 @@ class Quotes(Processor):
         self.lateness = timedelta(seconds=settings.bar_allowed_lateness)
         codec: Codec = ctx.codec
         self.bars_topic = contract("md.bars.1m", settings.namespace, codec)
+        # The newest tick per symbol, kept as its md.ticks value.
+        ticks = contract("md.ticks", settings.namespace, codec)
         self.latest: Store[Tick] = Store(
             "latest-quote",
-            lambda tick: codec.encode("Tick", tick.to_record()),
-            lambda raw: Tick.from_record(codec.decode(raw, "Tick")),
+            lambda tick: ticks.encode(tick.to_record()),
+            lambda raw: Tick.from_record(ticks.decode_record(raw)),
         )
         self.bar_state: Store[BarState] = Store("bar-state", BarState.to_json, BarState.from_json)
         self.writer = writer

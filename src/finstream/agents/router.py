@@ -9,8 +9,8 @@ before a partition is routed:
 * ``state``  dedupe ids, collapse windows, the send log for caps (JSON);
 * ``holds``  held requests and open digests, released by time (JSON).
 
-Each request goes through :func:`finstream.domain.routing.decide`; the
-decision is rendered (:mod:`finstream.domain.templates`), published as one
+Each request goes through :func:`finstream.domain.notify.routing.decide`; the
+decision is rendered (:mod:`finstream.domain.notify.templates`), published as one
 OutboundMessage per channel and contact, and audited on ``audit.events``.
 Outputs, dead letters, the stores' changelogs and the input offsets commit in
 one Kafka transaction, so a replica killed anywhere comes back with the state
@@ -20,7 +20,7 @@ of held requests and digests (every ``router_tick_seconds``) runs between
 batches, in the same transactions.
 
 Consuming a preferences record also updates the Redis read model
-(:class:`~finstream.sinks.state_store.PreferencesStore`), before the commit.
+(:class:`~finstream.stores.read_models.PreferencesStore`), before the commit.
 
 Co-partitioning: state lives in the partition that Kafka's default (murmur2)
 partitioner gives the user id. A record that arrives on another partition
@@ -44,13 +44,11 @@ from typing import Any
 from prometheus_client import Counter, Gauge, Histogram
 
 from finstream.agents.router_privacy import RouterPrivacy, SealedDataUnreadable
-from finstream.agents.scheduler import DueIndex
-from finstream.codec import Codec, DecodeError, EncodeError
-from finstream.domain import digest as digest_
-from finstream.domain.partitioning import key_partition
-from finstream.domain.preferences import CHANNELS, Preferences
-from finstream.domain.resilience import Backoff
-from finstream.domain.routing import (
+from finstream.codec import DecodeError, EncodeError
+from finstream.domain.notify import digest as digest_
+from finstream.domain.notify.due import DueIndex
+from finstream.domain.notify.preferences import CHANNELS, Preferences
+from finstream.domain.notify.routing import (
     Action,
     Composed,
     Decision,
@@ -67,7 +65,9 @@ from finstream.domain.routing import (
     remember,
     select_channels,
 )
-from finstream.domain.templates import ChannelNotAvailable, TemplateError
+from finstream.domain.notify.templates import ChannelNotAvailable, TemplateError
+from finstream.domain.partitioning import key_partition
+from finstream.domain.resilience import Backoff
 from finstream.domain.time import from_micros, to_micros, utcnow
 from finstream.runtime.engine import Event, Output, Processor, StreamEngine
 from finstream.runtime.kafka import correlation_header
@@ -75,8 +75,8 @@ from finstream.runtime.logging import correlation, correlation_from_headers, get
 from finstream.runtime.state import Store
 from finstream.runtime.worker import ServiceContext
 from finstream.settings import Settings
-from finstream.templating import load_templates
-from finstream.topics import contract
+from finstream.stores.templates import load_templates
+from finstream.topics import Contract, contract
 
 log = get_logger(__name__)
 
@@ -116,19 +116,19 @@ def policy_from_settings(settings: Settings) -> Policy:
 
 
 class StoredPrefs:
-    """A user's preferences as stored: the Avro bytes, decoded the first time they are needed."""
+    """A user's preferences as stored: the notify.preferences value, decoded when first needed."""
 
-    __slots__ = ("_codec", "_prefs", "raw")
+    __slots__ = ("_prefs", "_topic", "raw")
 
-    def __init__(self, raw: bytes, codec: Codec, prefs: Preferences | None = None) -> None:
+    def __init__(self, raw: bytes, topic: Contract, prefs: Preferences | None = None) -> None:
         self.raw = raw
-        self._codec = codec
+        self._topic = topic
         self._prefs = prefs
 
     @property
     def prefs(self) -> Preferences:
         if self._prefs is None:
-            self._prefs = Preferences.from_record(self._codec.decode(self.raw, "UserPreferences"))
+            self._prefs = Preferences.from_record(self._topic.decode_record(self.raw))
         return self._prefs
 
 
@@ -195,6 +195,8 @@ class Router(Processor):
         ns = settings.namespace
         requests = contract("notify.requests", ns, ctx.codec)
         prefs = contract("notify.preferences", ns, ctx.codec)
+        self.requests = requests
+        self.prefs_contract = prefs
         self.requests_topic = requests.name
         self.prefs_topic = prefs.name
         self.audit = contract("audit.events", ns, ctx.codec)
@@ -203,9 +205,8 @@ class Router(Processor):
         self.partitions = requests.partitions
         if prefs.partitions != self.partitions:
             raise ValueError("notify.requests and notify.preferences must have equal partitions")
-        codec = ctx.codec
         self.prefs_store: Store[StoredPrefs] = Store(
-            "prefs", lambda p: p.raw, lambda raw: StoredPrefs(raw, codec)
+            "prefs", lambda p: p.raw, lambda raw: StoredPrefs(raw, prefs)
         )
         self.state_store: Store[UserState] = Store(
             "state", UserState.to_bytes, UserState.from_bytes
@@ -318,8 +319,8 @@ class Router(Processor):
     async def _update_read_model(
         self, ops: list[tuple[str, bytes | None, _Letter]], out: Output
     ) -> None:
-        from finstream.sinks.redis_client import connect
-        from finstream.sinks.state_store import PreferencesStore
+        from finstream.stores.read_models import PreferencesStore
+        from finstream.stores.redis import connect
 
         if self._read_model is None:
             self._read_model = PreferencesStore(connect(self.settings), self.settings, self.codec)
@@ -387,7 +388,7 @@ class Router(Processor):
             if newer is not None and prefs.updated_at is not None and newer > prefs.updated_at:
                 log.info("older preferences ignored", user_id=user)
                 return
-        batch.prefs[user] = StoredPrefs(ev.value, self.codec, prefs)
+        batch.prefs[user] = StoredPrefs(ev.value, self.prefs_contract, prefs)
         batch.forgotten.discard(user)
         batch.redis_ops.append((user, ev.value, letter))
 
@@ -494,7 +495,7 @@ class Router(Processor):
                 request.request_id,
                 to_micros(outcome.release_at),
                 outcome.hold_reason or "scheduled",
-                self.codec.encode("NotificationRequest", self.privacy.seal_request(held)),
+                self.requests.encode(self.privacy.seal_request(held)),
                 work.bypass_caps,
             )
         sent = [c for c in CHANNELS if any(m.channel == c for m in messages)]
@@ -684,7 +685,7 @@ class Router(Processor):
         for category in [c for c, d in holds.digests.items() if d.due <= now_us]:
             buffer = self.privacy.open_digest(user, holds.digests.pop(category))
             record = digest_.digest_request(user, buffer, from_micros(now_us))
-            value = self.codec.encode("NotificationRequest", self.privacy.seal_request(record))
+            value = self.requests.encode(self.privacy.seal_request(record))
             batch.letters.append(_Letter(self.requests_topic, partition, -1, key, value, exc, []))
 
     def _release_user(self, user: str, batch: _Batch, now: datetime) -> None:
@@ -704,7 +705,7 @@ class Router(Processor):
             )
             try:
                 request = self.privacy.open_request(
-                    Request.from_record(self.codec.decode(hold.request, "NotificationRequest"))
+                    Request.from_record(self.requests.decode_record(hold.request))
                 )
             except (DecodeError, InvalidRequest, SealedDataUnreadable) as exc:
                 letter.error = f"held request does not decode: {exc}"
@@ -738,9 +739,7 @@ class Router(Processor):
             RELEASE_DELAY.observe((now_us - buffer.due) / 1e6)
             record = digest_.digest_request(user, self.privacy.open_digest(user, buffer), now)
             try:
-                encoded = self.codec.encode(
-                    "NotificationRequest", self.privacy.seal_request(record)
-                )
+                encoded = self.requests.encode(self.privacy.seal_request(record))
             except EncodeError as exc:
                 batch.letters.append(
                     _Letter(self.requests_topic, partition, -1, user.encode(), None, exc, [])

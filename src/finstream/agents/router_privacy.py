@@ -28,7 +28,6 @@ from typing import Any
 
 from prometheus_client import Counter
 
-from finstream.domain.digest import DigestBuffer
 from finstream.domain.envelope import (
     EnvelopeError,
     UserErased,
@@ -40,8 +39,9 @@ from finstream.domain.envelope import (
     seal_data,
     seal_outbound,
 )
-from finstream.domain.preferences import Preferences
-from finstream.domain.routing import Request
+from finstream.domain.notify.digest import DigestBuffer
+from finstream.domain.notify.preferences import Preferences
+from finstream.domain.notify.routing import Request
 from finstream.runtime.logging import get_logger
 from finstream.settings import Settings
 
@@ -70,7 +70,7 @@ class RouterPrivacy:
     async def _keyring(self) -> Any:
         if self._ring is None:
             from finstream.privacy.keys import KeyRing
-            from finstream.sinks.postgres import create_pool
+            from finstream.stores.postgres import create_pool
 
             self._pool = await create_pool(self.settings, min_size=1, max_size=2)
             self._ring = KeyRing.from_settings(self.settings, self._pool)

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import asyncpg
@@ -29,7 +29,7 @@ from finstream.api.limits import RateLimiter
 from finstream.api.metrics import AUTH_FAILURES, RATE_LIMITED
 from finstream.api.problems import Problem
 from finstream.codec import Codec, default_codec
-from finstream.domain.templates import Templates
+from finstream.domain.notify.templates import Templates
 from finstream.privacy.keys import KeyRing
 from finstream.privacy.kms import token_secrets
 from finstream.privacy.prefs import PreferencesWriter
@@ -37,11 +37,12 @@ from finstream.privacy.verify import Verifier
 from finstream.runtime.kafka import DeadLetters, KafkaPublisher
 from finstream.runtime.logging import get_logger
 from finstream.settings import Settings
-from finstream.sinks.inbox import Inbox
-from finstream.sinks.postgres import create_pool
-from finstream.sinks.quote_cache import QuoteCache
-from finstream.sinks.state_store import PreferencesStore, RulesStore
-from finstream.templating import load_templates
+from finstream.stores.inbox import Inbox
+from finstream.stores.postgres import create_pool
+from finstream.stores.quotes import QuoteCache
+from finstream.stores.read_models import PreferencesStore, RulesStore
+from finstream.stores.templates import load_templates
+from finstream.topics import Contract, contract
 
 log = get_logger(__name__)
 
@@ -117,6 +118,14 @@ class Resources:
     secrets: list[bytes]
     writer: PreferencesWriter
     contacts: Verifier
+    _contracts: dict[str, Contract] = field(default_factory=dict)
+
+    def topic(self, name: str) -> Contract:
+        """The contract of catalogue topic ``name`` (un-namespaced) in this deployment."""
+        found = self._contracts.get(name)
+        if found is None:
+            found = self._contracts[name] = contract(name, self.settings.namespace, self.codec)
+        return found
 
     @classmethod
     async def open(cls, settings: Settings) -> Resources:

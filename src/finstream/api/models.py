@@ -1,8 +1,8 @@
 """Request and response bodies: the shapes the OpenAPI document publishes.
 
 Pydantic checks types and shapes (and names the offending field when they are
-wrong); the domain parsers (:func:`finstream.domain.alerts.parse_rule`,
-:func:`finstream.domain.preferences.parse_preferences`) then check meaning,
+wrong); the domain parsers (:func:`finstream.domain.alerts.rules.parse_rule`,
+:func:`finstream.domain.notify.preferences.parse_preferences`) then check meaning,
 so the rules live in one place for the API, the CLI and the topic readers.
 Decimals travel as strings: a JSON number goes through a binary float on the
 way in, so send ``"189.12"`` where every digit matters.
@@ -12,33 +12,50 @@ from __future__ import annotations
 
 from datetime import datetime
 from decimal import Decimal
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from finstream.api.auth import USER_ID_PATTERN
-from finstream.domain.alerts import CONDITIONS, FREQUENCIES
+from finstream.domain.alerts.rules import (
+    CONDITIONS,
+    FREQUENCIES,
+    MAX_COOLDOWN_SECONDS,
+    MAX_MESSAGE_CHARS,
+    MAX_WINDOW_BARS,
+    MAX_WINDOW_SECONDS,
+)
+from finstream.domain.notify.preferences import (
+    CHANNELS,
+    MAX_CAP_LIMIT,
+    MAX_CAP_WINDOW_SECONDS,
+    MAX_CAPS,
+    MAX_CATEGORIES,
+    MAX_CONSENTS,
+    MAX_EMAILS,
+    MAX_PHONES,
+    MAX_PUSH_TOKENS,
+    MAX_QUIET_WINDOWS,
+    PUSH_PLATFORMS,
+)
+from finstream.domain.notify.routing import PRIORITIES
 
-Condition = Literal[
-    "CROSSING",
-    "CROSSING_UP",
-    "CROSSING_DOWN",
-    "GREATER_THAN",
-    "LESS_THAN",
-    "ENTERING_CHANNEL",
-    "EXITING_CHANNEL",
-    "INSIDE_CHANNEL",
-    "OUTSIDE_CHANNEL",
-    "MOVING_UP_PERCENT",
-    "MOVING_DOWN_PERCENT",
-    "CHANGE_FROM_PREV_CLOSE_PERCENT",
-    "VOLUME_SPIKE",
-]
-Frequency = Literal[
-    "ONLY_ONCE", "ONCE_PER_BAR", "ONCE_PER_BAR_CLOSE", "ONCE_PER_MINUTE", "EVERY_TIME"
-]
-assert set(Condition.__args__) == set(CONDITIONS), "Condition drifted from the domain"  # type: ignore[attr-defined]
-assert set(Frequency.__args__) == set(FREQUENCIES), "Frequency drifted from the domain"  # type: ignore[attr-defined]
+if TYPE_CHECKING:
+    Condition = str
+    Frequency = str
+    Channel = str
+    RequestChannel = str
+    PushPlatform = str
+    Priority = str
+else:
+    # The enumerations come from the domain, in its order, so that the
+    # OpenAPI document lists exactly what the domain accepts.
+    Condition = Literal[CONDITIONS]
+    Frequency = Literal[FREQUENCIES]
+    Channel = Literal[CHANNELS]  # preferences name channels in lower case
+    RequestChannel = Literal[tuple(c.upper() for c in CHANNELS)]  # requests in upper case
+    PushPlatform = Literal[PUSH_PLATFORMS]
+    Priority = Literal[PRIORITIES]
 
 DecimalIn = Annotated[Decimal, Field(allow_inf_nan=False)]
 DecimalText = Annotated[str, Field(pattern=r"^-?\d+(\.\d+)?$", examples=["189.12"])]
@@ -105,14 +122,14 @@ class RuleFields(_In):
     lower: DecimalIn | None = None
     upper: DecimalIn | None = None
     percent: DecimalIn | None = None
-    bars: Annotated[int, Field(ge=1, le=500)] | None = None
-    window_seconds: Annotated[int, Field(ge=1, le=86_400)] | None = None
+    bars: Annotated[int, Field(ge=1, le=MAX_WINDOW_BARS)] | None = None
+    window_seconds: Annotated[int, Field(ge=1, le=MAX_WINDOW_SECONDS)] | None = None
     multiplier: DecimalIn | None = None
     frequency: Frequency = "ONLY_ONCE"
-    cooldown_seconds: Annotated[int, Field(ge=0, le=30 * 86_400)] | None = None
+    cooldown_seconds: Annotated[int, Field(ge=0, le=MAX_COOLDOWN_SECONDS)] | None = None
     expires_at: AwareDatetime | None = None
     enabled: bool = True
-    message: Annotated[str, Field(max_length=500)] | None = None
+    message: Annotated[str, Field(max_length=MAX_MESSAGE_CHARS)] | None = None
 
 
 class RulePatch(_In):
@@ -124,14 +141,14 @@ class RulePatch(_In):
     lower: DecimalIn | None = None
     upper: DecimalIn | None = None
     percent: DecimalIn | None = None
-    bars: Annotated[int, Field(ge=1, le=500)] | None = None
-    window_seconds: Annotated[int, Field(ge=1, le=86_400)] | None = None
+    bars: Annotated[int, Field(ge=1, le=MAX_WINDOW_BARS)] | None = None
+    window_seconds: Annotated[int, Field(ge=1, le=MAX_WINDOW_SECONDS)] | None = None
     multiplier: DecimalIn | None = None
     frequency: Frequency | None = None
-    cooldown_seconds: Annotated[int, Field(ge=0, le=30 * 86_400)] | None = None
+    cooldown_seconds: Annotated[int, Field(ge=0, le=MAX_COOLDOWN_SECONDS)] | None = None
     expires_at: AwareDatetime | None = None
     enabled: bool | None = None
-    message: Annotated[str, Field(max_length=500)] | None = None
+    message: Annotated[str, Field(max_length=MAX_MESSAGE_CHARS)] | None = None
 
 
 class Rule(_Out):
@@ -192,7 +209,7 @@ class PhoneContact(_In):
 
 
 class PushToken(_In):
-    platform: Literal["FCM", "APNS"]
+    platform: PushPlatform
     token: Annotated[str, Field(min_length=1, max_length=4096)]
     app: Annotated[str, Field(max_length=200)] | None = None
     invalid: bool = Field(default=False, description="Set by delivery feedback; ignored on input.")
@@ -200,7 +217,7 @@ class PushToken(_In):
 
 class CategoryPreference(_In):
     enabled: bool = True
-    channels: list[Literal["email", "push", "sms", "inapp"]] | None = None
+    channels: list[Channel] | None = None
     digest: bool = False
 
 
@@ -228,10 +245,10 @@ class QuietWindow(_In):
 
 
 class FrequencyCap(_In):
-    channel: Literal["email", "push", "sms", "inapp"] | None = None
+    channel: Channel | None = None
     category: Slug | None = None
-    limit: Annotated[int, Field(ge=1, le=100_000)]
-    window_seconds: Annotated[int, Field(ge=1, le=31 * 86_400)]
+    limit: Annotated[int, Field(ge=1, le=MAX_CAP_LIMIT)]
+    window_seconds: Annotated[int, Field(ge=1, le=MAX_CAP_WINDOW_SECONDS)]
 
 
 class PreferencesIn(_In):
@@ -239,18 +256,18 @@ class PreferencesIn(_In):
     locale: str = "en"
     timezone: str = "UTC"
     emails: Annotated[
-        list[EmailContact | Annotated[str, Field(max_length=254)]], Field(max_length=10)
+        list[EmailContact | Annotated[str, Field(max_length=254)]], Field(max_length=MAX_EMAILS)
     ] = []
     phones: Annotated[
-        list[PhoneContact | Annotated[str, Field(max_length=40)]], Field(max_length=10)
+        list[PhoneContact | Annotated[str, Field(max_length=40)]], Field(max_length=MAX_PHONES)
     ] = []
-    push_tokens: Annotated[list[PushToken], Field(max_length=50)] = []
-    channels: dict[Literal["email", "push", "sms", "inapp"], bool] = {}
-    categories: Annotated[dict[str, CategoryPreference], Field(max_length=100)] = {}
+    push_tokens: Annotated[list[PushToken], Field(max_length=MAX_PUSH_TOKENS)] = []
+    channels: dict[Channel, bool] = {}
+    categories: Annotated[dict[str, CategoryPreference], Field(max_length=MAX_CATEGORIES)] = {}
     global_opt_out: bool = False
-    consents: Annotated[list[Consent], Field(max_length=200)] = []
-    quiet_hours: Annotated[list[QuietWindow], Field(max_length=28)] = []
-    caps: Annotated[list[FrequencyCap], Field(max_length=50)] = []
+    consents: Annotated[list[Consent], Field(max_length=MAX_CONSENTS)] = []
+    quiet_hours: Annotated[list[QuietWindow], Field(max_length=MAX_QUIET_WINDOWS)] = []
+    caps: Annotated[list[FrequencyCap], Field(max_length=MAX_CAPS)] = []
     updated_at: datetime | None = Field(default=None, description="Ignored: the server sets it.")
 
 
@@ -308,13 +325,13 @@ class InboxUpdate(_In):
 class NotificationIn(_In):
     user_id: UserId
     category: Slug
-    priority: Literal["CRITICAL", "HIGH", "NORMAL", "LOW"] = "NORMAL"
+    priority: Priority = "NORMAL"
     template: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_.-]{0,63}$")]
     data: Annotated[
         dict[Annotated[str, Field(max_length=100)], Annotated[str, Field(max_length=4000)]],
         Field(max_length=100),
     ] = {}
-    channels: Annotated[list[Literal["EMAIL", "PUSH", "SMS", "INAPP"]], Field(max_length=4)] = []
+    channels: Annotated[list[RequestChannel], Field(max_length=4)] = []
     deliver_at: AwareDatetime | None = None
     expires_at: AwareDatetime | None = None
     collapse_key: Annotated[str, Field(min_length=1, max_length=200)] | None = None

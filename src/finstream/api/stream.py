@@ -50,10 +50,10 @@ from finstream.api.hub import frame_for, frame_text
 from finstream.api.metrics import AUTH_FAILURES, WS_CONNECTIONS, WS_DROPPED, WS_MESSAGES
 from finstream.domain import strict_json
 from finstream.domain.envelope import UserKeys
+from finstream.domain.marketdata.ticks import SYMBOL_RE
 from finstream.domain.resilience import RateLimiter as TokenBucket
-from finstream.domain.ticks import SYMBOL_RE
 from finstream.runtime.logging import get_logger
-from finstream.sinks.inbox import open_entry
+from finstream.stores.inbox import open_entry
 
 log = get_logger(__name__)
 _SENT = WS_MESSAGES.labels("out")

@@ -36,8 +36,11 @@ from collections.abc import Mapping, Sequence
 from datetime import date, datetime, timedelta
 from typing import Any, ClassVar
 
-from finstream.connectors.base import ConnectorOptions, HttpConnector, PollResult, per_symbol
-from finstream.domain.marketdata import (
+from finstream.connectors.base import ConnectorOptions, PollResult
+from finstream.connectors.http import HttpConnector, per_symbol
+from finstream.domain.marketdata.dedupe import SnapshotClock
+from finstream.domain.marketdata.failover import ProviderGate
+from finstream.domain.marketdata.normalize import (
     DailyReset,
     load_json,
     local_to_utc,
@@ -54,10 +57,8 @@ from finstream.domain.marketdata import (
     seconds_until_reset,
     zone,
 )
-from finstream.domain.marketdata_dedupe import SnapshotClock
-from finstream.domain.marketdata_failover import ProviderGate
+from finstream.domain.marketdata.ticks import Tick, TickValidationError, normalize_symbol
 from finstream.domain.resilience import ErrorClass, ProviderError
-from finstream.domain.ticks import Tick, TickValidationError, normalize_symbol
 from finstream.domain.time import utcnow
 
 NAME = "alphavantage"

@@ -27,14 +27,11 @@ from datetime import datetime
 from typing import Any, ClassVar
 from urllib.parse import urlencode
 
-from finstream.connectors.base import (
-    ConnectorOptions,
-    HttpConnector,
-    PollResult,
-    WebSocketConnector,
-    per_symbol,
-)
-from finstream.domain.marketdata import (
+from finstream.connectors.base import ConnectorOptions, PollResult
+from finstream.connectors.http import HttpConnector, per_symbol
+from finstream.connectors.websocket import WebSocketConnector
+from finstream.domain.marketdata.failover import ProviderGate
+from finstream.domain.marketdata.normalize import (
     decimal_value,
     epoch_to_utc,
     load_json,
@@ -50,9 +47,8 @@ from finstream.domain.marketdata import (
     require_mapping,
     trade_id,
 )
-from finstream.domain.marketdata_failover import ProviderGate
+from finstream.domain.marketdata.ticks import Tick, TickValidationError, normalize_symbol
 from finstream.domain.resilience import ErrorClass, ProviderError
-from finstream.domain.ticks import Tick, TickValidationError, normalize_symbol
 
 NAME = "finnhub"
 WS_NAME = "finnhub-ws"

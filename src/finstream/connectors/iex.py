@@ -15,8 +15,10 @@ from datetime import datetime
 from typing import Any, ClassVar
 from urllib.parse import quote
 
-from finstream.connectors.base import ConnectorOptions, HttpConnector, PollResult, per_symbol
-from finstream.domain.marketdata import (
+from finstream.connectors.base import ConnectorOptions, PollResult
+from finstream.connectors.http import HttpConnector, per_symbol
+from finstream.domain.marketdata.failover import ProviderGate
+from finstream.domain.marketdata.normalize import (
     epoch_to_utc,
     load_json,
     malformed,
@@ -29,9 +31,8 @@ from finstream.domain.marketdata import (
     require,
     require_mapping,
 )
-from finstream.domain.marketdata_failover import ProviderGate
+from finstream.domain.marketdata.ticks import Tick, TickValidationError, normalize_symbol
 from finstream.domain.resilience import ErrorClass, ProviderError
-from finstream.domain.ticks import Tick, TickValidationError, normalize_symbol
 from finstream.runtime.logging import get_logger
 
 log = get_logger(__name__)

@@ -79,3 +79,19 @@ _CIRCUIT_VALUES = {CircuitState.CLOSED: 0, CircuitState.HALF_OPEN: 1, CircuitSta
 
 def set_circuit(provider: str, state: CircuitState) -> None:
     CIRCUIT.labels(provider).set(_CIRCUIT_VALUES[state])
+
+
+# issue 15: rate-limit waits on the market-data dashboard. The connector's own
+# token buckets (FINSTREAM_MD_<PROVIDER>_LIMITS) pace requests: the time spent
+# waiting for a token, and the requests refused for want of one within the
+# cycle's budget (the chain then asks the next provider).
+RATE_LIMIT_WAIT = Counter(
+    "finstream_md_rate_limit_wait_seconds_total",
+    "Seconds spent waiting for a provider's rate-limit tokens",
+    ["provider"],
+)
+RATE_LIMITED = Counter(
+    "finstream_md_rate_limited_total",
+    "Requests not sent in a cycle because the provider's rate limit had no token in time",
+    ["provider"],
+)

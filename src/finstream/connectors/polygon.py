@@ -22,8 +22,10 @@ from typing import Any, ClassVar
 
 from websockets.asyncio.client import ClientConnection
 
-from finstream.connectors.base import ConnectorOptions, WebSocketConnector
-from finstream.domain.marketdata import (
+from finstream.connectors.base import ConnectorOptions
+from finstream.connectors.websocket import WebSocketConnector
+from finstream.domain.marketdata.failover import ProviderGate
+from finstream.domain.marketdata.normalize import (
     epoch_to_utc,
     load_json,
     malformed,
@@ -36,9 +38,8 @@ from finstream.domain.marketdata import (
     require_mapping,
     trade_id,
 )
-from finstream.domain.marketdata_failover import ProviderGate
+from finstream.domain.marketdata.ticks import Tick, TickValidationError, make_tick, normalize_symbol
 from finstream.domain.resilience import ErrorClass, ProviderError
-from finstream.domain.ticks import Tick, TickValidationError, make_tick, normalize_symbol
 
 NAME = "polygon"
 CHANNELS = ("T", "AM")

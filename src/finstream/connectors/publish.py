@@ -5,25 +5,25 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Protocol
 
-from finstream.codec import Codec
 from finstream.connectors.metrics import PUBLISH_LATENCY, TICKS_PUBLISHED, TICKS_SUPPRESSED
-from finstream.domain.marketdata_dedupe import TickDeduper
-from finstream.domain.ticks import Tick
+from finstream.domain.marketdata.dedupe import TickDeduper
+from finstream.domain.marketdata.ticks import Tick
 from finstream.domain.time import utcnow
 from finstream.runtime.kafka import Publisher
+from finstream.topics import Contract
 
 
 class TickPublisher:
     """Encodes ticks and sends them to md.ticks keyed by symbol (co-partitioning)."""
 
-    def __init__(self, codec: Codec, publisher: Publisher, topic: str) -> None:
-        self._codec = codec
+    def __init__(self, publisher: Publisher, ticks: Contract) -> None:
         self._publisher = publisher
-        self.topic = topic
+        self._ticks = ticks
+        self.topic = ticks.name
 
     async def publish(self, tick: Tick) -> None:
         await self._publisher.send(
-            self.topic, tick.symbol.encode(), self._codec.encode("Tick", tick.to_record())
+            self.topic, tick.symbol.encode(), self._ticks.encode(tick.to_record())
         )
 
     async def flush(self) -> None:
@@ -41,7 +41,7 @@ class TickSink:
 
     One sink per process, so a quote seen from two providers, a re-sent
     WebSocket trade or a re-polled unchanged quote is published once (see
-    :class:`~finstream.domain.marketdata_dedupe.TickDeduper`). The latency
+    :class:`~finstream.domain.marketdata.dedupe.TickDeduper`). The latency
     metric runs from a tick's ``received_at`` to Kafka's acknowledgement.
     """
 

@@ -14,16 +14,21 @@ from datetime import timedelta
 
 from finstream.connectors.alphavantage import AlphaVantageConnector
 from finstream.connectors.base import Connector, ConnectorOptions
+from finstream.connectors.file_feed import ReplayConnector
 from finstream.connectors.finnhub import FinnhubConnector, FinnhubStreamConnector
 from finstream.connectors.iex import IexConnector
 from finstream.connectors.polygon import PolygonConnector
-from finstream.connectors.replay import ReplayConnector
 from finstream.connectors.simulated import SimulatedConnector
 from finstream.connectors.yahoo import YahooConnector
-from finstream.domain.marketdata import DailyReset, LimitSpec, parse_daily_resets, parse_limits
-from finstream.domain.marketdata_failover import ProviderGate
+from finstream.domain.marketdata.failover import ProviderGate
+from finstream.domain.marketdata.normalize import (
+    DailyReset,
+    LimitSpec,
+    parse_daily_resets,
+    parse_limits,
+)
+from finstream.domain.marketdata.ticks import TickValidationError, normalize_symbol
 from finstream.domain.resilience import Backoff
-from finstream.domain.ticks import TickValidationError, normalize_symbol
 from finstream.settings import Settings
 
 
@@ -117,6 +122,9 @@ def chain_specs(settings: Settings) -> list[ChainSpec]:
                 ",".join(symbols)[:60], symbols, _providers(chain, f"FINSTREAM_MD_CHAINS[{key!r}]")
             )
         )
+    refusal = settings.synthetic_market_refusal({p for spec in specs for p in spec.providers})
+    if refusal is not None:
+        raise ConfigError(refusal)
     seen: dict[str, str] = {}
     for spec in specs:
         for sym in spec.symbols:

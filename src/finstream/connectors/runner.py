@@ -1,6 +1,6 @@
 """The ``connector`` role: every configured failover chain, publishing to md.ticks.
 
-Each chain (see :mod:`finstream.domain.marketdata_failover`) runs a poll cycle
+Each chain (see :mod:`finstream.domain.marketdata.failover`) runs a poll cycle
 every ``FINSTREAM_MD_POLL_INTERVAL`` seconds. Polling providers are asked in
 chain order within the cycle, so a failing primary is replaced in the same
 cycle rather than after a missed one. Streaming providers (WebSocket feeds,
@@ -47,21 +47,22 @@ from finstream.connectors.metrics import (
 )
 from finstream.connectors.publish import TickPublisher, TickSink
 from finstream.connectors.registry import ChainSpec, ConfigError, build, chain_specs
-from finstream.domain.marketdata import LOCAL_RATE_LIMIT, STREAM_NOT_READY, scrub
-from finstream.domain.marketdata_dedupe import Gap, GapTracker
-from finstream.domain.marketdata_failover import (
+from finstream.domain.marketdata.dedupe import Gap, GapTracker
+from finstream.domain.marketdata.failover import (
     Attempt,
     FailoverChain,
     Outcome,
     ProviderGate,
     Transition,
 )
+from finstream.domain.marketdata.normalize import LOCAL_RATE_LIMIT, STREAM_NOT_READY, scrub
+from finstream.domain.marketdata.ticks import Tick
 from finstream.domain.resilience import ErrorClass, ProviderError
-from finstream.domain.ticks import Tick
 from finstream.domain.time import utcnow
 from finstream.runtime.logging import get_logger
 from finstream.runtime.worker import ServiceContext
 from finstream.settings import Settings
+from finstream.topics import contract
 
 log = get_logger(__name__)
 
@@ -400,7 +401,8 @@ async def run(ctx: ServiceContext) -> None:
     settings = ctx.settings
     publisher = await ctx.publisher()
     sink = TickSink(
-        TickPublisher(ctx.codec, publisher, settings.topic("md.ticks")), settings.md_dedupe_window
+        TickPublisher(publisher, contract("md.ticks", settings.namespace, ctx.codec)),
+        settings.md_dedupe_window,
     )
     try:
         runner, _ = build_runner(settings, sink)

@@ -24,17 +24,22 @@ from typing import ClassVar
 
 from finstream.connectors.base import ConnectorOptions, Emit, StreamConnector, sleep_or_stop
 from finstream.connectors.publish import TickPublisher
-from finstream.domain.marketdata_failover import ProviderGate
-from finstream.domain.simulation import GbmMarket
+from finstream.domain.marketdata.failover import ProviderGate
+from finstream.domain.marketdata.simulation import GbmMarket
 from finstream.domain.time import utcnow
 from finstream.runtime.logging import get_logger
 from finstream.runtime.worker import ServiceContext
+from finstream.topics import contract
 
 log = get_logger(__name__)
 
 
 async def run(ctx: ServiceContext) -> None:
     settings = ctx.settings
+    refusal = settings.synthetic_market_refusal({"simulated"})
+    if refusal is not None:
+        log.error("simulated feed refused", reason=refusal)
+        raise SystemExit(f"error: {refusal}")
     seed = settings.sim_seed
     market = GbmMarket(
         settings.symbols,
@@ -42,7 +47,7 @@ async def run(ctx: ServiceContext) -> None:
         run_id=f"sim{seed}" if seed is not None else f"sim-{uuid.uuid4().hex[:8]}",
     )
     publisher = await ctx.publisher()
-    out = TickPublisher(ctx.codec, publisher, settings.topic("md.ticks"))
+    out = TickPublisher(publisher, contract("md.ticks", settings.namespace, ctx.codec))
     ctx.health.set_ready(True)
     rate = settings.sim_rate
     limit = settings.sim_count

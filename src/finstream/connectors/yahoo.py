@@ -28,8 +28,10 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
-from finstream.connectors.base import ConnectorOptions, HttpConnector, HttpReply, PollResult
-from finstream.domain.marketdata import (
+from finstream.connectors.base import ConnectorOptions, PollResult
+from finstream.connectors.http import HttpConnector, HttpReply
+from finstream.domain.marketdata.failover import ProviderGate
+from finstream.domain.marketdata.normalize import (
     body_hint,
     epoch_to_utc,
     load_json,
@@ -44,9 +46,8 @@ from finstream.domain.marketdata import (
     require_list,
     require_mapping,
 )
-from finstream.domain.marketdata_failover import ProviderGate
+from finstream.domain.marketdata.ticks import Tick, TickValidationError, make_tick, normalize_symbol
 from finstream.domain.resilience import ErrorClass, ProviderError
-from finstream.domain.ticks import Tick, TickValidationError, make_tick, normalize_symbol
 
 NAME = "yahoo"
 _CRUMB_RE = re.compile(r"^[A-Za-z0-9./_\-]{4,64}$")

@@ -260,18 +260,16 @@ def rewind_groups(settings: Settings, when: datetime, log: Log) -> int:
     from confluent_kafka import Consumer, TopicPartition
 
     from finstream.roles import ROLES
+    from finstream.runtime.kafka import client_config
 
     moved = 0
     ms = int(when.timestamp() * 1000)
     for role in REPLAY_ROLES:
         group = settings.group(role)
         consumer = Consumer(
-            {
-                "bootstrap.servers": settings.kafka_bootstrap,
-                "group.id": group,
-                "enable.auto.commit": False,
-                "log_level": 3,
-            }
+            client_config(
+                settings, **{"group.id": group, "enable.auto.commit": False, "log_level": 3}
+            )
         )
         try:
             for name in ROLES[role].inputs:

@@ -47,7 +47,7 @@ from finstream.db.partitions import (
 )
 from finstream.domain.retention import Policy, Range, delivery_cutoff, expired
 from finstream.settings import Settings
-from finstream.topics import load_catalogue
+from finstream.topics import contract, load_catalogue
 
 RETENTION_RUNS = Counter(
     "finstream_db_retention_runs_total", "Retention passes by outcome", ["outcome"]
@@ -336,19 +336,14 @@ async def run_pass(
 
 async def publish_to_audit_topic(settings: Settings, events: list[dict[str, Any]]) -> None:
     """Send the pass's audit events to audit.events and wait for the broker."""
-    from finstream.codec import default_codec
     from finstream.runtime.kafka import KafkaPublisher
 
-    codec = default_codec()
+    audit = contract("audit.events", settings.namespace)
     publisher = KafkaPublisher(settings, "retention")
     await publisher.start()
     try:
         for event in events:
-            await publisher.send(
-                settings.topic("audit.events"),
-                event["subject_id"].encode(),
-                codec.encode("AuditEvent", event),
-            )
+            await publisher.send(audit.name, event["subject_id"].encode(), audit.encode(event))
         await publisher.flush()
     finally:
         await publisher.stop()

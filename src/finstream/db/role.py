@@ -16,6 +16,7 @@ import time
 
 import asyncpg
 
+from finstream.db.audit_check import check_chain
 from finstream.db.health import update_metrics
 from finstream.db.retention import RetentionBusy, publish_to_audit_topic, run_pass
 from finstream.domain.time import utcnow
@@ -29,6 +30,8 @@ async def run(ctx: ServiceContext) -> None:
     settings = ctx.settings
     url = settings.database_url.get_secret_value()
     next_pass = time.monotonic() if settings.retention_interval > 0 else float("inf")
+    # issue 15: the audit chain walked on a schedule (finstream.db.audit_check).
+    next_verify = time.monotonic() if settings.audit_verify_interval > 0 else float("inf")
     ready = False
     while not ctx.stop.is_set():
         try:
@@ -38,6 +41,9 @@ async def run(ctx: ServiceContext) -> None:
                 if not ready:
                     ctx.health.set_ready(True)
                     ready = True
+                if time.monotonic() >= next_verify:
+                    next_verify = time.monotonic() + settings.audit_verify_interval
+                    await check_chain(conn)
                 if time.monotonic() >= next_pass:
                     next_pass = time.monotonic() + settings.retention_interval
 

@@ -1,6 +1,6 @@
 """The feedback loop: what delivery outcomes mean for the funnel and for users' preferences.
 
-Pure. The ``feedback`` role (``finstream.sinks.feedback``) reads every
+Pure. The ``feedback`` role (``finstream.agents.feedback``) reads every
 DeliveryResult (the delivery workers' attempts and the providers' webhooks:
 SendGrid events, Twilio status callbacks, SES notifications through SNS) and
 the router's audit events, and uses these functions to

@@ -34,8 +34,8 @@ from finstream.domain.envelope import EnvelopeError, open_contacts
 from finstream.domain.time import utcnow
 from finstream.privacy.keys import KeyRing
 from finstream.settings import Settings
-from finstream.sinks.inbox import Inbox, open_entry
-from finstream.sinks.state_store import PreferencesStore, RulesStore
+from finstream.stores.inbox import Inbox, open_entry
+from finstream.stores.read_models import PreferencesStore, RulesStore
 
 AUDIT_LIMIT = 50_000
 INBOX_PAGE = 200

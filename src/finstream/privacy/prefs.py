@@ -35,7 +35,7 @@ from finstream.domain.time import to_micros, utcnow
 from finstream.privacy.keys import KeyRing
 from finstream.runtime.kafka import KafkaPublisher, correlation_header
 from finstream.settings import Settings
-from finstream.sinks.state_store import PreferencesStore
+from finstream.stores.read_models import PreferencesStore
 
 # KEYS[1] lock; ARGV[1] owner token.
 _UNLOCK = """

@@ -34,13 +34,119 @@ log = get_logger(__name__)
 Headers = Sequence[tuple[str, bytes]]
 
 
-def client_config(settings: Settings) -> dict[str, Any]:
-    """What every client (producer, consumer, admin) needs to reach the cluster."""
-    return {
+def client_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
+    """What every client (producer, consumer, admin) needs to reach the cluster:
+    the bootstrap servers and the security settings (TLS, SASL, mTLS)."""
+    config: dict[str, Any] = {
         "bootstrap.servers": settings.kafka_bootstrap,
         # librdkafka logs through its own channel; warnings and errors only.
         "log_level": 4,
+        **security_config(settings),
     }
+    config.update(overrides)
+    return config
+
+
+def security_config(settings: Settings) -> dict[str, Any]:
+    """librdkafka's security properties for the FINSTREAM_KAFKA_* security settings."""
+    protocol = settings.kafka_security_protocol
+    config: dict[str, Any] = {"security.protocol": protocol.lower()}
+    if protocol.startswith("SASL_"):
+        assert settings.kafka_sasl_password is not None  # Settings checks it
+        config["sasl.mechanism"] = settings.kafka_sasl_mechanism
+        config["sasl.username"] = settings.kafka_sasl_username
+        config["sasl.password"] = settings.kafka_sasl_password.get_secret_value()
+    if protocol.endswith("SSL"):
+        # Without a CA file librdkafka trusts the system's CA store (a public CA).
+        if settings.kafka_ssl_ca_file is not None:
+            config["ssl.ca.location"] = str(settings.kafka_ssl_ca_file)
+        if settings.kafka_ssl_cert_file is not None:
+            config["ssl.certificate.location"] = str(settings.kafka_ssl_cert_file)
+            config["ssl.key.location"] = str(settings.kafka_ssl_key_file)
+        if settings.kafka_ssl_key_password is not None:
+            config["ssl.key.password"] = settings.kafka_ssl_key_password.get_secret_value()
+        config["ssl.endpoint.identification.algorithm"] = (
+            "https" if settings.kafka_ssl_verify_hostname else "none"
+        )
+    return config
+
+
+def describe_cluster(settings: Settings) -> str:
+    """Where and as whom clients connect, for error messages (never the password)."""
+    who = ""
+    if settings.kafka_security_protocol.startswith("SASL_"):
+        who = f" as {settings.kafka_sasl_username!r} ({settings.kafka_sasl_mechanism})"
+    elif settings.kafka_ssl_cert_file is not None:
+        who = f" with the client certificate {settings.kafka_ssl_cert_file}"
+    return f"Kafka at {settings.kafka_bootstrap} over {settings.kafka_security_protocol}{who}"
+
+
+class KafkaAccessError(RuntimeError):
+    """Kafka refused us: credentials, certificates or TLS. Retrying will not help."""
+
+
+# librdkafka error codes that say the configuration is wrong, not the network.
+_ACCESS_ERRORS = {
+    KafkaError._AUTHENTICATION,
+    KafkaError._SSL,
+    KafkaError.SASL_AUTHENTICATION_FAILED,
+    KafkaError.TOPIC_AUTHORIZATION_FAILED,
+    KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+    KafkaError.GROUP_AUTHORIZATION_FAILED,
+    KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+}
+
+
+def access_problem(error: KafkaError) -> bool:
+    if error.code() in _ACCESS_ERRORS:
+        return True
+    # Under TLS 1.3 a broker refuses a client certificate after the handshake:
+    # librdkafka sees a transport error carrying the TLS alert.
+    return error.code() == KafkaError._TRANSPORT and "SSL routines" in error.str()
+
+
+def check_access(settings: Settings, timeout: float = 15.0) -> str | None:
+    """One line saying why Kafka refuses our credentials or certificates, else None.
+
+    A reachable broker that rejects the client fails the same way on every
+    retry, so roles and commands check this first and stop with the reason;
+    an unreachable one (a rolling restart, a network blip) is None: clients
+    keep retrying as they always do.
+    """
+    import time
+
+    from confluent_kafka.admin import AdminClient
+
+    refused: list[KafkaError] = []
+    others: list[KafkaError] = []
+
+    def on_error(error: KafkaError) -> None:
+        (refused if access_problem(error) else others).append(error)
+
+    try:
+        admin = AdminClient(
+            client_config(settings, log_level=0, error_cb=on_error, **{"socket.timeout.ms": 10_000})
+        )
+    except KafkaException as exc:
+        # librdkafka checks the files it is given at once (a missing CA bundle, a bad key).
+        return f"{describe_cluster(settings)}: invalid client configuration: {exc.args[0]}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            admin.list_topics(timeout=1.0)
+            return None
+        except KafkaException as exc:
+            error = kafka_error(exc)
+            if error is not None and access_problem(error):
+                refused.append(error)
+        admin.poll(0.1)  # serves error_cb
+        if refused:
+            break
+        if any(e.code() == KafkaError._ALL_BROKERS_DOWN for e in others):
+            return None  # unreachable, not refused: the clients' own retries apply
+    if refused:
+        return f"{describe_cluster(settings)} refused the connection: {refused[0].str()}"
+    return None
 
 
 def producer_config(settings: Settings, transactional_id: str | None = None) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from typing import Any
 from finstream.codec import Codec, default_codec
 from finstream.roles import ROLES, RoleSpec
 from finstream.runtime.health import HealthServer
-from finstream.runtime.kafka import DeadLetters, KafkaPublisher
+from finstream.runtime.kafka import DeadLetters, KafkaPublisher, check_access
 from finstream.runtime.logging import configure_logging, get_logger
 from finstream.settings import Settings, get_settings
 
@@ -65,6 +65,11 @@ def run_role(role: str, options: dict[str, Any] | None = None) -> None:
     if spec is None:
         raise SystemExit(f"unknown role {role!r}; known roles: {', '.join(sorted(ROLES))}")
     configure_logging(settings.log_level, settings.log_format, role=role)
+    # Wrong credentials or certificates fail every retry alike: stop with the
+    # reason rather than run unable to read or write (a crash loop names it).
+    problem = check_access(settings)
+    if problem is not None:
+        raise SystemExit(f"error: {problem}")
     asyncio.run(_run_service(spec, settings, options or {}))
 
 

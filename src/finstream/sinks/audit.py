@@ -1,4 +1,5 @@
-"""Audit sink: audit.events -> PostgreSQL ``audit_events``, hash-chained and tamper-evident.
+"""Audit writer (the ``audit`` role, :mod:`finstream.agents.audit`): audit.events -> PostgreSQL
+``audit_events``, hash-chained and tamper-evident.
 
 Every row carries ``prev_hash`` (the hash of the row before it) and
 ``hash = sha256(prev_hash + canonical(row))``, the canonical form being the
@@ -20,24 +21,17 @@ hashing, so that what is hashed is what is stored.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import json
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import asyncpg
-from prometheus_client import Gauge
 
 from finstream.domain.time import to_micros
-from finstream.runtime.engine import Event, Output, Processor, StreamEngine
 from finstream.runtime.logging import get_logger
-from finstream.runtime.worker import ServiceContext
-from finstream.sinks.postgres import create_pool
 
 log = get_logger(__name__)
 
@@ -165,7 +159,7 @@ async def verify(conn: asyncpg.Connection | Any, page: int = 5000) -> Verificati
     """Walk the whole chain; report the first row that does not fit.
 
     The head and the rows are read in one snapshot, so a verification running
-    beside the audit role's appends (the role's own schedule) sees a chain
+    beside the audit role's appends (the retention role's schedule) sees a chain
     and a head that belong together.
     """
     async with conn.transaction(isolation="repeatable_read", readonly=True):
@@ -211,79 +205,3 @@ async def verify(conn: asyncpg.Connection | Any, page: int = 5000) -> Verificati
             base + checked + 1,
         )
     return Verification(True, checked, head_seq)
-
-
-class AuditSink(Processor):
-    def __init__(self, writer: AuditWriter) -> None:
-        self.writer = writer
-
-    async def process(self, events: list[Event], out: Output) -> None:
-        stored = await self.writer.append([ev.item for ev in events])
-        log.debug("audit batch stored", received=len(events), stored=stored)
-
-
-CHAIN_OK = Gauge(
-    "finstream_audit_chain_ok",
-    "1 when the last scheduled verification found the audit chain intact, 0 when broken",
-)
-CHAIN_EVENTS = Gauge(
-    "finstream_audit_chain_verified_events", "Audit rows the last scheduled verification checked"
-)
-VERIFIED_AT = Gauge(
-    "finstream_audit_verify_last_run_timestamp_seconds",
-    "When the audit chain was last verified (Unix time), intact or not",
-)
-VERIFY_SECONDS = Gauge(
-    "finstream_audit_verify_duration_seconds", "How long the last verification of the chain took"
-)
-
-
-async def verify_on_schedule(pool: asyncpg.Pool, interval: float, stop: asyncio.Event) -> None:
-    """``finstream audit verify`` every ``audit_verify_interval`` seconds, as metrics
-    (the FinstreamAuditChainBroken alert fires on ``finstream_audit_chain_ok == 0``)."""
-    while not stop.is_set():
-        started = time.monotonic()
-        try:
-            async with pool.acquire() as conn:
-                result = await verify(conn)
-        except Exception as exc:  # the schedule outlives a database hiccup
-            log.warning("scheduled audit verification failed", error=str(exc)[:300])
-        else:
-            CHAIN_OK.set(1 if result.ok else 0)
-            CHAIN_EVENTS.set(result.checked)
-            VERIFIED_AT.set(time.time())
-            VERIFY_SECONDS.set(time.monotonic() - started)
-            if result.ok:
-                log.info("audit chain verified", events=result.checked, head=result.head_seq)
-            else:
-                log.error("AUDIT CHAIN BROKEN", problem=result.render(), seq=result.seq)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=interval)
-
-
-async def run(ctx: ServiceContext) -> None:
-    settings = ctx.settings
-    pool = await create_pool(settings)
-    schedule = None
-    if settings.audit_verify_interval > 0:
-        schedule = asyncio.create_task(
-            verify_on_schedule(pool, settings.audit_verify_interval, ctx.stop)
-        )
-    engine = StreamEngine(
-        settings,
-        ctx.role,
-        ["audit.events"],
-        AuditSink(AuditWriter(pool)),
-        ctx.health,
-        guarantee="at_least_once",
-        batch_size=settings.audit_batch_size,
-        batch_wait=settings.audit_batch_ms / 1000,
-    )
-    try:
-        await engine.run(ctx.stop)
-    finally:
-        if schedule is not None:
-            schedule.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await schedule
-        await pool.close()

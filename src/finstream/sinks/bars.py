@@ -1,4 +1,4 @@
-"""Bars sink (role ``bars``): md.bars.1m -> PostgreSQL ``bars`` and Redis.
+"""Bars writer (the ``bars`` role, :mod:`finstream.agents.bars`): md.bars.1m -> PostgreSQL ``bars`` and Redis.
 
 PostgreSQL keeps every bar, one row per (symbol, interval, start); an upsert
 replaces a row only with a higher revision, so redelivered, replayed or
@@ -14,7 +14,7 @@ API's WebSocket). JSON fields: symbol, interval, start, end (ISO 8601),
 open, high, low, close, volume, vwap (decimal strings; vwap may be null),
 trades, final, revision.
 
-Runs on the stream engine, at least once: a batch is stored in PostgreSQL,
+The role runs on the stream engine, at least once: a batch is stored in PostgreSQL,
 then in Redis, then its offsets are committed; a crash re-reads what was not
 committed, which the revision checks make harmless.
 """
@@ -28,13 +28,9 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 
-from finstream.domain.bars import Bar
-from finstream.runtime.engine import Event, Output, Processor, StreamEngine
+from finstream.domain.marketdata.bars import Bar
 from finstream.runtime.logging import get_logger
-from finstream.runtime.worker import ServiceContext
 from finstream.settings import Settings
-from finstream.sinks.postgres import create_pool
-from finstream.sinks.redis_client import connect
 
 log = get_logger(__name__)
 
@@ -145,35 +141,3 @@ class BarStore:
     async def latest(self, symbol: str, interval: str, count: int) -> list[dict[str, Any]]:
         raw = await self._redis.zrange(bars_key(self._settings, interval, symbol), -count, -1)
         return [json.loads(m) for m in raw if isinstance(m, bytes | str)]
-
-
-class BarsSink(Processor):
-    def __init__(self, store: BarStore) -> None:
-        self.store = store
-
-    async def process(self, events: list[Event], out: Output) -> None:
-        bars = [ev.item for ev in events]
-        stored = await self.store.write_postgres(bars)
-        cached = await self.store.write_redis(bars)
-        log.debug("bars stored", received=len(bars), postgres=stored, redis=cached)
-
-
-async def run(ctx: ServiceContext) -> None:
-    settings = ctx.settings
-    pool = await create_pool(settings)
-    redis = connect(settings)
-    engine = StreamEngine(
-        settings,
-        ctx.role,
-        ["md.bars.1m"],
-        BarsSink(BarStore(pool, redis, settings)),
-        ctx.health,
-        guarantee="at_least_once",
-        batch_size=settings.bars_batch_size,
-        batch_wait=settings.bars_batch_ms / 1000,
-    )
-    try:
-        await engine.run(ctx.stop)
-    finally:
-        await pool.close()
-        await redis.aclose()

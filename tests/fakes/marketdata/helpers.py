@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from finstream.connectors.base import ConnectorOptions
-from finstream.domain.marketdata import parse_limits
-from finstream.domain.marketdata_failover import ProviderGate
+from finstream.domain.marketdata.failover import ProviderGate
+from finstream.domain.marketdata.normalize import parse_limits
 from finstream.domain.resilience import Backoff
 
 RECEIVED = datetime(2024, 5, 10, 18, 0, tzinfo=UTC)

@@ -69,7 +69,7 @@ async def console_config(res: Res) -> Any:
 )
 async def ops_status(res: Res, caller: Caller) -> Any:
     require_role(caller, "operator", "read the status of the roles")
-    from finstream import status
+    from finstream.stack import status
 
     rows = await asyncio.to_thread(status.collect, res.settings, sleep=lambda _s: None)
     return JSONResponse({"roles": [asdict(r) for r in rows]})

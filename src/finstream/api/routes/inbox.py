@@ -13,7 +13,7 @@ from finstream.api.models import INBOX_EXAMPLES, InboxMessage, InboxPage, InboxU
 from finstream.api.policy import resolve_user
 from finstream.api.problems import not_found, problem_responses
 from finstream.api.routes.common import MessageIdPath, UserPath
-from finstream.sinks.inbox import open_entry
+from finstream.stores.inbox import open_entry
 
 router = APIRouter(tags=["inbox"])
 

@@ -14,7 +14,7 @@ from finstream.api.deps import Caller, Res
 from finstream.api.models import BarPage, Quote
 from finstream.api.policy import to_json
 from finstream.api.problems import Problem, field_problem, not_found, problem_responses
-from finstream.domain.ticks import SYMBOL_RE
+from finstream.domain.marketdata.ticks import SYMBOL_RE
 from finstream.domain.time import from_micros, to_micros, utcnow
 
 router = APIRouter(tags=["market data"])

@@ -24,10 +24,10 @@ from finstream.api.policy import require_role, resolve_user
 from finstream.api.problems import Problem, field_problem, not_found, problem_responses
 from finstream.api.routes.common import UserPath, erased_problem
 from finstream.domain.envelope import EnvelopeError, UserErased, seal_data
-from finstream.domain.routing import MAX_DATA_BYTES
+from finstream.domain.notify.routing import MAX_DATA_BYTES
 from finstream.domain.time import utcnow
 from finstream.runtime.kafka import correlation_header
-from finstream.sinks import journeys
+from finstream.stores import journeys
 
 router = APIRouter(tags=["notifications"])
 
@@ -180,10 +180,11 @@ async def create_notification(
         "correlation_id": cid,
     }
     try:
+        requests = res.topic("notify.requests")
         await res.publisher.send_and_wait(
-            res.settings.topic("notify.requests"),
+            requests.name,
             body.user_id.encode(),
-            res.codec.encode("NotificationRequest", record),
+            requests.encode(record),
             correlation_header(cid),
         )
     except BaseException:

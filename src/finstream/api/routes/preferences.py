@@ -39,7 +39,7 @@ from finstream.api.policy import (
 from finstream.api.problems import field_problem, not_found, problem_responses, validation_problem
 from finstream.api.routes.common import IfMatch, UserPath, check_if_match, erased_problem, etag
 from finstream.domain.envelope import UserErased
-from finstream.domain.preferences import PreferencesValidationError, parse_preferences
+from finstream.domain.notify.preferences import PreferencesValidationError, parse_preferences
 from finstream.domain.time import utcnow
 
 router = APIRouter(tags=["preferences"])

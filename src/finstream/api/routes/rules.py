@@ -39,7 +39,7 @@ from finstream.api.routes.common import (
     publish,
     refuse_erased,
 )
-from finstream.domain.alerts import AlertRule, RuleValidationError, parse_rule
+from finstream.domain.alerts.rules import AlertRule, RuleValidationError, parse_rule
 from finstream.domain.privacy_audit import rule_changes
 from finstream.domain.time import to_micros, utcnow
 from finstream.privacy.prefs import audit_record, publish_audit
@@ -78,7 +78,7 @@ async def _owned(res: Resources, user: str, rule_id: str) -> AlertRule:
 async def _write(
     res: Resources, request: Request, rule: AlertRule, previous: AlertRule | None = None
 ) -> None:
-    value = res.codec.encode("AlertRule", rule.to_record())
+    value = res.topic("alerts.rules").encode(rule.to_record())
     await publish(res, request, "alerts.rules", rule.rule_id, value)
     await res.rules.put(value)
     await _audit(res, request, rule.user_id, rule.rule_id, old=previous, new=rule)

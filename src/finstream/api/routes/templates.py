@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Path
 from fastapi.responses import JSONResponse
 from pydantic import Field
 
 from finstream.api.deps import Caller, Res
-from finstream.api.models import _In
+from finstream.api.models import RequestChannel, _In
 from finstream.api.problems import Problem, not_found, problem_responses
-from finstream.domain.preferences import CHANNELS
-from finstream.domain.templates import ChannelNotAvailable, TemplateError
+from finstream.domain.notify.preferences import CHANNELS
+from finstream.domain.notify.templates import ChannelNotAvailable, TemplateError
 
 router = APIRouter(tags=["templates"])
 
 
 class PreviewIn(_In):
-    channel: Literal["EMAIL", "PUSH", "SMS", "INAPP"] | None = None
+    channel: RequestChannel | None = None
     locale: Annotated[str, Field(pattern=r"^[a-zA-Z]{2}([-_][a-zA-Z]{2})?$")] | None = None
     # Sample variables: small enough that a body at every maximum stays under the
     # API's body limit (64 KiB by default), whatever the characters.

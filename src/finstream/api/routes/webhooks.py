@@ -98,7 +98,8 @@ async def _emit(
     items: Sequence[tuple[bytes, ProviderEvent | Unattributable | None, dict[str, Any]]],
 ) -> JSONResponse:
     """Publish each attributable event; dead-letter the rest; wait for Kafka."""
-    topic = res.settings.topic("notify.delivery")
+    results = res.topic("notify.delivery")
+    topic = results.name
     headers = correlation_header(correlation_id(request))
     accepted = ignored = 0
     for raw, event, attached in items:
@@ -134,7 +135,7 @@ async def _emit(
             await res.publisher.send(
                 topic,
                 result["user_id"].encode(),
-                res.codec.encode("DeliveryResult", result),
+                results.encode(result),
                 headers,
             )
     try:

@@ -95,7 +95,7 @@ from finstream.runtime.logging import correlation, correlation_from_headers, get
 from finstream.runtime.metrics import DEAD_LETTERS, EVENTS_FAILED
 from finstream.settings import Settings
 from finstream.sinks.delivery import metrics as m
-from finstream.sinks.delivery.base import Provider, Reconcile, Sent
+from finstream.sinks.delivery.base import CHANNEL_TOPICS, Provider, Reconcile, Sent
 from finstream.sinks.delivery.privacy import DeliveryPrivacy
 from finstream.sinks.delivery.store import (
     FINAL_STATES,
@@ -108,7 +108,8 @@ from finstream.sinks.delivery.store import (
     Transition,
     outbox_headers,
 )
-from finstream.sinks.state_store import PreferencesStore
+from finstream.stores.read_models import PreferencesStore
+from finstream.topics import contract
 
 log = get_logger(__name__)
 
@@ -196,11 +197,16 @@ class DeliveryEngine:
         self.rng = rng or random.Random()
         self.queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=settings.delivery_concurrency * 4)
         self.ratio = m.Ratio()
+        ns = settings.namespace
+        self.outbound = contract(CHANNEL_TOPICS[channel], ns, codec)
+        self.results_topic = contract("notify.delivery", ns, codec)
+        self.prefs_topic = contract("notify.preferences", ns, codec)
+        self.audit_topic = contract("audit.events", ns, codec)
         self.topics = {
-            "results": settings.topic("notify.delivery"),
+            "results": self.results_topic.name,
             "dlq": settings.topic("dlq"),
-            "preferences": settings.topic("notify.preferences"),
-            "audit": settings.topic("audit.events"),
+            "preferences": self.prefs_topic.name,
+            "audit": self.audit_topic.name,
         }
         self._outbox_ready = asyncio.Event()
         self._finished: list[tuple[str, str]] = []
@@ -451,7 +457,7 @@ class DeliveryEngine:
             if not job.message:
                 try:
                     job.message = await self.privacy.open_stored(
-                        self.codec.decode(job.raw, "OutboundMessage")
+                        self.outbound.decode_record(job.raw)
                     )
                 except (DecodeError, EnvelopeError) as exc:
                     await self._finish_failed(
@@ -957,7 +963,7 @@ class DeliveryEngine:
         if updated is None:
             return None, []  # already marked: nothing to do, nothing to audit again
         try:
-            value = self.codec.encode("UserPreferences", updated)
+            value = self.prefs_topic.encode(updated)
         except EncodeError as exc:
             log.error("feedback not encodable", error=str(exc))
             return None, []
@@ -1098,8 +1104,7 @@ class DeliveryEngine:
         )
 
     def _result_record(self, r: ResultRow, correlation_id: str | None) -> OutboxRecord:
-        value = self.codec.encode(
-            "DeliveryResult",
+        value = self.results_topic.encode(
             {
                 "result_id": r.result_id,
                 "message_id": r.message_id,
@@ -1165,7 +1170,7 @@ class DeliveryEngine:
         return OutboxRecord(
             self.topics["audit"],
             subject_id.encode(),
-            self.codec.encode("AuditEvent", event),
+            self.audit_topic.encode(event),
             correlation_header(correlation_id),
         )
 

@@ -1,6 +1,6 @@
 """In-app delivery: notify.outbound.inapp -> the user's Redis inbox.
 
-The inbox (:mod:`finstream.sinks.inbox`) keeps read/unread state and the
+The inbox (:mod:`finstream.stores.inbox`) keeps read/unread state and the
 per-user cap, and publishes each new message on the user's pub/sub channel
 for live delivery. As a provider it is the one that can never show a message
 twice: storing is idempotent on message_id (its Lua script remembers the ids
@@ -24,11 +24,10 @@ from finstream.domain import strict_json
 from finstream.domain.delivery import DeliveryError
 from finstream.domain.resilience import ErrorClass
 from finstream.domain.time import to_micros
-from finstream.runtime.worker import ServiceContext
 from finstream.settings import Settings
 from finstream.sinks.delivery.base import Message, Reconcile, Sent
-from finstream.sinks.inbox import Inbox
-from finstream.sinks.redis_client import connect
+from finstream.stores.inbox import Inbox
+from finstream.stores.redis import connect
 
 PROVIDER = "redis-inbox"
 
@@ -101,9 +100,3 @@ class InboxProvider:
 
 def create(settings: Settings) -> InboxProvider:
     return InboxProvider(settings)
-
-
-async def run(ctx: ServiceContext) -> None:
-    from finstream.sinks.delivery.worker import run_channel
-
-    await run_channel(ctx, "INAPP")

@@ -1,0 +1,36 @@
+"""Testing finstream against real services, for its own tests, its benchmarks and yours.
+
+As httpx ships its MockTransport, finstream ships what it tests itself with:
+:mod:`.services` gives an isolated environment on a running stack (a
+namespace of topics, consumer groups and Redis keys, and a PostgreSQL
+database of its own: :func:`create_env` / :func:`destroy_env`), worker
+processes (:class:`WorkerProcess`, :func:`workers`) and conditions to wait
+on (:func:`wait_until`); :mod:`.api` signs tokens for the API and serves it
+in-process.
+"""
+
+from finstream.testing.services import (
+    TestEnv,
+    WorkerProcess,
+    committed_count,
+    create_env,
+    destroy_env,
+    free_port,
+    group_caught_up,
+    metric_value,
+    wait_until,
+    workers,
+)
+
+__all__ = [
+    "TestEnv",
+    "WorkerProcess",
+    "committed_count",
+    "create_env",
+    "destroy_env",
+    "free_port",
+    "group_caught_up",
+    "metric_value",
+    "wait_until",
+    "workers",
+]
