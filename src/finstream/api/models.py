@@ -179,12 +179,22 @@ class RuleList(_Out):
 # -- preferences -------------------------------------------------------------------
 
 
+ContactId = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{2,39}$")]
+
+
 class EmailContact(_In):
     address: Annotated[str, Field(max_length=254)]
     verified: bool = Field(
-        default=False, description="Set by verification, not by the user: ignored on input."
+        default=False,
+        description="Set by verification (POST .../contacts/{id}/verify); ignored on input.",
     )
     bounced: bool = Field(default=False, description="Set by delivery feedback; ignored on input.")
+    complained: bool = Field(
+        default=False, description="Set when the recipient reports spam; ignored on input."
+    )
+    id: ContactId | None = Field(
+        default=None, description="Assigned by the platform (a new address gets a new one)."
+    )
 
 
 class PhoneContact(_In):
@@ -192,6 +202,9 @@ class PhoneContact(_In):
     verified: bool = Field(default=False, description="Set by verification; ignored on input.")
     opted_out: bool = Field(
         default=False, description="Set when the recipient replies STOP; ignored on input."
+    )
+    id: ContactId | None = Field(
+        default=None, description="Assigned by the platform (a new number gets a new one)."
     )
 
 
@@ -366,6 +379,60 @@ class ScheduleCommandAccepted(_Out):
     item_id: str
     action: Literal["cancel", "reschedule"]
     status: Literal["accepted"]
+
+
+# -- privacy (issue 14) -------------------------------------------------------------------
+
+
+class VerifyIn(_In):
+    code: Annotated[str, Field(pattern=r"^\s*\d{6}\s*$", description="The six-digit code sent.")]
+
+
+class ContactVerification(_Out):
+    contact_id: str
+    channel: Literal["email", "sms"]
+    verified: bool
+    verified_at: datetime | None = None
+    expires_at: datetime | None = Field(
+        default=None, description="When the code just sent stops working."
+    )
+
+
+class Erasure(_Out):
+    user_id: str
+    erased_at: datetime
+    already_erased: bool = Field(description="True when the user was erased before: nothing new.")
+    removed: dict[str, int] = Field(description="Rows, keys and tombstones removed, by store.")
+
+
+class Unsubscribed(_Out):
+    category: str
+    scope: Literal["category", "marketing"]
+    changed: bool = Field(description="False when the user had already opted out.")
+
+
+class FunnelRow(_Out):
+    model_config = ConfigDict(extra="allow")
+
+    requests: int
+    requested: int
+    suppressed: int
+    sent: int
+    delivered: int
+    opened: int
+    clicked: int
+    bounced: int
+    complained: int
+    unsubscribed: int
+    failed: int
+
+
+class Funnel(_Out):
+    start: datetime = Field(alias="from")
+    end: datetime = Field(alias="to")
+    group_by: Literal["channel", "provider", "template", "category"]
+    groups: list[FunnelRow]
+    total: FunnelRow
 
 
 # -- webhooks & health ------------------------------------------------------------------
