@@ -20,8 +20,8 @@ from fastapi.responses import JSONResponse
 from pydantic import AwareDatetime
 
 from finstream.api.deps import Caller, Res
-from finstream.api.models import Funnel
 from finstream.api.policy import require_role
+from finstream.api.privacy_models import Funnel
 from finstream.api.problems import field_problem, problem_responses
 from finstream.domain.time import utcnow
 from finstream.sinks import funnel

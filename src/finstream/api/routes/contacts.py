@@ -18,8 +18,8 @@ from fastapi import APIRouter, Body, Path, Request
 from fastapi.responses import JSONResponse
 
 from finstream.api.deps import Caller, Res, correlation_id
-from finstream.api.models import ContactVerification, VerifyIn
 from finstream.api.policy import resolve_user
+from finstream.api.privacy_models import ContactVerification, VerifyIn
 from finstream.api.problems import Problem, not_found, problem_responses
 from finstream.api.routes.common import UserPath, erased_problem
 from finstream.domain.envelope import UserErased

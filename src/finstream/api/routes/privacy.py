@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 
 from finstream.api.auth import Principal
 from finstream.api.deps import Caller, Res, Resources, correlation_id
-from finstream.api.models import Erasure
+from finstream.api.privacy_models import Erasure
 from finstream.api.problems import Problem, not_found, problem_responses
 from finstream.api.routes.common import UserPath
 from finstream.privacy import erasure, export

@@ -20,7 +20,7 @@ from fastapi import APIRouter, Path, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from finstream.api.deps import Res, correlation_id
-from finstream.api.models import Unsubscribed
+from finstream.api.privacy_models import Unsubscribed
 from finstream.api.problems import Problem, problem_responses
 from finstream.domain import feedback as fb
 from finstream.domain import unsubscribe as unsub
