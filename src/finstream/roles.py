@@ -136,6 +136,17 @@ _ROLES = [
 
 _ROLES.append(
     RoleSpec(
+        "feedback",
+        "sink",
+        "finstream.agents.feedback:run",
+        ("notify.delivery", "audit.events"),
+        "Delivery outcomes and webhooks into the funnel (PostgreSQL) and users' preferences: "
+        "bounces, complaints, unsubscribes, STOP.",
+    )
+)
+
+_ROLES.append(
+    RoleSpec(
         "retention",
         "service",
         "finstream.db.role:run",

@@ -579,7 +579,12 @@ def test_monitoring_resources(renders: dict[str, Render]) -> None:
     (dashboards,) = prod.of_kind("ConfigMap")
     for text in dashboards["data"].values():
         json.loads(text)
-    assert {"finstream.json", "finstream-database.json"} <= set(dashboards["data"])
+    assert {
+        "finstream.json",
+        "finstream-database.json",
+        "finstream-notifications.json",
+        "finstream-privacy.json",
+    } <= set(dashboards["data"])
     # A cluster without the Prometheus operator gets neither (and no render error).
     assert renders["staging"].of_kind("ServiceMonitor") == []
 

@@ -371,7 +371,7 @@ def test_keda_reads_lag_as_each_role_with_the_same_security(renders: dict[str, R
                 assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
 
 
-# -- egress: only the delivery roles and the connector leave the cluster ---------------------
+# -- egress: only the delivery roles, the connector and the API (SNS) leave the cluster -----
 
 
 def _reaches(policies: list[dict[str, Any]], labels: dict[str, str], ip: str, port: int) -> bool:
@@ -417,15 +417,16 @@ def test_only_delivery_roles_and_the_connector_reach_outside(
         # Nobody reaches a private address through a provider rule.
         assert not _reaches(policies, labels, "10.1.2.3", 443), role
     deployed = {role_of(d) for d in render.of_kind("Deployment")}
-    assert outside == deployed & {"delivery-email", "delivery-push", "delivery-sms", "connector"}
+    callers = {"delivery-email", "delivery-push", "delivery-sms", "connector", "api"}
+    assert outside == deployed & callers
     if name == "prod":
-        assert outside == {"delivery-email", "delivery-push", "delivery-sms", "connector"}
+        assert outside == callers
 
 
 def test_cilium_mode_allows_providers_by_name(renders: dict[str, Render]) -> None:
     mesh = renders["prod-mesh"]
     policies = {role_of(p): p for p in mesh.of_kind("CiliumNetworkPolicy")}
-    assert set(policies) == {"delivery-email", "delivery-push", "delivery-sms", "connector"}
+    assert set(policies) == {"delivery-email", "delivery-push", "delivery-sms", "connector", "api"}
     names = {
         role: {
             f.get("matchName") or f.get("matchPattern") for f in p["spec"]["egress"][1]["toFQDNs"]
@@ -436,6 +437,7 @@ def test_cilium_mode_allows_providers_by_name(renders: dict[str, Render]) -> Non
     assert "api.sendgrid.com" in names["delivery-email"]
     assert "fcm.googleapis.com" in names["delivery-push"]
     assert "finnhub.io" in names["connector"]
+    assert names["api"] == {"sns.*.amazonaws.com"}
     assert not names["delivery-sms"] & names["connector"]
     for p in policies.values():
         dns = p["spec"]["egress"][0]

@@ -385,8 +385,21 @@ async def test_preferences(
     assert put.status_code == 200, put.text
     prefs = put.json()
     assert prefs["user_id"] == "gina"
-    assert prefs["emails"] == [{"address": "Gina@example.com", "verified": False, "bounced": False}]
+    (email,) = prefs["emails"]
+    assert email["id"].startswith("c-")
+    assert email == {
+        "address": "Gina@example.com",
+        "verified": False,
+        "bounced": False,
+        "complained": False,
+        "id": email["id"],
+    }
     assert prefs["phones"][0]["number"] == "+14155552671"
+    # Stored and published sealed under the user's key (issue 14).
+    stored_raw = await res.prefs.get_bytes("gina")
+    assert stored_raw is not None
+    assert b"Gina@example.com" not in stored_raw
+    assert b"4155552671" not in stored_raw
     assert prefs["quiet_hours"][0]["days"] == [1, 5]
     consent = prefs["consents"][0]
     assert consent["source"] == "api"
@@ -423,6 +436,7 @@ async def test_preferences(
     # A platform flag set since (a verified address) survives the user's next edit.
     stored = await res.prefs.get("gina")
     assert stored is not None
+    assert stored["emails"][0]["address"].startswith("fse1:")
     stored["emails"][0]["verified"] = True
     stored["updated_at"] = stored["updated_at"] + timedelta(microseconds=1)
     await res.prefs.put("gina", res.codec.encode("UserPreferences", stored))
@@ -715,7 +729,7 @@ async def test_sendgrid_events(
     ]
     by_message = {r["message_id"]: r for r in results if r["provider"] == "sendgrid"}
     assert by_message["mail-1"]["status"] == "DELIVERED"
-    assert by_message["mail-2"]["status"] == "READ"
+    assert by_message["mail-2"]["status"] == "OPENED"
     assert (by_message["mail-2"]["user_id"], by_message["mail-2"]["request_id"]) == (
         "jill",
         "req-db",

@@ -716,7 +716,12 @@ async def test_dlq_redrive_sends_a_failed_message_once(rig: Rig) -> None:
     assert shown is not None, refs
     ref, text = shown
     assert "#4 twilio FAILED" in text
-    assert '"recipient": "+14155552671"' in text
+    # The dead letter holds the message sealed under the user's key (issue 14) ...
+    assert "+14155552671" not in text
+    # ... which an operator opens on purpose (and the reveal is audited).
+    revealed = await asyncio.to_thread(cli, rig, "show", "--reveal", ref)
+    assert revealed.returncode == 0, revealed.stderr
+    assert '"recipient": "+14155552671"' in revealed.stdout
 
     first = await asyncio.to_thread(cli, rig, "redrive", ref)
     assert first.returncode == 0, first.stderr

@@ -77,14 +77,15 @@ async def test_sendgrid_send_errors_and_lookup(cfg: Settings, fakes: DeliveryFak
     assert provider is not None
     assert provider.reconcile is Reconcile.LOOKUP
     try:
-        msg = message(transactional=False)
+        # The delivery engine gives marketing mail its signed one-click token.
+        msg = message(transactional=False, unsubscribe_token="tok-abc123")
         sent = await provider.send(msg)
         taken = fakes.sendgrid.recorder.accepted[-1]
         assert taken["message_id"] == msg["message_id"]
         assert sent.provider_message_id == taken["x_message_id"]
         assert [c["type"] for c in taken["content"]] == ["text/plain", "text/html"]
         assert taken["headers"]["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
-        assert msg["message_id"] in taken["headers"]["List-Unsubscribe"]
+        assert "/v1/unsubscribe/tok-abc123>" in taken["headers"]["List-Unsubscribe"]
 
         fakes.sendgrid.faults.then("throttle", "error", "auth")
         err = await fails(provider.send(message()))

@@ -51,3 +51,12 @@ def test_redrive_keeps_co_partitioning_and_refuses_non_topics(env: TestEnv) -> N
     expected = {key: key_partition(key, len(partitions)) for key in keys}
     redriven = env.consume_all("notify.requests", min_count=12, timeout=30)
     assert {m.key(): m.partition() for m in redriven} == expected
+    # Each redrive changes a message's fate: audited, naming the letter and where it went.
+    audits = [
+        e
+        for e in env.decode_all("audit.events", "AuditEvent", min_count=12, timeout=60)
+        if e["action"] == "redriven"
+    ]
+    assert len(audits) == 12
+    assert {a["details"]["to"] for a in audits} == {env.topic("notify.requests")}
+    assert all(a["details"]["dead_letter"].startswith("dlq:") for a in audits)

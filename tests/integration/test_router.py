@@ -18,6 +18,7 @@ from finstream.domain.notify.preferences import Preferences, parse_preferences
 from finstream.domain.notify.quiet_hours import next_allowed
 from finstream.stores.read_models import PreferencesStore
 from finstream.stores.redis import connect
+from tests.support.privacy import opened_messages
 from tests.support.services import TestEnv, WorkerProcess, wait_until
 
 pytestmark = pytest.mark.integration
@@ -81,11 +82,15 @@ def outbound(
     env: TestEnv, channel: str, user: str, min_count: int = 0, timeout: float = 30
 ) -> list[dict[str, Any]]:
     def mine() -> list[dict[str, Any]]:
-        return [
-            m
-            for m in env.decode_all(f"notify.outbound.{channel}", "OutboundMessage", timeout=5)
-            if m["user_id"] == user
-        ]
+        # Messages are sealed under the user's key: opened here as a delivery worker would.
+        return opened_messages(
+            env.settings,
+            [
+                m
+                for m in env.decode_all(f"notify.outbound.{channel}", "OutboundMessage", timeout=5)
+                if m["user_id"] == user
+            ],
+        )
 
     if min_count:
         return wait_until(

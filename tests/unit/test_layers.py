@@ -33,6 +33,8 @@ LAYERS: dict[str, int] = {
     "stack": 3,
     "stack_security": 3,
     "sandbox": 3,
+    # users' data keys, erasure, export, verification (issue 14)
+    "privacy": 3,
     # each stream role's wiring
     "agents": 4,
     # entry points, and the test harness that drives them

@@ -91,6 +91,7 @@ roles' producers; tests/deploy/test_chart_production.py checks the inputs. */}}
   "bars" (dict "write" (list "dlq"))
   "statestore" (dict "write" (list "dlq"))
   "audit" (dict "write" (list "dlq"))
+  "feedback" (dict "write" (list "notify.preferences" "audit.events" "dlq"))
   "inapp" (dict "write" $delivery)
   "delivery-email" (dict "write" $delivery)
   "delivery-push" (dict "write" $delivery)

@@ -41,6 +41,10 @@ class Intake(Processor):
 
 async def run_channel(ctx: ServiceContext, channel: str) -> None:
     settings = ctx.settings
+    if channel == "EMAIL":
+        from finstream.privacy.kms import check_unsubscribe_url
+
+        check_unsubscribe_url(settings)  # no placeholder link in production mail
     chain = build_chain(settings, channel, log=log.warning)
     log.info("provider chain", channel=channel, providers=[p.name for p in chain])
     pool = await create_pool(

@@ -47,6 +47,7 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from finstream.agents.router_privacy import RouterPrivacy, SealedDataUnreadable
 from finstream.agents.scheduled import ScheduleControl
 from finstream.codec import DecodeError, EncodeError
 from finstream.domain.notify import digest as digest_
@@ -225,6 +226,7 @@ class Router(Processor):
         self._read_model: Any = None
         self._backoff = Backoff(base=0.2, cap=5.0)
         self.scheduled = ScheduleControl(self)
+        self.privacy = RouterPrivacy(settings)  # issue 14: what is sealed and opened
 
     def _partition(self, user: str) -> int:
         return key_partition(user.encode(), self.partitions)
@@ -244,6 +246,10 @@ class Router(Processor):
 
     async def process(self, events: list[Event], out: Output) -> None:
         batch = _Batch()
+        # privacy: the keys of every user whose request this batch routes, in one load
+        await self.privacy.prepare(
+            ev.item.user_id for ev in events if ev.topic == self.requests_topic and ev.item
+        )
         for ev in events:
             headers = [(k, bytes(v or b"")) for k, v in (ev.headers or ())]
             try:
@@ -445,6 +451,12 @@ class Router(Processor):
             if request.correlation_id is None:
                 request = Request.from_record({**request.record, "correlation_id": cid})
             now = utcnow()
+            # privacy: nothing of an erased user is routed again; sealed data opens to render
+            if self.privacy.erased(request.user_id):
+                reason = "user erased: their data keys are destroyed"
+                self._audit(request, Decision(Action.DROPPED, reason), now, batch, phase="intake")
+                return
+            request = self.privacy.open_request(request)
             prefs = self._prefs(request.user_id, batch)
             state = self._state(request.user_id, batch)
             state.prune(now.timestamp(), prefs, self.policy.max_seen)
@@ -470,7 +482,7 @@ class Router(Processor):
             if outcome.send:
                 messages, missing = compose(
                     request,
-                    prefs,
+                    self.privacy.open_prefs(prefs),  # privacy: contacts opened in memory only
                     outcome.send,
                     templates=self.templates,
                     policy=self.policy,
@@ -496,7 +508,7 @@ class Router(Processor):
                 request.request_id,
                 to_micros(outcome.release_at),
                 outcome.hold_reason or "scheduled",
-                self.requests.encode(held),
+                self.requests.encode(self.privacy.seal_request(held)),
                 work.bypass_caps,
             )
         sent = [c for c in CHANNELS if any(m.channel == c for m in messages)]
@@ -508,7 +520,7 @@ class Router(Processor):
                 _Out(
                     self.outbound[m.channel].name,
                     key,
-                    self.outbound[m.channel].encode(m.message),
+                    self.outbound[m.channel].encode(self.privacy.seal_message(m.message)),
                     cid_header,
                 )
             )
@@ -571,6 +583,7 @@ class Router(Processor):
             window_seconds=self.policy.digest_seconds,
             max_items=self.policy.digest_max_items,
         )
+        self.privacy.seal_digest_item(request.user_id, holds.digests[request.category])
         remember(outcome, request, state, now, self.policy, sent=())
         due = holds.digests[request.category].due
         self._audit(
@@ -653,6 +666,7 @@ class Router(Processor):
         users = self.index.pop_due(now_us, lambda u: self._partition(u) in owned)
         if not users:
             return
+        await self.privacy.prepare(users)
         batch = _Batch()
         for user in users:
             try:
@@ -683,8 +697,9 @@ class Router(Processor):
                 _Letter(self.requests_topic, partition, -1, key, hold.request, exc, [])
             )
         for category in [c for c, d in holds.digests.items() if d.due <= now_us]:
-            buffer = holds.digests.pop(category)
-            value = self.requests.encode(digest_.digest_request(user, buffer, from_micros(now_us)))
+            buffer = self.privacy.open_digest(user, holds.digests.pop(category))
+            record = digest_.digest_request(user, buffer, from_micros(now_us))
+            value = self.requests.encode(self.privacy.seal_request(record))
             batch.letters.append(_Letter(self.requests_topic, partition, -1, key, value, exc, []))
 
     def _release_user(self, user: str, batch: _Batch, now: datetime) -> None:
@@ -703,8 +718,10 @@ class Router(Processor):
                 self.requests_topic, partition, -1, user.encode(), hold.request, "", []
             )
             try:
-                request = Request.from_record(self.requests.decode_record(hold.request))
-            except (DecodeError, InvalidRequest) as exc:
+                request = self.privacy.open_request(
+                    Request.from_record(self.requests.decode_record(hold.request))
+                )
+            except (DecodeError, InvalidRequest, SealedDataUnreadable) as exc:
                 letter.error = f"held request does not decode: {exc}"
                 batch.letters.append(letter)
                 continue
@@ -734,9 +751,9 @@ class Router(Processor):
                 continue
             del holds.digests[category]
             RELEASE_DELAY.observe((now_us - buffer.due) / 1e6)
-            record = digest_.digest_request(user, buffer, now)
+            record = digest_.digest_request(user, self.privacy.open_digest(user, buffer), now)
             try:
-                encoded = self.requests.encode(record)
+                encoded = self.requests.encode(self.privacy.seal_request(record))
             except EncodeError as exc:
                 batch.letters.append(
                     _Letter(self.requests_topic, partition, -1, user.encode(), None, exc, [])
@@ -767,4 +784,7 @@ async def run(ctx: ServiceContext) -> None:
         batch_wait=ctx.settings.router_batch_ms / 1000,
         punctuate_every=ctx.settings.router_tick_seconds,
     )
-    await engine.run(ctx.stop)
+    try:
+        await engine.run(ctx.stop)
+    finally:
+        await router.privacy.close()

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import uuid
@@ -30,19 +31,24 @@ from finstream.api.deps import Resources
 from finstream.api.limits import BodyLimitMiddleware
 from finstream.api.metrics import REQUEST_SECONDS, REQUESTS
 from finstream.api.routes import (
+    analytics,
     console,
+    contacts,
     inbox,
     market,
     notifications,
     ops,
     preferences,
+    privacy,
     rules,
     scheduled,
     templates,
+    unsubscribe,
     webhooks,
 )
 from finstream.api.stream import stream_endpoint
 from finstream.api.webhooks import load_sendgrid_key
+from finstream.privacy import erasure
 from finstream.runtime.kafka import DeliveryError
 from finstream.runtime.logging import correlation, get_logger
 from finstream.settings import Settings, get_settings
@@ -73,6 +79,15 @@ topics (the source of truth for the pipeline) and written through to the
 Redis read models the API reads, with the same version (`updated_at`), so a
 client sees its own change at once. Every write waits for Kafka's
 acknowledgement. `ETag`/`If-Match` give optimistic concurrency.
+
+**Privacy.** Personal data (contact points, message content, the data of
+notification requests) is sealed under a key per user; `DELETE
+/v1/users/me` erases the user (keys destroyed, records deleted),
+`GET /v1/users/me/export` returns everything held about them. New email
+addresses and phone numbers are confirmed with a code
+(`POST /v1/users/me/contacts/{id}/verify`). Marketing email links to
+`/v1/unsubscribe/{token}` (RFC 8058 one-click, no login). Operators read the
+delivery funnel at `/v1/analytics/deliveries`.
 
 **Live streams** are on the WebSocket `/v1/stream` (not describable in
 OpenAPI): authenticate with an `Authorization` header, the subprotocols
@@ -167,10 +182,15 @@ def create_app(settings: Settings | None = None, resources: Resources | None = N
             return
         res = await Resources.open(settings)
         app.state.resources = res
+        # issue 14: each erasure is swept again once every worker's key cache has lapsed.
+        stop = asyncio.Event()
+        sweeper = asyncio.create_task(erasure.sweep_loop(privacy.services(res), stop))
         log.info("api ready", namespace=settings.namespace)
         try:
             yield
         finally:
+            stop.set()
+            await asyncio.gather(sweeper, return_exceptions=True)
             await res.close()
 
     app = FastAPI(
@@ -201,11 +221,15 @@ def create_app(settings: Settings | None = None, resources: Resources | None = N
         market,
         rules,
         preferences,
+        contacts,
         inbox,
         notifications,
         templates,
         scheduled,
         webhooks,
+        privacy,
+        unsubscribe,
+        analytics,
         console,
     ):
         app.include_router(module.router)

@@ -30,6 +30,10 @@ from finstream.api.metrics import AUTH_FAILURES, RATE_LIMITED
 from finstream.api.problems import Problem
 from finstream.codec import Codec, default_codec
 from finstream.domain.notify.templates import Templates
+from finstream.privacy.keys import KeyRing
+from finstream.privacy.kms import token_secrets
+from finstream.privacy.prefs import PreferencesWriter
+from finstream.privacy.verify import Verifier
 from finstream.runtime.deadletters import DeadLetters
 from finstream.runtime.kafka import KafkaPublisher
 from finstream.runtime.logging import get_logger
@@ -110,6 +114,11 @@ class Resources:
     hub: PubSubHub
     dead_letters: DeadLetters
     templates: Templates
+    # issue 14: users' data keys, the signing secrets, sealed and audited preference writes
+    keys: KeyRing
+    secrets: list[bytes]
+    writer: PreferencesWriter
+    contacts: Verifier
     _contracts: dict[str, Contract] = field(default_factory=dict)
 
     def topic(self, name: str) -> Contract:
@@ -121,6 +130,7 @@ class Resources:
 
     @classmethod
     async def open(cls, settings: Settings) -> Resources:
+        secrets = token_secrets(settings)  # refuses to start without them in production
         verifier = TokenVerifier.from_settings(settings)
         await verifier.start()
         url = settings.redis_url.get_secret_value()
@@ -149,6 +159,10 @@ class Resources:
             await hub_redis.aclose()
             raise
         codec = default_codec()
+        keys = KeyRing.from_settings(settings, pg)
+        writer = PreferencesWriter(
+            settings=settings, codec=codec, redis=redis, publisher=publisher, keys=keys, actor="api"
+        )
         return cls(
             settings=settings,
             codec=codec,
@@ -167,9 +181,23 @@ class Resources:
             hub=hub,
             dead_letters=DeadLetters(publisher, settings, "api"),
             templates=load_templates(settings),
+            keys=keys,
+            secrets=secrets,
+            writer=writer,
+            contacts=Verifier(
+                settings=settings,
+                codec=codec,
+                pg=pg,
+                redis=redis,
+                publisher=publisher,
+                keys=keys,
+                secrets=secrets,
+            ),
         )
 
     async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.keys.close()
         await self.hub.stop()
         with contextlib.suppress(Exception):
             await self.publisher.stop()

@@ -179,12 +179,22 @@ class RuleList(_Out):
 # -- preferences -------------------------------------------------------------------
 
 
+ContactId = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{2,39}$")]
+
+
 class EmailContact(_In):
     address: Annotated[str, Field(max_length=254)]
     verified: bool = Field(
-        default=False, description="Set by verification, not by the user: ignored on input."
+        default=False,
+        description="Set by verification (POST .../contacts/{id}/verify); ignored on input.",
     )
     bounced: bool = Field(default=False, description="Set by delivery feedback; ignored on input.")
+    complained: bool = Field(
+        default=False, description="Set when the recipient reports spam; ignored on input."
+    )
+    id: ContactId | None = Field(
+        default=None, description="Assigned by the platform (a new address gets a new one)."
+    )
 
 
 class PhoneContact(_In):
@@ -192,6 +202,9 @@ class PhoneContact(_In):
     verified: bool = Field(default=False, description="Set by verification; ignored on input.")
     opted_out: bool = Field(
         default=False, description="Set when the recipient replies STOP; ignored on input."
+    )
+    id: ContactId | None = Field(
+        default=None, description="Assigned by the platform (a new number gets a new one)."
     )
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from finstream.api.auth import Principal
 from finstream.api.problems import Problem, not_found
+from finstream.domain.verification import new_contact_id
 
 
 def resolve_user(principal: Principal, path_user: str, *, write: bool) -> str:
@@ -84,12 +85,14 @@ def protect_preferences(
 ) -> dict[str, Any]:
     """Keep the fields a user must not set themselves as the platform recorded them.
 
-    ``verified`` comes from a verification flow; ``bounced``, ``opted_out``
-    and ``invalid`` from providers' feedback. Letting a user set them would
-    let them mark an unverified address deliverable or undo a carrier-level
-    STOP. Contacts already stored keep their flags; new ones start unverified
-    and clean. Consents the record did not hold before are stamped with the
+    ``verified`` comes from a verification flow; ``bounced``, ``complained``,
+    ``opted_out`` and ``invalid`` from providers' feedback. Letting a user set
+    them would let them mark an unverified address deliverable or undo a
+    carrier-level STOP. Contacts already stored keep their flags and their id;
+    new ones start unverified and clean, with a new id (a client cannot pick
+    one). Consents the record did not hold before are stamped with the
     server's time and source ``api``: a client cannot backdate consent.
+    ``stored`` is the current version with its contacts opened.
     """
     result = copy.deepcopy(parsed)
     old = stored or {}
@@ -98,11 +101,14 @@ def protect_preferences(
         before = emails.get(e["address"].lower())
         e["verified"] = bool(before and before.get("verified"))
         e["bounced"] = bool(before and before.get("bounced"))
+        e["complained"] = bool(before and before.get("complained"))
+        e["id"] = (before or {}).get("id") or new_contact_id()
     phones = {p["number"]: p for p in old.get("phones") or ()}
     for p in result.get("phones") or ():
         before = phones.get(p["number"])
         p["verified"] = bool(before and before.get("verified"))
         p["opted_out"] = bool(before and before.get("opted_out"))
+        p["id"] = (before or {}).get("id") or new_contact_id()
     tokens = {(t["platform"], t["token"]): t for t in old.get("push_tokens") or ()}
     for t in result.get("push_tokens") or ():
         before = tokens.get((t["platform"], t["token"]))
@@ -113,6 +119,22 @@ def protect_preferences(
             c["at"] = now
             c["source"] = "api"
     return result
+
+
+def new_contacts(
+    record: Mapping[str, Any], stored: Mapping[str, Any] | None
+) -> list[tuple[str, str]]:
+    """(contact id, channel) of the addresses and numbers ``record`` adds to ``stored``:
+    each gets a verification code."""
+    known = {
+        c.get("id")
+        for field in ("emails", "phones")
+        for c in (stored or {}).get(field) or ()
+        if c.get("id")
+    }
+    added = [(str(e["id"]), "email") for e in record.get("emails") or () if e["id"] not in known]
+    added += [(str(p["id"]), "sms") for p in record.get("phones") or () if p["id"] not in known]
+    return added
 
 
 def _consent_key(c: Mapping[str, Any]) -> tuple[Any, ...]:

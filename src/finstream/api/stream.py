@@ -48,9 +48,12 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from finstream.api.auth import AuthError, KeysUnavailable, Principal, bearer_token
 from finstream.api.hub import frame_for, frame_text
 from finstream.api.metrics import AUTH_FAILURES, WS_CONNECTIONS, WS_DROPPED, WS_MESSAGES
+from finstream.domain import strict_json
+from finstream.domain.envelope import UserKeys
 from finstream.domain.marketdata.ticks import SYMBOL_RE
 from finstream.domain.resilience import RateLimiter as TokenBucket
 from finstream.runtime.logging import get_logger
+from finstream.stores.inbox import open_entry
 
 log = get_logger(__name__)
 _SENT = WS_MESSAGES.labels("out")
@@ -79,6 +82,21 @@ def handshake_credentials(ws: WebSocket) -> tuple[str | None, str | None]:
                 token = proto[len(_BEARER_PROTOCOL) :]
                 break
     return token, chosen
+
+
+def opening(render: Any, keys: UserKeys) -> Any:
+    """A renderer of inbox payloads that opens their sealed part first."""
+
+    def open_then_render(payload: str) -> str:
+        try:
+            entry = json.loads(payload)
+        except ValueError:
+            return str(render(payload))
+        if isinstance(entry, dict) and entry.get("sealed"):
+            payload = strict_json.dumps(open_entry(entry, keys))
+        return str(render(payload))
+
+    return open_then_render
 
 
 class StreamClient:
@@ -279,6 +297,9 @@ class StreamClient:
                 }
             )
             return
+        if desc["stream"] == "inbox":
+            # issue 14: inbox entries are sealed; opened here for their own user only.
+            render = opening(render, await self.res.keys.get(self.principal.subject))
         try:
             await self.res.hub.subscribe(channel, self, render)
         except (RedisError, OSError):

@@ -200,19 +200,25 @@ def sign_sendgrid(key: ec.EllipticCurvePrivateKey, timestamp: str, body: bytes) 
     return base64.b64encode(key.sign(timestamp.encode() + body, ec.ECDSA(hashes.SHA256()))).decode()
 
 
+# Opened, clicked and delivered stay distinct; a bounce (hard) and a spam report
+# suppress the address, an unsubscribe updates the user's preferences (the
+# feedback role acts on them).
 _SENDGRID_EVENTS = {
     "processed": ("SENT", None),
     "delivered": ("DELIVERED", None),
-    "open": ("READ", None),
-    "click": ("READ", None),
+    "open": ("OPENED", None),
+    "click": ("CLICKED", None),
     "deferred": ("RETRYING", "transient"),
-    "bounce": ("FAILED", "invalid_recipient"),
+    "bounce": ("BOUNCED", "invalid_recipient"),
     "blocked": ("FAILED", "permanent"),
     "dropped": ("REJECTED", "permanent"),
-    "spamreport": ("REJECTED", "complaint"),
+    "spamreport": ("COMPLAINED", "complaint"),
+    "unsubscribe": ("UNSUBSCRIBED", None),
+    "group_unsubscribe": ("UNSUBSCRIBED", "group"),
 }
-# Subscription changes, not delivery outcomes: acknowledged and counted.
-SENDGRID_IGNORED = frozenset({"unsubscribe", "group_unsubscribe", "group_resubscribe"})
+# Re-subscribing through SendGrid's page is not how a user grants consent here:
+# acknowledged and counted.
+SENDGRID_IGNORED = frozenset({"group_resubscribe"})
 
 
 def sendgrid_event(event: Any, now: datetime) -> ProviderEvent | Unattributable | None:

@@ -45,6 +45,9 @@ _LAZY: dict[str, tuple[str, str]] = {
         "finstream.cli.scheduled:scheduled",
         "Held notifications (deliver_at, quiet hours, digests): list, reschedule, cancel.",
     ),
+    # issue 14: privacy
+    "users": ("finstream.cli.users:users", "Erase or export a user (keys destroyed, audited)."),
+    "keys": ("finstream.cli.users:keys", "Users' data keys: status, rotate, re-wrap."),
 }
 
 

@@ -364,9 +364,21 @@ def seed(settings: Settings, *, quote_wait: float = 20.0) -> list[Record]:
     from finstream.domain.time import utcnow
 
     quotes = asyncio.run(latest_quotes(settings, quote_wait))
-    items = records(settings, utcnow(), quotes)
+    items = asyncio.run(_sealed(settings, records(settings, utcnow(), quotes)))
     publish(settings, items)
     return items
+
+
+async def _sealed(settings: Settings, items: list[Record]) -> list[Record]:
+    """Contacts and request data sealed under each persona's key, as the API does."""
+    from finstream.privacy.producer import Sealer
+    from finstream.topics import load_catalogue
+
+    catalogue = load_catalogue()
+    with_schemas = [(t, k, catalogue.get(t).value_schema, v) for t, k, v in items]
+    async with Sealer.open(settings) as sealer:
+        sealed = await sealer.records(with_schemas)
+    return [(t, k, v) for t, k, _schema, v in sealed]
 
 
 # -- the command ----------------------------------------------------------------

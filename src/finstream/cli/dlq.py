@@ -167,8 +167,16 @@ def _decode_value(letter: Letter, settings: Settings) -> Any:
 
 @dlq.command("show")
 @click.argument("ref")
-def show_command(ref: str) -> None:
-    """One dead letter: its headers, key and decoded value (PARTITION:OFFSET)."""
+@click.option(
+    "--reveal",
+    is_flag=True,
+    help="Open what is sealed in the value with the user's key (audited).",
+)
+def show_command(ref: str, reveal: bool) -> None:
+    """One dead letter: its headers, key and decoded value (PARTITION:OFFSET).
+
+    Personal data in it stays sealed unless --reveal (issue 14).
+    """
     settings = get_settings()
     partition, offset = _parse_ref(ref)
     found = [
@@ -198,11 +206,38 @@ def show_command(ref: str) -> None:
         click.echo(f"header {k}: {v.decode('utf-8', 'replace')}")
     click.echo(f"key: {letter.key.decode('utf-8', 'replace') if letter.key else None}")
     decoded = _decode_value(letter, settings)
+    if reveal and isinstance(decoded, dict) and decoded.get("user_id"):
+        decoded = _reveal(settings, letter, decoded)
     if decoded is not None:
         click.echo("value:")
         click.echo(json.dumps(decoded, indent=2, default=str))
     else:
         click.echo(f"value: {len(letter.value or b'')} bytes")
+
+
+def _reveal(settings: Settings, letter: Letter, decoded: dict[str, Any]) -> dict[str, Any]:
+    """The value with its sealed parts opened; the reveal is audited."""
+    from finstream.privacy.prefs import audit_record
+    from finstream.privacy.tools import audit_now, open_record
+    from finstream.topics import load_catalogue
+
+    schema = load_catalogue().get(letter.source_topic.removeprefix(settings.namespace))
+    opened = open_record(settings, schema.value_schema, decoded)
+    audit_now(
+        settings,
+        [
+            audit_record(
+                actor="cli",
+                action="dead_letter_revealed",
+                subject_type="dead_letter",
+                subject_id=f"dlq:{letter.ref}",
+                user_id=str(decoded["user_id"]),
+                reason="finstream dlq show --reveal",
+                details={"source_topic": letter.source_topic},
+            )
+        ],
+    )
+    return opened
 
 
 async def _reopen(settings: Settings, message_id: str) -> str:
@@ -241,6 +276,35 @@ async def _reopen(settings: Settings, message_id: str) -> str:
     finally:
         await redis.aclose()
     return "reopened"
+
+
+def _redrive_audit(settings: Settings, letter: Letter, target: str) -> dict[str, Any]:
+    from finstream.codec import DecodeError, default_codec
+    from finstream.privacy.prefs import audit_record
+    from finstream.topics import load_catalogue
+
+    subject_type, subject_id, user = "dead_letter", f"dlq:{letter.ref}", None
+    schema = load_catalogue().get(target.removeprefix(settings.namespace)).value_schema
+    if schema in ("OutboundMessage", "NotificationRequest") and letter.value is not None:
+        try:
+            record = default_codec().decode(letter.value, schema)
+        except DecodeError:
+            record = {}
+        if record:
+            user = str(record.get("user_id") or "") or None
+            if schema == "OutboundMessage":
+                subject_type, subject_id = "message", str(record["message_id"])
+            else:
+                subject_type, subject_id = "request", str(record["request_id"])
+    return audit_record(
+        actor="cli",
+        action="redriven",
+        subject_type=subject_type,
+        subject_id=subject_id,
+        user_id=user,
+        reason=letter.info.get(H_ERROR_MESSAGE, "")[:500] or None,
+        details={"dead_letter": f"dlq:{letter.ref}", "to": target},
+    )
 
 
 @dlq.command("redrive")
@@ -285,6 +349,7 @@ def redrive_command(  # noqa: PLR0917 (click passes options positionally)
     )
     catalogue_names = set(load_catalogue().names)
     sent = skipped = 0
+    audited: list[dict[str, Any]] = []  # every redrive changes a message's fate: audited
     for letter in letters:
         target = letter.source_topic
         if not target:
@@ -323,6 +388,12 @@ def redrive_command(  # noqa: PLR0917 (click passes options positionally)
             producer.poll(0)
         click.echo(f"{letter.ref}: {'would redrive' if dry_run else 'redriven'} to {target}")
         sent += 1
+        if not dry_run:
+            audited.append(_redrive_audit(settings, letter, target))
     if producer is not None and producer.flush(30) != 0:
         fail("some redriven records were not acknowledged by Kafka")
+    if audited:
+        from finstream.privacy.tools import audit_now
+
+        audit_now(settings, audited)
     click.echo(f"{sent} redriven, {skipped} skipped{' (dry run)' if dry_run else ''}")

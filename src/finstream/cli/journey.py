@@ -65,7 +65,13 @@ def journey(
         conn = await connect(settings)
         try:
             if request_id is not None:
-                return await journeys.journey(conn, default_codec(), request_id)
+                subject_of, pool = await _subjects(settings)
+                try:
+                    return await journeys.journey(
+                        conn, default_codec(), request_id, subject_of=subject_of
+                    )
+                finally:
+                    await pool.close()
             t2 = _when(end) or utcnow()
             t1 = _when(start) or t2 - timedelta(hours=1)
             assert user_id is not None
@@ -94,3 +100,24 @@ def journey(
             f"{item['first_at'][:19]}  {item['request_id']:<44} {item['category'] or '-':<12} "
             f"{item['last_action']}"
         )
+
+
+async def _subjects(settings: Any) -> tuple[Any, Any]:
+    """Opens a message's sealed subject with its user's key (issue 14)."""
+    from finstream.domain.envelope import EnvelopeError
+    from finstream.privacy.keys import KeyRing
+    from finstream.privacy.kms import master_keys
+
+    pool = await asyncpg.create_pool(
+        settings.database_url.get_secret_value(), min_size=0, max_size=1
+    )
+    ring = KeyRing(pool, master_keys(settings))
+
+    async def subject_of(user: str, content: str) -> str | None:
+        try:
+            opened = (await ring.get(user)).open_json(content)
+        except EnvelopeError:
+            return None
+        return str(opened.get("subject") or "") or None
+
+    return subject_of, pool

@@ -14,7 +14,9 @@ printed unless ``--reveal``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -161,16 +163,42 @@ def apply_flags(data: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-async def _current(settings: Settings, user: str) -> dict[str, Any] | None:
+@contextlib.asynccontextmanager
+async def _writer(settings: Settings) -> AsyncIterator[Any]:
+    """Sealed, locked and audited writes, as the API makes them (issue 14)."""
     from finstream.codec import default_codec
-    from finstream.stores.read_models import PreferencesStore
+    from finstream.privacy.keys import KeyRing
+    from finstream.privacy.prefs import PreferencesWriter
+    from finstream.runtime.kafka import KafkaPublisher
+    from finstream.stores.postgres import create_pool
     from finstream.stores.redis import connect
 
+    pool = await create_pool(settings, min_size=0, max_size=2)
     redis = connect(settings)
+    publisher = KafkaPublisher(settings, "cli")
+    await publisher.start()
+    keys = KeyRing.from_settings(settings, pool)
     try:
-        return await PreferencesStore(redis, settings, default_codec()).get(user)
+        yield PreferencesWriter(
+            settings=settings,
+            codec=default_codec(),
+            redis=redis,
+            publisher=publisher,
+            keys=keys,
+            actor="cli",
+        )
     finally:
+        await keys.close()
+        await publisher.stop()
         await redis.aclose()
+        await pool.close()
+
+
+async def _current(settings: Settings, user: str) -> dict[str, Any] | None:
+    """The user's preferences from the read model, contacts opened."""
+    async with _writer(settings) as writer:
+        _record, opened = await writer.read(user)
+        return opened  # type: ignore[no-any-return]
 
 
 async def _publish(settings: Settings, user: str, value: bytes | None) -> None:
@@ -220,17 +248,14 @@ def prefs_set(
     reveal: bool,
     **flags: Any,
 ) -> None:
-    """Validate and publish a new version of USER's preferences."""
+    """Validate and publish a new version of USER's preferences (contacts sealed, audited)."""
+    from finstream.domain.envelope import UserErased
     from finstream.domain.notify.preferences import PreferencesValidationError, parse_preferences
     from finstream.domain.time import utcnow
-    from finstream.topics import contract
+    from finstream.domain.verification import assign_contact_ids
 
     settings = get_settings()
-    data: dict[str, Any] = {}
-    if not replace:
-        current = asyncio.run(_current(settings, user))
-        if current is not None:
-            data = current
+    docs: list[dict[str, Any]] = []
     for text in (json_text, json_file.read_text() if json_file else None):
         if text is None:
             continue
@@ -240,15 +265,33 @@ def prefs_set(
             fail(f"preferences JSON does not parse: {exc}")
         if not isinstance(doc, dict):
             fail("preferences JSON must be an object")
-        data.update(doc)
-    data["user_id"] = user
-    data = apply_flags(data, flags)
+        docs.append(doc)
+
+    async def go() -> dict[str, Any]:
+        async with _writer(settings) as writer, writer.lock(user):
+            current, opened = await writer.read(user)
+            data: dict[str, Any] = dict(opened) if opened is not None and not replace else {}
+            for doc in docs:
+                data.update(doc)
+            data["user_id"] = user
+            data = apply_flags(data, flags)
+            try:
+                record = parse_preferences(data, now=utcnow(), consent_source="operator")
+            except PreferencesValidationError as exc:
+                fail(exc.message)
+            written = await writer.write(
+                user,
+                assign_contact_ids(record),
+                current,
+                opened,
+                reason="finstream prefs set",
+            )
+            return written.opened  # type: ignore[no-any-return]
+
     try:
-        record = parse_preferences(data, now=utcnow(), consent_source="operator")
-    except PreferencesValidationError as exc:
-        fail(exc.message)
-    value = contract("notify.preferences", settings.namespace).encode(record)
-    asyncio.run(_publish(settings, user, value))
+        record = asyncio.run(go())
+    except UserErased as exc:
+        fail(str(exc))
     click.echo(json.dumps(printable(record, reveal), indent=2, ensure_ascii=False))
     click.echo(f"published to {settings.topic('notify.preferences')}", err=True)
 
@@ -269,7 +312,15 @@ def prefs_show(user: str, reveal: bool) -> None:
 @click.argument("user")
 @click.confirmation_option(prompt="Forget this user's preferences, contacts and held messages?")
 def prefs_forget(user: str) -> None:
-    """Publish a tombstone: the router forgets USER's preferences, state and held messages."""
+    """Publish a tombstone: the router forgets USER's preferences, state and held messages.
+
+    Not an erasure: deliveries, the inbox, rules and sealed copies on topics stay
+    (`finstream users forget USER` erases a user)."""
     settings = get_settings()
     asyncio.run(_publish(settings, user, None))
     click.echo(f"tombstone for {user} published to {settings.topic('notify.preferences')}")
+    click.echo(
+        "not an erasure: `finstream users forget USER` also destroys the user's keys and "
+        "deletes their deliveries, inbox, rules and verifications",
+        err=True,
+    )

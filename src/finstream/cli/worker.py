@@ -9,9 +9,14 @@ import click
 @click.argument("role")
 def worker(role: str) -> None:
     """Run one worker role in this process (see `finstream roles`)."""
+    from finstream.cli.common import fail
+    from finstream.privacy.kms import PrivacyConfigError
     from finstream.runtime.worker import run_role
 
-    run_role(role)
+    try:
+        run_role(role)
+    except PrivacyConfigError as exc:  # missing keys or a placeholder link: one line
+        fail(str(exc))
 
 
 @click.command("roles")

@@ -30,6 +30,11 @@ WORKER_DB_ROLES: dict[str, str] = {
     "delivery-email": "finstream_delivery",
     "delivery-push": "finstream_delivery",
     "delivery-sms": "finstream_delivery",
+    # issue 14: the in-app worker runs the delivery engine (deliveries, user keys),
+    # the router seals with users' keys, the feedback role keeps the funnel.
+    "inapp": "finstream_delivery",
+    "router": "finstream_router",
+    "feedback": "finstream_feedback",
     "api": "finstream_api",
     "retention": OWNER,
 }

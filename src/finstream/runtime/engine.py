@@ -618,10 +618,12 @@ class StreamEngine:
         Raises :class:`Rewind` if it cannot.
         """
         started = time.perf_counter()
-        # Positions also move when nothing reaches the processor: past an aborted
-        # transaction's records and its marker (after a producer crashed), which a
-        # read_committed consumer skips. Committing them keeps lag at zero.
-        offsets = self._offsets_to_commit()
+        # Positions also move when nothing reaches the processor: past a transaction
+        # marker read by a later, empty consume, or past an aborted transaction's
+        # records (after a producer crashed), which a read_committed consumer skips.
+        # Committing them keeps a caught-up group's lag at zero. Never past a batch
+        # that failed (its rewind is pending).
+        offsets = [] if self._needs_rewind else self._offsets_to_commit()
         if self.exactly_once:
             if not offsets and not self._in_txn and not any(s.dirty for s in self.stores):
                 self._last_commit = time.monotonic()

@@ -155,16 +155,21 @@ def _row_event(row: Any) -> dict[str, Any]:
     return event
 
 
-async def verify(conn: asyncpg.Connection, page: int = 5000) -> Verification:
-    """Walk the whole chain; report the first row that does not fit."""
-    head = await conn.fetchrow("SELECT * FROM audit_chain_head WHERE id = 1")
-    if head is None:
-        return Verification(False, 0, 0, "audit_chain_head row is missing")
-    head_seq, head_hash = int(head["seq"]), str(head["hash"])
-    # Retention may have removed the oldest rows: the chain then starts after base_seq.
-    base = int(head.get("base_seq") or 0)
-    prev, expected, checked = str(head.get("base_hash") or GENESIS), base + 1, 0
+async def verify(conn: asyncpg.Connection | Any, page: int = 5000) -> Verification:
+    """Walk the whole chain; report the first row that does not fit.
+
+    The head and the rows are read in one snapshot, so a verification running
+    beside the audit role's appends (the retention role's schedule) sees a chain
+    and a head that belong together.
+    """
     async with conn.transaction(isolation="repeatable_read", readonly=True):
+        head = await conn.fetchrow("SELECT * FROM audit_chain_head WHERE id = 1")
+        if head is None:
+            return Verification(False, 0, 0, "audit_chain_head row is missing")
+        head_seq, head_hash = int(head["seq"]), str(head["hash"])
+        # Retention may have removed the oldest rows: the chain then starts after base_seq.
+        base = int(head.get("base_seq") or 0)
+        prev, expected, checked = str(head.get("base_hash") or GENESIS), base + 1, 0
         last = base
         while True:
             rows = await conn.fetch(

@@ -10,6 +10,10 @@ Per user (the ``{user}`` hash tag keeps a user's keys on one cluster slot):
   redelivered message that was already trimmed is not stored again
 * channel ``inbox:{user}``  each new message as JSON, for live delivery
 
+An entry's subject, body and data are kept sealed under the user's data key
+(``sealed``; :func:`open_entry` opens it), so the inbox, its pub/sub channel
+and Redis' persistence files hold no message content in clear.
+
 Adding is idempotent on message_id and atomic (one Lua script): a message is
 stored, indexed, marked unread, trimmed to the per-user cap and published
 exactly once however often Kafka redelivers it.
@@ -24,6 +28,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from finstream.domain import strict_json
+from finstream.domain.envelope import EnvelopeError, UserKeys
 from finstream.settings import Settings
 
 # KEYS: msgs, index, unread, archived, seen
@@ -56,6 +61,25 @@ if ARGV[5] ~= '' then
 end
 return 1
 """
+
+
+def open_entry(entry: dict[str, Any], keys: UserKeys) -> dict[str, Any]:
+    """An inbox entry as its user reads it: the sealed part opened (subject, body, data).
+
+    An entry whose key is gone (its user was erased) shows no content.
+    """
+    token = entry.get("sealed")
+    if not token:
+        return entry
+    out = {k: v for k, v in entry.items() if k != "sealed"}
+    try:
+        secret = keys.open_json(str(token))
+    except EnvelopeError:
+        secret = {}
+    out["subject"] = secret.get("subject")
+    out["body"] = secret.get("body_text") or ""
+    out["data"] = secret.get("data") or {}
+    return out
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ happened, not for reading someone's mail.
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
@@ -43,8 +44,18 @@ async def _table_exists(conn: Conn, name: str) -> bool:
     return bool(await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", name))
 
 
-async def journey(conn: Conn, codec: Codec, request_id: str) -> dict[str, Any] | None:
-    """One request's journey, or None when nothing is recorded about it."""
+async def journey(
+    conn: Conn,
+    codec: Codec,
+    request_id: str,
+    *,
+    subject_of: Callable[[str, str], Awaitable[str | None]] | None = None,
+) -> dict[str, Any] | None:
+    """One request's journey, or None when nothing is recorded about it.
+
+    A message's subject is kept sealed (``deliveries.content``, issue 14):
+    ``subject_of(user_id, content)`` opens it; without it, no subject is shown.
+    """
     events = [
         _audit(r)
         for r in await conn.fetch(
@@ -61,12 +72,14 @@ async def journey(conn: Conn, codec: Codec, request_id: str) -> dict[str, Any] |
     if await _table_exists(conn, "deliveries"):
         for r in await conn.fetch(
             "SELECT message_id, channel, state, attempts, provider, created_at, finished_at, "
-            "last_error, locale, subject, recipient_masked FROM deliveries "
+            "last_error, locale, subject, recipient_masked, user_id, content FROM deliveries "
             "WHERE request_id = $1",
             request_id,
         ):
             message_ids.add(r["message_id"])
             locale, subject, recipient = r["locale"], r["subject"], r["recipient_masked"]
+            if subject is None and r["content"] and subject_of is not None:
+                subject = await subject_of(r["user_id"], r["content"])
             messages.append(
                 j.MessageRow(
                     message_id=r["message_id"],

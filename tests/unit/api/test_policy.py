@@ -129,7 +129,14 @@ def test_protected_fields_keep_what_the_platform_recorded() -> None:
     out = protect_preferences(submitted, stored, later)
     assert out["emails"][0]["verified"]
     assert out["emails"][0]["bounced"]
-    assert out["emails"][1] == {"address": "new@x.io", "verified": False, "bounced": False}
+    new_id = out["emails"][1].pop("id")
+    assert new_id.startswith("c-"), "a new contact gets a server-chosen id"
+    assert out["emails"][1] == {
+        "address": "new@x.io",
+        "verified": False,
+        "bounced": False,
+        "complained": False,
+    }
     assert out["phones"][0]["opted_out"], "a STOP cannot be undone through the API"
     assert out["phones"][0]["verified"]
     assert out["push_tokens"][0]["invalid"]

@@ -75,10 +75,14 @@ def test_sendgrid_events_map_to_results() -> None:
     cases = {
         "processed": ("SENT", None),
         "delivered": ("DELIVERED", None),
-        "open": ("READ", None),
+        "open": ("OPENED", None),
+        "click": ("CLICKED", None),
         "deferred": ("RETRYING", "transient"),
-        "bounce": ("FAILED", "invalid_recipient"),
+        "bounce": ("BOUNCED", "invalid_recipient"),
         "dropped": ("REJECTED", "permanent"),
+        "spamreport": ("COMPLAINED", "complaint"),
+        "unsubscribe": ("UNSUBSCRIBED", None),
+        "group_unsubscribe": ("UNSUBSCRIBED", "group"),
     }
     for kind, (status, error_class) in cases.items():
         raw = {"event": kind, "sg_event_id": f"ev-{kind}", "sg_message_id": "sg.1", **IDS}
@@ -95,7 +99,7 @@ def test_sendgrid_events_map_to_results() -> None:
     blocked = sendgrid_event({"event": "bounce", "type": "blocked", **IDS}, NOW)
     assert isinstance(blocked, ProviderEvent)
     assert blocked.error_class == "permanent"
-    assert sendgrid_event({"event": "unsubscribe", **IDS}, NOW) is None
+    assert sendgrid_event({"event": "group_resubscribe", **IDS}, NOW) is None
     assert isinstance(sendgrid_event({"event": "martian", **IDS}, NOW), Unattributable)
     assert isinstance(sendgrid_event(["not", "an", "object"], NOW), Unattributable)
 

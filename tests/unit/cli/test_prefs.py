@@ -35,7 +35,15 @@ def test_flags_build_a_valid_record() -> None:
         },
     )
     record = parse_preferences(data, now=NOW, consent_source="operator")
-    assert record["emails"] == [{"address": "ann@example.com", "verified": True, "bounced": False}]
+    assert record["emails"] == [
+        {
+            "address": "ann@example.com",
+            "verified": True,
+            "bounced": False,
+            "id": None,
+            "complained": False,
+        }
+    ]
     assert record["push_tokens"][0]["platform"] == "APNS"
     assert record["channels"] == {"sms": False, "push": True}
     assert record["categories"]["price_alert"] == {

@@ -54,3 +54,16 @@ async def publish(
         value,
         correlation_header(correlation_id(request)),
     )
+
+
+# -- privacy (issue 14) ------------------------------------------------------------------
+
+
+def erased_problem() -> Problem:
+    return Problem(410, "This user was erased: nothing is stored for them any more.")
+
+
+async def refuse_erased(res: Resources, user: str) -> None:
+    """410 for a user whose data keys were destroyed (an erased user stays erased)."""
+    if (await res.keys.get(user)).erased:
+        raise erased_problem()

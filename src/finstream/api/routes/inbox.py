@@ -13,6 +13,7 @@ from finstream.api.models import INBOX_EXAMPLES, InboxMessage, InboxPage, InboxU
 from finstream.api.policy import resolve_user
 from finstream.api.problems import not_found, problem_responses
 from finstream.api.routes.common import MessageIdPath, UserPath
+from finstream.stores.inbox import open_entry
 
 router = APIRouter(tags=["inbox"])
 
@@ -52,9 +53,10 @@ async def list_inbox(
         include_archived=include_archived,
     )
     next_before = _score(page.messages[-1]) if len(page.messages) == limit else None
+    keys = await res.keys.get(user)  # entries are sealed under the user's key
     return JSONResponse(
         {
-            "items": page.messages,
+            "items": [open_entry(m, keys) for m in page.messages],
             "unread": page.unread,
             "total": page.total,
             "next_before": next_before,
@@ -75,7 +77,7 @@ async def get_message(
     message = await res.inbox.get(user, message_id)
     if message is None:
         raise not_found()
-    return JSONResponse(message)
+    return JSONResponse(open_entry(message, await res.keys.get(user)))
 
 
 @router.patch(
@@ -99,4 +101,4 @@ async def update_message(
     message = await res.inbox.get(user, message_id)
     if message is None:
         raise not_found()
-    return JSONResponse(message)
+    return JSONResponse(open_entry(message, await res.keys.get(user)))

@@ -22,7 +22,9 @@ from finstream.api.metrics import IDEMPOTENT_REPLAYS
 from finstream.api.models import NOTIFICATION_EXAMPLES, NotificationAccepted, NotificationIn
 from finstream.api.policy import require_role, resolve_user
 from finstream.api.problems import Problem, field_problem, not_found, problem_responses
-from finstream.api.routes.common import UserPath
+from finstream.api.routes.common import UserPath, erased_problem
+from finstream.domain.envelope import EnvelopeError, UserErased, seal_data
+from finstream.domain.notify.routing import MAX_DATA_BYTES
 from finstream.domain.time import utcnow
 from finstream.runtime.kafka import correlation_header
 from finstream.stores import journeys
@@ -153,13 +155,22 @@ async def create_notification(
         )
     request_id = request_id_for(caller.subject, key)
     cid = correlation_id(request)
+    try:
+        # issue 14: the data is sealed under the user's key before it leaves the API
+        sealed = seal_data(dict(body.data), await res.keys.seal_keys(body.user_id))
+    except UserErased:
+        await res.idempotency.abandon(begun)
+        raise erased_problem() from None
+    if sum(len(k.encode()) + len(v.encode()) for k, v in sealed.items()) > MAX_DATA_BYTES:
+        await res.idempotency.abandon(begun)
+        raise field_problem("body", "data", f"data: at most {MAX_DATA_BYTES} bytes once sealed")
     record = {
         "request_id": request_id,
         "user_id": body.user_id,
         "category": body.category,
         "priority": body.priority,
         "template": body.template,
-        "data": dict(body.data),
+        "data": sealed,
         "channels": list(body.channels),
         "deliver_at": body.deliver_at,
         "expires_at": body.expires_at,
@@ -201,7 +212,15 @@ async def get_journey(
 ) -> Any:
     if not (caller.has("operator") or caller.has("user")):
         raise Problem(403, "Only a user (their own) or an operator may read journeys.")
-    found = await journeys.journey(res.pg, res.codec, request_id)
+
+    async def subject_of(user: str, content: str) -> str | None:
+        try:
+            opened = (await res.keys.get(user)).open_json(content)
+        except EnvelopeError:
+            return None  # the user was erased: their messages' content is gone
+        return str(opened.get("subject") or "") or None
+
+    found = await journeys.journey(res.pg, res.codec, request_id, subject_of=subject_of)
     if found is None:
         raise not_found()
     if not caller.has("operator") and found.get("user_id") != caller.subject:

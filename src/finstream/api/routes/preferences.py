@@ -6,6 +6,11 @@ same ``updated_at`` (see ``rules.py`` for why that is safe). Fields that the
 platform, not the user, decides (verification, bounces, STOP, invalid push
 tokens, consent timestamps) are kept as recorded: see
 :func:`finstream.api.policy.protect_preferences`.
+
+Contact points are stored sealed under the user's data key and opened only
+to answer (:class:`finstream.privacy.prefs.PreferencesWriter`); every change
+is audited, old -> new with contacts masked; each new address or number gets
+an id and a verification code (``/v1/users/{user_id}/contacts/{id}/verify``).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from fastapi import APIRouter, Body, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from finstream.api.deps import Caller, Res, Resources
+from finstream.api.deps import Caller, Res, Resources, correlation_id
 from finstream.api.models import (
     PREFERENCES_EXAMPLES,
     PREFERENCES_PATCH_EXAMPLES,
@@ -26,13 +31,14 @@ from finstream.api.models import (
 )
 from finstream.api.policy import (
     merge_patch,
-    next_version,
+    new_contacts,
     protect_preferences,
     resolve_user,
     to_json,
 )
 from finstream.api.problems import field_problem, not_found, problem_responses, validation_problem
-from finstream.api.routes.common import IfMatch, UserPath, check_if_match, etag, publish
+from finstream.api.routes.common import IfMatch, UserPath, check_if_match, erased_problem, etag
+from finstream.domain.envelope import UserErased
 from finstream.domain.notify.preferences import PreferencesValidationError, parse_preferences
 from finstream.domain.time import utcnow
 
@@ -48,7 +54,9 @@ async def _store(
     request: Request,
     user: str,
     data: dict[str, Any],
+    *,
     current: Mapping[str, Any] | None,
+    opened: Mapping[str, Any] | None,
 ) -> Response:
     if data.get("user_id") not in (None, user):
         raise field_problem("body", "user_id", "user_id: must be the user of the path")
@@ -59,12 +67,17 @@ async def _store(
         parsed = parse_preferences(data, now=now)
     except PreferencesValidationError as exc:
         raise field_problem("body", exc.field, str(exc)) from None
-    record = protect_preferences(parsed, current, now)
-    record["updated_at"] = next_version(now, current["updated_at"] if current else None)
-    value = res.topic("notify.preferences").encode(record)
-    await publish(res, request, "notify.preferences", user, value)
-    await res.prefs.put(user, value)
-    return _response(record)
+    record = protect_preferences(parsed, opened, now)
+    cid = correlation_id(request)
+    try:
+        written = await res.writer.write(
+            user, record, current, opened, reason="changed through the API", correlation_id=cid
+        )
+    except UserErased:
+        raise erased_problem() from None
+    for contact_id, channel in new_contacts(written.opened, opened):
+        await res.contacts.send(user, contact_id, channel, correlation_id=cid)
+    return _response(written.opened)
 
 
 @router.get(
@@ -75,10 +88,10 @@ async def _store(
 )
 async def get_preferences(user_id: UserPath, res: Res, caller: Caller) -> Any:
     user = resolve_user(caller, user_id, write=False)
-    record = await res.prefs.get(user)
-    if record is None:
+    _record, opened = await res.writer.read(user)
+    if opened is None:
         raise not_found()
-    return _response(record)
+    return _response(opened)
 
 
 @router.put(
@@ -99,12 +112,12 @@ async def replace_preferences(
     user = resolve_user(caller, user_id, write=True)
     data = body.model_dump(mode="json", exclude_none=True)
     async with res.locks.hold(f"prefs:{user}"):
-        current = await res.prefs.get(user)
+        current, opened = await res.writer.read(user)
         if if_match is not None:
             if current is None:
                 raise not_found()
             check_if_match(if_match, current["updated_at"])
-        return await _store(res, request, user, data, current)
+        return await _store(res, request, user, data, current=current, opened=opened)
 
 
 @router.patch(
@@ -130,12 +143,12 @@ async def patch_preferences(
 ) -> Any:
     user = resolve_user(caller, user_id, write=True)
     async with res.locks.hold(f"prefs:{user}"):
-        current = await res.prefs.get(user)
+        current, opened = await res.writer.read(user)
         if current is not None:
             check_if_match(if_match, current["updated_at"])
         elif if_match is not None:
             raise not_found()
-        base = to_json(current) if current is not None else {"user_id": user}
+        base = to_json(opened) if opened is not None else {"user_id": user}
         merged = merge_patch(base, patch)
         try:
             shaped = PreferencesIn.model_validate(merged)
@@ -143,4 +156,4 @@ async def patch_preferences(
             errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]
             raise validation_problem(errors) from None
         data = shaped.model_dump(mode="json", exclude_none=True)
-        return await _store(res, request, user, data, current)
+        return await _store(res, request, user, data, current=current, opened=opened)

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Header, Request, Response
 from fastapi.responses import JSONResponse
 
-from finstream.api.deps import Caller, Res, Resources
+from finstream.api.deps import Caller, Res, Resources, correlation_id
 from finstream.api.idempotency import Claim, StoredResponse, fingerprint, parse_key
 from finstream.api.metrics import IDEMPOTENT_REPLAYS
 from finstream.api.models import (
@@ -30,9 +30,19 @@ from finstream.api.models import (
 )
 from finstream.api.policy import merge_patch, next_version, resolve_user
 from finstream.api.problems import Problem, field_problem, not_found, problem_responses
-from finstream.api.routes.common import IfMatch, RuleIdPath, UserPath, check_if_match, etag, publish
+from finstream.api.routes.common import (
+    IfMatch,
+    RuleIdPath,
+    UserPath,
+    check_if_match,
+    etag,
+    publish,
+    refuse_erased,
+)
 from finstream.domain.alerts.rules import AlertRule, RuleValidationError, parse_rule
+from finstream.domain.privacy_audit import rule_changes
 from finstream.domain.time import to_micros, utcnow
+from finstream.privacy.prefs import audit_record, publish_audit
 
 router = APIRouter(tags=["alert rules"])
 
@@ -65,10 +75,40 @@ async def _owned(res: Resources, user: str, rule_id: str) -> AlertRule:
     return AlertRule.from_record(record)
 
 
-async def _write(res: Resources, request: Request, rule: AlertRule) -> None:
+async def _write(
+    res: Resources, request: Request, rule: AlertRule, previous: AlertRule | None = None
+) -> None:
     value = res.topic("alerts.rules").encode(rule.to_record())
     await publish(res, request, "alerts.rules", rule.rule_id, value)
     await res.rules.put(value)
+    await _audit(res, request, rule.user_id, rule.rule_id, old=previous, new=rule)
+
+
+async def _audit(
+    res: Resources,
+    request: Request,
+    user: str,
+    rule_id: str,
+    *,
+    old: AlertRule | None,
+    new: AlertRule | None,
+) -> None:
+    """Every rule change is audited, old -> new (issue 14)."""
+    action = "rule_created" if old is None else "rule_deleted" if new is None else "rule_changed"
+    await publish_audit(
+        res.publisher,
+        res.settings,
+        res.codec,
+        audit_record(
+            actor="api",
+            action=action,
+            subject_type="rule",
+            subject_id=rule_id,
+            user_id=user,
+            details=rule_changes(old.to_json() if old else None, new.to_json() if new else None),
+            correlation_id=correlation_id(request),
+        ),
+    )
 
 
 @router.get(
@@ -119,6 +159,7 @@ async def create_rule(
     else:
         rule_id = f"r-{uuid.uuid4().hex}"
     try:
+        await refuse_erased(res, user)
         if len(await res.rules.list_for_user(user)) >= MAX_RULES_PER_USER:
             raise Problem(409, f"A user can have at most {MAX_RULES_PER_USER} alert rules.")
         rule = _parse({**raw, "rule_id": rule_id, "user_id": user})
@@ -162,7 +203,7 @@ async def _replace(
                 "updated_at": next_version(now, current.updated_at),
             }
         )
-        await _write(res, request, rule)
+        await _write(res, request, rule, current)
     return _json(rule)
 
 
@@ -243,4 +284,5 @@ async def delete_rule(
         deleted_at = next_version(utcnow(), current.updated_at)
         await publish(res, request, "alerts.rules", rule_id, None)
         await res.rules.delete(rule_id, to_micros(deleted_at))
+        await _audit(res, request, user, rule_id, old=current, new=None)
     return Response(status_code=204)

@@ -15,11 +15,13 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import asyncpg
+import httpx
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.datastructures import MultiDict
 from twilio.request_validator import RequestValidator, get_signature_algorithm
 
+from finstream.api import ses_sns
 from finstream.api.deps import Res, Resources, correlation_id
 from finstream.api.metrics import WEBHOOK_EVENTS
 from finstream.api.models import WebhookAck
@@ -40,6 +42,7 @@ from finstream.api.webhooks import (
     twilio_event,
     verify_sendgrid,
 )
+from finstream.domain.delivery import scrub_contacts
 from finstream.domain.time import utcnow
 from finstream.runtime.kafka import correlation_header
 from finstream.runtime.logging import get_logger
@@ -117,7 +120,8 @@ async def _emit(
                 partition=-1,
                 offset=-1,
                 key=None,
-                value=raw,
+                # Nobody's key can seal it (it is nobody's we know): addresses masked instead.
+                value=scrub_contacts(raw.decode("utf-8", "replace")).encode(),
                 error=outcome.reason,
                 error_class="UnattributableEvent",
             )
@@ -259,3 +263,86 @@ async def sendgrid_events(request: Request, res: Res) -> Any:
         for e in events
     ]
     return await _emit(res, request, "sendgrid", items)
+
+
+# -- SES through SNS (issue 14) -------------------------------------------------------------
+
+_CERTS: dict[str, bytes] = {}  # SigningCertURL -> PEM; SNS rotates certificates rarely
+
+
+async def _certificate(url: str) -> bytes:
+    cached = _CERTS.get(url)
+    if cached is not None:
+        return cached
+    async with httpx.AsyncClient(timeout=10.0, follow_redirects=False) as client:
+        response = await client.get(url)
+    if response.status_code != 200:
+        raise ses_sns.SnsError(f"signing certificate unavailable ({response.status_code})")
+    if len(_CERTS) > 32:
+        _CERTS.clear()
+    _CERTS[url] = response.content
+    return response.content
+
+
+@router.post(
+    "/v1/webhooks/ses/sns",
+    response_model=WebhookAck,
+    summary="SES notifications through an SNS HTTP(S) subscription (SNS signature)",
+    description="SNS posts Notification, SubscriptionConfirmation and UnsubscribeConfirmation "
+    "messages (JSON, `Content-Type: text/plain`). The signature is verified with the "
+    "certificate at `SigningCertURL` (which must be SNS's) and the topic must be one of "
+    "`FINSTREAM_API_SNS_TOPIC_ARNS`; a subscription to such a topic is confirmed. Each SES "
+    "event (send, delivery, bounce, complaint, reject, open, click, subscription) becomes a "
+    "DeliveryResult on notify.delivery, which the feedback role acts on.",
+    responses=problem_responses(400, 403, 413, 503),
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+        },
+        "parameters": [
+            {
+                "name": ses_sns.MESSAGE_TYPE_HEADER,
+                "in": "header",
+                "required": False,
+                "schema": {"type": "string", "enum": list(ses_sns.TYPES)},
+            }
+        ],
+    },
+)
+async def ses_sns_events(request: Request, res: Res) -> Any:
+    topics = {t.strip() for t in res.settings.api_sns_topic_arns.split(",") if t.strip()}
+    if not topics:
+        raise Problem(403, "SES notifications are not configured on this server.")
+    body = await request.body()
+    try:
+        doc = ses_sns.parse(body)
+        ses_sns.check_origin(doc, res.settings.api_sns_cert_url_pattern, topics)
+        ses_sns.verify(doc, await _certificate(str(doc["SigningCertURL"])))
+    except ses_sns.SnsError as exc:
+        WEBHOOK_EVENTS.labels("ses", "bad_signature").inc()
+        raise Problem(403, f"The request is not a signed SNS message of ours ({exc}).") from None
+    except httpx.HTTPError:
+        raise Problem(
+            503, "The SNS signing certificate is unreachable; retry.", headers={"Retry-After": "5"}
+        ) from None
+    if doc["Type"] != "Notification":
+        if doc["Type"] == "SubscriptionConfirmation" and res.settings.api_sns_confirm_subscriptions:
+            url = str(doc.get("SubscribeURL") or "")
+            if ses_sns.same_origin(url, str(doc["SigningCertURL"])):
+                async with httpx.AsyncClient(timeout=10.0, follow_redirects=False) as client:
+                    confirmed = await client.get(url)
+                log.info(
+                    "SNS subscription confirmed",
+                    topic=doc["TopicArn"],
+                    status=confirmed.status_code,
+                )
+        WEBHOOK_EVENTS.labels("ses", "interim").inc()
+        return JSONResponse(WebhookAck(accepted=0, ignored=1).model_dump())
+    try:
+        message = json.loads(str(doc.get("Message") or ""))
+    except ValueError:
+        message = None
+    event = ses_sns.ses_event(message, str(doc.get("MessageId") or ""), utcnow())
+    attached = ses_sns.attached_ids(message) if isinstance(message, dict) else {}
+    return await _emit(res, request, "ses", [(body, event, attached)])

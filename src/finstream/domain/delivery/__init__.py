@@ -32,7 +32,7 @@ import math
 import random
 import re
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -677,18 +677,23 @@ def validate_email_address(address: str) -> str:
 
 
 def unsubscribe_headers(
-    message_id: str, url_template: str | None, mailto: str | None
+    message_id: str, url_template: str | None, mailto: str | None, token: str | None = None
 ) -> dict[str, str]:
-    """RFC 2369 List-Unsubscribe and RFC 8058 one-click headers (empty if none configured)."""
+    """RFC 2369 List-Unsubscribe and RFC 8058 one-click headers (empty if none configured).
+
+    ``url_template`` names ``{token}`` (the signed link the API serves) or, as
+    before, ``{message_id}``; a template that needs a token is left out
+    without one.
+    """
     targets = []
-    if url_template:
-        targets.append(f"<{url_template.format(message_id=message_id)}>")
+    if url_template and (token or "{token}" not in url_template):
+        targets.append(f"<{url_template.format(message_id=message_id, token=token or '')}>")
     if mailto:
         targets.append(f"<mailto:{mailto}?subject=unsubscribe%20{message_id}>")
     if not targets:
         return {}
     headers = {"List-Unsubscribe": ", ".join(targets)}
-    if url_template:
+    if url_template and (token or "{token}" not in url_template):
         headers["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
     return headers
 
@@ -732,7 +737,12 @@ def email_parts(
     headers = {"X-Entity-Ref-ID": str(message["message_id"])}
     if not message.get("transactional", True):
         headers.update(
-            unsubscribe_headers(str(message["message_id"]), unsubscribe_url, unsubscribe_mailto)
+            unsubscribe_headers(
+                str(message["message_id"]),
+                unsubscribe_url,
+                unsubscribe_mailto,
+                message.get("unsubscribe_token"),
+            )
         )
     return EmailParts(
         from_name=name,
@@ -808,9 +818,16 @@ def validate_outbound(message: Mapping[str, Any], channel: str) -> None:
 
 
 def apply_feedback(
-    preferences: Mapping[str, Any], feedback: Feedback, recipient: str, now: datetime
+    preferences: Mapping[str, Any],
+    feedback: Feedback,
+    recipient: str,
+    now: datetime,
+    reveal: Callable[[str], str] = str,
 ) -> dict[str, Any] | None:
     """The user's preferences with the recipient marked; None if nothing changes.
+
+    ``reveal`` opens a sealed contact point (preferences hold them sealed under
+    the user's key); the record keeps its tokens, only the flag changes.
 
     ``updated_at`` only moves forward (at least one microsecond past the
     current record), so the compacted topic and its read models never take the
@@ -820,12 +837,13 @@ def apply_feedback(
     changed = False
     if feedback is Feedback.TOKEN_INVALID:
         for token in updated.get("push_tokens") or []:
-            if token.get("token") == recipient and not token.get("invalid"):
+            if reveal(str(token.get("token") or "")) == recipient and not token.get("invalid"):
                 token["invalid"] = True
                 changed = True
     elif feedback is Feedback.PHONE_OPTED_OUT:
         for phone in updated.get("phones") or []:
-            if same_phone(str(phone.get("number") or ""), recipient) and not phone.get("opted_out"):
+            number = reveal(str(phone.get("number") or ""))
+            if same_phone(number, recipient) and not phone.get("opted_out"):
                 phone["opted_out"] = True
                 changed = True
     if not changed:

@@ -226,7 +226,7 @@ def _emails(value: Any) -> list[dict[str, Any]]:
     for i, raw in enumerate(_list(value, "emails", MAX_EMAILS)):
         path = f"emails[{i}]"
         item = _mapping({"address": raw} if isinstance(raw, str) else raw, path)
-        _no_unknown(item, {"address", "verified", "bounced"}, path)
+        _no_unknown(item, {"address", "verified", "bounced", "id", "complained"}, path)
         address = validate_email(item.get("address"), f"{path}.address")
         if address.lower() in seen:
             raise _fail(f"{path}.address", "duplicate address")
@@ -236,6 +236,8 @@ def _emails(value: Any) -> list[dict[str, Any]]:
                 "address": address,
                 "verified": _bool(item.get("verified", False), f"{path}.verified"),
                 "bounced": _bool(item.get("bounced", False), f"{path}.bounced"),
+                "id": _contact_id(item.get("id"), f"{path}.id"),
+                "complained": _bool(item.get("complained", False), f"{path}.complained"),
             }
         )
     return out
@@ -247,7 +249,7 @@ def _phones(value: Any) -> list[dict[str, Any]]:
     for i, raw in enumerate(_list(value, "phones", MAX_PHONES)):
         path = f"phones[{i}]"
         item = _mapping({"number": raw} if isinstance(raw, str) else raw, path)
-        _no_unknown(item, {"number", "verified", "opted_out"}, path)
+        _no_unknown(item, {"number", "verified", "opted_out", "id"}, path)
         number = validate_phone(item.get("number"), f"{path}.number")
         if number in seen:
             raise _fail(f"{path}.number", "duplicate number")
@@ -257,9 +259,33 @@ def _phones(value: Any) -> list[dict[str, Any]]:
                 "number": number,
                 "verified": _bool(item.get("verified", False), f"{path}.verified"),
                 "opted_out": _bool(item.get("opted_out", False), f"{path}.opted_out"),
+                "id": _contact_id(item.get("id"), f"{path}.id"),
             }
         )
     return out
+
+
+_CONTACT_ID = re.compile(r"^[a-z][a-z0-9_-]{2,39}$")
+
+
+def _contact_id(value: Any, path: str) -> str | None:
+    """A contact's stable id (the platform assigns it); None until it has one."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _CONTACT_ID.match(value):
+        raise _fail(path, "must be a contact id like c-1a2b3c4d5e6f")
+    return value
+
+
+def _unique_ids(emails: list[dict[str, Any]], phones: list[dict[str, Any]]) -> None:
+    seen: set[str] = set()
+    for label, items in (("emails", emails), ("phones", phones)):
+        for i, item in enumerate(items):
+            cid = item.get("id")
+            if cid is not None:
+                if cid in seen:
+                    raise _fail(f"{label}[{i}].id", "duplicate contact id")
+                seen.add(cid)
 
 
 def _push_tokens(value: Any) -> list[dict[str, Any]]:
@@ -412,12 +438,15 @@ def parse_preferences(
     user_id = _str(obj.get("user_id"), "user_id", MAX_USER_ID_CHARS)
     if user_id != obj.get("user_id"):
         raise _fail("user_id", "must not have leading or trailing spaces")
+    emails = _emails(obj.get("emails", []))
+    phones = _phones(obj.get("phones", []))
+    _unique_ids(emails, phones)
     return {
         "user_id": user_id,
         "locale": validate_locale(obj.get("locale", DEFAULT_LOCALE)),
         "timezone": validate_timezone(obj.get("timezone", "UTC")),
-        "emails": _emails(obj.get("emails", [])),
-        "phones": _phones(obj.get("phones", [])),
+        "emails": emails,
+        "phones": phones,
         "push_tokens": _push_tokens(obj.get("push_tokens", [])),
         "channels": _channels(obj.get("channels", {})),
         "categories": _categories(obj.get("categories", {})),
@@ -470,6 +499,7 @@ class Contact:
     channel: str
     recipient: str
     platform: str | None = None
+    contact_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -547,23 +577,57 @@ class Preferences:
         """The user's latest decision for a purpose; None when never asked."""
         return self.consents.get(purpose)
 
-    def contacts(self, channel: str) -> tuple[list[Contact], str | None]:
-        """Usable contacts on a channel, or none and the reason why."""
+    def contacts(self, channel: str, only: str | None = None) -> tuple[list[Contact], str | None]:
+        """Usable contacts on a channel, or none and the reason why.
+
+        ``only``: just the contact with this id, verified or not (a verification
+        code goes to the address being verified); never one that bounced,
+        complained or opted out.
+        """
+        if only is not None:
+            return self._contact(channel, only)
         if channel == "inapp":
             return [Contact("inapp", self.user_id)], None
         if channel == "email":
-            usable = [e for e in self.emails if e.get("verified") and not e.get("bounced")]
+            usable = [e for e in self.emails if e.get("verified") and _deliverable(e)]
             if not usable:
                 return [], "no verified, deliverable email address"
-            return [Contact("email", e["address"]) for e in usable], None
+            return [Contact("email", e["address"], None, e.get("id")) for e in usable], None
         if channel == "sms":
             usable = [p for p in self.phones if p.get("verified") and not p.get("opted_out")]
             if not usable:
                 return [], "no verified phone number that has not opted out"
-            return [Contact("sms", p["number"]) for p in usable], None
+            return [Contact("sms", p["number"], None, p.get("id")) for p in usable], None
         if channel == "push":
             usable = [t for t in self.push_tokens if not t.get("invalid")]
             if not usable:
                 return [], "no valid push token"
             return [Contact("push", t["token"], str(t["platform"])) for t in usable], None
         return [], f"unknown channel {channel}"
+
+    def contact_channel(self, contact_id: str) -> str | None:
+        """The channel of the email address or phone number with this id."""
+        if any(e.get("id") == contact_id for e in self.emails):
+            return "email"
+        if any(p.get("id") == contact_id for p in self.phones):
+            return "sms"
+        return None
+
+    def _contact(self, channel: str, contact_id: str) -> tuple[list[Contact], str | None]:
+        if channel == "email":
+            for e in self.emails:
+                if e.get("id") == contact_id:
+                    if not _deliverable(e):
+                        return [], f"contact {contact_id} bounced or complained"
+                    return [Contact("email", e["address"], None, contact_id)], None
+        elif channel == "sms":
+            for p in self.phones:
+                if p.get("id") == contact_id:
+                    if p.get("opted_out"):
+                        return [], f"contact {contact_id} opted out"
+                    return [Contact("sms", p["number"], None, contact_id)], None
+        return [], f"no {channel} contact {contact_id}"
+
+
+def _deliverable(email: Mapping[str, Any]) -> bool:
+    return not email.get("bounced") and not email.get("complained")

@@ -40,6 +40,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from finstream.domain.envelope import mask_recipient
 from finstream.domain.notify import caps as caps_
 from finstream.domain.notify.digest import DigestBuffer
 from finstream.domain.notify.fitting import fit_push
@@ -82,6 +83,8 @@ DEFAULT_CATEGORIES: Mapping[str, CategoryPolicy] = {
         ("email", "push", "inapp"), transactional=False, consent="marketing"
     ),
     "product": CategoryPolicy(("email", "inapp"), transactional=False, consent="marketing"),
+    # One-time codes to a contact being verified (the request names it: contact_id).
+    "verification": CategoryPolicy(("email", "sms")),
 }
 
 
@@ -123,6 +126,7 @@ class Request:
     expires_at: datetime | None
     collapse_key: str | None
     correlation_id: str | None
+    contact_id: str | None = None  # send to this contact only, verified or not
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> Request:
@@ -156,6 +160,7 @@ class Request:
             expires_at=record.get("expires_at"),
             collapse_key=record.get("collapse_key") or None,
             correlation_id=record.get("correlation_id"),
+            contact_id=record.get("contact_id") or None,
         )
 
     @property
@@ -327,7 +332,13 @@ def select_channels(
         state = "withdrawn" if prefs.consent(category.consent) is False else "not given"
         return (), {}, f"consent for {category.consent} {state}"
     skipped: dict[str, str] = {}
-    if request.channels:
+    if request.contact_id is not None:
+        # A request for one contact (a verification code) goes to its channel only.
+        target = prefs.contact_channel(request.contact_id)
+        if target is None:
+            return (), {}, f"no contact {request.contact_id}"
+        candidates = [target]
+    elif request.channels:
         candidates = list(request.channels)
         if user_cat is not None and user_cat.channels is not None:
             for c in candidates:
@@ -349,7 +360,7 @@ def select_channels(
         if purpose is not None and prefs.consent(purpose) is not True:
             skipped[c] = f"no consent for {purpose}"
             continue
-        contacts, why = prefs.contacts(c)
+        contacts, why = prefs.contacts(c, only=request.contact_id)
         if not contacts:
             skipped[c] = why or f"no {c} contact"
             continue
@@ -493,6 +504,13 @@ def contact_hash(recipient: str) -> str:
     return hashlib.sha256(recipient.encode()).hexdigest()[:16]
 
 
+def contact_ref(contact: Contact) -> str:
+    """How an audit event names a contact: its id, else the recipient masked. Never a
+    hash of the address: audit rows outlive an erasure, and an unkeyed hash of an
+    address can be matched by anyone who knows the address."""
+    return contact.contact_id or mask_recipient(contact.recipient)
+
+
 @dataclass(frozen=True)
 class Composed:
     channel: str
@@ -527,7 +545,7 @@ def compose(
         except ChannelNotAvailable as exc:
             skipped[channel] = str(exc)
             continue
-        contacts, _ = prefs.contacts(channel)
+        contacts, _ = prefs.contacts(channel, only=request.contact_id)
         for contact in contacts:
             out.append(
                 Composed(
@@ -579,6 +597,8 @@ def outbound_record(
         "expires_at": request.expires_at,
         "attempt": 0,
         "correlation_id": request.correlation_id,
+        "sealed": None,
+        "template": request.template,
     }
 
 
@@ -616,9 +636,7 @@ def audit_event(
         details[f"skipped.{channel}"] = why
     if messages:
         details["message_ids"] = ",".join(m.message["message_id"] for m in messages)
-        details["contacts"] = ",".join(
-            f"{m.channel}:{contact_hash(m.contact.recipient)}" for m in messages
-        )
+        details["contacts"] = ",".join(f"{m.channel}:{contact_ref(m.contact)}" for m in messages)
     if messages:
         # The rendered locale per channel (after fallback), for the notification's journey.
         details["locales"] = ",".join(

@@ -80,6 +80,7 @@ from finstream.domain.delivery import (
     scrub_contacts,
     validate_outbound,
 )
+from finstream.domain.envelope import EnvelopeError, UserErased, mask_recipient
 from finstream.domain.resilience import (
     Backoff,
     CircuitBreaker,
@@ -96,6 +97,7 @@ from finstream.runtime.metrics import DEAD_LETTERS, EVENTS_FAILED
 from finstream.settings import Settings
 from finstream.sinks.delivery import metrics as m
 from finstream.sinks.delivery.base import CHANNEL_TOPICS, Provider, Reconcile, Sent
+from finstream.sinks.delivery.privacy import DeliveryPrivacy
 from finstream.sinks.delivery.store import (
     FINAL_STATES,
     DeliveryStore,
@@ -179,6 +181,7 @@ class DeliveryEngine:
         self.dead_letters = DeadLetters(publisher, settings, role)
         self.prefs = PreferencesStore(redis, settings, codec)
         self.store = DeliveryStore(pool, settings.delivery_lease_seconds)
+        self.privacy = DeliveryPrivacy(settings, codec, pool, channel)  # issue 14: seal, open
         # A call may take the whole timeout twice (FCM: token fetch, then the send).
         self.call_timeout = settings.delivery_timeout * 2 + 1.0
         # 'sending' is held long enough for a live worker to always record first.
@@ -219,6 +222,7 @@ class DeliveryEngine:
     async def intake(self, records: Sequence[Event]) -> None:
         """One batch of the stream engine: claim what is new, queue it; never calls a provider."""
         token = uuid.uuid4()
+        await self.privacy.prepare(r.item["user_id"] for r in records if r.item)
         fresh: dict[str, tuple[NewDelivery, dict[str, Any]]] = {}
         duplicates: list[tuple[NewDelivery, dict[str, Any], str]] = []
         for r in records:
@@ -267,6 +271,17 @@ class DeliveryEngine:
                 error_class=ErrorClass.PERMANENT.value,
             )
             return None
+        # -- privacy (issue 14): open what the router sealed, seal what came in clear ----
+        raw, content, unreadable = r.value or b"", None, None
+        try:
+            opened = await self.privacy.open_intake(message, raw)
+            message, raw, content = opened.message, opened.raw, opened.content
+        except UserErased:
+            await self._drop_erased(r, message)
+            return None
+        except EnvelopeError as exc:
+            unreadable = DeliveryError(ErrorClass.PERMANENT, f"sealed message does not open: {exc}")
+        # -----------------------------------------------------------------------------------
         cid = message.get("correlation_id") or correlation_from_headers(headers)
         row = NewDelivery(
             message_id=message["message_id"],
@@ -278,11 +293,15 @@ class DeliveryEngine:
             source_topic=r.topic,
             source_partition=r.partition,
             source_offset=r.offset,
-            raw=r.value or b"",  # never empty: outbound messages are not compacted
+            raw=raw,  # sealed; never empty: outbound messages are not compacted
             locale=message.get("locale"),
-            subject=(message.get("subject") or None) and str(message["subject"])[:300],
+            subject=None,  # in content, sealed
             recipient_masked=mask(str(message.get("recipient") or "")) or None,
+            content=content,
         )
+        if unreadable is not None:
+            await self._reject_invalid(row, message, unreadable)
+            return None
         try:
             validate_outbound(message, self.channel)
         except DeliveryError as err:
@@ -392,6 +411,19 @@ class DeliveryEngine:
         await self.store.record_duplicates(results, outbox)
         self._outbox_ready.set()
 
+    async def _drop_erased(self, r: Event, message: dict[str, Any]) -> None:
+        """A message of an erased user: not sent, nothing stored, audited (issue 14)."""
+        record = self._audit_record(
+            "dropped",
+            str(message["message_id"]),
+            user_id=str(message["user_id"]),
+            reason="user erased: their data keys are destroyed",
+            details={"channel": self.channel, "stage": "intake"},
+            correlation_id=message.get("correlation_id"),
+        )
+        await self.publisher.send(record.topic, record.key, record.value, list(record.headers))
+        log.info("message of an erased user dropped", message_id=message["message_id"])
+
     async def _reject_invalid(
         self, row: NewDelivery, message: dict[str, Any], err: DeliveryError
     ) -> None:
@@ -425,8 +457,10 @@ class DeliveryEngine:
         with correlation(job.correlation_id):
             if not job.message:
                 try:
-                    job.message = self.outbound.decode_record(job.raw)
-                except DecodeError as exc:
+                    job.message = await self.privacy.open_stored(
+                        self.outbound.decode_record(job.raw)
+                    )
+                except (DecodeError, EnvelopeError) as exc:
                     await self._finish_failed(
                         job,
                         "FAILED",
@@ -910,7 +944,7 @@ class DeliveryEngine:
             "provider": provider,
             "message_id": job.message_id,
             "code": error.code or "",
-            "recipient": mask(recipient, 6),
+            "recipient": mask_recipient(recipient),
         }
         current = await self.prefs.get(job.user_id)
         if current is None:
@@ -925,7 +959,8 @@ class DeliveryEngine:
                     subject_type="preferences",
                 )
             ]
-        updated = apply_feedback(current, feedback, recipient, utcnow())
+        reveal = await self.privacy.reveal_for(job.user_id)  # contacts are sealed
+        updated = apply_feedback(current, feedback, recipient, utcnow(), reveal)
         if updated is None:
             return None, []  # already marked: nothing to do, nothing to audit again
         try:
@@ -1175,6 +1210,8 @@ class DeliveryEngine:
                 # Bounded: closing an SMTP session says QUIT, which a dead peer never answers.
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(slot.provider.close(), timeout=self.call_timeout)
+            with contextlib.suppress(Exception):
+                await self.privacy.close()
 
     async def _dispatch_loop(self, halt: asyncio.Event) -> None:
         while not halt.is_set():

@@ -56,6 +56,16 @@ ORDER BY message_id LIMIT $2
 
 
 def inbox_entry(message: Message) -> dict[str, Any]:
+    """What the inbox keeps of a message: its subject, body and data only sealed (the
+    message's ``sealed`` token, opened by the API for its user), when it has one."""
+    if message.get("sealed"):
+        return {
+            "request_id": message["request_id"],
+            "category": message["category"],
+            "priority": message["priority"],
+            "sealed": message["sealed"],
+            "created_at": message["created_at"].isoformat(),
+        }
     return {
         "request_id": message["request_id"],
         "category": message["category"],

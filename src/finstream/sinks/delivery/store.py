@@ -89,6 +89,8 @@ class NewDelivery:
     locale: str | None = None
     subject: str | None = None
     recipient_masked: str | None = None
+    # The message's personal part, sealed under the user's key (issue 14).
+    content: str | None = None
 
 
 @dataclass(frozen=True)
@@ -189,13 +191,13 @@ class DeliveryStore:
                 INSERT INTO deliveries (message_id, channel, user_id, request_id, state,
                     claim_token, lease_until, next_attempt_at, deadline, correlation_id,
                     source_topic, source_partition, source_offset, message,
-                    locale, subject, recipient_masked)
+                    locale, subject, recipient_masked, content)
                 SELECT m, c, u, r, 'queued', $10, now() + make_interval(secs => $11), now(),
-                       d, cid, t, p, o, b, lo, su, rm
+                       d, cid, t, p, o, b, lo, su, rm, ct
                 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[],
                             $6::text[], $7::text[], $8::int[], $9::bigint[], $12::bytea[],
-                            $13::text[], $14::text[], $15::text[])
-                     AS x(m, c, u, r, d, cid, t, p, o, b, lo, su, rm)
+                            $13::text[], $14::text[], $15::text[], $16::text[])
+                     AS x(m, c, u, r, d, cid, t, p, o, b, lo, su, rm, ct)
                 ON CONFLICT (message_id) DO NOTHING
                 RETURNING message_id
                 """,
@@ -214,6 +216,7 @@ class DeliveryStore:
                 [r.locale for r in rows],
                 [r.subject for r in rows],
                 [r.recipient_masked for r in rows],
+                [r.content for r in rows],
             )
             new = [r["message_id"] for r in inserted]
             rest = [r.message_id for r in rows if r.message_id not in set(new)]
@@ -466,8 +469,8 @@ class DeliveryStore:
                 """
                 INSERT INTO deliveries (message_id, channel, user_id, request_id, state, deadline,
                     correlation_id, source_topic, source_partition, source_offset, message,
-                    last_error_class, last_error, finished_at)
-                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, now())
+                    last_error_class, last_error, finished_at, content)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, now(), $14)
                 ON CONFLICT (message_id) DO NOTHING
                 """,
                 row.message_id,
@@ -483,6 +486,7 @@ class DeliveryStore:
                 row.raw,
                 result.error_class,
                 result.error,
+                row.content,
             )
             if not status.endswith(" 1"):
                 return False

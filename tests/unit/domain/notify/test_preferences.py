@@ -55,6 +55,8 @@ def test_full_record_is_normalized_and_encodes() -> None:
         "address": "Ann.Lee@example.com",
         "verified": True,
         "bounced": False,
+        "id": None,
+        "complained": False,
     }
     assert record["phones"][0]["number"] == "+14155552671"
     assert record["push_tokens"][0]["platform"] == "FCM"
@@ -275,3 +277,41 @@ def test_arbitrary_input_either_validates_to_an_encodable_record_or_names_a_fiel
     if error is not None:
         assert error.field
         assert error.message.startswith(f"{error.field}: ")
+
+
+def test_contact_ids_are_validated_and_unique() -> None:
+    data = full()
+    data["emails"] = [{"address": "a@example.com", "id": "c-1a2b3c"}]
+    data["phones"] = [{"number": "+14155552671", "id": "c-1a2b3c"}]
+    with pytest.raises(PreferencesValidationError, match=r"phones\[0\]\.id: duplicate"):
+        parse_preferences(data, now=NOW)
+    data["phones"][0]["id"] = "Bad Id"
+    with pytest.raises(PreferencesValidationError, match=r"phones\[0\]\.id"):
+        parse_preferences(data, now=NOW)
+
+
+def test_a_targeted_contact_is_usable_unverified_but_never_after_a_bounce_or_complaint() -> None:
+    record = parse_preferences(
+        {
+            "user_id": "u-1",
+            "emails": [
+                {"address": "new@example.com", "id": "c-new"},
+                {"address": "ok@example.com", "verified": True, "id": "c-ok"},
+                {"address": "spam@example.com", "verified": True, "id": "c-spam"},
+            ],
+            "phones": [{"number": "+14155552671", "id": "c-phone", "opted_out": True}],
+        },
+        now=NOW,
+    )
+    record["emails"][2]["complained"] = True
+    prefs = Preferences.from_record(record)
+    usable, _ = prefs.contacts("email")
+    assert [c.recipient for c in usable] == ["ok@example.com"]
+    only, _ = prefs.contacts("email", only="c-new")
+    assert [(c.recipient, c.contact_id) for c in only] == [("new@example.com", "c-new")]
+    assert prefs.contacts("email", only="c-spam") == ([], "contact c-spam bounced or complained")
+    assert prefs.contacts("sms", only="c-phone") == ([], "contact c-phone opted out")
+    assert prefs.contacts("sms", only="c-nope")[0] == []
+    assert prefs.contact_channel("c-phone") == "sms"
+    assert prefs.contact_channel("c-new") == "email"
+    assert prefs.contact_channel("c-nope") is None

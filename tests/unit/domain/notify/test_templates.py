@@ -50,6 +50,8 @@ def test_every_shipped_template_renders_on_every_channel_it_offers() -> None:
         "category": "price_alert",
         "more": "0",
         "items_json": json.dumps([{"subject": "s", "text": "x", "at": "now"}]),
+        "code": "123456",
+        "minutes": "15",
     }
     rendered = 0
     for folder in sorted(p for p in resource("templates").iterdir() if not p.name.startswith("_")):

@@ -1,0 +1,203 @@
+"""What the router seals and opens: crypto-shredding on the routing path, in one place.
+
+The router (``agents/router.py``) calls these hooks; they keep every copy it
+makes of a user's personal data sealed under the user's data key:
+
+* ``prepare``: one key-ring load per batch for the users whose requests it
+  holds (a user's first key is created here when needed);
+* requests: ``data`` values sealed by the API (or an upstream producer using
+  :mod:`finstream.privacy.producer`) are opened to render; what the router
+  holds (``holds`` store, its changelog, dead letters of releases) is sealed,
+  plaintext from producers that do not seal included;
+* preferences: contact points arrive sealed (the API seals them); the store
+  and its changelog keep the bytes as they came; they are opened in memory
+  only to address a message;
+* outbound messages: recipient, subject, bodies and data sealed into one
+  ``sealed`` token (:func:`finstream.domain.envelope.seal_outbound`);
+* digests: each item's subject and text sealed in the holds store.
+
+A request for an erased user is dropped (audited): nothing of theirs is
+routed, held or dead-lettered again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from prometheus_client import Counter
+
+from finstream.domain.envelope import (
+    EnvelopeError,
+    UserErased,
+    UserKeys,
+    data_is_sealed,
+    has_plaintext_contacts,
+    is_sealed,
+    open_data,
+    seal_data,
+    seal_outbound,
+)
+from finstream.domain.notify.digest import DigestBuffer
+from finstream.domain.notify.preferences import Preferences
+from finstream.domain.notify.routing import Request
+from finstream.runtime.logging import get_logger
+from finstream.settings import Settings
+
+log = get_logger(__name__)
+
+PLAINTEXT = Counter(
+    "finstream_privacy_plaintext_records_total",
+    "Records that reached a role with personal data in clear (a producer that does not seal)",
+    ["role", "kind"],
+)
+
+
+class SealedDataUnreadable(ValueError):
+    """A request's sealed data does not open (a key version this worker cannot get)."""
+
+
+class RouterPrivacy:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._ring: Any = None
+        self._pool: Any = None
+        self._batch: dict[str, UserKeys] = {}
+        # user -> (the Preferences as stored, the same with contacts opened)
+        self._opened: dict[str, tuple[Preferences, Preferences]] = {}
+
+    async def _keyring(self) -> Any:
+        if self._ring is None:
+            from finstream.privacy.keys import KeyRing
+            from finstream.stores.postgres import create_pool
+
+            self._pool = await create_pool(self.settings, min_size=1, max_size=2)
+            self._ring = KeyRing.from_settings(self.settings, self._pool)
+        return self._ring
+
+    async def close(self) -> None:
+        if self._ring is not None:
+            await self._ring.close()
+        if self._pool is not None:
+            await self._pool.close()
+
+    async def prepare(self, users: Iterable[str]) -> None:
+        """Load (creating where needed) the keys of the users a batch routes."""
+        wanted = set(users)
+        self._batch = {}
+        if wanted:
+            ring = await self._keyring()
+            self._batch = await ring.load(wanted, create=True)
+        if len(self._opened) > 50_000:
+            self._opened.clear()
+
+    def keys(self, user: str) -> UserKeys:
+        keys = self._batch.get(user)
+        if keys is None:
+            # Not prepared: a bug in the caller, never a reason to write plaintext.
+            raise RuntimeError(f"keys of {user!r} were not loaded for this batch")
+        return keys
+
+    def erased(self, user: str) -> bool:
+        keys = self._batch.get(user)
+        return keys is not None and keys.erased
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def open_request(self, request: Request) -> Request:
+        """The request with its data opened (to render); ``record`` stays as it came."""
+        if not data_is_sealed(request.data):
+            if request.data and request.record.get("source") != "router.digest":
+                PLAINTEXT.labels("router", "request_data").inc()
+            return request
+        try:
+            opened = open_data(request.data, self.keys(request.user_id))
+        except EnvelopeError as exc:
+            raise SealedDataUnreadable(f"request data does not open: {exc}") from None
+        return dataclasses.replace(request, data=opened)
+
+    def seal_request(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        """A NotificationRequest record to hold or dead-letter, its data sealed."""
+        data = record.get("data") or {}
+        if not data:
+            return dict(record)
+        return {**record, "data": seal_data(data, self.keys(str(record["user_id"])))}
+
+    # -- preferences --------------------------------------------------------------------------
+
+    def open_prefs(self, prefs: Preferences) -> Preferences:
+        """Preferences with contact points opened, to address messages (memory only)."""
+        if not prefs.known:
+            return prefs
+        cached = self._opened.get(prefs.user_id)
+        if cached is not None and cached[0] is prefs:
+            return cached[1]
+        record = {"emails": prefs.emails, "phones": prefs.phones, "push_tokens": prefs.push_tokens}
+        if has_plaintext_contacts(record):
+            PLAINTEXT.labels("router", "contacts").inc()
+        if not any(
+            is_sealed(item.get(name))
+            for field, name in (
+                ("emails", "address"),
+                ("phones", "number"),
+                ("push_tokens", "token"),
+            )
+            for item in record[field]
+        ):
+            return prefs
+        keys = self.keys(prefs.user_id)
+
+        def reveal(items: tuple[dict[str, Any], ...], name: str) -> tuple[dict[str, Any], ...]:
+            out = []
+            for item in items:
+                try:
+                    out.append({**item, name: keys.reveal(str(item[name]))})
+                except EnvelopeError:
+                    log.warning("a contact does not open; left out", user_id=prefs.user_id)
+            return tuple(out)
+
+        opened = dataclasses.replace(
+            prefs,
+            emails=reveal(prefs.emails, "address"),
+            phones=reveal(prefs.phones, "number"),
+            push_tokens=reveal(prefs.push_tokens, "token"),
+        )
+        self._opened[prefs.user_id] = (prefs, opened)
+        return opened
+
+    # -- messages and digests -----------------------------------------------------------------
+
+    def seal_message(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        return seal_outbound(record, self.keys(str(record["user_id"])))
+
+    def seal_digest_item(self, user: str, buffer: DigestBuffer) -> None:
+        """The item just folded into a digest, sealed in place (the holds store keeps it)."""
+        item = buffer.items[-1] if buffer.items else None
+        if item is None or "sealed" in item:
+            return
+        token = self.keys(user).seal_json({"subject": item["subject"], "text": item["text"]})
+        buffer.items[-1] = {"sealed": token, "at": item["at"]}
+
+    def open_digest(self, user: str, buffer: DigestBuffer) -> DigestBuffer:
+        """A copy of a digest with its items opened, to compose the digest request."""
+        keys = self.keys(user)
+        opened = buffer.copy()
+        items = []
+        for item in buffer.items:
+            if "sealed" in item:
+                try:
+                    secret = keys.open_json(item["sealed"])
+                except EnvelopeError:
+                    continue  # sealed under a key that is gone: nothing to show
+                items.append(
+                    {"subject": secret["subject"], "text": secret["text"], "at": item["at"]}
+                )
+            else:
+                items.append(item)
+        opened.items = items
+        return opened
+
+
+def erased_error(user: str) -> str:
+    return str(UserErased(user))

@@ -1,0 +1,313 @@
+"""Crypto-shredding: personal data sealed under a per-user data key.
+
+Every user has data keys (versions 1, 2, ...; the newest seals, every one
+still held opens), each 32 random bytes wrapped by a master key and stored
+wrapped (``finstream.privacy.keys``). Personal data is sealed with AES-256-GCM
+under the user's newest key into a **token**, a plain string that fits any
+Avro string field, JSON document or Redis value::
+
+    fse1:<key version>:<base64url(nonce 12 bytes || ciphertext || tag 16 bytes)>
+
+The associated data binds a token to its user (``fse1|<user id>``): a token
+moved into another user's record does not open. Erasing a user destroys their
+keys, so every token sealed for them, wherever it was copied (compacted
+topics, changelogs, retention, backups, dead letters), no longer opens.
+
+What is sealed, by record:
+
+* UserPreferences: each ``emails[].address``, ``phones[].number`` and
+  ``push_tokens[].token`` on its own (flags stay readable for routing);
+* NotificationRequest: each value of ``data`` on its own;
+* OutboundMessage: ``recipient``, ``subject``, ``body_text``, ``body_html``
+  and ``data`` together, as JSON, in ``sealed``; the fields themselves then
+  hold nothing but the recipient masked (one seal per message keeps the
+  router's cost down);
+* inbox entries, digest items, deliveries' content: a sealed JSON document.
+
+Pure: no I/O (``os.urandom`` for nonces and keys aside). Values that are not
+tokens pass through the ``open_*`` helpers unchanged, so records written
+before sealing existed (or by an upstream producer that does not seal) are
+still read.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+PREFIX = "fse1:"
+NONCE_BYTES = 12
+KEY_BYTES = 32
+_AAD = b"fse1|"
+# Where a preferences record keeps contact points: (list field, value field).
+CONTACT_FIELDS: tuple[tuple[str, str], ...] = (
+    ("emails", "address"),
+    ("phones", "number"),
+    ("push_tokens", "token"),
+)
+# The parts of an OutboundMessage sealed together into its ``sealed`` field.
+OUTBOUND_SEALED: tuple[str, ...] = ("recipient", "subject", "body_text", "body_html", "data")
+
+
+class EnvelopeError(ValueError):
+    """A token that is malformed or was tampered with (or belongs to another user)."""
+
+
+class KeyUnavailable(EnvelopeError):
+    """The key version that sealed a token is gone: the user was erased (or never had it)."""
+
+
+class UserErased(RuntimeError):
+    """Nothing may be sealed for a user whose keys were destroyed."""
+
+    def __init__(self, user_id: str) -> None:
+        super().__init__(f"user {user_id!r} was erased: their data keys are destroyed")
+        self.user_id = user_id
+
+
+def is_sealed(value: object) -> bool:
+    return isinstance(value, str) and value.startswith(PREFIX)
+
+
+def token_version(token: str) -> int:
+    """The key version a token was sealed with."""
+    if not is_sealed(token):
+        raise EnvelopeError("not a sealed token")
+    head, sep, _ = token[len(PREFIX) :].partition(":")
+    if not sep or not head.isdigit():
+        raise EnvelopeError("malformed token (key version)")
+    return int(head)
+
+
+def _aad(user_id: str) -> bytes:
+    return _AAD + user_id.encode()
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError):
+        raise EnvelopeError("malformed token (base64)") from None
+
+
+def new_data_key() -> bytes:
+    return os.urandom(KEY_BYTES)
+
+
+# -- wrapping data keys under a master key ------------------------------------------------
+
+
+def wrap_context(user_id: str, version: int) -> bytes:
+    """What a wrapped data key is bound to: its user and version."""
+    return f"finstream-dek|{user_id}|{version}".encode()
+
+
+def wrap_key(master: bytes, plaintext: bytes, context: bytes) -> bytes:
+    """A data key sealed under a local master key: nonce || ciphertext || tag."""
+    nonce = os.urandom(NONCE_BYTES)
+    return nonce + AESGCM(master).encrypt(nonce, plaintext, context)
+
+
+def unwrap_key(master: bytes, wrapped: bytes, context: bytes) -> bytes:
+    if len(wrapped) < NONCE_BYTES + 16:
+        raise EnvelopeError("wrapped key too short")
+    try:
+        return AESGCM(master).decrypt(wrapped[:NONCE_BYTES], wrapped[NONCE_BYTES:], context)
+    except InvalidTag:
+        raise EnvelopeError("wrapped key does not open under this master key") from None
+
+
+# -- a user's keys -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UserKeys:
+    """The data keys of one user that are still held: seal with the newest, open with any.
+
+    ``erased``: the user's keys were destroyed; sealing raises
+    :class:`UserErased` and opening :class:`KeyUnavailable`.
+    """
+
+    user_id: str
+    keys: Mapping[int, AESGCM] = field(default_factory=dict)
+    erased: bool = False
+
+    @classmethod
+    def from_raw(cls, user_id: str, raw: Mapping[int, bytes]) -> UserKeys:
+        return cls(user_id, {v: AESGCM(k) for v, k in raw.items()})
+
+    @property
+    def current(self) -> int | None:
+        return max(self.keys) if self.keys and not self.erased else None
+
+    def seal(self, plaintext: bytes) -> str:
+        version = self.current
+        if version is None:
+            raise UserErased(self.user_id)
+        nonce = os.urandom(NONCE_BYTES)
+        sealed = self.keys[version].encrypt(nonce, plaintext, _aad(self.user_id))
+        return f"{PREFIX}{version}:{_b64(nonce + sealed)}"
+
+    def open(self, token: str) -> bytes:
+        version = token_version(token)
+        aead = None if self.erased else self.keys.get(version)
+        if aead is None:
+            raise KeyUnavailable(f"key version {version} of this user is not available")
+        blob = _unb64(token[len(PREFIX) + len(str(version)) + 1 :])
+        if len(blob) < NONCE_BYTES + 16:
+            raise EnvelopeError("malformed token (too short)")
+        try:
+            return aead.decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], _aad(self.user_id))
+        except InvalidTag:
+            raise EnvelopeError("token does not open (tampered, or another user's)") from None
+
+    def seal_text(self, text: str) -> str:
+        return self.seal(text.encode())
+
+    def open_text(self, token: str) -> str:
+        return self.open(token).decode()
+
+    def reveal(self, value: str) -> str:
+        """A token opened; anything else (plaintext) as it is."""
+        return self.open_text(value) if is_sealed(value) else value
+
+    def conceal(self, value: str) -> str:
+        """Plaintext sealed; a token (already sealed) as it is."""
+        return value if is_sealed(value) else self.seal_text(value)
+
+    def seal_json(self, value: Any) -> str:
+        return self.seal(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
+
+    def open_json(self, token: str) -> Any:
+        try:
+            return json.loads(self.open(token))
+        except ValueError as exc:
+            if isinstance(exc, EnvelopeError):
+                raise
+            raise EnvelopeError(f"sealed document is not JSON: {exc}") from None
+
+
+# -- records -------------------------------------------------------------------------------
+
+
+def has_plaintext_contacts(record: Mapping[str, Any]) -> bool:
+    return any(
+        not is_sealed(item.get(name))
+        for field_name, name in CONTACT_FIELDS
+        for item in record.get(field_name) or ()
+    )
+
+
+def map_contacts(record: Mapping[str, Any], fn: Callable[[str], str]) -> dict[str, Any]:
+    """A copy of a preferences record with ``fn`` applied to every contact value."""
+    out = dict(record)
+    for field_name, name in CONTACT_FIELDS:
+        items = record.get(field_name)
+        if items:
+            out[field_name] = [{**item, name: fn(str(item[name]))} for item in items]
+    return out
+
+
+def seal_contacts(
+    record: Mapping[str, Any],
+    keys: UserKeys,
+    previous: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Every contact value sealed; one the ``previous`` (sealed) record already held
+    keeps its token, so an unchanged address keeps the same ciphertext."""
+    known: dict[tuple[str, str], str] = {}
+    for field_name, name in CONTACT_FIELDS:
+        for item in (previous or {}).get(field_name) or ():
+            value = str(item.get(name) or "")
+            if is_sealed(value):
+                try:
+                    known.setdefault((field_name, keys.open_text(value)), value)
+                except EnvelopeError:
+                    continue
+    out = dict(record)
+    for field_name, name in CONTACT_FIELDS:
+        items = record.get(field_name)
+        if items:
+            sealed = []
+            for item in items:
+                value = str(item[name])
+                if not is_sealed(value):
+                    value = known.get((field_name, value)) or keys.seal_text(value)
+                sealed.append({**item, name: value})
+            out[field_name] = sealed
+    return out
+
+
+def open_contacts(record: Mapping[str, Any], keys: UserKeys) -> dict[str, Any]:
+    return map_contacts(record, keys.reveal)
+
+
+def seal_data(data: Mapping[str, str], keys: UserKeys) -> dict[str, str]:
+    """A request's ``data``, each value sealed on its own (names stay readable)."""
+    return {k: keys.conceal(v) for k, v in data.items()}
+
+
+def open_data(data: Mapping[str, str], keys: UserKeys) -> dict[str, str]:
+    return {k: keys.reveal(v) for k, v in data.items()}
+
+
+def data_is_sealed(data: Mapping[str, str]) -> bool:
+    return any(is_sealed(v) for v in data.values())
+
+
+def mask_recipient(value: str) -> str:
+    """What stays readable of a recipient beside a sealed message: almost nothing."""
+    if not value:
+        return value
+    if "@" in value:
+        local, _, domain = value.rpartition("@")
+        tld = domain.rpartition(".")[2]
+        return f"{local[:1]}***@***.{tld}" if tld != domain else f"{local[:1]}***@***"
+    return ("*" * max(len(value) - 2, 1)) + value[-2:] if len(value) > 4 else "****"
+
+
+def seal_outbound(record: Mapping[str, Any], keys: UserKeys) -> dict[str, Any]:
+    """An OutboundMessage with its personal parts sealed into ``sealed``.
+
+    Already sealed: returned as it is (a redelivered or redriven message).
+    """
+    if record.get("sealed"):
+        return dict(record)
+    secret = {name: record.get(name) for name in OUTBOUND_SEALED}
+    out = dict(record)
+    out["sealed"] = keys.seal_json(secret)
+    out["recipient"] = mask_recipient(str(record.get("recipient") or ""))
+    out["subject"] = None
+    out["body_text"] = ""
+    out["body_html"] = None
+    out["data"] = {}
+    return out
+
+
+def open_outbound(record: Mapping[str, Any], keys: UserKeys) -> dict[str, Any]:
+    """The message as the router composed it (``sealed`` kept); plaintext ones as they are."""
+    token = record.get("sealed")
+    if not token:
+        return dict(record)
+    secret = keys.open_json(str(token))
+    if not isinstance(secret, dict):
+        raise EnvelopeError("sealed message is not a JSON object")
+    out = dict(record)
+    for name in OUTBOUND_SEALED:
+        if name in secret:
+            out[name] = secret[name]
+    if not isinstance(out.get("data"), dict):
+        out["data"] = {}
+    return out

@@ -1,0 +1,260 @@
+"""Users' data keys: stored wrapped in PostgreSQL, cached unwrapped for a short while.
+
+``user_keys`` holds every version of every user's data key, wrapped by a
+master key (:mod:`finstream.privacy.kms`); ``erased_users`` lists the users
+whose keys were destroyed. :class:`KeyRing` is what a worker holds:
+
+* :meth:`KeyRing.load` gives the keys of many users in one query (a batch of
+  a stream role), creating a user's first key on demand (``create=True``:
+  whoever seals first for a user creates it; concurrent creators agree, the
+  primary key picks one);
+* keys stay cached, unwrapped, for ``privacy_key_cache_seconds`` (LRU,
+  ``privacy_key_cache_size``): the bound on how long a running worker can
+  still open an erased user's data;
+* an erased user is never given a key again: :class:`~finstream.domain.envelope.UserErased`.
+
+Erasure (:meth:`KeyRing.erase`) records the user in ``erased_users`` first,
+then deletes their keys: every load checks ``erased_users``, so a key a
+concurrent creator slipped in is never used, and the erasure sweep deletes
+it. Rotation: :meth:`KeyRing.rotate` adds a data key version (new data is
+sealed with it, old data still opens); :meth:`KeyRing.rewrap` re-wraps every
+stored key under the current master key (then the old master key can go).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+from prometheus_client import Counter
+
+from finstream.domain.envelope import UserErased, UserKeys, new_data_key, wrap_context
+from finstream.privacy.kms import MasterKeys, master_keys
+from finstream.settings import Settings
+
+KEY_LOADS = Counter(
+    "finstream_privacy_key_loads_total",
+    "Users' data keys read from PostgreSQL (cache misses) and created",
+    ["kind"],
+)
+
+_SELECT = """
+SELECT u.user_id, k.version, k.master_key_id, k.wrapped, (e.user_id IS NOT NULL) AS erased
+FROM unnest($1::text[]) AS u(user_id)
+LEFT JOIN erased_users e ON e.user_id = u.user_id
+LEFT JOIN user_keys k ON k.user_id = u.user_id AND e.user_id IS NULL
+"""
+
+_CREATE = """
+INSERT INTO user_keys (user_id, version, master_key_id, wrapped)
+SELECT x.u, 1, x.m, x.w
+FROM unnest($1::text[], $2::text[], $3::bytea[]) AS x(u, m, w)
+WHERE NOT EXISTS (SELECT 1 FROM erased_users e WHERE e.user_id = x.u)
+ON CONFLICT (user_id, version) DO NOTHING
+"""
+
+
+@dataclass
+class _Entry:
+    keys: UserKeys
+    expires: float
+
+
+class KeyRing:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        master: MasterKeys,
+        *,
+        ttl: float = 60.0,
+        size: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.pool = pool
+        self.master = master
+        self.ttl = ttl
+        self.size = size
+        self.clock = clock
+        self._cache: OrderedDict[str, _Entry] = OrderedDict()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, pool: asyncpg.Pool) -> KeyRing:
+        return cls(
+            pool,
+            master_keys(settings),
+            ttl=settings.privacy_key_cache_seconds,
+            size=settings.privacy_key_cache_size,
+        )
+
+    async def close(self) -> None:
+        await self.master.close()
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def cached(self, user_id: str) -> UserKeys | None:
+        entry = self._cache.get(user_id)
+        if entry is None or entry.expires <= self.clock():
+            return None
+        return entry.keys
+
+    def forget(self, user_id: str) -> None:
+        self._cache.pop(user_id, None)
+
+    def _remember(self, keys: UserKeys) -> None:
+        if not keys.keys and not keys.erased:
+            return  # a user without keys yet: another process may create them any moment
+        self._cache[keys.user_id] = _Entry(keys, self.clock() + self.ttl)
+        self._cache.move_to_end(keys.user_id)
+        while len(self._cache) > self.size:
+            self._cache.popitem(last=False)
+
+    async def get(self, user_id: str, *, create: bool = False) -> UserKeys:
+        return (await self.load([user_id], create=create))[user_id]
+
+    async def load(self, user_ids: Iterable[str], *, create: bool = False) -> dict[str, UserKeys]:
+        """Every user's keys (cached, else one query); ``create``: a user without any
+        gets a first one. Erased users come back with ``erased`` set."""
+        out: dict[str, UserKeys] = {}
+        missing: list[str] = []
+        now = self.clock()
+        for user in dict.fromkeys(user_ids):
+            entry = self._cache.get(user)
+            if entry is not None and entry.expires > now:
+                out[user] = entry.keys
+            else:
+                missing.append(user)
+        if not missing:
+            return out
+        found = await self._fetch(missing)
+        if create:
+            absent = [u for u in missing if not found[u].keys and not found[u].erased]
+            if absent:
+                await self._create(absent)
+                found.update(await self._fetch(absent))
+        for user in missing:
+            self._remember(found[user])
+            out[user] = found[user]
+        return out
+
+    async def _fetch(self, users: Sequence[str]) -> dict[str, UserKeys]:
+        KEY_LOADS.labels("read").inc(len(users))
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(_SELECT, list(users))
+        raw: dict[str, dict[int, bytes]] = {u: {} for u in users}
+        erased: set[str] = set()
+        for row in rows:
+            user = row["user_id"]
+            if row["erased"]:
+                erased.add(user)
+            elif row["version"] is not None:
+                context = wrap_context(user, row["version"])
+                raw[user][row["version"]] = await self.master.unwrap(
+                    row["master_key_id"], bytes(row["wrapped"]), context
+                )
+        return {
+            u: UserKeys(u, {}, erased=True) if u in erased else UserKeys.from_raw(u, raw[u])
+            for u in users
+        }
+
+    async def _create(self, users: Sequence[str]) -> None:
+        KEY_LOADS.labels("created").inc(len(users))
+        ids, wrapped = [], []
+        for user in users:
+            key_id, blob = await self.master.wrap(new_data_key(), wrap_context(user, 1))
+            ids.append(key_id)
+            wrapped.append(blob)
+        async with self.pool.acquire() as conn:
+            await conn.execute(_CREATE, list(users), ids, wrapped)
+
+    async def seal_keys(self, user_id: str) -> UserKeys:
+        """The keys to seal with (created if needed); raises UserErased for an erased user."""
+        keys = await self.get(user_id, create=True)
+        if keys.erased:
+            raise UserErased(user_id)
+        return keys
+
+    # -- erasure and rotation ----------------------------------------------------------------
+
+    async def erase(
+        self, conn: asyncpg.Connection | Any, user_id: str, by: str, sweep_after: float
+    ) -> bool:
+        """Destroy a user's keys; True if the user was not erased before.
+
+        The erasure is recorded (and committed) before the keys go, so no load
+        in between can hand out a key.
+        """
+        first = await conn.fetchval(
+            """INSERT INTO erased_users (user_id, erased_by, sweep_due)
+               VALUES ($1, $2, now() + make_interval(secs => $3))
+               ON CONFLICT (user_id) DO NOTHING RETURNING true""",
+            user_id,
+            by,
+            sweep_after,
+        )
+        await conn.execute("DELETE FROM user_keys WHERE user_id = $1", user_id)
+        self._cache[user_id] = _Entry(UserKeys(user_id, {}, erased=True), self.clock() + self.ttl)
+        return bool(first)
+
+    async def rotate(self, user_id: str) -> int:
+        """A new data key version for a user (new data is sealed with it); returns it."""
+        for _ in range(5):
+            async with self.pool.acquire() as conn:
+                row = await conn.fetchrow(
+                    """SELECT coalesce(max(k.version), 0) + 1 AS next,
+                              EXISTS (SELECT 1 FROM erased_users e WHERE e.user_id = $1) AS erased
+                       FROM user_keys k WHERE k.user_id = $1""",
+                    user_id,
+                )
+                assert row is not None  # an aggregate: always one row
+                if row["erased"]:
+                    raise UserErased(user_id)
+                version = int(row["next"])
+                key_id, blob = await self.master.wrap(
+                    new_data_key(), wrap_context(user_id, version)
+                )
+                done = await conn.fetchval(
+                    """INSERT INTO user_keys (user_id, version, master_key_id, wrapped)
+                       VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING version""",
+                    user_id,
+                    version,
+                    key_id,
+                    blob,
+                )
+            if done is not None:
+                self.forget(user_id)
+                return version
+        raise RuntimeError(f"could not add a key version for {user_id!r} (concurrent rotations)")
+
+    async def rewrap(self, batch: int = 500) -> int:
+        """Re-wrap every stored key not wrapped by the current master key; returns how many."""
+        current = self.master.current_id
+        moved = 0
+        while True:
+            async with self.pool.acquire() as conn, conn.transaction():
+                rows = await conn.fetch(
+                    """SELECT user_id, version, master_key_id, wrapped FROM user_keys
+                       WHERE master_key_id <> $1 LIMIT $2 FOR UPDATE SKIP LOCKED""",
+                    current,
+                    batch,
+                )
+                if not rows:
+                    return moved
+                for row in rows:
+                    context = wrap_context(row["user_id"], row["version"])
+                    plain = await self.master.unwrap(
+                        row["master_key_id"], bytes(row["wrapped"]), context
+                    )
+                    key_id, blob = await self.master.wrap(plain, context)
+                    await conn.execute(
+                        """UPDATE user_keys SET master_key_id = $3, wrapped = $4
+                           WHERE user_id = $1 AND version = $2""",
+                        row["user_id"],
+                        row["version"],
+                        key_id,
+                        blob,
+                    )
+                moved += len(rows)

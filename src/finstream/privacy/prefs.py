@@ -1,0 +1,211 @@
+"""Writing a user's preferences the privacy way: sealed, serialized, audited.
+
+Every writer of ``notify.preferences`` but the delivery workers' synchronous
+feedback goes through :class:`PreferencesWriter` (the API's routes, contact
+verification, one-click unsubscribe, the feedback role, ``finstream prefs
+set``): it
+
+* holds the per-user write lock the API uses (``api:lock:prefs:{user}`` in
+  Redis), so the topic's order follows the versions;
+* reads the current version from the read model and opens its contacts;
+* seals the new version's contacts under the user's key (an unchanged one
+  keeps its token), publishes it and waits for Kafka, writes it through to
+  the read model;
+* publishes an AuditEvent of the change, old -> new with contacts masked.
+
+An erased user's preferences are never written again (UserErased).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from finstream.codec import Codec
+from finstream.domain.envelope import open_contacts, seal_contacts
+from finstream.domain.privacy_audit import audit_event_id, preference_changes
+from finstream.domain.time import to_micros, utcnow
+from finstream.privacy.keys import KeyRing
+from finstream.runtime.kafka import KafkaPublisher, correlation_header
+from finstream.settings import Settings
+from finstream.stores.read_models import PreferencesStore
+
+# KEYS[1] lock; ARGV[1] owner token.
+_UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+LOCK_TTL_MS = 10_000
+
+
+class Busy(RuntimeError):
+    """Another change to the user's preferences is in progress."""
+
+
+def audit_record(
+    *,
+    actor: str,
+    action: str,
+    subject_type: str,
+    subject_id: str,
+    user_id: str | None,
+    reason: str | None = None,
+    details: Mapping[str, str] | None = None,
+    correlation_id: str | None = None,
+    event_id: str | None = None,
+    at: datetime | None = None,
+) -> dict[str, Any]:
+    """An AuditEvent record (schemas/AuditEvent.avsc)."""
+    return {
+        "event_id": event_id or uuid.uuid4().hex,
+        "at": at or utcnow(),
+        "actor": actor,
+        "action": action,
+        "subject_type": subject_type,
+        "subject_id": subject_id,
+        "user_id": user_id,
+        "reason": reason,
+        "details": dict(details or {}),
+        "correlation_id": correlation_id,
+    }
+
+
+async def publish_audit(
+    publisher: KafkaPublisher, settings: Settings, codec: Codec, event: Mapping[str, Any]
+) -> None:
+    await publisher.send_and_wait(
+        settings.topic("audit.events"),
+        str(event["subject_id"]).encode(),
+        codec.encode("AuditEvent", event),
+        correlation_header(event.get("correlation_id")),
+    )
+
+
+def next_version(now: datetime, previous: datetime | None) -> datetime:
+    if previous is None or now > previous:
+        return now
+    return previous + timedelta(microseconds=1)
+
+
+@dataclass(frozen=True)
+class Written:
+    record: dict[str, Any]  # as published: contacts sealed
+    opened: dict[str, Any]  # the same, contacts in clear (for the answer, never stored)
+    previous: dict[str, Any] | None  # the version it replaced, opened
+
+
+class PreferencesWriter:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        codec: Codec,
+        redis: aioredis.Redis,
+        publisher: KafkaPublisher,
+        keys: KeyRing,
+        actor: str,
+    ) -> None:
+        self.settings = settings
+        self.codec = codec
+        self.redis = redis
+        self.publisher = publisher
+        self.keys = keys
+        self.actor = actor
+        self.store = PreferencesStore(redis, settings, codec)
+        self._unlock = redis.register_script(_UNLOCK)
+
+    @contextlib.asynccontextmanager
+    async def lock(self, user: str, wait: float = 3.0) -> AsyncIterator[None]:
+        key = self.settings.redis_key(f"api:lock:prefs:{user}")
+        token = uuid.uuid4().hex
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        delay = 0.005
+        while not await self.redis.set(key, token, nx=True, px=LOCK_TTL_MS):
+            if loop.time() > deadline:
+                raise Busy(f"preferences of {user!r} are being changed; retry")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.1)
+        try:
+            yield
+        finally:
+            await self._unlock(keys=[key], args=[token])
+
+    async def read(self, user: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """(the stored version, the same opened); (None, None) when the user has none."""
+        current = await self.store.get(user)
+        if current is None:
+            return None, None
+        keys = await self.keys.get(user)
+        return current, open_contacts(current, keys)
+
+    async def write(
+        self,
+        user: str,
+        opened: Mapping[str, Any],
+        current: Mapping[str, Any] | None,
+        previous_opened: Mapping[str, Any] | None,
+        *,
+        action: str = "preferences_changed",
+        reason: str | None = None,
+        correlation_id: str | None = None,
+        details: Mapping[str, str] | None = None,
+        now: datetime | None = None,
+    ) -> Written:
+        """Publish ``opened`` as the user's new version (call under :meth:`lock`)."""
+        now = now or utcnow()
+        keys = await self.keys.seal_keys(user)  # UserErased for an erased user
+        record = seal_contacts(opened, keys, previous=current)
+        record["updated_at"] = next_version(
+            max(now, opened.get("updated_at") or now),
+            current["updated_at"] if current else None,
+        )
+        value = self.codec.encode("UserPreferences", record)
+        await self.publisher.send_and_wait(
+            self.settings.topic("notify.preferences"),
+            user.encode(),
+            value,
+            correlation_header(correlation_id),
+        )
+        await self.store.put(user, value)
+        new_opened = {**dict(opened), "updated_at": record["updated_at"]}
+        audit = {**preference_changes(previous_opened, new_opened), **(details or {})}
+        event = audit_record(
+            actor=self.actor,
+            action=action,
+            subject_type="preferences",
+            subject_id=user,
+            user_id=user,
+            reason=reason,
+            details=audit,
+            correlation_id=correlation_id,
+            event_id=audit_event_id(user, action, str(to_micros(record["updated_at"]))),
+        )
+        await publish_audit(self.publisher, self.settings, self.codec, event)
+        return Written(record, new_opened, dict(previous_opened) if previous_opened else None)
+
+    async def update(
+        self,
+        user: str,
+        change: Callable[[dict[str, Any]], dict[str, Any] | None],
+        **kwargs: Any,
+    ) -> Written | None:
+        """Apply ``change`` to the user's current (opened) preferences; None when the
+        user has none or nothing changes."""
+        async with self.lock(user):
+            current, opened = await self.read(user)
+            if current is None or opened is None:
+                return None
+            updated = change(opened)
+            if updated is None:
+                return None
+            return await self.write(user, updated, current, opened, **kwargs)
