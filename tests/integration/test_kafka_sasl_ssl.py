@@ -33,8 +33,9 @@ from pydantic import SecretStr
 from finstream.domain.notify.preferences import parse_preferences
 from finstream.settings import Settings
 from finstream.stack import Stack, StackError
-from finstream.stores.inbox import Inbox
+from finstream.stores.inbox import Inbox, open_entry
 from finstream.stores.redis import connect
+from tests.support.privacy import keys_of
 from tests.support.services import (
     TestEnv,
     WorkerProcess,
@@ -189,7 +190,9 @@ def test_pipeline_slice_runs_over_sasl_ssl_with_scram(senv: TestEnv, log_dir: Pa
         senv.produce_records("notify.requests", "NotificationRequest", [(user, request)])
         inbox = wait_until(lambda: _inbox(senv, user), timeout=60, message="in-app message")
         assert len(inbox) == 1
-        assert "Over SASL_SSL" in str(inbox[0])
+        # Inbox entries are sealed under the user's data key (issue 14): open it.
+        opened = open_entry(inbox[0], keys_of(senv.settings, [user])[user])
+        assert "Over SASL_SSL" in str(opened)
         routed = senv.decode_all("notify.outbound.inapp", "OutboundMessage", min_count=1)
         assert [m["request_id"] for m in routed if m["user_id"] == user] == [request["request_id"]]
     r.close()
