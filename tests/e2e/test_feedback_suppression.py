@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from functools import partial
 from typing import Any
 
 import httpx
@@ -103,7 +104,7 @@ async def test_a_bounced_or_complained_address_gets_no_more_mail_but_the_inbox_d
     await until(lambda: inbox_with(client, ann_token, "ann-one"), "ann's first in-app message")
     await until(lambda: inbox_with(client, bea_token, "bea-one"), "bea's first in-app message")
     for user in (ann, bea):
-        routed = await until(lambda user=user: router_decisions(res, first[user]), "audited")
+        routed = await until(partial(router_decisions, res, first[user]), "audited")
         assert [d["action"] for d in routed] == ["routed"]
         assert routed[0]["details"]["channels"] == "email,inapp"
         assert not any(k.startswith("skipped.") for k in routed[0]["details"])
@@ -165,7 +166,7 @@ async def test_a_bounced_or_complained_address_gets_no_more_mail_but_the_inbox_d
     await until(lambda: inbox_with(client, bea_token, "bea-two"), "bea's second in-app message")
     for user in (ann, bea):
         decisions = await until(
-            lambda user=user: router_decisions(res, second[user]), "the second decision audited"
+            partial(router_decisions, res, second[user]), "the second decision audited"
         )
         assert [d["action"] for d in decisions] == ["routed"], decisions
         details = decisions[0]["details"]
@@ -185,7 +186,7 @@ async def test_a_bounced_or_complained_address_gets_no_more_mail_but_the_inbox_d
 
     for user in (ann, bea):
         # (deliveries keep the OutboundMessage's channel, upper case)
-        assert await until(lambda user=user: channels_of(second[user]), "deliveries") == ["INAPP"]
+        assert await until(partial(channels_of, second[user]), "deliveries") == ["INAPP"]
     # ... so nothing more reached the provider for either address: still the code and the
     # first statement, one each.
     for address in (ann_mail, bea_mail):
@@ -200,7 +201,7 @@ async def test_a_bounced_or_complained_address_gets_no_more_mail_but_the_inbox_d
         return dict(row) if row and row["suppressed_at"] else None
 
     for user in (ann, bea):
-        row = await until(lambda user=user: suppressed(second[user]), "the suppressed funnel row")
+        row = await until(partial(suppressed, second[user]), "the suppressed funnel row")
         assert (row["channel"], row["user_id"], row["message_id"]) == ("email", user, None)
         assert row["requested_at"] is not None
         assert row["sent_at"] is None
