@@ -59,10 +59,7 @@ def fired_latency(env: harness.TestEnv, codec: Codec) -> tuple[list[float], dict
     samples: list[float] = []
     deadline = time.monotonic() + LATENCY_SECONDS + 15
     while time.monotonic() < deadline:
-        for m in c.consume(1000, 0.2):
-            if m.error() is not None:
-                continue
-            received = time.time()
+        for m, received in harness.received(c, 0.2):
             record = codec.decode(m.value(), "AlertFired")
             if record["tick_id"].startswith("lat-"):
                 samples.append(received - record["tick_ts"].timestamp())

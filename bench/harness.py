@@ -276,6 +276,20 @@ def loadgen(
     )
 
 
+def received(consumer: Consumer, timeout: float) -> list[tuple[Any, float]]:
+    """The next message (if any) with the time it was received, for latency samples.
+
+    Consumer.consume(n, t) returns only when n messages are in or t has passed:
+    at the rates the latency loads offer, a message waited up to t in it before
+    being stamped, and the latency figures counted that wait
+    (bench/consume_probe.py shows it). poll hands each message over as it arrives.
+    """
+    m = consumer.poll(timeout)
+    if m is None or m.error() is not None:
+        return []
+    return [(m, time.time())]
+
+
 def percentiles(samples: list[float]) -> tuple[float, float]:
     """p50 and p99 in milliseconds (NaN under 100 samples)."""
     if len(samples) < 100:
