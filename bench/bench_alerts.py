@@ -59,10 +59,7 @@ def fired_latency(env: harness.TestEnv, codec: Codec) -> tuple[list[float], dict
     samples: list[float] = []
     deadline = time.monotonic() + LATENCY_SECONDS + 15
     while time.monotonic() < deadline:
-        for m in c.consume(1000, 0.2):
-            if m.error() is not None:
-                continue
-            received = time.time()
+        for m, received in harness.received(c, 0.2):
             record = codec.decode(m.value(), "AlertFired")
             if record["tick_id"].startswith("lat-"):
                 samples.append(received - record["tick_ts"].timestamp())
@@ -169,13 +166,16 @@ def main() -> None:
             f"state restore of a new replica: {restored:,.0f} changelog records in "
             f"{restore_s:.2f} s ({restored / restore_s:,.0f} records/s)"
         )
+        cycles = harness.Cycles.of(w)
         samples, gen = fired_latency(loaded, codec)
+        load_cycles = harness.Cycles.of(w).since(cycles)
         w.stop()
         p50, p99 = harness.percentiles(samples)
         print(
             f"tick -> alerts.fired (read_committed) at {gen['rate']:,.0f} ticks/s offered "
             f"({gen['sent']:,} sent): p50 {p50:.1f} ms, p99 {p99:.1f} ms ({len(samples):,} firings)"
         )
+        print(f"  the worker during that load: {load_cycles}")
     finally:
         harness.teardown(base, loaded)
         harness.teardown(base, empty)

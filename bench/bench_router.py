@@ -103,10 +103,7 @@ def routed_latency(env: harness.TestEnv, codec: Codec) -> tuple[list[float], dic
     samples: list[float] = []
     deadline = time.monotonic() + LATENCY_SECONDS + 15
     while time.monotonic() < deadline:
-        for m in c.consume(1000, 0.2):
-            if m.error() is not None:
-                continue
-            received = time.time()
+        for m, received in harness.received(c, 0.2):
             record = codec.decode(m.value(), "OutboundMessage")
             if record["request_id"].startswith("lat-"):
                 samples.append(received - record["created_at"].timestamp())

@@ -276,6 +276,50 @@ def loadgen(
     )
 
 
+@dataclass
+class Cycles:
+    """A worker's commits and batches, counted from its metrics (see ``since``)."""
+
+    commits: float
+    commit_seconds: float
+    batches: float
+    batch_seconds: float
+
+    @classmethod
+    def of(cls, worker: WorkerProcess) -> Cycles:
+        return cls(
+            metric(worker, "finstream_stream_commit_seconds_count"),
+            metric(worker, "finstream_stream_commit_seconds_sum"),
+            metric(worker, "finstream_processing_seconds_count"),
+            metric(worker, "finstream_processing_seconds_sum"),
+        )
+
+    def since(self, before: Cycles) -> str:
+        """Where a worker's time went between two readings: what a latency figure is made of."""
+        commits = self.commits - before.commits
+        batches = self.batches - before.batches
+        commit_ms = (self.commit_seconds - before.commit_seconds) / max(commits, 1) * 1000
+        batch_ms = (self.batch_seconds - before.batch_seconds) / max(batches, 1) * 1000
+        return (
+            f"{commits:,.0f} commits (mean {commit_ms:.1f} ms each), "
+            f"{batches:,.0f} batches (mean {batch_ms:.1f} ms of processing each)"
+        )
+
+
+def received(consumer: Consumer, timeout: float) -> list[tuple[Any, float]]:
+    """The next message (if any) with the time it was received, for latency samples.
+
+    Consumer.consume(n, t) returns only when n messages are in or t has passed:
+    at the rates the latency loads offer, a message waited up to t in it before
+    being stamped, and the latency figures counted that wait
+    (bench/consume_probe.py shows it). poll hands each message over as it arrives.
+    """
+    m = consumer.poll(timeout)
+    if m is None or m.error() is not None:
+        return []
+    return [(m, time.time())]
+
+
 def percentiles(samples: list[float]) -> tuple[float, float]:
     """p50 and p99 in milliseconds (NaN under 100 samples)."""
     if len(samples) < 100:

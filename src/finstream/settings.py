@@ -127,6 +127,13 @@ class Settings(BaseSettings):
     commit_interval: float = Field(
         default=0.1, gt=0, description="Seconds between commits (transactions) of stream roles."
     )
+    # A worker that has caught up (its last batch did not fill) commits right
+    # after it, not at the next interval: read_committed readers see outputs
+    # without the interval's wait, at the cost of more (smaller) transactions
+    # while the load is light. Behind (full batches), commit_interval applies.
+    commit_when_caught_up: bool = Field(
+        default=True, description="Commit after a batch that did not fill, not at the interval."
+    )
     stream_batch_size: int = Field(default=5000, gt=0, description="Records per batch, at most.")
     stream_batch_wait_ms: int = Field(
         default=20, ge=0, description="Longest wait for a batch to fill."

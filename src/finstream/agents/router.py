@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -92,6 +92,18 @@ FORWARDED = Counter(
     "Records moved to the partition their key hashes to (producer used another partitioner)",
     ["topic"],
 )
+# Children per label value, looked up once: Counter.labels costs more than the increment.
+_DECISION_COUNTERS: dict[str, Any] = {}
+_MESSAGE_COUNTERS: dict[str, Any] = {}
+
+
+def _count(counter: Counter, children: dict[str, Any], label: str) -> None:
+    child = children.get(label)
+    if child is None:
+        child = children[label] = counter.labels(label)
+    child.inc()
+
+
 HELD_USERS = Gauge("finstream_router_held_users", "Users with held requests or open digests")
 RELEASE_DELAY = Histogram(
     "finstream_router_release_delay_seconds",
@@ -449,7 +461,10 @@ class Router(Processor):
         cid = request.correlation_id or correlation_from_headers(headers)
         with correlation(cid) as cid:
             if request.correlation_id is None:
-                request = Request.from_record({**request.record, "correlation_id": cid})
+                # The request was validated at the edge: only the id changes.
+                request = replace(
+                    request, record={**request.record, "correlation_id": cid}, correlation_id=cid
+                )
             now = utcnow()
             # privacy: nothing of an erased user is routed again; sealed data opens to render
             if self.privacy.erased(request.user_id):
@@ -524,7 +539,7 @@ class Router(Processor):
                     cid_header,
                 )
             )
-            MESSAGES.labels(m.channel).inc()
+            _count(MESSAGES, _MESSAGE_COUNTERS, m.channel)
         for d in decisions:
             self._audit(
                 request,
@@ -644,7 +659,7 @@ class Router(Processor):
                 correlation_header(request.correlation_id),
             )
         )
-        DECISIONS.labels(str(decision.action)).inc()
+        _count(DECISIONS, _DECISION_COUNTERS, str(decision.action))
 
     # -- the scheduler: releasing holds and digests ---------------------------------------------
 

@@ -38,6 +38,7 @@ import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -85,6 +86,10 @@ def token_version(token: str) -> int:
     if not sep or not head.isdigit():
         raise EnvelopeError("malformed token (key version)")
     return int(head)
+
+
+# One encoder for every sealed document: json.dumps with options builds a new one per call.
+_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 
 def _aad(user_id: str) -> bytes:
@@ -148,16 +153,21 @@ class UserKeys:
     def from_raw(cls, user_id: str, raw: Mapping[int, bytes]) -> UserKeys:
         return cls(user_id, {v: AESGCM(k) for v, k in raw.items()})
 
-    @property
+    # Cached: a router seals several times per message with the same keys.
+    @cached_property
     def current(self) -> int | None:
         return max(self.keys) if self.keys and not self.erased else None
+
+    @cached_property
+    def _aad_bytes(self) -> bytes:
+        return _aad(self.user_id)
 
     def seal(self, plaintext: bytes) -> str:
         version = self.current
         if version is None:
             raise UserErased(self.user_id)
         nonce = os.urandom(NONCE_BYTES)
-        sealed = self.keys[version].encrypt(nonce, plaintext, _aad(self.user_id))
+        sealed = self.keys[version].encrypt(nonce, plaintext, self._aad_bytes)
         return f"{PREFIX}{version}:{_b64(nonce + sealed)}"
 
     def open(self, token: str) -> bytes:
@@ -169,7 +179,7 @@ class UserKeys:
         if len(blob) < NONCE_BYTES + 16:
             raise EnvelopeError("malformed token (too short)")
         try:
-            return aead.decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], _aad(self.user_id))
+            return aead.decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], self._aad_bytes)
         except InvalidTag:
             raise EnvelopeError("token does not open (tampered, or another user's)") from None
 
@@ -188,7 +198,7 @@ class UserKeys:
         return value if is_sealed(value) else self.seal_text(value)
 
     def seal_json(self, value: Any) -> str:
-        return self.seal(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
+        return self.seal(_JSON.encode(value).encode())
 
     def open_json(self, token: str) -> Any:
         try:

@@ -309,6 +309,7 @@ class EngineOptions:
     batch_size: int
     batch_wait: float  # seconds
     commit_interval: float  # seconds
+    commit_when_caught_up: bool = False
     punctuate_every: float | None = None
     group: str | None = None
     extra_consumer_config: dict[str, Any] = field(default_factory=dict)
@@ -344,6 +345,7 @@ class StreamEngine:
             commit_interval=(
                 commit_interval if commit_interval is not None else settings.commit_interval
             ),
+            commit_when_caught_up=settings.commit_when_caught_up,
             punctuate_every=punctuate_every,
             group=group or settings.group(role),
         )
@@ -465,6 +467,9 @@ class StreamEngine:
             if self._pending is not None:
                 await self._kafka(self._prepare_assignment)
             messages = await self._kafka(self._consumer.consume, opts.batch_size, opts.batch_wait)
+            # A batch that did not fill: nothing more was waiting, so committing
+            # now costs no throughput and spares its outputs the interval's wait.
+            caught_up = opts.commit_when_caught_up and 0 < len(messages) < opts.batch_size
             if messages:
                 started = time.perf_counter()
                 events = self._decode(messages)
@@ -479,7 +484,7 @@ class StreamEngine:
                 self._last_punctuate = now
                 if self._assignment and self._pending is None:
                     await self.processor.punctuate(self.out)
-            if now - self._last_commit >= opts.commit_interval:
+            if caught_up or now - self._last_commit >= opts.commit_interval:
                 await self.processor.flush()
                 progressed = await self._kafka(self._commit)
                 if self._failures and (
