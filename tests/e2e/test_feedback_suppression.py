@@ -47,9 +47,12 @@ from tests.support.services import TestEnv, group_caught_up
 
 pytestmark = pytest.mark.e2e
 
-# What the router writes when every verified address of a user bounced or complained
-# (finstream.domain.notify.preferences.Preferences.contacts): one reason for both.
-UNDELIVERABLE = "no verified, deliverable email address"
+# What the router writes when every verified address of a user bounced, or complained
+# (finstream.domain.notify.preferences.Preferences.contacts).
+SKIPPED = {
+    "bounced": "every verified email address bounced",
+    "complained": "every verified email address complained",
+}
 
 
 async def router_decisions(res: Resources, request_id: str) -> list[dict[str, Any]]:
@@ -164,14 +167,14 @@ async def test_a_bounced_or_complained_address_gets_no_more_mail_but_the_inbox_d
     }
     await until(lambda: inbox_with(client, ann_token, "ann-two"), "ann's second in-app message")
     await until(lambda: inbox_with(client, bea_token, "bea-two"), "bea's second in-app message")
-    for user in (ann, bea):
+    for user, cause in ((ann, "bounced"), (bea, "complained")):
         decisions = await until(
             partial(router_decisions, res, second[user]), "the second decision audited"
         )
         assert [d["action"] for d in decisions] == ["routed"], decisions
         details = decisions[0]["details"]
         assert details["channels"] == "inapp", details
-        assert details["skipped.email"] == UNDELIVERABLE, details
+        assert details["skipped.email"] == SKIPPED[cause], details
         assert details["contacts"].split(":")[0] == "inapp", details
         assert "," not in details["message_ids"], details
 

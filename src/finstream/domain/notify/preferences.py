@@ -589,9 +589,14 @@ class Preferences:
         if channel == "inapp":
             return [Contact("inapp", self.user_id)], None
         if channel == "email":
-            usable = [e for e in self.emails if e.get("verified") and _deliverable(e)]
+            verified = [e for e in self.emails if e.get("verified")]
+            usable = [e for e in verified if _deliverable(e)]
             if not usable:
-                return [], "no verified, deliverable email address"
+                if not verified:
+                    return [], "no verified email address"
+                # The audit trail says why mail stopped: what the provider reported.
+                causes = [c for c in ("bounced", "complained") if any(e.get(c) for e in verified)]
+                return [], f"every verified email address {' or '.join(causes)}"
             return [Contact("email", e["address"], None, e.get("id")) for e in usable], None
         if channel == "sms":
             usable = [p for p in self.phones if p.get("verified") and not p.get("opted_out")]

@@ -315,3 +315,19 @@ def test_a_targeted_contact_is_usable_unverified_but_never_after_a_bounce_or_com
     assert prefs.contact_channel("c-phone") == "sms"
     assert prefs.contact_channel("c-new") == "email"
     assert prefs.contact_channel("c-nope") is None
+
+
+def test_the_reason_an_email_channel_is_skipped_names_what_the_provider_reported() -> None:
+    def reason(*emails: dict[str, object]) -> str | None:
+        record = parse_preferences({"user_id": "u", "emails": list(emails)}, now=NOW)
+        return Preferences.from_record(record).contacts("email")[1]
+
+    unverified = {"address": "a@example.com", "verified": False, "bounced": True}
+    bounced = {"address": "b@example.com", "verified": True, "bounced": True}
+    complained = {"address": "c@example.com", "verified": True, "complained": True}
+    assert reason() == "no verified email address"
+    assert reason(unverified) == "no verified email address"
+    assert reason(unverified, bounced) == "every verified email address bounced"
+    assert reason(complained) == "every verified email address complained"
+    assert reason(bounced, complained) == "every verified email address bounced or complained"
+    assert reason(bounced, {"address": "d@example.com", "verified": True}) is None
