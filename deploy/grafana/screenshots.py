@@ -502,6 +502,10 @@ def draw_board(board: dict[str, Any], panels: list[PanelData], caption: str, pat
             continue
         if panel["type"] == "stat":
             _draw_stat(fig, box, inner, series=series, defaults=defaults, unit=unit)
+        elif panel["type"] == "bargauge":
+            _draw_bargauge(fig, box, inner, series=series, defaults=defaults, unit=unit)
+        elif panel["type"] == "table":
+            _draw_table(fig, box, inner, panel=panel, series=series, unit=unit)
         elif panel["type"] == "state-timeline":
             span = (data.start, data.end)
             _draw_timeline(
@@ -554,6 +558,78 @@ def _draw_stat(
             0.5, 0.42, shown, color="white", fontsize=size, weight="bold", ha="center", va="center"
         )
         ax.text(0.5, 0.84, s.name, color="white", fontsize=8, ha="center", va="center")
+
+
+def _draw_bargauge(
+    fig: Any,
+    box: Any,
+    inner: tuple[float, ...],
+    *,
+    series: list[Series],
+    defaults: dict[str, Any],
+    unit: str,
+) -> None:
+    """Grafana's bar gauge (horizontal, basic, unfilled part shown): each series reduced
+    to its last value, one bar each, scaled to the largest."""
+    x, y, w, h = inner
+    ordered = sorted(series, key=lambda s: s.name)
+    values = [_finite(s.values)[-1] for s in ordered]
+    top = max(*values, defaults.get("max", 0.0)) or 1.0
+    row_h = min(28.0, h / len(ordered))
+    label_w = min(w * 0.3, 7.0 * max(len(s.name) for s in ordered) + 8)
+    value_w = 64.0
+    ax = fig.add_axes(box(x, y, w, row_h * len(ordered)))
+    ax.axis("off")
+    ax.set_xlim(0, w)
+    ax.set_ylim(len(ordered), 0)
+    bar_w = w - label_w - value_w
+    for i, (s, v) in enumerate(zip(ordered, values, strict=True)):
+        c = threshold_color(v, defaults)
+        ax.text(label_w - 8, i + 0.5, s.name, color=TEXT, fontsize=7.5, ha="right", va="center")
+        ax.barh(i + 0.5, bar_w, left=label_w, height=0.7, color=GRID, linewidth=0)
+        ax.barh(i + 0.5, bar_w * max(v, 0) / top, left=label_w, height=0.7, color=c, linewidth=0)
+        ax.text(w, i + 0.5, fmt_value(v, unit), color=c, fontsize=8, ha="right", va="center")
+
+
+def _draw_table(
+    fig: Any,
+    box: Any,
+    inner: tuple[float, ...],
+    *,
+    panel: dict[str, Any],
+    series: list[Series],
+    unit: str,
+) -> None:
+    """Grafana's table after the panel's reduce transformation (series to rows): one
+    row per series, its last value; rows that do not fit continue in a column beside."""
+    x, y, w, h = inner
+    reducers = [
+        r
+        for t in panel.get("transformations", [])
+        if t["id"] == "reduce"
+        for r in t["options"].get("reducers", [])
+    ]
+    if reducers != ["lastNotNull"]:
+        raise ValueError(f"{panel['title']}: only a reduce to lastNotNull is drawn")
+    ordered = sorted(series, key=lambda s: s.name)
+    line = 14.0
+    per_block = max(1, int(h / line) - 1)
+    blocks = math.ceil(len(ordered) / per_block)
+    block_w = w / blocks
+    for b in range(blocks):
+        rows = ordered[b * per_block : (b + 1) * per_block]
+        ax = fig.add_axes(box(x + b * block_w, y, block_w - 12, line * (len(rows) + 1)))
+        ax.axis("off")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(len(rows) + 1, 0)
+        ax.text(0, 0.5, "Field", color=DIM, fontsize=7.5, va="center", weight="bold")
+        ax.text(1, 0.5, "Last *", color=DIM, fontsize=7.5, va="center", ha="right", weight="bold")
+        ax.axhline(1, color=BORDER, linewidth=0.8)
+        for i, s in enumerate(rows, start=1):
+            ax.text(0, i + 0.5, s.name, color=TEXT, fontsize=7.5, va="center")
+            value = fmt_value(_finite(s.values)[-1], unit)
+            ax.text(1, i + 0.5, value, color=TEXT, fontsize=7.5, va="center", ha="right")
+            ax.axhline(i + 1, color=GRID, linewidth=0.5)
 
 
 def _draw_timeseries(
