@@ -11,11 +11,14 @@ are an approximation.
 
 What it does:
 
-1. starts `finstream run` (every role, Mailpit and the sandboxes) against the
+1. starts `finstream run` (its roles, Mailpit and the sandboxes, and the
+   feedback and retention roles it leaves out by default) against the
    local stack in a namespace of its own (finstream.testing.services), with the
    Yahoo provider ahead of the simulator in the market-data chain and pointed
    at a closed local port, so that errors, a breaker and failovers show; and
-   some API traffic (requests with and without a token, two WebSocket clients);
+   some API traffic (requests with and without a token, two WebSocket clients),
+   and for the privacy dashboard the providers' webhooks and a user's export
+   and erasure, through the API (privacy_traffic);
 2. scrapes every role's /metrics into a local VictoriaMetrics (`make tools`
    builds it; it answers PromQL), every 5 s, as Prometheus would, with the
    labels a ServiceMonitor adds (namespace, pod, container);
@@ -31,6 +34,7 @@ What it does:
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import gzip
 import io
@@ -50,6 +54,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 
@@ -60,6 +65,7 @@ BOARDS = (
     "finstream-market-data.json",
     "finstream-notifications.json",
     "finstream-api.json",
+    "finstream-privacy.json",
 )
 OUT = ROOT / "deploy" / "grafana" / "screenshots"
 SAMPLE = ROOT / "tests" / "deploy" / "data" / "metrics-sample.jsonl.gz"
@@ -76,6 +82,9 @@ EMPTY_LOCALLY = {
     "Failed events per minute": "no event failed",
     "Ticks suppressed per second": "the simulator sends no duplicates",
     "Coverage gaps and backfill": "no coverage gap",
+    # Whether a poll finds Yahoo's bucket empty is timing: some runs have a wait of a few
+    # milliseconds, the one recorded none.
+    "Rate-limit waits": "no Yahoo request had to wait for a token",
     "Failures per minute by provider and class": "the sandboxes accept every message",
     "Retries and deferrals per minute": "no retry or rate-limit deferral",
     "Slow clients dropped, last hour": "no slow WebSocket client",
@@ -502,6 +511,10 @@ def draw_board(board: dict[str, Any], panels: list[PanelData], caption: str, pat
             continue
         if panel["type"] == "stat":
             _draw_stat(fig, box, inner, series=series, defaults=defaults, unit=unit)
+        elif panel["type"] == "bargauge":
+            _draw_bargauge(fig, box, inner, series=series, defaults=defaults, unit=unit)
+        elif panel["type"] == "table":
+            _draw_table(fig, box, inner, panel=panel, series=series, unit=unit)
         elif panel["type"] == "state-timeline":
             span = (data.start, data.end)
             _draw_timeline(
@@ -554,6 +567,78 @@ def _draw_stat(
             0.5, 0.42, shown, color="white", fontsize=size, weight="bold", ha="center", va="center"
         )
         ax.text(0.5, 0.84, s.name, color="white", fontsize=8, ha="center", va="center")
+
+
+def _draw_bargauge(
+    fig: Any,
+    box: Any,
+    inner: tuple[float, ...],
+    *,
+    series: list[Series],
+    defaults: dict[str, Any],
+    unit: str,
+) -> None:
+    """Grafana's bar gauge (horizontal, basic, unfilled part shown): each series reduced
+    to its last value, one bar each, scaled to the largest."""
+    x, y, w, h = inner
+    ordered = sorted(series, key=lambda s: s.name)
+    values = [_finite(s.values)[-1] for s in ordered]
+    top = max(*values, defaults.get("max", 0.0)) or 1.0
+    row_h = min(28.0, h / len(ordered))
+    label_w = min(w * 0.3, 7.0 * max(len(s.name) for s in ordered) + 8)
+    value_w = 64.0
+    ax = fig.add_axes(box(x, y, w, row_h * len(ordered)))
+    ax.axis("off")
+    ax.set_xlim(0, w)
+    ax.set_ylim(len(ordered), 0)
+    bar_w = w - label_w - value_w
+    for i, (s, v) in enumerate(zip(ordered, values, strict=True)):
+        c = threshold_color(v, defaults)
+        ax.text(label_w - 8, i + 0.5, s.name, color=TEXT, fontsize=7.5, ha="right", va="center")
+        ax.barh(i + 0.5, bar_w, left=label_w, height=0.7, color=GRID, linewidth=0)
+        ax.barh(i + 0.5, bar_w * max(v, 0) / top, left=label_w, height=0.7, color=c, linewidth=0)
+        ax.text(w, i + 0.5, fmt_value(v, unit), color=c, fontsize=8, ha="right", va="center")
+
+
+def _draw_table(
+    fig: Any,
+    box: Any,
+    inner: tuple[float, ...],
+    *,
+    panel: dict[str, Any],
+    series: list[Series],
+    unit: str,
+) -> None:
+    """Grafana's table after the panel's reduce transformation (series to rows): one
+    row per series, its last value; rows that do not fit continue in a column beside."""
+    x, y, w, h = inner
+    reducers = [
+        r
+        for t in panel.get("transformations", [])
+        if t["id"] == "reduce"
+        for r in t["options"].get("reducers", [])
+    ]
+    if reducers != ["lastNotNull"]:
+        raise ValueError(f"{panel['title']}: only a reduce to lastNotNull is drawn")
+    ordered = sorted(series, key=lambda s: s.name)
+    line = 14.0
+    per_block = max(1, int(h / line) - 1)
+    blocks = math.ceil(len(ordered) / per_block)
+    block_w = w / blocks
+    for b in range(blocks):
+        rows = ordered[b * per_block : (b + 1) * per_block]
+        ax = fig.add_axes(box(x + b * block_w, y, block_w - 12, line * (len(rows) + 1)))
+        ax.axis("off")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(len(rows) + 1, 0)
+        ax.text(0, 0.5, "Field", color=DIM, fontsize=7.5, va="center", weight="bold")
+        ax.text(1, 0.5, "Last *", color=DIM, fontsize=7.5, va="center", ha="right", weight="bold")
+        ax.axhline(1, color=BORDER, linewidth=0.8)
+        for i, s in enumerate(rows, start=1):
+            ax.text(0, i + 0.5, s.name, color=TEXT, fontsize=7.5, va="center")
+            value = fmt_value(_finite(s.values)[-1], unit)
+            ax.text(1, i + 0.5, value, color=TEXT, fontsize=7.5, va="center", ha="right")
+            ax.axhline(i + 1, color=GRID, linewidth=0.5)
 
 
 def _draw_timeseries(
@@ -716,6 +801,10 @@ class LocalRun:
     api: str
     log: Path
     namespace: str
+    mailpit: str
+    sandbox: str
+    # What the API verifies provider webhooks with (the run's own SendGrid key pair).
+    sendgrid_key: Any
 
     def roles(self) -> dict[str, int]:
         state = json.loads((self.stack_dir / "run.json").read_text())
@@ -753,10 +842,19 @@ def fake_yahoo(symbols: list[str], outage: tuple[float, float]) -> Iterator[str]
 @contextlib.contextmanager
 def local_run(work: Path, minutes: float) -> Iterator[LocalRun]:
     """`finstream run` against the shared local stack, in a namespace of its own."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from finstream.sandbox.credentials import TWILIO_TOKEN
     from finstream.settings import get_settings
     from finstream.testing.services import create_env, destroy_env
 
     base = get_settings()
+    # SendGrid signs its Event Webhook with a key pair of the account's; this run's is made here.
+    sendgrid_key = ec.generate_private_key(ec.SECP256R1())
+    sendgrid_public = sendgrid_key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     # Yahoo serves the default chain for the first third of the run, then fails for a third.
     third = minutes * 20
     cleanup = contextlib.ExitStack()
@@ -784,6 +882,19 @@ def local_run(work: Path, minutes: float) -> Iterator[LocalRun]:
         md_poll_interval="2",
         md_circuit_reset="20",
         md_yahoo_limits="10/min",
+        # The privacy dashboard reads the feedback role (the funnel, preferences changed by
+        # providers' reports) and the retention role (the audit chain's scheduled walk),
+        # which `finstream run` leaves out by default; the walk every 30 s, not hourly, so
+        # that a few minutes show it, and no retention pass (it would drop partitions).
+        run_roles=f"{base.run_roles},feedback,retention",
+        audit_verify_interval="30",
+        retention_interval="0",
+        # Provider webhooks as a deployment receives them: SendGrid's signed events, and
+        # Twilio's status callbacks signed with the (sandbox) account's token, to the URL
+        # the SMS worker gives Twilio with each message.
+        api_sendgrid_webhook_public_key=base64.b64encode(sendgrid_public).decode(),
+        api_twilio_auth_token=TWILIO_TOKEN,
+        delivery_twilio_status_callback=f"http://127.0.0.1:{ports['api']}/v1/webhooks/twilio/status",
     )
     log = work / "finstream-run.log"
     out = log.open("wb")
@@ -801,7 +912,15 @@ def local_run(work: Path, minutes: float) -> Iterator[LocalRun]:
                 raise RuntimeError(f"finstream run did not start:\n{log.read_text()[-3000:]}")
             time.sleep(0.5)
         yield LocalRun(
-            proc, run_env, stack_dir, f"http://127.0.0.1:{ports['api']}", log, env.namespace
+            proc,
+            run_env,
+            stack_dir,
+            f"http://127.0.0.1:{ports['api']}",
+            log,
+            env.namespace,
+            mailpit=f"http://127.0.0.1:{ports['mailpit']}",
+            sandbox=f"http://127.0.0.1:{ports['sandbox']}",
+            sendgrid_key=sendgrid_key,
         )
     finally:
         if proc.poll() is None:
@@ -815,26 +934,29 @@ def local_run(work: Path, minutes: float) -> Iterator[LocalRun]:
         cleanup.close()
 
 
+def mint(run: LocalRun, *args: str) -> str:
+    """A token the run's API accepts (`finstream api token`)."""
+    return subprocess.run(
+        [sys.executable, "-m", "finstream.cli", "api", "token", *args],
+        env=run.env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout.strip()
+
+
 @contextlib.contextmanager
 def api_traffic(run: LocalRun) -> Iterator[None]:
     """What the API and notification dashboards show: requests with and without a
     valid token, two WebSocket clients streaming quotes, and a service posting a
     notification to one of the demo's personas every two seconds (every fifth
-    one scheduled a minute ahead, so that it is held and released)."""
+    one scheduled a minute ahead, so that it is held and released; Pierre's by
+    SMS too)."""
     from finstream.cli.demo import PERSONAS
 
-    def mint(*args: str) -> str:
-        return subprocess.run(
-            [sys.executable, "-m", "finstream.cli", "api", "token", *args],
-            env=run.env,
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=60,
-        ).stdout.strip()
-
-    token = mint("--sub", "demo-user")
-    service = mint("--sub", "screenshots", "--role", "service")
+    token = mint(run, "--sub", "demo-user")
+    service = mint(run, "--sub", "screenshots", "--role", "service")
     stop = threading.Event()
     streams: list[subprocess.Popen[bytes]] = []
 
@@ -849,6 +971,9 @@ def api_traffic(run: LocalRun) -> Iterator[None]:
                     "template": "message",
                     "data": {"title": f"Statement {i}", "body": "Your statement is ready."},
                 }
+                if persona.user_id == "planner-pierre":
+                    # By SMS too (his preferences allow it), for the Twilio callbacks.
+                    body["channels"] = ["sms", "email", "inapp"]
                 if i % 5 == 4:
                     body["deliver_at"] = datetime.fromtimestamp(time.time() + 60, UTC).isoformat()
                 with contextlib.suppress(httpx.HTTPError):
@@ -908,6 +1033,163 @@ def api_traffic(run: LocalRun) -> Iterator[None]:
                 p.wait(timeout=10)
 
 
+# The user who saves an address, exports their data and erases themselves; their mail
+# gets no provider events (after the erasure nothing of theirs is left to attribute
+# them to, and they would be dead-lettered).
+LEAVER = "screenshots-leaver"
+LEAVER_EMAIL = "leaver@example.com"
+# From this share of the run on, one email bounces and one SMS meets a STOP: early
+# enough that the preference changes they make show for most of the run. Anna's
+# address bounces (Klaus, the demo's other email user, is in quiet hours).
+LATE = 0.4
+BOUNCES = "anna.berger@"
+
+
+@contextlib.contextmanager
+def privacy_traffic(run: LocalRun, minutes: float) -> Iterator[None]:
+    """What the privacy dashboard shows, through the run's API as providers and users
+    reach it (the feedback role turns it into the funnel and preference changes):
+
+    * SendGrid's Event Webhook, signed, for every email Mailpit took (the run has no
+      SendGrid; its events carry the message id the sender attaches as a custom
+      argument, as SendGrid's do): delivered, most opened, some clicked; in the
+      later part of the run one hard bounce of Anna's address, which the feedback
+      role then marks bounced (later mail to it is suppressed);
+    * Twilio's status callbacks, signed, for every SMS the sandbox took: delivered;
+      in the later part one carrier STOP (error 21610), which opts the number out;
+    * a user who saves an address (a key is created), exports what is held about
+      them (`GET /v1/users/me/export`) and erases themselves (`DELETE /v1/users/me`).
+    """
+    from twilio.request_validator import RequestValidator
+
+    from finstream.api.webhooks import (
+        SENDGRID_SIGNATURE,
+        SENDGRID_TIMESTAMP,
+        TWILIO_SIGNATURE,
+        sign_sendgrid,
+    )
+    from finstream.sandbox.credentials import TWILIO_TOKEN
+
+    leaver = {"Authorization": f"Bearer {mint(run, '--sub', LEAVER)}"}
+    twilio = RequestValidator(TWILIO_TOKEN)
+    stop = threading.Event()
+    started = time.monotonic()
+    seen: set[str] = set()
+    bounced = stopped = False
+    steps = ["prefs", "export", "erase"]
+
+    def share(message_id: str) -> int:
+        return int.from_bytes(message_id.encode()[-4:], "big")
+
+    def emails(http: httpx.Client, elapsed: float) -> None:
+        nonlocal bounced
+        late = elapsed > minutes * 60 * LATE
+        got = http.get(f"{run.mailpit}/api/v1/messages", params={"limit": 500})
+        events: list[dict[str, Any]] = []
+        reported: set[str] = set()
+        bounce = False
+        for m in got.json().get("messages") or []:
+            message_id = str(m.get("MessageID") or "").strip("<>").split("@", 1)[0]
+            to = str((m.get("To") or [{}])[0].get("Address") or "")
+            if not message_id or f"mail:{m['ID']}" in seen or to == LEAVER_EMAIL:
+                continue
+            reported.add(f"mail:{m['ID']}")
+            kinds = ["delivered"]
+            if late and not (bounced or bounce) and to.startswith(BOUNCES):
+                kinds, bounce = ["bounce"], True
+            else:
+                kinds += ["open"] if share(message_id) % 4 else []
+                kinds += ["click"] if share(message_id) % 3 == 0 else []
+            for kind in kinds:
+                event: dict[str, Any] = {
+                    "email": to,
+                    "timestamp": int(time.time()),
+                    "event": kind,
+                    "sg_event_id": f"{m['ID']}-{kind}",
+                    "sg_message_id": f"mailpit-{m['ID']}",
+                    "message_id": message_id,
+                }
+                if kind == "bounce":
+                    event |= {"type": "bounce", "reason": "550 5.1.1 mailbox unavailable"}
+                events.append(event)
+        if events:
+            body = json.dumps(events).encode()
+            stamp = str(int(time.time()))
+            http.post(
+                f"{run.api}/v1/webhooks/sendgrid/events",
+                content=body,
+                headers={
+                    "Content-Type": "application/json",
+                    SENDGRID_TIMESTAMP: stamp,
+                    SENDGRID_SIGNATURE: sign_sendgrid(run.sendgrid_key, stamp, body),
+                },
+            ).raise_for_status()
+        seen.update(reported)
+        bounced = bounced or bounce
+
+    def sms(http: httpx.Client, elapsed: float) -> None:
+        nonlocal stopped
+        late = elapsed > minutes * 60 * LATE
+        got = http.get(f"{run.sandbox}/api/messages", params={"channel": "sms"})
+        for item in got.json().get("items") or []:
+            if not item.get("message_id") or f"sms:{item['sid']}" in seen:
+                continue
+            form = {"MessageSid": item["sid"], "To": item["to"], "MessageStatus": "delivered"}
+            stop_now = late and not stopped
+            if stop_now:
+                form |= {"MessageStatus": "undelivered", "ErrorCode": "21610"}
+            url = f"{run.api}/v1/webhooks/twilio/status?" + urlencode(
+                {"message_id": item["message_id"]}
+            )
+            http.post(
+                url, data=form, headers={TWILIO_SIGNATURE: twilio.compute_signature(url, form)}
+            ).raise_for_status()
+            seen.add(f"sms:{item['sid']}")
+            stopped = stopped or stop_now
+
+    def leaving(http: httpx.Client, elapsed: float) -> None:
+        if not steps or elapsed < minutes * 60 * (0.2 + 0.15 * (3 - len(steps))):
+            return
+        step = steps[0]
+        if step == "prefs":
+            got = http.put(
+                f"{run.api}/v1/users/me/preferences",
+                json={"emails": [LEAVER_EMAIL]},
+                headers=leaver,
+            )
+        elif step == "export":
+            got = http.get(f"{run.api}/v1/users/me/export", headers=leaver)
+        else:
+            got = http.delete(f"{run.api}/v1/users/me", headers=leaver)
+        got.raise_for_status()
+        steps.pop(0)
+
+    def loop() -> None:
+        with httpx.Client(timeout=10) as http:
+            while not stop.wait(3):
+                elapsed = time.monotonic() - started
+                for part in (emails, sms, leaving):
+                    try:
+                        part(http, elapsed)
+                    except (httpx.HTTPError, ValueError) as exc:
+                        # A provider retries too; the next round tries again.
+                        print(f"privacy traffic: {type(exc).__name__}: {exc}")
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=20)
+        print(
+            f"privacy traffic: {sum(k.startswith('mail:') for k in seen)} emails and "
+            f"{sum(k.startswith('sms:') for k in seen)} SMS reported on; bounce "
+            f"{'sent' if bounced else 'not sent'}, STOP {'sent' if stopped else 'not sent'}, "
+            f"leaver steps left {steps}"
+        )
+
+
 def wait_api(url: str, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -938,7 +1220,7 @@ def record(minutes: float) -> int:
         config.write_text(scrape_config(roles, run.namespace))
         with victoria_metrics(binary, work, config) as vm:
             wait_api(run.api)
-            with api_traffic(run):
+            with api_traffic(run), privacy_traffic(run, minutes):
                 start = time.time()
                 print(f"recording for {minutes:g} minutes (log: {run.log})")
                 while time.time() - start < minutes * 60:

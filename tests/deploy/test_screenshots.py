@@ -79,9 +79,6 @@ def evaluated(sample_vm: tuple[str, float, float]) -> dict[str, list[Any]]:
 def test_every_generated_dashboard_is_pictured() -> None:
     generated = {p.name for p in shots.DASHBOARDS.glob("finstream*.json")} - {
         "finstream-database.json",  # written by hand (issue 13): its metrics need PostgreSQL's role
-        # Written by hand (issue 14): the funnel, feedback and key metrics are not in the
-        # recorded sample yet (the recording predates the feedback role).
-        "finstream-privacy.json",
     }
     assert set(shots.BOARDS) == generated
 
