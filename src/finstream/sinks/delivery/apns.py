@@ -36,10 +36,11 @@ from finstream.domain.delivery import (
     apns_id,
     classify_apns,
 )
+from finstream.domain.delivery.lifecycle import Reconcile
 from finstream.domain.resilience import ErrorClass
 from finstream.domain.time import to_micros
 from finstream.settings import Settings
-from finstream.sinks.delivery.base import HttpProvider, Message, Reconcile, Sent
+from finstream.sinks.delivery.base import HttpProvider, Message, Sent
 from finstream.sinks.delivery.fcm import collapse_id
 
 TOKEN_LIFETIME = 50 * 60.0

@@ -24,7 +24,6 @@ answer and the record):
 
 from __future__ import annotations
 
-import enum
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -34,17 +33,12 @@ from typing import Any, Protocol
 import httpx
 
 from finstream.domain.delivery import DeliveryError
+from finstream.domain.delivery.lifecycle import Reconcile
 from finstream.domain.resilience import ErrorClass
 from finstream.domain.time import utcnow
 from finstream.settings import Settings
 
 Message = Mapping[str, Any]  # a decoded OutboundMessage
-
-
-class Reconcile(enum.StrEnum):
-    LOOKUP = "lookup"
-    IDEMPOTENT = "idempotent"
-    NONE = "none"
 
 
 @dataclass(frozen=True)

@@ -71,14 +71,38 @@ from finstream.domain.delivery import (
     AttemptSummary,
     DeliveryError,
     Feedback,
-    RetryAction,
     RetryPolicy,
     apply_feedback,
     dead_letter_reason,
-    defer_delay,
     mask,
     scrub_contacts,
     validate_outbound,
+)
+from finstream.domain.delivery.lifecycle import (
+    FINAL_STATES,
+    Accepted,
+    Attempted,
+    Delivered,
+    Failed,
+    LookupFailed,
+    NoProvider,
+    NotAsked,
+    NotFound,
+    Outcome,
+    Policy,
+    Ready,
+    Reconcile,
+    Redelivery,
+    State,
+    Step,
+    Then,
+    Transition,
+    Unavailable,
+    Undeliverable,
+    Unreadable,
+    on_redelivery,
+    redriven_deadline,
+    settle,
 )
 from finstream.domain.envelope import EnvelopeError, UserErased, mask_recipient
 from finstream.domain.resilience import (
@@ -96,17 +120,15 @@ from finstream.runtime.logging import correlation, correlation_from_headers, get
 from finstream.runtime.metrics import DEAD_LETTERS, EVENTS_FAILED
 from finstream.settings import Settings
 from finstream.sinks.delivery import metrics as m
-from finstream.sinks.delivery.base import CHANNEL_TOPICS, Provider, Reconcile, Sent
+from finstream.sinks.delivery.base import CHANNEL_TOPICS, Provider, Sent
 from finstream.sinks.delivery.privacy import DeliveryPrivacy
 from finstream.sinks.delivery.store import (
-    FINAL_STATES,
     DeliveryStore,
     Job,
     LostClaim,
     NewDelivery,
     OutboxRecord,
     ResultRow,
-    Transition,
     outbox_headers,
 )
 from finstream.stores.read_models import PreferencesStore
@@ -117,13 +139,6 @@ log = get_logger(__name__)
 OUTBOX_BATCH = 500
 BACKLOG_EVERY = 5.0  # seconds between backlog counts
 REDIS_CLAIMED = b"claimed"
-
-
-def _error_class(value: str | None) -> ErrorClass:
-    try:
-        return ErrorClass(value or "")
-    except ValueError:
-        return ErrorClass.TRANSIENT
 
 
 # The shared breaker hands back a probe that was not used (a lost claim or a failed
@@ -195,6 +210,11 @@ class DeliveryEngine:
             backoff=Backoff(base=settings.delivery_backoff_base, cap=settings.delivery_backoff_cap),
             max_age=settings.delivery_max_age,
         )
+        self.lifecycle = Policy(
+            retry=self.policy,
+            reconcile_delay=settings.delivery_reconcile_delay,
+            unknown_outcome=settings.delivery_unknown_outcome,
+        )
         self.rng = rng or random.Random()
         self.queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=settings.delivery_concurrency * 4)
         self.ratio = m.Ratio()
@@ -244,12 +264,11 @@ class DeliveryEngine:
         jobs: list[Job] = [self._new_job(*fresh[mid], token) for mid in new_ids]
         for mid, state in existing.items():
             row, message = fresh[mid]
-            if state in FINAL_STATES:
+            seen = on_redelivery(state)
+            if seen is Redelivery.DUPLICATE:
                 duplicates.append((row, message, "postgres"))
-            elif state == "redrive":
-                # An operator sent it back on purpose: it gets a fresh deadline
-                # even if its expires_at has passed.
-                renewed = max(row.deadline, utcnow() + timedelta(seconds=self.policy.max_age))
+            elif seen is Redelivery.REOPEN:
+                renewed = redriven_deadline(row.deadline, utcnow(), self.policy)
                 job = await self.store.reopen_redriven(replace(row, deadline=renewed), token)
                 if job is not None:
                     job.message = message
@@ -461,49 +480,39 @@ class DeliveryEngine:
                         self.outbound.decode_record(job.raw)
                     )
                 except (DecodeError, EnvelopeError) as exc:
-                    await self._finish_failed(
-                        job,
-                        "FAILED",
-                        DeliveryError(ErrorClass.PERMANENT, f"stored message unreadable: {exc}"),
-                        verdict="undecodable",
-                    )
+                    await self._apply(job, self._settle(job, Unreadable(str(exc))))
                     return
             try:
-                if job.state == "unknown":
+                if job.state == State.UNKNOWN:
                     await self.reconcile(job)
                 else:
                     await self.attempt(job)
             except LostClaim as exc:
                 log.warning("claim lost; another worker has the message", reason=str(exc))
 
+    def _settle(self, job: Job, outcome: Outcome) -> Step:
+        return settle(job, outcome, self.lifecycle, now=utcnow(), rng=self.rng)
+
     async def attempt(self, job: Job) -> None:
         """Walk the chain until a provider takes the message or the round ends."""
         candidates = [s for s in self.slots if s.provider.supports(job.message)]
         if not candidates:
-            err = DeliveryError(
-                ErrorClass.PERMANENT,
+            reason = (
                 f"no configured {self.channel.lower()} provider takes this message "
-                f"(platform {job.message.get('platform')!r}; chain {[s.name for s in self.slots]})",
+                f"(platform {job.message.get('platform')!r}; chain {[s.name for s in self.slots]})"
             )
-            await self._finish_failed(job, "REJECTED", err, verdict="no provider")
+            await self._apply(job, self._settle(job, NoProvider(reason)))
             return
         tried: set[str] = set()
         last: DeliveryError | None = None
         while True:
-            if utcnow() >= job.deadline:
-                await self._finish_expired(job, last, "deadline passed before the next try")
-                return
-            if job.attempts >= self.policy.max_attempts:
-                err = last or DeliveryError(
-                    _error_class(job.last_error_class), job.last_error or "no success"
-                )
-                await self._finish_failed(
-                    job, "FAILED", err, verdict=f"gave up after {job.attempts} attempts"
-                )
+            step = self._settle(job, Ready(last))
+            if step.then is not Then.SEND:
+                await self._apply(job, step)
                 return
             slot, wait = await self._choose(candidates, tried)
             if slot is None:
-                await self._park(job, last, wait)
+                await self._apply(job, self._settle(job, Unavailable(wait, last)))
                 return
             try:
                 claimed = await self.store.start_sending(job, slot.name, self.sending_hold)
@@ -520,40 +529,24 @@ class DeliveryEngine:
                 assert sent is not None
                 slot.breaker.record_success(time.monotonic())
                 slot.publish_state()
-                await self._finish_sent(job, slot, sent, latency)
+                accepted = Accepted(slot.name, sent.status, sent.provider_message_id, sent.detail)
+                await self._apply(job, self._settle(job, accepted), slot=slot, latency=latency)
                 return
             self._count_failure(slot, error, job)
-            if error.ambiguous:
-                await self._after_ambiguous(job, slot, error, latency)
-                return
-            if error.message_level:
-                await self._finish_failed(
-                    job, "REJECTED", error, verdict="rejected", slot=slot, latency=latency
-                )
-                return
-            # The provider's problem: the next provider may take it at once.
             tried.add(slot.name)
+            others_left = any(s.name not in tried for s in candidates)
+            failed = Failed(
+                slot.name,
+                error,
+                slot.provider.reconcile,
+                others_left,
+                0.0 if others_left else self._earliest(candidates),
+            )
+            step = self._settle(job, failed)
+            await self._apply(job, step, slot=slot, latency=latency)
+            if step.then is not Then.SEND:
+                return
             last = error
-            if any(s.name not in tried for s in candidates):
-                m.RETRIED.labels(self.channel, slot.name).inc()
-                result = self._result_row(
-                    job, slot.name, "RETRYING", attempt=job.attempts, error=error, latency=latency
-                )
-                await self.store.transition(
-                    job,
-                    Transition(
-                        "queued",
-                        error_class=error.error_class.value,
-                        error=str(error),
-                        keep_claim=True,
-                    ),
-                    result,
-                    [self._result_record(result, job.correlation_id)],
-                )
-                self._outbox_ready.set()
-                continue
-            await self._after_round(job, slot, error, latency, self._earliest(candidates))
-            return
 
     async def _call(
         self, slot: ProviderSlot, job: Job
@@ -652,18 +645,69 @@ class DeliveryEngine:
         return min(max(s.breaker.retry_in(now), s.limiter.wait_time(now)) for s in candidates)
 
     # -- outcomes ----------------------------------------------------------------
-    async def _finish_sent(
-        self, job: Job, slot: ProviderSlot, sent: Sent, latency: float | None, *, how: str = ""
+    async def _apply(
+        self,
+        job: Job,
+        step: Step,
+        *,
+        slot: ProviderSlot | None = None,
+        latency: float | None = None,
     ) -> None:
-        state = "delivered" if sent.status == "DELIVERED" else "sent"
+        """Record a step of the life cycle: the row's move with its results and outbox."""
+        if step.reconciled is not None:
+            m.RECONCILED.labels(self.channel, job.provider or "none", step.reconciled).inc()
+        if step.transition is None:
+            if step.then is Then.REQUEUE and await self.store.requeue(job):
+                await self.attempt(job)
+            return
+        change = step.transition
+        for record in step.records:
+            if isinstance(record, Delivered):
+                await self._finish_sent(job, record, change, latency)
+                return
+            if isinstance(record, Undeliverable):
+                await self._finish_failed(job, record, change, latency)
+                return
+        if step.deferred:
+            m.DEFERRED.labels(self.channel).inc()
+        elif change.state == State.RETRY or step.then is Then.SEND:
+            m.RETRIED.labels(self.channel, slot.name if slot else "none").inc()
+        result = None
+        outbox: list[OutboxRecord] = []
+        for record in step.records:
+            if isinstance(record, Attempted):
+                result = self._result_row(
+                    job,
+                    record.provider,
+                    "RETRYING",
+                    attempt=job.attempts,
+                    error=record.error,
+                    latency=latency,
+                    note=record.note,
+                )
+                outbox.append(self._result_record(result, job.correlation_id))
+        await self.store.transition(job, change, result, outbox)
+        if outbox or change.add_round:
+            self._outbox_ready.set()
+        if change.add_round:
+            log.info(
+                "retry scheduled",
+                message_id=job.message_id,
+                at=change.next_attempt_at.isoformat() if change.next_attempt_at else None,
+                attempts=job.attempts,
+            )
+
+    async def _finish_sent(
+        self, job: Job, sent: Delivered, change: Transition, latency: float | None
+    ) -> None:
         result = self._result_row(
             job,
-            slot.name,
+            sent.provider,
             sent.status,
             attempt=job.attempts,
             provider_message_id=sent.provider_message_id,
             latency=latency,
-            note=how or sent.detail,
+            note=sent.note,
         )
         outbox = [
             self._result_record(result, job.correlation_id),
@@ -671,25 +715,23 @@ class DeliveryEngine:
                 "delivered",
                 job.message_id,
                 user_id=job.user_id,
-                reason=how or None,
+                reason=sent.how or None,
                 details={
                     "channel": self.channel,
-                    "provider": slot.name,
+                    "provider": sent.provider,
                     "attempt": str(job.attempts),
                     "provider_message_id": sent.provider_message_id or "",
                 },
                 correlation_id=job.correlation_id,
             ),
         ]
-        await self.store.transition(
-            job, Transition(state, provider_message_id=sent.provider_message_id), result, outbox
-        )
+        await self.store.transition(job, change, result, outbox)
         self._outbox_ready.set()
         await self._mark_finished(job)
-        m.SENT.labels(self.channel, slot.name).inc()
+        m.SENT.labels(self.channel, sent.provider).inc()
         m.OUTCOMES.labels(self.channel, sent.status).inc()
         if latency is not None:
-            self.ratio.record(self.channel, slot.name, ok=True)
+            self.ratio.record(self.channel, sent.provider, ok=True)
         created = job.message.get("created_at")
         if isinstance(created, datetime):
             m.END_TO_END.labels(self.channel).observe(
@@ -698,182 +740,21 @@ class DeliveryEngine:
         log.info(
             "delivered",
             message_id=job.message_id,
-            provider=slot.name,
+            provider=sent.provider,
             attempt=job.attempts,
-            how=how or "sent",
-        )
-
-    async def _after_round(
-        self,
-        job: Job,
-        slot: ProviderSlot | None,
-        error: DeliveryError | None,
-        latency: float | None,
-        wait_floor: float,
-    ) -> None:
-        """The last call of a round failed (transiently): retry later, or give up."""
-        decision = self.policy.decide(
-            attempts=job.attempts,
-            rounds=job.rounds + 1,
-            error=error,
-            wait_floor=wait_floor,
-            now=utcnow(),
-            deadline=job.deadline,
-            rng=self.rng,
-        )
-        provider = slot.name if slot else "none"
-        if decision.action is RetryAction.RETRY:
-            assert decision.at is not None
-            m.RETRIED.labels(self.channel, provider).inc()
-            result = None
-            outbox: list[OutboxRecord] = []
-            if slot is not None:
-                result = self._result_row(
-                    job,
-                    provider,
-                    "RETRYING",
-                    attempt=job.attempts,
-                    error=error,
-                    latency=latency,
-                    note=f"next try at {decision.at.isoformat()}",
-                )
-                outbox.append(self._result_record(result, job.correlation_id))
-            await self.store.transition(
-                job,
-                Transition(
-                    "retry",
-                    error_class=error.error_class.value if error else None,
-                    error=str(error) if error else None,
-                    next_attempt_at=decision.at,
-                    add_round=True,
-                ),
-                result,
-                outbox,
-            )
-            self._outbox_ready.set()
-            log.info(
-                "retry scheduled",
-                message_id=job.message_id,
-                at=decision.at.isoformat(),
-                attempts=job.attempts,
-            )
-            return
-        if decision.action is RetryAction.EXPIRE:
-            await self._finish_expired(job, error, decision.reason, slot=slot, latency=latency)
-            return
-        assert error is not None
-        await self._finish_failed(
-            job, "FAILED", error, verdict=decision.reason, slot=slot, latency=latency
-        )
-
-    async def _park(self, job: Job, last: DeliveryError | None, wait: float) -> None:
-        """No provider may take a call now (open circuits, rate limits)."""
-        if last is not None:
-            # This round already failed over at least once: a normal retry.
-            await self._after_round(job, None, last, None, wait)
-            return
-        m.DEFERRED.labels(self.channel).inc()
-        at = utcnow() + timedelta(seconds=defer_delay(wait, self.rng))
-        if at > job.deadline:
-            await self._finish_expired(
-                job, None, "every provider unavailable until past the deadline"
-            )
-            return
-        await self.store.transition(
-            job,
-            Transition(
-                "retry", next_attempt_at=at, error_class=job.last_error_class, error=job.last_error
-            ),
-            None,
-            [],
-        )
-
-    async def _after_ambiguous(
-        self, job: Job, slot: ProviderSlot, error: DeliveryError, latency: float
-    ) -> None:
-        reconcile = slot.provider.reconcile
-        if reconcile is Reconcile.LOOKUP:
-            at = utcnow() + timedelta(seconds=self.settings.delivery_reconcile_delay)
-            result = self._result_row(
-                job,
-                slot.name,
-                "RETRYING",
-                attempt=job.attempts,
-                error=error,
-                latency=latency,
-                note=f"outcome unknown; looking it up at {at.isoformat()}",
-            )
-            await self.store.transition(
-                job,
-                Transition(
-                    "unknown",
-                    error_class="unknown_outcome",
-                    error=str(error),
-                    next_attempt_at=at,
-                ),
-                result,
-                [self._result_record(result, job.correlation_id)],
-            )
-            self._outbox_ready.set()
-            return
-        if reconcile is Reconcile.IDEMPOTENT or self.settings.delivery_unknown_outcome == "resend":
-            await self._after_round(job, slot, error, latency, 0.0)
-            return
-        await self._finish_failed(
-            job,
-            "FAILED",
-            DeliveryError(
-                ErrorClass.TRANSIENT,
-                f"{error}; {slot.name} cannot be asked whether it took the message and a "
-                "resend could deliver it twice, so it was not resent "
-                "(finstream dlq redrive sends it again)",
-                provider=slot.name,
-                code="unknown_outcome",
-            ),
-            verdict="outcome unknown",
-            slot=slot,
-            latency=latency,
-            error_class="unknown_outcome",
-        )
-
-    async def _finish_expired(
-        self,
-        job: Job,
-        error: DeliveryError | None,
-        why: str,
-        *,
-        slot: ProviderSlot | None = None,
-        latency: float | None = None,
-    ) -> None:
-        err = DeliveryError(
-            ErrorClass.PERMANENT,
-            f"expired: {why}" + (f"; last error: {error}" if error else ""),
-            provider=slot.name if slot else "",
-        )
-        await self._finish_failed(
-            job,
-            "EXPIRED",
-            err,
-            verdict=f"expired ({why})",
-            slot=slot,
-            latency=latency,
-            error_class="expired",
+            how=sent.how or "sent",
         )
 
     async def _finish_failed(
-        self,
-        job: Job,
-        status: str,
-        error: DeliveryError,
-        *,
-        verdict: str,
-        slot: ProviderSlot | None = None,
-        latency: float | None = None,
-        error_class: str | None = None,
+        self, job: Job, failure: Undeliverable, change: Transition, latency: float | None
     ) -> None:
         """A final failure: result, dead letter with the whole story, audit, feedback."""
-        cls = error_class or error.error_class.value
-        provider = slot.name if slot else (job.provider or "none")
+        status, error, cls, provider = (
+            failure.status,
+            failure.error,
+            failure.error_class,
+            failure.provider,
+        )
         history = await self.store.results_of(job.message_id)
         result = self._result_row(
             job,
@@ -889,7 +770,7 @@ class DeliveryEngine:
             for r in [*history, result]
             if r.status != "DUPLICATE"
         ]
-        reason = dead_letter_reason(f"{status.lower()}: {verdict}", summaries)
+        reason = dead_letter_reason(f"{status.lower()}: {failure.verdict}", summaries)
         outbox = [
             self._result_record(result, job.correlation_id),
             self._dead_letter_record(job, error_class=cls, reason=reason, attempts=job.attempts),
@@ -915,10 +796,7 @@ class DeliveryEngine:
             if error.feedback is not None:
                 update, records = await self._feedback(job, error.feedback, provider, error)
                 outbox.extend(records)
-            state = {"REJECTED": "rejected", "EXPIRED": "expired"}.get(status, "failed")
-            await self.store.transition(
-                job, Transition(state, error_class=cls, error=str(error)), result, outbox
-            )
+            await self.store.transition(job, change, result, outbox)
             if update is not None:
                 # Write through so the next feedback for this user builds on this one.
                 with contextlib.suppress(RedisError):
@@ -994,79 +872,41 @@ class DeliveryEngine:
         """Settle a send of unknown outcome, never by resending blindly."""
         slot = self.by_name.get(job.provider or "")
         mode = slot.provider.reconcile if slot else Reconcile.NONE
-        if mode is Reconcile.LOOKUP and slot is not None:
-            since = job.sending_at or (utcnow() - timedelta(hours=1))
-            try:
-                found = await asyncio.wait_for(
-                    slot.provider.lookup(job.message, since), timeout=self.call_timeout
-                )
-            except (DeliveryError, TimeoutError) as exc:
-                err = (
-                    exc
-                    if isinstance(exc, DeliveryError)
-                    else DeliveryError(ErrorClass.TRANSIENT, "lookup timed out")
-                )
-                if err.error_class in (ErrorClass.AUTH, ErrorClass.PERMANENT):
-                    mode = Reconcile.NONE  # cannot ask after all
-                else:
-                    at = utcnow() + timedelta(
-                        seconds=max(
-                            err.retry_after or 0.0, self.settings.delivery_reconcile_delay, 1.0
-                        )
-                    )
-                    if at <= job.deadline:
-                        await self.store.transition(
-                            job,
-                            Transition(
-                                "unknown",
-                                error_class="unknown_outcome",
-                                error=f"lookup failed: {err}",
-                                next_attempt_at=at,
-                            ),
-                            None,
-                            [],
-                        )
-                        return
-                    mode = Reconcile.NONE
-            else:
-                if (
-                    found is not None
-                    and found.provider_message_id
-                    and await self.store.provider_id_taken(
-                        slot.name, found.provider_message_id, job.message_id
-                    )
-                ):
-                    found = None  # that one belongs to another message
-                if found is not None:
-                    m.RECONCILED.labels(self.channel, slot.name, "found").inc()
-                    await self._finish_sent(job, slot, found, None, how="reconciled: found")
-                    return
-                m.RECONCILED.labels(self.channel, slot.name, "not_found").inc()
-                if await self.store.requeue(job):
-                    await self.attempt(job)
-                return
-        provider = job.provider or "none"
-        if mode is Reconcile.IDEMPOTENT or self.settings.delivery_unknown_outcome == "resend":
-            m.RECONCILED.labels(self.channel, provider, "resent").inc()
-            if await self.store.requeue(job):
-                await self.attempt(job)
+        if mode is not Reconcile.LOOKUP or slot is None:
+            await self._apply(job, self._settle(job, NotAsked(mode)), slot=slot)
             return
-        m.RECONCILED.labels(self.channel, provider, "unknown").inc()
-        await self._finish_failed(
-            job,
-            "FAILED",
-            DeliveryError(
-                ErrorClass.TRANSIENT,
-                f"{provider} may have taken the message before the worker could record it; "
-                f"it cannot be asked and a resend could deliver twice, so it was not resent "
-                f"(finstream dlq redrive sends it again). Last: {job.last_error}",
-                provider=provider,
-                code="unknown_outcome",
-            ),
-            verdict="outcome unknown",
-            slot=slot,
-            error_class="unknown_outcome",
+        since = job.sending_at or (utcnow() - timedelta(hours=1))
+        try:
+            found = await asyncio.wait_for(
+                slot.provider.lookup(job.message, since), timeout=self.call_timeout
+            )
+        except (DeliveryError, TimeoutError) as exc:
+            err = (
+                exc
+                if isinstance(exc, DeliveryError)
+                else DeliveryError(ErrorClass.TRANSIENT, "lookup timed out")
+            )
+            await self._apply(job, self._settle(job, LookupFailed(err)), slot=slot)
+            return
+        if (
+            found is not None
+            and found.provider_message_id
+            and await self.store.provider_id_taken(
+                slot.name, found.provider_message_id, job.message_id
+            )
+        ):
+            found = None  # that one belongs to another message
+        if found is None:
+            await self._apply(job, self._settle(job, NotFound()), slot=slot)
+            return
+        accepted = Accepted(
+            slot.name,
+            found.status,
+            found.provider_message_id,
+            found.detail,
+            how="reconciled: found",
         )
+        await self._apply(job, self._settle(job, accepted), slot=slot)
 
     # ======================================================================
     # records

@@ -28,10 +28,11 @@ from finstream.domain.delivery import (
     DeliveryError,
     classify_fcm,
 )
+from finstream.domain.delivery.lifecycle import Reconcile
 from finstream.domain.resilience import ErrorClass
 from finstream.domain.time import to_micros
 from finstream.settings import Settings
-from finstream.sinks.delivery.base import HttpProvider, Message, Reconcile, Sent
+from finstream.sinks.delivery.base import HttpProvider, Message, Sent
 
 SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:jwt-bearer"

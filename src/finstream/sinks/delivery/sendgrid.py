@@ -18,9 +18,10 @@ from finstream.domain.delivery import (
     classify_sendgrid,
     email_parts,
 )
+from finstream.domain.delivery.lifecycle import Reconcile
 from finstream.domain.resilience import ErrorClass
 from finstream.settings import Settings
-from finstream.sinks.delivery.base import HttpProvider, Message, Reconcile, Sent
+from finstream.sinks.delivery.base import HttpProvider, Message, Sent
 
 
 class SendGrid(HttpProvider):

@@ -20,8 +20,9 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
 from finstream.domain.delivery import classify_ses, email_parts
+from finstream.domain.delivery.lifecycle import Reconcile
 from finstream.settings import Settings
-from finstream.sinks.delivery.base import HttpProvider, Message, Reconcile, Sent
+from finstream.sinks.delivery.base import HttpProvider, Message, Sent
 
 _TAG_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 

@@ -28,9 +28,10 @@ from finstream.domain.delivery import (
     email_message_id,
     email_parts,
 )
+from finstream.domain.delivery.lifecycle import Reconcile
 from finstream.domain.resilience import ErrorClass
 from finstream.settings import Settings
-from finstream.sinks.delivery.base import Message, Reconcile, Sent
+from finstream.sinks.delivery.base import Message, Sent
 
 POOL_SIZE = 4
 

@@ -19,8 +19,7 @@ from typing import Any
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-FINAL_STATES = ("sent", "delivered", "rejected", "failed", "expired")
-SUCCESS_STATES = ("sent", "delivered")
+from finstream.domain.delivery.lifecycle import FINAL_STATES, Transition
 
 Conn = asyncpg.Connection | PoolConnectionProxy  # what pool.acquire() hands out
 
@@ -119,19 +118,6 @@ class ResultRow:
     error: str | None
     latency_ms: float | None
     at: datetime
-
-
-@dataclass(frozen=True)
-class Transition:
-    """How a row leaves the state the worker holds it in."""
-
-    state: str
-    provider_message_id: str | None = None
-    error_class: str | None = None
-    error: str | None = None
-    next_attempt_at: datetime | None = None
-    keep_claim: bool = False  # stay 'queued' with our claim (fail over at once)
-    add_round: bool = False
 
 
 _COLUMNS = """message_id, claim_token, state, channel, user_id, request_id, attempts, rounds,
@@ -415,7 +401,7 @@ class DeliveryStore:
                 _TRANSITION,
                 job.message_id,
                 job.token,
-                change.state,
+                str(change.state),
                 change.provider_message_id,
                 change.error_class,
                 (change.error or "")[:4000] or None,
@@ -423,7 +409,7 @@ class DeliveryStore:
                 change.keep_claim,
                 change.add_round,
                 final,
-                job.state,
+                str(job.state),
                 r.result_id if r else None,
                 r.request_id if r else None,
                 r.user_id if r else None,

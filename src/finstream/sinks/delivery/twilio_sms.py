@@ -26,9 +26,10 @@ from finstream.domain.delivery import (
     normalize_e164,
     sms_segments,
 )
+from finstream.domain.delivery.lifecycle import Reconcile
 from finstream.domain.resilience import ErrorClass
 from finstream.settings import Settings
-from finstream.sinks.delivery.base import HttpProvider, Message, Reconcile, Sent
+from finstream.sinks.delivery.base import HttpProvider, Message, Sent
 
 CLOCK_SKEW = timedelta(seconds=60)
 
