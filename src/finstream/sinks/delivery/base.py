@@ -5,7 +5,8 @@ factory (None: not configured, so left out of its chain). Adding a provider
 is that module plus one line in :data:`REGISTRY`.
 
 A provider only talks to its service: it builds the request, sends it and
-classifies the answer (with :mod:`finstream.domain.delivery`). Retries,
+classifies the answer with its own ``classify()`` (the shared vocabulary,
+:class:`~finstream.domain.delivery.DeliveryError`, is in the domain). Retries,
 failover, circuit breaking, rate limits and idempotency are the engine's
 (:mod:`finstream.sinks.delivery.engine`), the same for every provider.
 

@@ -20,15 +20,8 @@ from finstream.domain.delivery import (
     RecipientError,
     RetryAction,
     RetryPolicy,
-    SmtpStage,
     apns_id,
     apply_feedback,
-    classify_apns,
-    classify_fcm,
-    classify_sendgrid,
-    classify_ses,
-    classify_smtp,
-    classify_twilio,
     dead_letter_reason,
     defer_delay,
     email_parts,
@@ -41,6 +34,13 @@ from finstream.domain.delivery import (
     validate_outbound,
 )
 from finstream.domain.resilience import Backoff, ErrorClass
+from finstream.sinks.delivery.apns import classify as classify_apns
+from finstream.sinks.delivery.fcm import classify as classify_fcm
+from finstream.sinks.delivery.sendgrid import classify as classify_sendgrid
+from finstream.sinks.delivery.ses import classify as classify_ses
+from finstream.sinks.delivery.smtp import SmtpStage
+from finstream.sinks.delivery.smtp import classify as classify_smtp
+from finstream.sinks.delivery.twilio_sms import classify as classify_twilio
 from tests.support.avro_strategies import strategy
 
 NOW = datetime(2024, 5, 10, 12, 0, tzinfo=UTC)
