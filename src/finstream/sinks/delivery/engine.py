@@ -122,15 +122,15 @@ from finstream.settings import Settings
 from finstream.sinks.delivery import metrics as m
 from finstream.sinks.delivery.base import CHANNEL_TOPICS, Provider, Sent
 from finstream.sinks.delivery.privacy import DeliveryPrivacy
-from finstream.sinks.delivery.store import (
-    DeliveryStore,
+from finstream.sinks.delivery.records import (
+    DeliveryStorePort,
     Job,
     LostClaim,
     NewDelivery,
     OutboxRecord,
     ResultRow,
-    outbox_headers,
 )
+from finstream.sinks.delivery.store import DeliveryStore
 from finstream.stores.read_models import PreferencesStore
 from finstream.topics import contract
 
@@ -185,6 +185,7 @@ class DeliveryEngine:
         redis: aioredis.Redis,
         publisher: KafkaPublisher,
         rng: random.Random | None = None,
+        store: DeliveryStorePort | None = None,
     ) -> None:
         self.settings = settings
         self.codec = codec
@@ -195,7 +196,10 @@ class DeliveryEngine:
         self.publisher = publisher
         self.dead_letters = DeadLetters(publisher, settings, role)
         self.prefs = PreferencesStore(redis, settings, codec)
-        self.store = DeliveryStore(pool, settings.delivery_lease_seconds)
+        # Unit tests hand in the in-memory twin (sinks/delivery/memory_store.py).
+        self.store: DeliveryStorePort = store or DeliveryStore(
+            pool, settings.delivery_lease_seconds
+        )
         self.privacy = DeliveryPrivacy(settings, codec, pool, channel)  # issue 14: seal, open
         # A call may take the whole timeout twice (FCM: token fetch, then the send).
         self.call_timeout = settings.delivery_timeout * 2 + 1.0
@@ -1110,19 +1114,9 @@ class DeliveryEngine:
 
     async def relay_once(self) -> int:
         """Publish pending outbox records, wait for Kafka's acks, then delete them."""
-        async with self.store.pool.acquire() as conn, conn.transaction():
-            rows = await self.store.outbox_batch(conn, OUTBOX_BATCH)
-            if not rows:
-                return 0
-            for row in rows:
-                await self.publisher.send(
-                    row["topic"],
-                    bytes(row["key"]) if row["key"] is not None else None,
-                    bytes(row["value"]) if row["value"] is not None else None,
-                    outbox_headers(row["headers"]),
-                )
-            await self.publisher.flush()
-            await conn.execute(
-                "DELETE FROM delivery_outbox WHERE id = ANY($1::bigint[])", [r["id"] for r in rows]
-            )
-        return len(rows)
+        return await self.store.relay(OUTBOX_BATCH, self._publish)
+
+    async def _publish(self, records: Sequence[OutboxRecord]) -> None:
+        for r in records:
+            await self.publisher.send(r.topic, r.key, r.value, list(r.headers))
+        await self.publisher.flush()
