@@ -18,8 +18,6 @@ STILL_TO_SPLIT = {
     "finstream/domain/notify/routing.py",
     "finstream/runtime/engine.py",
     "finstream/settings.py",
-    "finstream/sinks/delivery/engine.py",
-    "finstream/sinks/delivery/store.py",
     "finstream/stack/__init__.py",
 }
 

@@ -9,7 +9,8 @@ Redrive stays idempotent for outbound messages: the message's row in
 ``deliveries`` is reopened only if it ended without delivery (rejected,
 failed, expired), and only once: a message that was delivered, is still in
 progress, or was already redriven is not sent back, so redriving the same
-dead letter twice still sends the message at most once.
+dead letter twice still sends the message at most once
+(:mod:`finstream.sinks.delivery.redrive` makes that write).
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ from finstream.domain.deadletter import (
 from finstream.settings import Settings, get_settings
 
 REDRIVE_HEADER = "redrive.from"
-REOPENABLE = ("rejected", "failed", "expired")
 OUTBOUND_PREFIX = "notify.outbound."
 
 
@@ -240,44 +240,6 @@ def _reveal(settings: Settings, letter: Letter, decoded: dict[str, Any]) -> dict
     return opened
 
 
-async def _reopen(settings: Settings, message_id: str) -> str:
-    """Reopen a delivery for a redrive; returns what happened ('reopened' or why not)."""
-    import asyncpg
-
-    from finstream.stores.redis import connect
-
-    conn = await asyncpg.connect(settings.database_url.get_secret_value())
-    try:
-        row = await conn.fetchrow(
-            """UPDATE deliveries SET state = 'redrive', updated_at = now()
-               WHERE message_id = $1 AND state = ANY($2::text[])
-               RETURNING state""",
-            message_id,
-            list(REOPENABLE),
-        )
-        if row is None:
-            state = await conn.fetchval(
-                "SELECT state FROM deliveries WHERE message_id = $1", message_id
-            )
-            if state is not None:
-                return {
-                    "sent": "already delivered",
-                    "delivered": "already delivered",
-                    "redrive": "already redriven, not yet taken",
-                }.get(state, f"in progress ({state})")
-            return "reopened"  # never recorded: the worker will treat it as new
-    except asyncpg.UndefinedTableError:
-        return "reopened"
-    finally:
-        await conn.close()
-    redis = connect(settings)
-    try:
-        await redis.delete(settings.redis_key(f"dlv:{message_id}"))
-    finally:
-        await redis.aclose()
-    return "reopened"
-
-
 def _redrive_audit(settings: Settings, letter: Letter, target: str) -> dict[str, Any]:
     from finstream.codec import DecodeError, default_codec
     from finstream.privacy.prefs import audit_record
@@ -325,6 +287,7 @@ def redrive_command(  # noqa: PLR0917 (click passes options positionally)
 
     from finstream.codec import DecodeError
     from finstream.runtime.kafka import producer_config
+    from finstream.sinks.delivery.redrive import REOPENED, reopen
     from finstream.topics import contract, load_catalogue
 
     if not refs and not everything:
@@ -370,8 +333,8 @@ def redrive_command(  # noqa: PLR0917 (click passes options positionally)
             except DecodeError:
                 message_id = None
             if message_id and not dry_run:
-                outcome = asyncio.run(_reopen(settings, message_id))
-                if outcome != "reopened":
+                outcome = asyncio.run(reopen(settings, message_id))
+                if outcome != REOPENED:
                     click.echo(f"{letter.ref}: skipped, message {message_id} {outcome}")
                     skipped += 1
                     continue

@@ -2,12 +2,12 @@
 
 Everything here is I/O free and clock-injected, so it is tested exhaustively:
 
-* error classification of every provider's documented answers
-  (:func:`classify_sendgrid`, :func:`classify_ses`, :func:`classify_fcm`,
-  :func:`classify_apns`, :func:`classify_twilio`, :func:`classify_smtp`) into
-  :class:`DeliveryError` (a :class:`~finstream.domain.resilience.ProviderError`
+* :class:`DeliveryError` (a :class:`~finstream.domain.resilience.ProviderError`
   that also says whether the outcome is *ambiguous* and what feedback the
-  answer carries for the user's preferences);
+  answer carries for the user's preferences), and the helpers every
+  provider's ``classify()`` shares (:func:`by_status`, :func:`throttle_delay`);
+  each provider's classification of its documented answers lives beside it,
+  in its module of :mod:`finstream.sinks.delivery`;
 * the retry schedule (:class:`RetryPolicy`): exponential backoff with full
   jitter, never earlier than the provider's ``Retry-After`` / rate-limit reset,
   never past the message's deadline;
@@ -125,19 +125,19 @@ def throttle_delay(headers: Mapping[str, str], now: datetime) -> float | None:
     return max(waits) if waits else None
 
 
-def _json(body: bytes) -> Any:
+def json_body(body: bytes) -> Any:
     try:
         return json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         return None
 
 
-def _snippet(body: bytes, limit: int = 200) -> str:
+def snippet(body: bytes, limit: int = 200) -> str:
     text = body.decode("utf-8", "replace").strip().replace("\n", " ")
     return text[:limit] + ("..." if len(text) > limit else "")
 
 
-def _by_status(
+def by_status(
     provider: str,
     status: int,
     message: str,
@@ -162,335 +162,6 @@ def _by_status(
         code=code,
         retry_after=retry_after if cls.retryable else None,
     )
-
-
-# -- SendGrid v3 ------------------------------------------------------------------
-
-_SENDGRID_RECIPIENT_FIELDS = re.compile(r"^personalizations(\.\d+)?\.(to|cc|bcc)")
-
-
-def classify_sendgrid(
-    status: int, headers: Mapping[str, str], body: bytes, now: datetime
-) -> DeliveryError | None:
-    """None when SendGrid accepted the message (202 with ``X-Message-Id``)."""
-    if 200 <= status < 300:
-        if headers.get("x-message-id"):
-            return None
-        return DeliveryError(
-            ErrorClass.MALFORMED,
-            f"HTTP {status} without X-Message-Id",
-            provider="sendgrid",
-            status=status,
-            ambiguous=True,
-        )
-    data = _json(body)
-    errors = data.get("errors") if isinstance(data, dict) else None
-    messages: list[str] = []
-    recipient_problem = False
-    if isinstance(errors, list):
-        for e in errors:
-            if not isinstance(e, dict):
-                continue
-            field = str(e.get("field") or "")
-            messages.append(f"{field}: {e.get('message')}" if field else str(e.get("message")))
-            recipient_problem |= bool(_SENDGRID_RECIPIENT_FIELDS.match(field))
-    message = "; ".join(messages) or _snippet(body) or f"HTTP {status}"
-    if status == 400 and recipient_problem:
-        return DeliveryError(
-            ErrorClass.INVALID_RECIPIENT, message, provider="sendgrid", status=status
-        )
-    return _by_status("sendgrid", status, message, retry_after=throttle_delay(headers, now))
-
-
-# -- AWS SES v2 --------------------------------------------------------------------
-
-_SES_CLASSES = {
-    "TooManyRequestsException": ErrorClass.THROTTLED,
-    "LimitExceededException": ErrorClass.THROTTLED,  # sending quota for the period
-    "MessageRejected": ErrorClass.PERMANENT,
-    "BadRequestException": ErrorClass.PERMANENT,
-    # The account or its set-up cannot send at all: provider-level, fail over.
-    "AccountSuspendedException": ErrorClass.AUTH,
-    "SendingPausedException": ErrorClass.AUTH,
-    "MailFromDomainNotVerifiedException": ErrorClass.AUTH,
-    "NotFoundException": ErrorClass.AUTH,
-    "AccessDeniedException": ErrorClass.AUTH,
-    "UnrecognizedClientException": ErrorClass.AUTH,
-    "InvalidSignatureException": ErrorClass.AUTH,
-    "SignatureDoesNotMatch": ErrorClass.AUTH,
-    "ExpiredTokenException": ErrorClass.AUTH,
-    "ThrottlingException": ErrorClass.THROTTLED,
-    "ServiceUnavailable": ErrorClass.TRANSIENT,
-    "InternalFailure": ErrorClass.TRANSIENT,
-}
-
-
-def _ses_code(headers: Mapping[str, str], data: Any) -> str | None:
-    # restJson: the type is in x-amzn-ErrorType ("Code:http://..."), or in the
-    # body's __type ("namespace#Code") or code.
-    raw = headers.get("x-amzn-errortype")
-    if not raw and isinstance(data, dict):
-        raw = data.get("__type") or data.get("code") or data.get("Code")
-    if not raw or not isinstance(raw, str):
-        return None
-    return raw.split(":", 1)[0].rsplit("#", 1)[-1].strip() or None
-
-
-def classify_ses(
-    status: int, headers: Mapping[str, str], body: bytes, now: datetime
-) -> DeliveryError | None:
-    data = _json(body)
-    if 200 <= status < 300:
-        if isinstance(data, dict) and isinstance(data.get("MessageId"), str) and data["MessageId"]:
-            return None
-        return DeliveryError(
-            ErrorClass.MALFORMED,
-            f"HTTP {status} without MessageId: {_snippet(body)}",
-            provider="ses",
-            status=status,
-            ambiguous=True,
-        )
-    code = _ses_code(headers, data)
-    message = ""
-    if isinstance(data, dict):
-        message = str(data.get("message") or data.get("Message") or "")
-    message = message or _snippet(body) or f"HTTP {status}"
-    cls = _SES_CLASSES.get(code or "")
-    if cls is None:
-        return _by_status(
-            "ses", status, message, code=code, retry_after=throttle_delay(headers, now)
-        )
-    return DeliveryError(
-        cls,
-        message,
-        provider="ses",
-        status=status,
-        code=code,
-        retry_after=throttle_delay(headers, now) if cls.retryable else None,
-    )
-
-
-# -- Firebase Cloud Messaging HTTP v1 ------------------------------------------------
-
-_FCM_ERROR_TYPE = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
-
-
-def fcm_error_code(data: Any) -> tuple[str | None, str | None, str]:
-    """(FcmError errorCode, canonical status, message) of an FCM error body."""
-    err = data.get("error") if isinstance(data, dict) else None
-    if not isinstance(err, dict):
-        return None, None, ""
-    fcm_code = None
-    for detail in err.get("details") or []:
-        if isinstance(detail, dict) and detail.get("@type") == _FCM_ERROR_TYPE:
-            fcm_code = detail.get("errorCode")
-    status = err.get("status")
-    return (
-        fcm_code if isinstance(fcm_code, str) else None,
-        status if isinstance(status, str) else None,
-        str(err.get("message") or ""),
-    )
-
-
-def classify_fcm(
-    status: int, headers: Mapping[str, str], body: bytes, now: datetime
-) -> DeliveryError | None:
-    data = _json(body)
-    if status == 200:
-        if isinstance(data, dict) and isinstance(data.get("name"), str) and data["name"]:
-            return None
-        return DeliveryError(
-            ErrorClass.MALFORMED,
-            f"HTTP 200 without a message name: {_snippet(body)}",
-            provider="fcm",
-            status=status,
-            ambiguous=True,
-        )
-    fcm_code, canonical, message = fcm_error_code(data)
-    code = fcm_code or canonical
-    message = message or _snippet(body) or f"HTTP {status}"
-    wait = throttle_delay(headers, now)
-    if code == "UNREGISTERED":
-        return DeliveryError(
-            ErrorClass.INVALID_RECIPIENT,
-            message,
-            provider="fcm",
-            status=status,
-            code=code,
-            feedback=Feedback.TOKEN_INVALID,
-        )
-    if code == "SENDER_ID_MISMATCH":
-        return DeliveryError(
-            ErrorClass.INVALID_RECIPIENT, message, provider="fcm", status=status, code=code
-        )
-    if code in ("QUOTA_EXCEEDED", "RESOURCE_EXHAUSTED"):
-        return DeliveryError(
-            ErrorClass.THROTTLED,
-            message,
-            provider="fcm",
-            status=status,
-            code=code,
-            retry_after=wait,
-        )
-    if code in ("UNAVAILABLE", "INTERNAL"):
-        return DeliveryError(
-            ErrorClass.TRANSIENT,
-            message,
-            provider="fcm",
-            status=status,
-            code=code,
-            retry_after=wait,
-        )
-    if code in ("THIRD_PARTY_AUTH_ERROR", "UNAUTHENTICATED", "PERMISSION_DENIED"):
-        return DeliveryError(ErrorClass.AUTH, message, provider="fcm", status=status, code=code)
-    if code == "INVALID_ARGUMENT":
-        return DeliveryError(
-            ErrorClass.PERMANENT, message, provider="fcm", status=status, code=code
-        )
-    return _by_status("fcm", status, message, code=code, retry_after=wait)
-
-
-# -- Apple Push Notification service ----------------------------------------------------
-
-_APNS_REASONS = {
-    "Unregistered": ErrorClass.INVALID_RECIPIENT,
-    "ExpiredToken": ErrorClass.INVALID_RECIPIENT,
-    # BadDeviceToken also means "token of the other environment" (sandbox vs
-    # production): a set-up mistake must not mark every user's token invalid,
-    # so it is rejected without feedback.
-    "BadDeviceToken": ErrorClass.INVALID_RECIPIENT,
-    "DeviceTokenNotForTopic": ErrorClass.INVALID_RECIPIENT,
-    "ExpiredProviderToken": ErrorClass.AUTH,
-    "InvalidProviderToken": ErrorClass.AUTH,
-    "MissingProviderToken": ErrorClass.AUTH,
-    "BadCertificate": ErrorClass.AUTH,
-    "BadCertificateEnvironment": ErrorClass.AUTH,
-    "Forbidden": ErrorClass.AUTH,
-    "TopicDisallowed": ErrorClass.AUTH,
-    "TooManyRequests": ErrorClass.THROTTLED,
-    "TooManyProviderTokenUpdates": ErrorClass.THROTTLED,
-    "InternalServerError": ErrorClass.TRANSIENT,
-    "ServiceUnavailable": ErrorClass.TRANSIENT,
-    "Shutdown": ErrorClass.TRANSIENT,
-}
-
-
-def classify_apns(
-    status: int, headers: Mapping[str, str], body: bytes, now: datetime
-) -> DeliveryError | None:
-    if status == 200:
-        return None
-    data = _json(body)
-    reason = data.get("reason") if isinstance(data, dict) else None
-    reason = reason if isinstance(reason, str) else None
-    message = reason or _snippet(body) or f"HTTP {status}"
-    cls = _APNS_REASONS.get(reason or "")
-    wait = throttle_delay(headers, now)
-    if cls is None:
-        return _by_status("apns", status, message, code=reason, retry_after=wait)
-    return DeliveryError(
-        cls,
-        message,
-        provider="apns",
-        status=status,
-        code=reason,
-        retry_after=wait if cls.retryable else None,
-        feedback=Feedback.TOKEN_INVALID if status == 410 else None,
-    )
-
-
-# -- Twilio Messages ---------------------------------------------------------------------
-
-_TWILIO_CODES = {
-    21610: (ErrorClass.INVALID_RECIPIENT, Feedback.PHONE_OPTED_OUT),  # replied STOP
-    21211: (ErrorClass.INVALID_RECIPIENT, None),  # invalid To
-    21612: (ErrorClass.INVALID_RECIPIENT, None),  # cannot route to this number
-    21614: (ErrorClass.INVALID_RECIPIENT, None),  # not a mobile number
-    21408: (ErrorClass.INVALID_RECIPIENT, None),  # region not enabled
-    21617: (ErrorClass.PERMANENT, None),  # body too long
-    21602: (ErrorClass.PERMANENT, None),  # body required
-    20429: (ErrorClass.THROTTLED, None),
-    20003: (ErrorClass.AUTH, None),
-    20404: (ErrorClass.AUTH, None),  # account / service not found: set-up
-    21606: (ErrorClass.AUTH, None),  # From is not ours
-    21659: (ErrorClass.AUTH, None),
-}
-
-
-def classify_twilio(
-    status: int, headers: Mapping[str, str], body: bytes, now: datetime
-) -> DeliveryError | None:
-    data = _json(body)
-    if 200 <= status < 300:
-        if isinstance(data, dict) and isinstance(data.get("sid"), str) and data["sid"]:
-            return None
-        return DeliveryError(
-            ErrorClass.MALFORMED,
-            f"HTTP {status} without a message sid: {_snippet(body)}",
-            provider="twilio",
-            status=status,
-            ambiguous=True,
-        )
-    code: int | None = None
-    message = ""
-    if isinstance(data, dict):
-        raw = data.get("code")
-        code = raw if isinstance(raw, int) and not isinstance(raw, bool) else None
-        message = str(data.get("message") or "")
-    message = message or _snippet(body) or f"HTTP {status}"
-    wait = throttle_delay(headers, now)
-    known = _TWILIO_CODES.get(code) if code is not None else None
-    if known is None:
-        return _by_status(
-            "twilio",
-            status,
-            message,
-            code=str(code) if code is not None else None,
-            retry_after=wait,
-        )
-    cls, feedback = known
-    return DeliveryError(
-        cls,
-        message,
-        provider="twilio",
-        status=status,
-        code=str(code),
-        retry_after=wait if cls.retryable else None,
-        feedback=feedback,
-    )
-
-
-# -- SMTP --------------------------------------------------------------------------------
-
-
-class SmtpStage(enum.StrEnum):
-    CONNECT = "connect"  # connect, EHLO, STARTTLS, AUTH: nothing sent yet
-    ENVELOPE = "envelope"  # MAIL FROM / RCPT TO: the server has not got the message
-    DATA = "data"  # the message is on the wire: a lost reply leaves the outcome unknown
-
-
-def classify_smtp(code: int | None, message: str, stage: SmtpStage) -> DeliveryError:
-    """An SMTP failure. ``code`` is the reply code, None when the connection failed."""
-    text = message or "no reply"
-    if code is None:
-        # Connection refused, reset or timed out: harmless before DATA, ambiguous after.
-        return DeliveryError(
-            ErrorClass.TRANSIENT,
-            f"{stage.value}: {text}",
-            provider="smtp",
-            ambiguous=stage is SmtpStage.DATA,
-        )
-    if code in (530, 534, 535, 538):
-        cls = ErrorClass.AUTH
-    elif 400 <= code < 500:
-        cls = ErrorClass.TRANSIENT
-    elif stage is SmtpStage.ENVELOPE and code in (550, 551, 553, 501):
-        cls = ErrorClass.INVALID_RECIPIENT
-    elif stage is SmtpStage.CONNECT:
-        cls = ErrorClass.AUTH  # the server refuses us, not this message
-    else:
-        cls = ErrorClass.PERMANENT
-    return DeliveryError(cls, f"{stage.value}: {code} {text}", provider="smtp", code=str(code))
 
 
 # -- retry schedule -------------------------------------------------------------------

@@ -25,6 +25,8 @@ import asyncio
 import json
 import ssl
 import time
+from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -33,16 +35,70 @@ import jwt
 from finstream.domain.delivery import (
     PUSH_MAX_PAYLOAD_BYTES,
     DeliveryError,
+    Feedback,
     apns_id,
-    classify_apns,
+    by_status,
+    json_body,
+    snippet,
+    throttle_delay,
 )
+from finstream.domain.delivery.lifecycle import Reconcile
 from finstream.domain.resilience import ErrorClass
 from finstream.domain.time import to_micros
 from finstream.settings import Settings
-from finstream.sinks.delivery.base import HttpProvider, Message, Reconcile, Sent
+from finstream.sinks.delivery.base import HttpProvider, Message, Sent
 from finstream.sinks.delivery.fcm import collapse_id
 
 TOKEN_LIFETIME = 50 * 60.0
+
+
+# -- classification of the answers --------------------------------------------------
+
+_APNS_REASONS = {
+    "Unregistered": ErrorClass.INVALID_RECIPIENT,
+    "ExpiredToken": ErrorClass.INVALID_RECIPIENT,
+    # BadDeviceToken also means "token of the other environment" (sandbox vs
+    # production): a set-up mistake must not mark every user's token invalid,
+    # so it is rejected without feedback.
+    "BadDeviceToken": ErrorClass.INVALID_RECIPIENT,
+    "DeviceTokenNotForTopic": ErrorClass.INVALID_RECIPIENT,
+    "ExpiredProviderToken": ErrorClass.AUTH,
+    "InvalidProviderToken": ErrorClass.AUTH,
+    "MissingProviderToken": ErrorClass.AUTH,
+    "BadCertificate": ErrorClass.AUTH,
+    "BadCertificateEnvironment": ErrorClass.AUTH,
+    "Forbidden": ErrorClass.AUTH,
+    "TopicDisallowed": ErrorClass.AUTH,
+    "TooManyRequests": ErrorClass.THROTTLED,
+    "TooManyProviderTokenUpdates": ErrorClass.THROTTLED,
+    "InternalServerError": ErrorClass.TRANSIENT,
+    "ServiceUnavailable": ErrorClass.TRANSIENT,
+    "Shutdown": ErrorClass.TRANSIENT,
+}
+
+
+def classify(
+    status: int, headers: Mapping[str, str], body: bytes, now: datetime
+) -> DeliveryError | None:
+    if status == 200:
+        return None
+    data = json_body(body)
+    reason = data.get("reason") if isinstance(data, dict) else None
+    reason = reason if isinstance(reason, str) else None
+    message = reason or snippet(body) or f"HTTP {status}"
+    cls = _APNS_REASONS.get(reason or "")
+    wait = throttle_delay(headers, now)
+    if cls is None:
+        return by_status("apns", status, message, code=reason, retry_after=wait)
+    return DeliveryError(
+        cls,
+        message,
+        provider="apns",
+        status=status,
+        code=reason,
+        retry_after=wait if cls.retryable else None,
+        feedback=Feedback.TOKEN_INVALID if status == 410 else None,
+    )
 
 
 class Apns(HttpProvider):
@@ -121,7 +177,7 @@ class Apns(HttpProvider):
             response = await self.request(
                 "POST", url, content=body, headers=self.headers(message, token)
             )
-            error = classify_apns(
+            error = classify(
                 response.status_code, self.lower_headers(response), response.content, self.now()
             )
             if error is None:

@@ -5,7 +5,8 @@ factory (None: not configured, so left out of its chain). Adding a provider
 is that module plus one line in :data:`REGISTRY`.
 
 A provider only talks to its service: it builds the request, sends it and
-classifies the answer (with :mod:`finstream.domain.delivery`). Retries,
+classifies the answer with its own ``classify()`` (the shared vocabulary,
+:class:`~finstream.domain.delivery.DeliveryError`, is in the domain). Retries,
 failover, circuit breaking, rate limits and idempotency are the engine's
 (:mod:`finstream.sinks.delivery.engine`), the same for every provider.
 
@@ -24,7 +25,6 @@ answer and the record):
 
 from __future__ import annotations
 
-import enum
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -34,17 +34,12 @@ from typing import Any, Protocol
 import httpx
 
 from finstream.domain.delivery import DeliveryError
+from finstream.domain.delivery.lifecycle import Reconcile
 from finstream.domain.resilience import ErrorClass
 from finstream.domain.time import utcnow
 from finstream.settings import Settings
 
 Message = Mapping[str, Any]  # a decoded OutboundMessage
-
-
-class Reconcile(enum.StrEnum):
-    LOOKUP = "lookup"
-    IDEMPOTENT = "idempotent"
-    NONE = "none"
 
 
 @dataclass(frozen=True)

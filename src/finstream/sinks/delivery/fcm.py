@@ -18,6 +18,8 @@ import asyncio
 import hashlib
 import json
 import time
+from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +28,17 @@ import jwt
 from finstream.domain.delivery import (
     PUSH_MAX_PAYLOAD_BYTES,
     DeliveryError,
-    classify_fcm,
+    Feedback,
+    by_status,
+    json_body,
+    snippet,
+    throttle_delay,
 )
+from finstream.domain.delivery.lifecycle import Reconcile
 from finstream.domain.resilience import ErrorClass
 from finstream.domain.time import to_micros
 from finstream.settings import Settings
-from finstream.sinks.delivery.base import HttpProvider, Message, Reconcile, Sent
+from finstream.sinks.delivery.base import HttpProvider, Message, Sent
 
 SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:jwt-bearer"
@@ -60,6 +67,86 @@ class ServiceAccount:
     @classmethod
     def from_file(cls, path: Path) -> ServiceAccount:
         return cls(json.loads(path.read_text()))
+
+
+# -- classification of the answers --------------------------------------------------
+
+_FCM_ERROR_TYPE = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
+
+
+def fcm_error_code(data: Any) -> tuple[str | None, str | None, str]:
+    """(FcmError errorCode, canonical status, message) of an FCM error body."""
+    err = data.get("error") if isinstance(data, dict) else None
+    if not isinstance(err, dict):
+        return None, None, ""
+    fcm_code = None
+    for detail in err.get("details") or []:
+        if isinstance(detail, dict) and detail.get("@type") == _FCM_ERROR_TYPE:
+            fcm_code = detail.get("errorCode")
+    status = err.get("status")
+    return (
+        fcm_code if isinstance(fcm_code, str) else None,
+        status if isinstance(status, str) else None,
+        str(err.get("message") or ""),
+    )
+
+
+def classify(
+    status: int, headers: Mapping[str, str], body: bytes, now: datetime
+) -> DeliveryError | None:
+    data = json_body(body)
+    if status == 200:
+        if isinstance(data, dict) and isinstance(data.get("name"), str) and data["name"]:
+            return None
+        return DeliveryError(
+            ErrorClass.MALFORMED,
+            f"HTTP 200 without a message name: {snippet(body)}",
+            provider="fcm",
+            status=status,
+            ambiguous=True,
+        )
+    fcm_code, canonical, message = fcm_error_code(data)
+    code = fcm_code or canonical
+    message = message or snippet(body) or f"HTTP {status}"
+    wait = throttle_delay(headers, now)
+    if code == "UNREGISTERED":
+        return DeliveryError(
+            ErrorClass.INVALID_RECIPIENT,
+            message,
+            provider="fcm",
+            status=status,
+            code=code,
+            feedback=Feedback.TOKEN_INVALID,
+        )
+    if code == "SENDER_ID_MISMATCH":
+        return DeliveryError(
+            ErrorClass.INVALID_RECIPIENT, message, provider="fcm", status=status, code=code
+        )
+    if code in ("QUOTA_EXCEEDED", "RESOURCE_EXHAUSTED"):
+        return DeliveryError(
+            ErrorClass.THROTTLED,
+            message,
+            provider="fcm",
+            status=status,
+            code=code,
+            retry_after=wait,
+        )
+    if code in ("UNAVAILABLE", "INTERNAL"):
+        return DeliveryError(
+            ErrorClass.TRANSIENT,
+            message,
+            provider="fcm",
+            status=status,
+            code=code,
+            retry_after=wait,
+        )
+    if code in ("THIRD_PARTY_AUTH_ERROR", "UNAUTHENTICATED", "PERMISSION_DENIED"):
+        return DeliveryError(ErrorClass.AUTH, message, provider="fcm", status=status, code=code)
+    if code == "INVALID_ARGUMENT":
+        return DeliveryError(
+            ErrorClass.PERMANENT, message, provider="fcm", status=status, code=code
+        )
+    return by_status("fcm", status, message, code=code, retry_after=wait)
 
 
 class Fcm(HttpProvider):
@@ -190,7 +277,7 @@ class Fcm(HttpProvider):
             response = await self.request(
                 "POST", self._url, json=body, headers={"authorization": f"Bearer {token}"}
             )
-            error = classify_fcm(
+            error = classify(
                 response.status_code, self.lower_headers(response), response.content, self.now()
             )
             if error is None:

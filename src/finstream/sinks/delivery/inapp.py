@@ -35,11 +35,12 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from finstream.codec import Codec, DecodeError
 from finstream.domain import strict_json
 from finstream.domain.delivery import DeliveryError
+from finstream.domain.delivery.lifecycle import Reconcile
 from finstream.domain.resilience import ErrorClass
 from finstream.domain.time import to_micros
 from finstream.runtime.logging import get_logger
 from finstream.settings import Settings
-from finstream.sinks.delivery.base import Message, Reconcile, Sent
+from finstream.sinks.delivery.base import Message, Sent
 from finstream.stores.inbox import Inbox
 from finstream.stores.redis import RepairMarks, connect
 

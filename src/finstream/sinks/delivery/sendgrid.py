@@ -10,17 +10,60 @@ treated like a provider that cannot be asked.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
 from finstream.domain.delivery import (
     DeliveryError,
-    classify_sendgrid,
+    by_status,
     email_parts,
+    json_body,
+    snippet,
+    throttle_delay,
 )
+from finstream.domain.delivery.lifecycle import Reconcile
 from finstream.domain.resilience import ErrorClass
 from finstream.settings import Settings
-from finstream.sinks.delivery.base import HttpProvider, Message, Reconcile, Sent
+from finstream.sinks.delivery.base import HttpProvider, Message, Sent
+
+# -- classification of the answers --------------------------------------------------
+
+_SENDGRID_RECIPIENT_FIELDS = re.compile(r"^personalizations(\.\d+)?\.(to|cc|bcc)")
+
+
+def classify(
+    status: int, headers: Mapping[str, str], body: bytes, now: datetime
+) -> DeliveryError | None:
+    """None when SendGrid accepted the message (202 with ``X-Message-Id``)."""
+    if 200 <= status < 300:
+        if headers.get("x-message-id"):
+            return None
+        return DeliveryError(
+            ErrorClass.MALFORMED,
+            f"HTTP {status} without X-Message-Id",
+            provider="sendgrid",
+            status=status,
+            ambiguous=True,
+        )
+    data = json_body(body)
+    errors = data.get("errors") if isinstance(data, dict) else None
+    messages: list[str] = []
+    recipient_problem = False
+    if isinstance(errors, list):
+        for e in errors:
+            if not isinstance(e, dict):
+                continue
+            field = str(e.get("field") or "")
+            messages.append(f"{field}: {e.get('message')}" if field else str(e.get("message")))
+            recipient_problem |= bool(_SENDGRID_RECIPIENT_FIELDS.match(field))
+    message = "; ".join(messages) or snippet(body) or f"HTTP {status}"
+    if status == 400 and recipient_problem:
+        return DeliveryError(
+            ErrorClass.INVALID_RECIPIENT, message, provider="sendgrid", status=status
+        )
+    return by_status("sendgrid", status, message, retry_after=throttle_delay(headers, now))
 
 
 class SendGrid(HttpProvider):
@@ -68,7 +111,7 @@ class SendGrid(HttpProvider):
         response = await self.request(
             "POST", f"{self._base}/v3/mail/send", json=self.payload(message), headers=self._auth
         )
-        error = classify_sendgrid(
+        error = classify(
             response.status_code, self.lower_headers(response), response.content, self.now()
         )
         if error is not None:
@@ -84,7 +127,7 @@ class SendGrid(HttpProvider):
             headers=self._auth,
         )
         if response.status_code != 200:
-            error = classify_sendgrid(
+            error = classify(
                 response.status_code, self.lower_headers(response), response.content, self.now()
             )
             raise error or DeliveryError(

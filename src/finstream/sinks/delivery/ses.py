@@ -13,15 +13,26 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
 
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-from finstream.domain.delivery import classify_ses, email_parts
+from finstream.domain.delivery import (
+    DeliveryError,
+    by_status,
+    email_parts,
+    json_body,
+    snippet,
+    throttle_delay,
+)
+from finstream.domain.delivery.lifecycle import Reconcile
+from finstream.domain.resilience import ErrorClass
 from finstream.settings import Settings
-from finstream.sinks.delivery.base import HttpProvider, Message, Reconcile, Sent
+from finstream.sinks.delivery.base import HttpProvider, Message, Sent
 
 _TAG_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -29,6 +40,74 @@ _TAG_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 def _tag(value: str) -> str:
     # SES tag values: ASCII letters, digits, underscores and dashes, at most 256.
     return _TAG_UNSAFE.sub("_", value)[:256] or "_"
+
+
+# -- classification of the answers --------------------------------------------------
+
+_SES_CLASSES = {
+    "TooManyRequestsException": ErrorClass.THROTTLED,
+    "LimitExceededException": ErrorClass.THROTTLED,  # sending quota for the period
+    "MessageRejected": ErrorClass.PERMANENT,
+    "BadRequestException": ErrorClass.PERMANENT,
+    # The account or its set-up cannot send at all: provider-level, fail over.
+    "AccountSuspendedException": ErrorClass.AUTH,
+    "SendingPausedException": ErrorClass.AUTH,
+    "MailFromDomainNotVerifiedException": ErrorClass.AUTH,
+    "NotFoundException": ErrorClass.AUTH,
+    "AccessDeniedException": ErrorClass.AUTH,
+    "UnrecognizedClientException": ErrorClass.AUTH,
+    "InvalidSignatureException": ErrorClass.AUTH,
+    "SignatureDoesNotMatch": ErrorClass.AUTH,
+    "ExpiredTokenException": ErrorClass.AUTH,
+    "ThrottlingException": ErrorClass.THROTTLED,
+    "ServiceUnavailable": ErrorClass.TRANSIENT,
+    "InternalFailure": ErrorClass.TRANSIENT,
+}
+
+
+def _ses_code(headers: Mapping[str, str], data: Any) -> str | None:
+    # restJson: the type is in x-amzn-ErrorType ("Code:http://..."), or in the
+    # body's __type ("namespace#Code") or code.
+    raw = headers.get("x-amzn-errortype")
+    if not raw and isinstance(data, dict):
+        raw = data.get("__type") or data.get("code") or data.get("Code")
+    if not raw or not isinstance(raw, str):
+        return None
+    return raw.split(":", 1)[0].rsplit("#", 1)[-1].strip() or None
+
+
+def classify(
+    status: int, headers: Mapping[str, str], body: bytes, now: datetime
+) -> DeliveryError | None:
+    data = json_body(body)
+    if 200 <= status < 300:
+        if isinstance(data, dict) and isinstance(data.get("MessageId"), str) and data["MessageId"]:
+            return None
+        return DeliveryError(
+            ErrorClass.MALFORMED,
+            f"HTTP {status} without MessageId: {snippet(body)}",
+            provider="ses",
+            status=status,
+            ambiguous=True,
+        )
+    code = _ses_code(headers, data)
+    message = ""
+    if isinstance(data, dict):
+        message = str(data.get("message") or data.get("Message") or "")
+    message = message or snippet(body) or f"HTTP {status}"
+    cls = _SES_CLASSES.get(code or "")
+    if cls is None:
+        return by_status(
+            "ses", status, message, code=code, retry_after=throttle_delay(headers, now)
+        )
+    return DeliveryError(
+        cls,
+        message,
+        provider="ses",
+        status=status,
+        code=code,
+        retry_after=throttle_delay(headers, now) if cls.retryable else None,
+    )
 
 
 class Ses(HttpProvider):
@@ -92,7 +171,7 @@ class Ses(HttpProvider):
         response = await self.request(
             "POST", self._url, content=body, headers=self.signed_headers(body)
         )
-        error = classify_ses(
+        error = classify(
             response.status_code, self.lower_headers(response), response.content, self.now()
         )
         if error is not None:

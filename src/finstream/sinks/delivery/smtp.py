@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 from email.message import EmailMessage
 from email.utils import formataddr, formatdate
 from typing import Any
@@ -23,14 +24,13 @@ import aiosmtplib
 
 from finstream.domain.delivery import (
     DeliveryError,
-    SmtpStage,
-    classify_smtp,
     email_message_id,
     email_parts,
 )
+from finstream.domain.delivery.lifecycle import Reconcile
 from finstream.domain.resilience import ErrorClass
 from finstream.settings import Settings
-from finstream.sinks.delivery.base import Message, Reconcile, Sent
+from finstream.sinks.delivery.base import Message, Sent
 
 POOL_SIZE = 4
 
@@ -58,6 +58,39 @@ def build_email(message: Message, settings: Settings) -> tuple[EmailMessage, str
     if parts.html:
         mail.add_alternative(parts.html, subtype="html")
     return mail, parts.from_address, parts.to
+
+
+# -- classification of the answers --------------------------------------------------
+
+
+class SmtpStage(enum.StrEnum):
+    CONNECT = "connect"  # connect, EHLO, STARTTLS, AUTH: nothing sent yet
+    ENVELOPE = "envelope"  # MAIL FROM / RCPT TO: the server has not got the message
+    DATA = "data"  # the message is on the wire: a lost reply leaves the outcome unknown
+
+
+def classify(code: int | None, message: str, stage: SmtpStage) -> DeliveryError:
+    """An SMTP failure. ``code`` is the reply code, None when the connection failed."""
+    text = message or "no reply"
+    if code is None:
+        # Connection refused, reset or timed out: harmless before DATA, ambiguous after.
+        return DeliveryError(
+            ErrorClass.TRANSIENT,
+            f"{stage.value}: {text}",
+            provider="smtp",
+            ambiguous=stage is SmtpStage.DATA,
+        )
+    if code in (530, 534, 535, 538):
+        cls = ErrorClass.AUTH
+    elif 400 <= code < 500:
+        cls = ErrorClass.TRANSIENT
+    elif stage is SmtpStage.ENVELOPE and code in (550, 551, 553, 501):
+        cls = ErrorClass.INVALID_RECIPIENT
+    elif stage is SmtpStage.CONNECT:
+        cls = ErrorClass.AUTH  # the server refuses us, not this message
+    else:
+        cls = ErrorClass.PERMANENT
+    return DeliveryError(cls, f"{stage.value}: {code} {text}", provider="smtp", code=str(code))
 
 
 class Smtp:
@@ -105,7 +138,7 @@ class Smtp:
         except (aiosmtplib.SMTPException, OSError) as exc:
             with contextlib.suppress(Exception):
                 client.close()
-            raise _classify(exc, SmtpStage.CONNECT) from None
+            raise _classify_exception(exc, SmtpStage.CONNECT) from None
         return client
 
     async def send(self, message: Message) -> Sent:
@@ -119,7 +152,7 @@ class Smtp:
                 stage = SmtpStage.DATA
                 response = await client.data(mail.as_bytes())
             except (aiosmtplib.SMTPException, OSError) as exc:
-                error = _classify(exc, stage)
+                error = _classify_exception(exc, stage)
                 await self._recycle(client, reusable=error.code is not None)
                 raise error from None
             self._idle.append(client)
@@ -147,16 +180,16 @@ class Smtp:
                 await client.quit()
 
 
-def _classify(exc: BaseException, stage: SmtpStage) -> DeliveryError:
+def _classify_exception(exc: BaseException, stage: SmtpStage) -> DeliveryError:
     if isinstance(exc, aiosmtplib.SMTPRecipientsRefused) and exc.recipients:
         exc = exc.recipients[0]
     if isinstance(exc, aiosmtplib.SMTPResponseException):
-        error = classify_smtp(exc.code, exc.message, stage)
+        error = classify(exc.code, exc.message, stage)
     elif isinstance(exc, aiosmtplib.SMTPNotSupported):
         # e.g. STARTTLS required by our settings but not offered: set-up, not the message.
         error = DeliveryError(ErrorClass.AUTH, f"{stage.value}: {exc}", provider="smtp")
     else:
-        error = classify_smtp(None, f"{type(exc).__name__}: {exc}", stage)
+        error = classify(None, f"{type(exc).__name__}: {exc}", stage)
     return error
 
 

@@ -12,126 +12,22 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-FINAL_STATES = ("sent", "delivered", "rejected", "failed", "expired")
-SUCCESS_STATES = ("sent", "delivered")
+from finstream.domain.delivery.lifecycle import FINAL_STATES, Transition
+from finstream.sinks.delivery.records import (
+    Job,
+    LostClaim,
+    NewDelivery,
+    OutboxRecord,
+    Publish,
+    ResultRow,
+)
 
 Conn = asyncpg.Connection | PoolConnectionProxy  # what pool.acquire() hands out
-
-
-@dataclass
-class Job:
-    """A claimed delivery row, as the dispatcher works on it."""
-
-    message_id: str
-    token: uuid.UUID
-    state: str  # 'queued' (attempt it) or 'unknown' (reconcile it)
-    channel: str
-    user_id: str
-    request_id: str
-    attempts: int
-    rounds: int
-    provider: str | None
-    sending_at: datetime | None
-    deadline: datetime
-    correlation_id: str | None
-    source_topic: str
-    source_partition: int
-    source_offset: int
-    raw: bytes
-    message: dict[str, Any] = field(default_factory=dict)
-    last_error_class: str | None = None
-    last_error: str | None = None
-
-    @classmethod
-    def from_row(cls, row: asyncpg.Record) -> Job:
-        return cls(
-            message_id=row["message_id"],
-            token=row["claim_token"],
-            state=row["state"],
-            channel=row["channel"],
-            user_id=row["user_id"],
-            request_id=row["request_id"],
-            attempts=row["attempts"],
-            rounds=row["rounds"],
-            provider=row["provider"],
-            sending_at=row["sending_at"],
-            deadline=row["deadline"],
-            correlation_id=row["correlation_id"],
-            source_topic=row["source_topic"],
-            source_partition=row["source_partition"],
-            source_offset=row["source_offset"],
-            raw=bytes(row["message"]),
-            last_error_class=row["last_error_class"],
-            last_error=row["last_error"],
-        )
-
-
-@dataclass(frozen=True)
-class NewDelivery:
-    message_id: str
-    channel: str
-    user_id: str
-    request_id: str
-    deadline: datetime
-    correlation_id: str | None
-    source_topic: str
-    source_partition: int
-    source_offset: int
-    raw: bytes
-    # What a journey shows of the message without its body (the API may read these).
-    locale: str | None = None
-    subject: str | None = None
-    recipient_masked: str | None = None
-    # The message's personal part, sealed under the user's key (issue 14).
-    content: str | None = None
-
-
-@dataclass(frozen=True)
-class OutboxRecord:
-    topic: str
-    key: bytes | None
-    value: bytes | None
-    headers: Sequence[tuple[str, bytes]] = ()
-
-    def headers_json(self) -> str:
-        return json.dumps([[k, bytes(v).hex()] for k, v in self.headers])
-
-
-@dataclass(frozen=True)
-class ResultRow:
-    result_id: str
-    message_id: str
-    request_id: str
-    user_id: str
-    channel: str
-    provider: str
-    status: str
-    attempt: int
-    provider_message_id: str | None
-    error_class: str | None
-    error: str | None
-    latency_ms: float | None
-    at: datetime
-
-
-@dataclass(frozen=True)
-class Transition:
-    """How a row leaves the state the worker holds it in."""
-
-    state: str
-    provider_message_id: str | None = None
-    error_class: str | None = None
-    error: str | None = None
-    next_attempt_at: datetime | None = None
-    keep_claim: bool = False  # stay 'queued' with our claim (fail over at once)
-    add_round: bool = False
 
 
 _COLUMNS = """message_id, claim_token, state, channel, user_id, request_id, attempts, rounds,
@@ -169,8 +65,27 @@ SELECT count(*) FROM moved
 """
 
 
-class LostClaim(RuntimeError):
-    """The row is no longer ours (lease ran out and another worker took it)."""
+def _job(row: asyncpg.Record) -> Job:
+    return Job(
+        message_id=row["message_id"],
+        token=row["claim_token"],
+        state=row["state"],
+        channel=row["channel"],
+        user_id=row["user_id"],
+        request_id=row["request_id"],
+        attempts=row["attempts"],
+        rounds=row["rounds"],
+        provider=row["provider"],
+        sending_at=row["sending_at"],
+        deadline=row["deadline"],
+        correlation_id=row["correlation_id"],
+        source_topic=row["source_topic"],
+        source_partition=row["source_partition"],
+        source_offset=row["source_offset"],
+        raw=bytes(row["message"]),
+        last_error_class=row["last_error_class"],
+        last_error=row["last_error"],
+    )
 
 
 class DeliveryStore:
@@ -252,14 +167,14 @@ class DeliveryStore:
                 row.source_partition,
                 row.source_offset,
             )
-        return Job.from_row(found) if found else None
+        return _job(found) if found else None
 
     async def jobs(self, ids: Sequence[str]) -> list[Job]:
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(
                 f"SELECT {_COLUMNS} FROM deliveries WHERE message_id = ANY($1::text[])", list(ids)
             )
-        by_id = {r["message_id"]: Job.from_row(r) for r in rows}
+        by_id = {r["message_id"]: _job(r) for r in rows}
         return [by_id[i] for i in ids if i in by_id]
 
     async def attempts_of(self, message_id: str) -> int:
@@ -315,7 +230,7 @@ class DeliveryStore:
                 token,
                 self.lease,
             )
-        return [Job.from_row(r) for r in rows]
+        return [_job(r) for r in rows]
 
     async def backlog(self, channel: str) -> dict[str, int]:
         async with self.pool.acquire() as conn:
@@ -415,7 +330,7 @@ class DeliveryStore:
                 _TRANSITION,
                 job.message_id,
                 job.token,
-                change.state,
+                str(change.state),
                 change.provider_message_id,
                 change.error_class,
                 (change.error or "")[:4000] or None,
@@ -423,7 +338,7 @@ class DeliveryStore:
                 change.keep_claim,
                 change.add_round,
                 final,
-                job.state,
+                str(job.state),
                 r.result_id if r else None,
                 r.request_id if r else None,
                 r.user_id if r else None,
@@ -505,6 +420,32 @@ class DeliveryStore:
             await insert_outbox(conn, outbox)
 
     # -- outbox relay --------------------------------------------------------------------
+    async def relay(self, limit: int, publish: Publish) -> int:
+        """Publish pending outbox records, then delete them: in one transaction.
+
+        The rows stay locked (SKIP LOCKED for other relays) until ``publish``
+        returns, so a record is deleted only after Kafka acknowledged it.
+        """
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await self.outbox_batch(conn, limit)
+            if not rows:
+                return 0
+            await publish(
+                [
+                    OutboxRecord(
+                        row["topic"],
+                        bytes(row["key"]) if row["key"] is not None else None,
+                        bytes(row["value"]) if row["value"] is not None else None,
+                        outbox_headers(row["headers"]),
+                    )
+                    for row in rows
+                ]
+            )
+            await conn.execute(
+                "DELETE FROM delivery_outbox WHERE id = ANY($1::bigint[])", [r["id"] for r in rows]
+            )
+        return len(rows)
+
     async def outbox_batch(self, conn: Conn, limit: int) -> list[asyncpg.Record]:
         return list(
             await conn.fetch(

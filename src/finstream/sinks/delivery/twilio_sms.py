@@ -14,6 +14,7 @@ created since the send started with the same body.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -21,16 +22,82 @@ from urllib.parse import urlencode
 
 from finstream.domain.delivery import (
     DeliveryError,
+    Feedback,
     RecipientError,
-    classify_twilio,
+    by_status,
+    json_body,
     normalize_e164,
     sms_segments,
+    snippet,
+    throttle_delay,
 )
+from finstream.domain.delivery.lifecycle import Reconcile
 from finstream.domain.resilience import ErrorClass
 from finstream.settings import Settings
-from finstream.sinks.delivery.base import HttpProvider, Message, Reconcile, Sent
+from finstream.sinks.delivery.base import HttpProvider, Message, Sent
 
 CLOCK_SKEW = timedelta(seconds=60)
+
+
+# -- classification of the answers --------------------------------------------------
+
+_TWILIO_CODES = {
+    21610: (ErrorClass.INVALID_RECIPIENT, Feedback.PHONE_OPTED_OUT),  # replied STOP
+    21211: (ErrorClass.INVALID_RECIPIENT, None),  # invalid To
+    21612: (ErrorClass.INVALID_RECIPIENT, None),  # cannot route to this number
+    21614: (ErrorClass.INVALID_RECIPIENT, None),  # not a mobile number
+    21408: (ErrorClass.INVALID_RECIPIENT, None),  # region not enabled
+    21617: (ErrorClass.PERMANENT, None),  # body too long
+    21602: (ErrorClass.PERMANENT, None),  # body required
+    20429: (ErrorClass.THROTTLED, None),
+    20003: (ErrorClass.AUTH, None),
+    20404: (ErrorClass.AUTH, None),  # account / service not found: set-up
+    21606: (ErrorClass.AUTH, None),  # From is not ours
+    21659: (ErrorClass.AUTH, None),
+}
+
+
+def classify(
+    status: int, headers: Mapping[str, str], body: bytes, now: datetime
+) -> DeliveryError | None:
+    data = json_body(body)
+    if 200 <= status < 300:
+        if isinstance(data, dict) and isinstance(data.get("sid"), str) and data["sid"]:
+            return None
+        return DeliveryError(
+            ErrorClass.MALFORMED,
+            f"HTTP {status} without a message sid: {snippet(body)}",
+            provider="twilio",
+            status=status,
+            ambiguous=True,
+        )
+    code: int | None = None
+    message = ""
+    if isinstance(data, dict):
+        raw = data.get("code")
+        code = raw if isinstance(raw, int) and not isinstance(raw, bool) else None
+        message = str(data.get("message") or "")
+    message = message or snippet(body) or f"HTTP {status}"
+    wait = throttle_delay(headers, now)
+    known = _TWILIO_CODES.get(code) if code is not None else None
+    if known is None:
+        return by_status(
+            "twilio",
+            status,
+            message,
+            code=str(code) if code is not None else None,
+            retry_after=wait,
+        )
+    cls, feedback = known
+    return DeliveryError(
+        cls,
+        message,
+        provider="twilio",
+        status=status,
+        code=str(code),
+        retry_after=wait if cls.retryable else None,
+        feedback=feedback,
+    )
 
 
 class TwilioSms(HttpProvider):
@@ -73,7 +140,7 @@ class TwilioSms(HttpProvider):
         form = self.form(message)
         segments = sms_segments(form["Body"])
         response = await self.request("POST", self._url, data=form, auth=self._auth)
-        error = classify_twilio(
+        error = classify(
             response.status_code, self.lower_headers(response), response.content, self.now()
         )
         if error is not None:
@@ -88,7 +155,7 @@ class TwilioSms(HttpProvider):
             "GET", self._url, params={"To": to, "PageSize": "50"}, auth=self._auth
         )
         if response.status_code != 200:
-            error = classify_twilio(
+            error = classify(
                 response.status_code, self.lower_headers(response), response.content, self.now()
             )
             raise error or DeliveryError(
