@@ -38,6 +38,11 @@ from tests.support.services import TestEnv, free_port, wait_until
 
 from .conftest import ROOT, TOOLS_ENV
 
+# The first test builds the image (its fixture), which pip-installs every wheel inside
+# buildah: minutes on two loaded cores. The build has its own bound (1,800 s); the
+# suite's 300 s default cut it off on a CI run beside a CPU hog.
+pytestmark = pytest.mark.timeout(1800)
+
 IMAGE = "localhost/finstream:test"
 
 

@@ -115,8 +115,13 @@ class Quotes(Processor):
         self.owned -= partitions
 
     async def punctuate(self, out: Output) -> None:
-        if self.marks is None or self.writer.pending or not self.owned:
-            return  # writes are failing: the writer retries them first
+        if self.writer.pending:
+            # Writes failed: retry them here too (the writer's backoff applies),
+            # or the last quotes before the ticks stop would wait for the next tick.
+            await self.writer.flush()
+            return
+        if self.marks is None or not self.owned:
+            return
         try:
             lost = await self.marks.missing(str(p) for p in sorted(self.owned))
         except Exception as exc:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
@@ -148,8 +149,9 @@ class QuoteWriter:
     per backoff period so that a dead Redis does not slow the stream down.
     """
 
-    def __init__(self, cache: QuoteCache) -> None:
+    def __init__(self, cache: QuoteCache, clock: Callable[[], float] = time.monotonic) -> None:
         self._cache = cache
+        self._clock = clock
         self._pending: dict[str, Tick] = {}
         self._failures = 0
         self._retry_at = 0.0
@@ -166,7 +168,7 @@ class QuoteWriter:
     async def flush(self) -> None:
         if not self._pending:
             return
-        now = time.monotonic()
+        now = self._clock()
         if now < self._retry_at:
             return
         batch, self._pending = list(self._pending.values()), {}
