@@ -88,6 +88,20 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def kraft_cluster_id(draw: Callable[[], bytes] = lambda: uuid.uuid4().bytes) -> str:
+    """A KRaft cluster id: 16 random bytes in URL-safe base64 without padding.
+
+    One id in 64 would start with "-", and ``StorageTool format -t <id>`` then
+    reads it as an option ("argument --cluster-id/-t: expected one argument");
+    a landing CI run failed that way. Kafka's own ``Uuid.randomUuid`` draws
+    again in that case, and so does this.
+    """
+    while True:
+        cluster_id = base64.urlsafe_b64encode(draw()).rstrip(b"=").decode()
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
 def _read_pid(path: Path) -> int | None:
     """The live pid in a pid file (PostgreSQL's postmaster.pid has it on the first line)."""
     try:
@@ -436,9 +450,8 @@ class Stack:
         if (self.kafka_dir / "data" / "meta.properties").exists():
             return
         id_file = self.kafka_dir / "cluster.id"
-        if not id_file.exists():
-            # KRaft cluster ids are 16 random bytes in URL-safe base64 without padding.
-            id_file.write_text(base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode())
+        if not id_file.exists() or id_file.read_text().startswith("-"):
+            id_file.write_text(kraft_cluster_id())
         log("kafka: formatting storage (first start)")
         proc = subprocess.run(
             [
