@@ -40,6 +40,7 @@ unexpected error become dead letters with the reason (and, for requests, a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -84,6 +85,9 @@ from finstream.stores.templates import load_templates
 from finstream.topics import Contract, contract
 
 log = get_logger(__name__)
+
+# Users' keys are loaded this many events at a time, one chunk ahead of routing.
+KEY_CHUNK = 100
 
 DECISIONS = Counter("finstream_router_decisions_total", "Routing decisions by action", ["action"])
 MESSAGES = Counter("finstream_router_messages_total", "Outbound messages routed", ["channel"])
@@ -258,27 +262,37 @@ class Router(Processor):
 
     async def process(self, events: list[Event], out: Output) -> None:
         batch = _Batch()
-        # privacy: the keys of every user whose request this batch routes, in one load
-        await self.privacy.prepare(
-            ev.item.user_id for ev in events if ev.topic == self.requests_topic and ev.item
-        )
-        for ev in events:
-            headers = [(k, bytes(v or b"")) for k, v in (ev.headers or ())]
-            try:
-                if self._forward(ev, headers, batch):
-                    continue
-                if ev.topic == self.prefs_topic:
-                    self._preferences(ev, headers, batch)
-                elif ev.topic == self.scheduled.commands_topic:
-                    self.scheduled.command(ev, headers, batch)
-                else:
-                    self._request(ev, headers, batch)
-            except Exception as exc:  # a bug must not stall the partition
-                log.exception("routing failed", topic=ev.topic, offset=ev.offset)
-                batch.letters.append(
-                    _Letter(ev.topic, ev.partition, ev.offset, ev.key, ev.value, exc, headers)
-                )
+        # privacy: the keys of the users whose requests each chunk routes, loaded
+        # one chunk ahead (the query overlaps routing the chunk before it)
+        chunks = [
+            (
+                chunk,
+                [ev.item.user_id for ev in chunk if ev.topic == self.requests_topic and ev.item],
+            )
+            for chunk in (events[i : i + KEY_CHUNK] for i in range(0, len(events), KEY_CHUNK))
+        ]
+        async with contextlib.aclosing(self.privacy.prepared(chunks)) as ready:
+            async for chunk in ready:
+                for ev in chunk:
+                    self._event(ev, batch)
         await self._apply(batch, out)
+
+    def _event(self, ev: Event, batch: _Batch) -> None:
+        headers = [(k, bytes(v or b"")) for k, v in (ev.headers or ())]
+        try:
+            if self._forward(ev, headers, batch):
+                return
+            if ev.topic == self.prefs_topic:
+                self._preferences(ev, headers, batch)
+            elif ev.topic == self.scheduled.commands_topic:
+                self.scheduled.command(ev, headers, batch)
+            else:
+                self._request(ev, headers, batch)
+        except Exception as exc:  # a bug must not stall the partition
+            log.exception("routing failed", topic=ev.topic, offset=ev.offset)
+            batch.letters.append(
+                _Letter(ev.topic, ev.partition, ev.offset, ev.key, ev.value, exc, headers)
+            )
 
     def _forward(self, ev: Event, headers: list[tuple[str, bytes]], batch: _Batch) -> bool:
         if ev.key is None:

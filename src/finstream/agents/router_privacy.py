@@ -22,9 +22,10 @@ routed, held or dead-lettered again.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
 
 from prometheus_client import Counter
 
@@ -46,6 +47,8 @@ from finstream.runtime.logging import get_logger
 from finstream.settings import Settings
 
 log = get_logger(__name__)
+
+T = TypeVar("T")
 
 PLAINTEXT = Counter(
     "finstream_privacy_plaintext_records_total",
@@ -87,13 +90,57 @@ class RouterPrivacy:
 
     async def prepare(self, users: Iterable[str]) -> None:
         """Load (creating where needed) the keys of the users a batch routes."""
-        wanted = set(users)
+        self._begin()
+        self._batch = await self._load(set(users))
+
+    async def prepared(self, chunks: Sequence[tuple[T, Iterable[str]]]) -> AsyncGenerator[T, None]:
+        """Each chunk of a batch once the keys of its users are loaded.
+
+        The next chunk's keys are asked for before this chunk is yielded: the
+        query (and a first key's creation) runs in PostgreSQL while the router
+        routes this chunk, rather than stalling it. A cold cache (a restart, a
+        rebalance, users seen for the first time) costs one exposed query per
+        batch, for its first chunk. Close it (``contextlib.aclosing``) so that
+        a load still in flight is cancelled when routing fails.
+        """
+        self._begin()
+        ahead = self._ahead(chunks[0][1]) if chunks else None
+        try:
+            for i, (chunk, _) in enumerate(chunks):
+                assert ahead is not None
+                self._batch.update(await ahead)
+                ahead = self._ahead(chunks[i + 1][1]) if i + 1 < len(chunks) else None
+                if ahead is not None and not ahead.done():
+                    await asyncio.sleep(0)  # the load sends its query before the CPU work
+                yield chunk
+        finally:
+            if ahead is not None and not ahead.done():
+                # Settled before the engine rewinds: no query of this batch outlives it.
+                ahead.cancel()
+                await asyncio.wait([ahead])
+
+    def _begin(self) -> None:
         self._batch = {}
-        if wanted:
-            ring = await self._keyring()
-            self._batch = await ring.load(wanted, create=True)
         if len(self._opened) > 50_000:
             self._opened.clear()
+
+    def _ahead(self, users: Iterable[str]) -> asyncio.Future[dict[str, UserKeys]]:
+        wanted = set(users)
+        if not wanted:
+            done: asyncio.Future[dict[str, UserKeys]] = asyncio.get_running_loop().create_future()
+            done.set_result({})
+            return done
+        task = asyncio.ensure_future(self._load(wanted))
+        # A load whose chunk is never reached (routing failed) must not log as unretrieved.
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return task
+
+    async def _load(self, wanted: set[str]) -> dict[str, UserKeys]:
+        if not wanted:
+            return {}
+        ring = await self._keyring()
+        loaded: dict[str, UserKeys] = await ring.load(wanted, create=True)
+        return loaded
 
     def keys(self, user: str) -> UserKeys:
         keys = self._batch.get(user)

@@ -55,6 +55,7 @@ SELECT x.u, 1, x.m, x.w
 FROM unnest($1::text[], $2::text[], $3::bytea[]) AS x(u, m, w)
 WHERE NOT EXISTS (SELECT 1 FROM erased_users e WHERE e.user_id = x.u)
 ON CONFLICT (user_id, version) DO NOTHING
+RETURNING user_id
 """
 
 
@@ -133,8 +134,12 @@ class KeyRing:
         if create:
             absent = [u for u in missing if not found[u].keys and not found[u].erased]
             if absent:
-                await self._create(absent)
-                found.update(await self._fetch(absent))
+                made = await self._create(absent)
+                found.update(made)
+                # Another worker's key (it created first) or an erasure won the race.
+                lost = [u for u in absent if u not in made]
+                if lost:
+                    found.update(await self._fetch(lost))
         for user in missing:
             self._remember(found[user])
             out[user] = found[user]
@@ -160,15 +165,28 @@ class KeyRing:
             for u in users
         }
 
-    async def _create(self, users: Sequence[str]) -> None:
+    async def _create(self, users: Sequence[str]) -> dict[str, UserKeys]:
+        """First keys for ``users``; returns those that were stored (the rest lost a race).
+
+        The stored ones are used as created, so a batch of new users costs one
+        read and one write rather than a second read and an unwrap per key.
+        """
         KEY_LOADS.labels("created").inc(len(users))
-        ids, wrapped = [], []
+        ids, wrapped, plain = [], [], []
         for user in users:
-            key_id, blob = await self.master.wrap(new_data_key(), wrap_context(user, 1))
+            key = new_data_key()
+            key_id, blob = await self.master.wrap(key, wrap_context(user, 1))
             ids.append(key_id)
             wrapped.append(blob)
+            plain.append(key)
         async with self.pool.acquire() as conn:
-            await conn.execute(_CREATE, list(users), ids, wrapped)
+            rows = await conn.fetch(_CREATE, list(users), ids, wrapped)
+        stored = {row["user_id"] for row in rows}
+        return {
+            user: UserKeys.from_raw(user, {1: key})
+            for user, key in zip(users, plain, strict=True)
+            if user in stored
+        }
 
     async def seal_keys(self, user_id: str) -> UserKeys:
         """The keys to seal with (created if needed); raises UserErased for an erased user."""
