@@ -31,7 +31,8 @@ from confluent_kafka import Consumer, TopicPartition
 
 from bench import harness
 from finstream.codec import Codec
-from finstream.domain.notify.preferences import Preferences, parse_preferences
+from finstream.domain.notify.preferences import parse_preferences
+from finstream.domain.notify.preferences_view import Preferences
 
 USERS = 100_000
 COUNT = 40_000

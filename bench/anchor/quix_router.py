@@ -24,18 +24,12 @@ from quixstreams import Application
 
 from bench.anchor.common import ContractValue, Progress
 from finstream.codec import Codec
-from finstream.domain.notify.preferences import CHANNELS, Preferences
-from finstream.domain.notify.routing import (
-    Action,
-    Hold,
-    Holds,
-    Policy,
-    UserState,
-    audit_event,
-    compose,
-    decide,
-    remember,
-)
+from finstream.domain.notify.audit import audit_event
+from finstream.domain.notify.outbound import compose
+from finstream.domain.notify.preferences import CHANNELS
+from finstream.domain.notify.preferences_view import Preferences
+from finstream.domain.notify.routing import Action, Policy, decide, remember
+from finstream.domain.notify.routing_state import Hold, Holds, UserState
 from finstream.domain.notify.templates import Limits, Templates
 from finstream.domain.time import to_micros, utcnow
 from finstream.resources import resource

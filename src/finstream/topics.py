@@ -28,8 +28,8 @@ from pydantic import (
 from finstream.domain.alerts.rules import AlertRule, validate_rule
 from finstream.domain.marketdata.bars import Bar, validate_bar
 from finstream.domain.marketdata.ticks import Tick, validate_tick
-from finstream.domain.notify.preferences import Preferences
-from finstream.domain.notify.routing import Request
+from finstream.domain.notify.preferences_view import Preferences
+from finstream.domain.notify.request import Request
 from finstream.domain.notify.scheduled import Command
 from finstream.domain.partitioning import key_partition
 from finstream.resources import resource

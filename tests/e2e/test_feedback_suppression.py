@@ -48,7 +48,7 @@ from tests.support.services import TestEnv, group_caught_up
 pytestmark = pytest.mark.e2e
 
 # What the router writes when every verified address of a user bounced, or complained
-# (finstream.domain.notify.preferences.Preferences.contacts).
+# (finstream.domain.notify.preferences_view.Preferences.contacts).
 SKIPPED = {
     "bounced": "every verified email address bounced",
     "complained": "every verified email address complained",

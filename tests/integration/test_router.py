@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from finstream.domain.notify.ids import outbound_message_id
-from finstream.domain.notify.preferences import Preferences, parse_preferences
+from finstream.domain.notify.preferences import parse_preferences
+from finstream.domain.notify.preferences_view import Preferences
 from finstream.domain.notify.quiet_hours import next_allowed
 from finstream.stores.read_models import PreferencesStore
 from finstream.stores.redis import connect

@@ -16,7 +16,7 @@ import pytest
 from finstream.api import models
 from finstream.domain.alerts.rules import CONDITIONS, FREQUENCIES
 from finstream.domain.notify.preferences import CHANNELS, PUSH_PLATFORMS
-from finstream.domain.notify.routing import PRIORITIES
+from finstream.domain.notify.request import PRIORITIES
 from finstream.resources import resource
 
 

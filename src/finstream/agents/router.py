@@ -52,25 +52,22 @@ from finstream.agents.router_privacy import RouterPrivacy, SealedDataUnreadable
 from finstream.agents.scheduled import ScheduleControl
 from finstream.codec import DecodeError, EncodeError
 from finstream.domain.notify import digest as digest_
+from finstream.domain.notify.audit import audit_event
 from finstream.domain.notify.due import DueIndex
-from finstream.domain.notify.preferences import CHANNELS, Preferences
+from finstream.domain.notify.outbound import Composed, compose
+from finstream.domain.notify.preferences import CHANNELS
+from finstream.domain.notify.preferences_view import Preferences
+from finstream.domain.notify.request import InvalidRequest, Request
 from finstream.domain.notify.routing import (
     Action,
-    Composed,
     Decision,
-    Hold,
-    Holds,
-    InvalidRequest,
     Outcome,
     Policy,
-    Request,
-    UserState,
-    audit_event,
-    compose,
     decide,
     remember,
     select_channels,
 )
+from finstream.domain.notify.routing_state import Hold, Holds, UserState
 from finstream.domain.notify.templates import ChannelNotAvailable, TemplateError
 from finstream.domain.partitioning import key_partition
 from finstream.domain.resilience import Backoff

@@ -41,8 +41,8 @@ from finstream.domain.envelope import (
     seal_outbound,
 )
 from finstream.domain.notify.digest import DigestBuffer
-from finstream.domain.notify.preferences import Preferences
-from finstream.domain.notify.routing import Request
+from finstream.domain.notify.preferences_view import Preferences
+from finstream.domain.notify.request import Request
 from finstream.runtime.logging import get_logger
 from finstream.settings import Settings
 

@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import Counter
 
 from finstream.domain.notify import scheduled as sched
-from finstream.domain.notify.routing import Holds, Request
+from finstream.domain.notify.request import Request
+from finstream.domain.notify.routing_state import Holds
 from finstream.domain.time import utcnow
 from finstream.runtime.engine import Event
 from finstream.runtime.kafka import correlation_header

@@ -38,7 +38,7 @@ from finstream.domain.notify.preferences import (
     MAX_QUIET_WINDOWS,
     PUSH_PLATFORMS,
 )
-from finstream.domain.notify.routing import PRIORITIES
+from finstream.domain.notify.request import PRIORITIES
 
 if TYPE_CHECKING:
     Condition = str

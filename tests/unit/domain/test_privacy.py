@@ -13,8 +13,10 @@ from hypothesis import strategies as st
 from finstream.domain import feedback as fb
 from finstream.domain import unsubscribe as unsub
 from finstream.domain import verification as ver
-from finstream.domain.notify.preferences import Preferences, parse_preferences
-from finstream.domain.notify.routing import Policy, Request, select_channels
+from finstream.domain.notify.preferences import parse_preferences
+from finstream.domain.notify.preferences_view import Preferences
+from finstream.domain.notify.request import Request
+from finstream.domain.notify.routing import Policy, select_channels
 from finstream.domain.privacy_audit import preference_changes, rule_changes
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)

@@ -24,7 +24,7 @@ from finstream.api.policy import require_role, resolve_user
 from finstream.api.problems import Problem, field_problem, not_found, problem_responses
 from finstream.api.routes.common import UserPath, erased_problem
 from finstream.domain.envelope import EnvelopeError, UserErased, seal_data
-from finstream.domain.notify.routing import MAX_DATA_BYTES
+from finstream.domain.notify.request import MAX_DATA_BYTES
 from finstream.domain.time import utcnow
 from finstream.runtime.kafka import correlation_header
 from finstream.stores import journeys

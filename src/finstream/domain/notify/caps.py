@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from finstream.domain.notify.preferences import Cap
+from finstream.domain.notify.preferences_view import Cap
 
 # A user's log never grows past this many sends, whatever their caps: the
 # oldest go first (they are the first to leave any window anyway).

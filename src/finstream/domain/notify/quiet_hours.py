@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
-from finstream.domain.notify.preferences import QuietWindow
+from finstream.domain.notify.preferences_view import QuietWindow
 
 # Windows repeat weekly; if a whole week and a day pass without an allowed
 # moment, the windows cover every minute and nothing ever becomes allowed.

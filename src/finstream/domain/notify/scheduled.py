@@ -31,7 +31,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from finstream.domain.notify.digest import digest_request_id
-from finstream.domain.notify.routing import DONE, HELD, Holds, UserState
+from finstream.domain.notify.routing_state import DONE, HELD, Holds, UserState
 from finstream.domain.time import from_micros, to_micros
 
 ACTIONS = ("CANCEL", "RESCHEDULE")

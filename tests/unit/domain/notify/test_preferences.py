@@ -10,11 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from finstream.codec import Codec
-from finstream.domain.notify.preferences import (
-    Preferences,
-    PreferencesValidationError,
-    parse_preferences,
-)
+from finstream.domain.notify.preferences import PreferencesValidationError, parse_preferences
+from finstream.domain.notify.preferences_view import Preferences
 
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 CODEC = Codec()

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from finstream.domain.notify.preferences import QuietWindow
+from finstream.domain.notify.preferences_view import QuietWindow
 from finstream.domain.notify.quiet_hours import is_quiet, next_allowed
 
 # Zones with DST in both hemispheres, a 30-minute DST shift, odd offsets, none.

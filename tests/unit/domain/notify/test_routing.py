@@ -10,21 +10,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from finstream.codec import Codec
+from finstream.domain.notify.audit import audit_event
 from finstream.domain.notify.digest import DigestBuffer
 from finstream.domain.notify.ids import outbound_message_id
-from finstream.domain.notify.preferences import CHANNELS, Preferences, parse_preferences
-from finstream.domain.notify.routing import (
-    Action,
-    Hold,
-    Holds,
-    Policy,
-    Request,
-    UserState,
-    audit_event,
-    compose,
-    decide,
-    remember,
-)
+from finstream.domain.notify.outbound import compose
+from finstream.domain.notify.preferences import CHANNELS, parse_preferences
+from finstream.domain.notify.preferences_view import Preferences
+from finstream.domain.notify.request import Request
+from finstream.domain.notify.routing import Action, Policy, decide, remember
+from finstream.domain.notify.routing_state import Hold, Holds, UserState
 from finstream.domain.notify.templates import Templates
 from finstream.resources import resource
 

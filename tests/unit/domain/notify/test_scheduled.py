@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from finstream.codec import Codec
 from finstream.domain.notify import scheduled as sched
 from finstream.domain.notify.digest import digest_request_id, fold
-from finstream.domain.notify.routing import DONE, HELD, Hold, Holds, UserState
+from finstream.domain.notify.routing_state import DONE, HELD, Hold, Holds, UserState
 from finstream.domain.time import from_micros, to_micros
 
 NOW = datetime(2025, 6, 11, 12, 0, tzinfo=UTC)
