@@ -178,3 +178,13 @@ def test_an_aborted_transaction_upstream_leaves_no_lag(env: TestEnv, log_dir: Pa
         assert rows[0]["n"] == 0
     finally:
         worker.stop()
+
+
+def test_ticks_and_their_partitions_keep_one_index_led_by_symbol_and_time(env: TestEnv) -> None:
+    def indexes(table: str) -> list[str]:
+        rows = env.sql("SELECT indexdef FROM pg_indexes WHERE tablename = $1", table)
+        return [r["indexdef"].split(" USING ")[1] for r in rows]
+
+    # The primary key is the idempotency key and serves reads by symbol and time range.
+    assert indexes("ticks") == ["btree (symbol, ts, tick_id)"]
+    assert indexes("ticks_default") == ["btree (symbol, ts, tick_id)"]
