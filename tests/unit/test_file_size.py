@@ -13,7 +13,6 @@ LIMIT = 500
 
 STILL_TO_SPLIT = {
     "finstream/agents/router.py",
-    "finstream/domain/delivery/__init__.py",
     "finstream/domain/notify/preferences.py",
     "finstream/domain/notify/routing.py",
     "finstream/runtime/engine.py",

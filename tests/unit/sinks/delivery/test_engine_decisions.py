@@ -17,7 +17,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from finstream.codec import Codec
-from finstream.domain.delivery import DeliveryError
+from finstream.domain.delivery.errors import DeliveryError
 from finstream.domain.delivery.lifecycle import Reconcile
 from finstream.domain.resilience import ErrorClass
 from finstream.domain.time import utcnow
