@@ -1,7 +1,7 @@
 """The delivery engine's decisions against the in-memory store and scripted providers.
 
 No PostgreSQL, Redis or Kafka: the engine runs its real dispatch and
-reconciliation code, the twin (finstream.sinks.delivery.memory_store) keeps
+reconciliation code, the twin (finstream.testing.delivery) keeps
 the store's conditional moves, and each fake provider answers from a script.
 """
 
@@ -24,8 +24,8 @@ from finstream.domain.time import utcnow
 from finstream.settings import Settings
 from finstream.sinks.delivery.base import Message, Sent
 from finstream.sinks.delivery.engine import DeliveryEngine
-from finstream.sinks.delivery.memory_store import MemoryStore
 from finstream.sinks.delivery.records import Job, NewDelivery
+from finstream.testing.delivery import MemoryStore
 
 Answer = Sent | DeliveryError | None
 

@@ -1,10 +1,14 @@
-"""The ``deliveries`` state in memory: the twin of :class:`~.store.DeliveryStore`.
+"""The ``deliveries`` state in memory: the twin of the delivery store, for unit tests.
 
-It keeps the PostgreSQL store's contract (:class:`~.records.DeliveryStorePort`)
-with the same conditions: a row moves only for the worker that holds its
-claim in the state it expects, or :class:`~.records.LostClaim` is raised. The
-engine's decisions are unit-tested against it, with fake providers, without
-PostgreSQL; the integration tests keep the SQL honest.
+:class:`MemoryStore` keeps the PostgreSQL store's contract
+(:class:`~finstream.sinks.delivery.records.DeliveryStorePort`, implemented by
+:class:`~finstream.sinks.delivery.store.DeliveryStore`) with the same
+conditions: a row moves only for the worker that holds its claim in the state
+it expects, or :class:`~finstream.sinks.delivery.records.LostClaim` is raised.
+Hand it to :class:`~finstream.sinks.delivery.engine.DeliveryEngine` as
+``store=`` to run the engine's real intake, dispatch and reconciliation with
+fake providers and without PostgreSQL; the integration tests keep the SQL
+honest. Each row keeps the ``history`` of its states, for assertions.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ class Row:
 
 
 class MemoryStore:
+    """A :class:`~finstream.sinks.delivery.records.DeliveryStorePort` in memory."""
+
     def __init__(self, lease_seconds: float = 30.0, clock: Callable[[], datetime] = utcnow):
         self.lease = lease_seconds
         self.clock = clock
