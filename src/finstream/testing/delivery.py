@@ -18,7 +18,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from finstream.domain.delivery.lifecycle import ACTIVE_STATES, FINAL_STATES, State, Transition
+from finstream.domain.delivery.lifecycle import (
+    ACTIVE_STATES,
+    FINAL_STATES,
+    REOPENABLE_STATES,
+    State,
+    Transition,
+)
 from finstream.domain.time import utcnow
 from finstream.sinks.delivery.records import (
     Job,
@@ -28,6 +34,7 @@ from finstream.sinks.delivery.records import (
     Publish,
     ResultRow,
 )
+from finstream.sinks.delivery.redrive import REOPENED, refusal
 
 
 @dataclass
@@ -263,6 +270,22 @@ class MemoryStore:
     ) -> None:
         self.results.extend(r for r in results if r.message_id in self.rows)
         self.outbox.extend(outbox)
+
+    # -- the operator -----------------------------------------------------------------
+    async def redrive(self, message_id: str) -> str:
+        """What `finstream dlq redrive` does to the row: its final state becomes 'redrive'.
+
+        The twin of :func:`~finstream.sinks.delivery.redrive.reopen`'s UPDATE (without
+        the Redis marker); returns :data:`~finstream.sinks.delivery.redrive.REOPENED`
+        or why the row was left alone.
+        """
+        row = self.rows.get(message_id)
+        if row is None:
+            return REOPENED  # never recorded: intake will take it as new
+        if row.state not in REOPENABLE_STATES:
+            return refusal(row.state)
+        self._move(row, State.REDRIVE)
+        return REOPENED
 
     # -- outbox relay ----------------------------------------------------------------
     async def relay(self, limit: int, publish: Publish) -> int:
