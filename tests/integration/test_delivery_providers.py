@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from finstream.domain.delivery import DeliveryError, Feedback
+from finstream.domain.delivery.errors import DeliveryError, Feedback
 from finstream.domain.resilience import ErrorClass
 from finstream.domain.time import utcnow
 from finstream.settings import Settings

@@ -37,7 +37,8 @@ LAYERS: dict[str, int] = {
     "privacy": 3,
     # each stream role's wiring
     "agents": 4,
-    # entry points, and the test harness that drives them
+    # entry points, and the test harness that drives them (testing/ also holds the
+    # in-memory twin of the delivery store: it implements sinks' store port, so it sits above sinks)
     "api": 5,
     "cli": 5,
     "testing": 5,

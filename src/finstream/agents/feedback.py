@@ -33,7 +33,7 @@ import asyncpg
 from prometheus_client import Counter
 
 from finstream.domain import feedback as fb
-from finstream.domain.delivery import same_phone
+from finstream.domain.delivery.channels import same_phone
 from finstream.domain.envelope import EnvelopeError, UserErased
 from finstream.domain.privacy_audit import audit_event_id
 from finstream.domain.retention import Policy

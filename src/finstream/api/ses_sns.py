@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from finstream.api.webhooks import ProviderEvent, Unattributable
-from finstream.domain.delivery import scrub_contacts
+from finstream.domain.delivery.channels import scrub_contacts
 
 MESSAGE_TYPE_HEADER = "x-amz-sns-message-type"
 _NOTIFICATION_FIELDS = ("Message", "MessageId", "Subject", "Timestamp", "TopicArn", "Type")

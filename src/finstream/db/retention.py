@@ -45,6 +45,7 @@ from finstream.db.partitions import (
     quote_ident,
     use_owner_role,
 )
+from finstream.domain.delivery.lifecycle import FINAL_STATES
 from finstream.domain.retention import Policy, Range, delivery_cutoff, expired
 from finstream.settings import Settings
 from finstream.topics import contract, load_catalogue
@@ -58,7 +59,6 @@ RETENTION_REMOVED = Counter(
     ["table", "what"],
 )
 
-FINAL_STATES = ("sent", "delivered", "rejected", "failed", "expired")
 Publish = Callable[[list[dict[str, Any]]], Awaitable[None]]
 
 
@@ -253,7 +253,7 @@ async def _purge_deliveries(
             """DELETE FROM deliveries WHERE message_id IN (
                    SELECT message_id FROM deliveries
                    WHERE state = ANY($1::text[]) AND finished_at < $2 LIMIT $3)""",
-            list(FINAL_STATES),
+            sorted(str(s) for s in FINAL_STATES),  # the life cycle's, in a fixed order
             cutoff,
             batch,
         )

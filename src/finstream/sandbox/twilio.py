@@ -21,7 +21,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from aiohttp import web
 
-from finstream.domain.delivery import sms_segments
+from finstream.domain.delivery.channels import sms_segments
 from finstream.sandbox.base import HttpFake
 
 _E164 = re.compile(r"^\+[1-9]\d{6,14}$")

@@ -1,7 +1,7 @@
 """Reads a notification's journey from PostgreSQL (audit_events, deliveries, delivery_results).
 
 The API and ``finstream journey`` share this; :mod:`finstream.domain.notify.journey`
-puts the rows in order. Recipients are masked (:func:`~finstream.domain.delivery.mask`)
+puts the rows in order. Recipients are masked (:func:`~finstream.domain.delivery.channels.mask`)
 and message bodies are not returned: the journey is for explaining what
 happened, not for reading someone's mail.
 """

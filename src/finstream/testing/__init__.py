@@ -6,7 +6,8 @@ namespace of topics, consumer groups and Redis keys, and a PostgreSQL
 database of its own: :func:`create_env` / :func:`destroy_env`), worker
 processes (:class:`WorkerProcess`, :func:`workers`) and conditions to wait
 on (:func:`wait_until`); :mod:`.api` signs tokens for the API and serves it
-in-process.
+in-process; :mod:`.delivery` holds the in-memory twin of the delivery store
+(:class:`~.delivery.MemoryStore`), for the delivery engine's unit tests.
 """
 
 from finstream.testing.services import (

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from finstream.api.hub import frame_for, frame_text
 from finstream.api.metrics import WS_NONFINITE
 from finstream.domain import strict_json
-from finstream.domain.delivery import DeliveryError
+from finstream.domain.delivery.errors import DeliveryError
 from finstream.domain.resilience import ErrorClass
 from finstream.domain.time import utcnow
 from finstream.settings import Settings

@@ -42,7 +42,7 @@ from finstream.api.webhooks import (
     twilio_event,
     verify_sendgrid,
 )
-from finstream.domain.delivery import scrub_contacts
+from finstream.domain.delivery.channels import scrub_contacts
 from finstream.domain.time import utcnow
 from finstream.runtime.kafka import correlation_header
 from finstream.runtime.logging import get_logger

@@ -31,12 +31,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
 
-from finstream.domain.delivery import (
-    DeliveryError,
-    RetryAction,
-    RetryPolicy,
-    defer_delay,
-)
+from finstream.domain.delivery import RetryAction, RetryPolicy, defer_delay
+from finstream.domain.delivery.errors import DeliveryError
 from finstream.domain.delivery.outcomes import (
     Accepted,
     Attempted,

@@ -12,7 +12,7 @@ import enum
 from dataclasses import dataclass
 from datetime import datetime
 
-from finstream.domain.delivery import DeliveryError
+from finstream.domain.delivery.errors import DeliveryError
 
 
 class Reconcile(enum.StrEnum):

@@ -32,11 +32,10 @@ from urllib.parse import quote
 
 import jwt
 
-from finstream.domain.delivery import (
-    PUSH_MAX_PAYLOAD_BYTES,
+from finstream.domain.delivery.channels import PUSH_MAX_PAYLOAD_BYTES, apns_id
+from finstream.domain.delivery.errors import (
     DeliveryError,
     Feedback,
-    apns_id,
     by_status,
     json_body,
     snippet,

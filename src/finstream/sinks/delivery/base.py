@@ -6,7 +6,7 @@ is that module plus one line in :data:`REGISTRY`.
 
 A provider only talks to its service: it builds the request, sends it and
 classifies the answer with its own ``classify()`` (the shared vocabulary,
-:class:`~finstream.domain.delivery.DeliveryError`, is in the domain). Retries,
+:class:`~finstream.domain.delivery.errors.DeliveryError`, is in the domain). Retries,
 failover, circuit breaking, rate limits and idempotency are the engine's
 (:mod:`finstream.sinks.delivery.engine`), the same for every provider.
 
@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from finstream.domain.delivery import DeliveryError
+from finstream.domain.delivery.errors import DeliveryError
 from finstream.domain.delivery.lifecycle import Reconcile
 from finstream.domain.resilience import ErrorClass
 from finstream.domain.time import utcnow

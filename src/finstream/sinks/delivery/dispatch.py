@@ -15,7 +15,8 @@ from datetime import datetime
 
 from redis.exceptions import RedisError
 
-from finstream.domain.delivery import AttemptSummary, DeliveryError, dead_letter_reason
+from finstream.domain.delivery import AttemptSummary, dead_letter_reason
+from finstream.domain.delivery.errors import DeliveryError
 from finstream.domain.delivery.lifecycle import (
     Accepted,
     Attempted,

@@ -116,7 +116,7 @@ class DeliveryEngine(Intake, Reconciler):
         self.publisher = publisher
         self.dead_letters = DeadLetters(publisher, settings, role)
         self.prefs = PreferencesStore(redis, settings, codec)
-        # Unit tests hand in the in-memory twin (sinks/delivery/memory_store.py).
+        # Unit tests hand in the in-memory twin (finstream.testing.delivery).
         self.store: DeliveryStorePort = store or DeliveryStore(
             pool, settings.delivery_lease_seconds
         )

@@ -25,8 +25,8 @@ from typing import Any
 
 import jwt
 
-from finstream.domain.delivery import (
-    PUSH_MAX_PAYLOAD_BYTES,
+from finstream.domain.delivery.channels import PUSH_MAX_PAYLOAD_BYTES
+from finstream.domain.delivery.errors import (
     DeliveryError,
     Feedback,
     by_status,

@@ -34,7 +34,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from finstream.codec import Codec, DecodeError
 from finstream.domain import strict_json
-from finstream.domain.delivery import DeliveryError
+from finstream.domain.delivery.errors import DeliveryError
 from finstream.domain.delivery.lifecycle import Reconcile
 from finstream.domain.resilience import ErrorClass
 from finstream.domain.time import to_micros

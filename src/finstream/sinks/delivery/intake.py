@@ -13,13 +13,9 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from finstream.domain.delivery import (
-    DeliveryError,
-    dead_letter_reason,
-    mask,
-    scrub_contacts,
-    validate_outbound,
-)
+from finstream.domain.delivery import dead_letter_reason
+from finstream.domain.delivery.channels import mask, scrub_contacts, validate_outbound
+from finstream.domain.delivery.errors import DeliveryError
 from finstream.domain.delivery.lifecycle import Redelivery, on_redelivery, redriven_deadline
 from finstream.domain.envelope import EnvelopeError, UserErased
 from finstream.domain.resilience import ErrorClass

@@ -21,13 +21,9 @@ from redis.exceptions import RedisError
 
 from finstream.codec import Codec, EncodeError
 from finstream.domain.deadletter import DeadLetter
-from finstream.domain.delivery import (
-    DeliveryError,
-    Feedback,
-    RetryPolicy,
-    apply_feedback,
-    scrub_contacts,
-)
+from finstream.domain.delivery import RetryPolicy, apply_feedback
+from finstream.domain.delivery.channels import scrub_contacts
+from finstream.domain.delivery.errors import DeliveryError, Feedback
 from finstream.domain.delivery.lifecycle import FINAL_STATES, Policy
 from finstream.domain.envelope import mask_recipient
 from finstream.domain.time import utcnow

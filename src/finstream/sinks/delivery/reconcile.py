@@ -11,7 +11,7 @@ import asyncio
 from datetime import timedelta
 
 from finstream.codec import DecodeError
-from finstream.domain.delivery import DeliveryError
+from finstream.domain.delivery.errors import DeliveryError
 from finstream.domain.delivery.lifecycle import (
     Accepted,
     LookupFailed,

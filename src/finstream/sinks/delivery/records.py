@@ -4,7 +4,7 @@ A claimed :class:`Job`, a :class:`NewDelivery` to claim, the
 :class:`ResultRow` of an attempt and the :class:`OutboxRecord` relayed to
 Kafka; and :class:`DeliveryStorePort`, what the engine needs of a store
 (:class:`~finstream.sinks.delivery.store.DeliveryStore` in PostgreSQL,
-:class:`~finstream.sinks.delivery.memory_store.MemoryStore` in unit tests).
+:class:`~finstream.testing.delivery.MemoryStore` in unit tests).
 """
 
 from __future__ import annotations

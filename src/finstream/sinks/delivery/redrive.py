@@ -19,11 +19,16 @@ from finstream.stores.redis import connect
 REOPENED = "reopened"
 
 # Why a row was left alone, by its state (anything else is still in progress).
-_NOT_REOPENED = {
+_NOT_REOPENED: dict[str, str] = {
     State.SENT: "already delivered",
     State.DELIVERED: "already delivered",
     State.REDRIVE: "already redriven, not yet taken",
 }
+
+
+def refusal(state: str) -> str:
+    """Why a row in ``state``, which is not a reopenable one, is left alone."""
+    return _NOT_REOPENED.get(state, f"in progress ({state})")
 
 
 async def reopen(settings: Settings, message_id: str) -> str:
@@ -42,7 +47,7 @@ async def reopen(settings: Settings, message_id: str) -> str:
                 "SELECT state FROM deliveries WHERE message_id = $1", message_id
             )
             if state is not None:
-                return _NOT_REOPENED.get(state, f"in progress ({state})")
+                return refusal(state)
             return REOPENED  # never recorded: the worker will treat it as new
     except asyncpg.UndefinedTableError:
         return REOPENED

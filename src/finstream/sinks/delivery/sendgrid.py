@@ -15,10 +15,10 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from finstream.domain.delivery import (
+from finstream.domain.delivery.channels import email_parts
+from finstream.domain.delivery.errors import (
     DeliveryError,
     by_status,
-    email_parts,
     json_body,
     snippet,
     throttle_delay,

@@ -21,10 +21,10 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-from finstream.domain.delivery import (
+from finstream.domain.delivery.channels import email_parts
+from finstream.domain.delivery.errors import (
     DeliveryError,
     by_status,
-    email_parts,
     json_body,
     snippet,
     throttle_delay,

@@ -22,11 +22,8 @@ from typing import Any
 
 import aiosmtplib
 
-from finstream.domain.delivery import (
-    DeliveryError,
-    email_message_id,
-    email_parts,
-)
+from finstream.domain.delivery.channels import email_message_id, email_parts
+from finstream.domain.delivery.errors import DeliveryError
 from finstream.domain.delivery.lifecycle import Reconcile
 from finstream.domain.resilience import ErrorClass
 from finstream.settings import Settings

@@ -20,14 +20,12 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlencode
 
-from finstream.domain.delivery import (
+from finstream.domain.delivery.channels import RecipientError, normalize_e164, sms_segments
+from finstream.domain.delivery.errors import (
     DeliveryError,
     Feedback,
-    RecipientError,
     by_status,
     json_body,
-    normalize_e164,
-    sms_segments,
     snippet,
     throttle_delay,
 )

@@ -14,24 +14,24 @@ from hypothesis import strategies as st
 from finstream.codec import Codec, SchemaCatalog
 from finstream.domain.delivery import (
     AttemptSummary,
-    DeliveryError,
-    Feedback,
-    RecipientError,
     RetryAction,
     RetryPolicy,
-    apns_id,
     apply_feedback,
     dead_letter_reason,
     defer_delay,
+)
+from finstream.domain.delivery.channels import (
+    RecipientError,
+    apns_id,
     email_parts,
     normalize_e164,
     same_phone,
     sms_segments,
-    throttle_delay,
     unsubscribe_headers,
     validate_email_address,
     validate_outbound,
 )
+from finstream.domain.delivery.errors import DeliveryError, Feedback, throttle_delay
 from finstream.domain.resilience import Backoff, ErrorClass
 from tests.support.avro_strategies import strategy
 
@@ -319,7 +319,7 @@ def test_dead_letter_reason_and_apns_id() -> None:
 
 
 def test_contacts_are_scrubbed_from_error_texts() -> None:
-    from finstream.domain.delivery import scrub_contacts
+    from finstream.domain.delivery.channels import scrub_contacts
 
     text = "identities failed the check: ann.smith@example.co.uk; To +1 415 555 2671 is opted out"
     out = scrub_contacts(text)

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from finstream.domain.delivery import DeliveryError, Feedback, RetryPolicy
+from finstream.domain.delivery import RetryPolicy
+from finstream.domain.delivery.errors import DeliveryError, Feedback
 from finstream.domain.delivery.lifecycle import (
     ALLOWED,
     FINAL_STATES,

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from finstream.domain.delivery import Feedback
+from finstream.domain.delivery.errors import Feedback
 from finstream.domain.resilience import ErrorClass
 from finstream.sinks.delivery.apns import classify as classify_apns
 from finstream.sinks.delivery.fcm import classify as classify_fcm

@@ -1,140 +1,23 @@
 """The delivery engine's decisions against the in-memory store and scripted providers.
 
 No PostgreSQL, Redis or Kafka: the engine runs its real dispatch and
-reconciliation code, the twin (finstream.sinks.delivery.memory_store) keeps
-the store's conditional moves, and each fake provider answers from a script.
+reconciliation code, the twin (finstream.testing.delivery) keeps
+the store's conditional moves, and each fake provider answers from a script
+(tests/unit/sinks/delivery/rig.py).
 """
 
 from __future__ import annotations
 
-import random
 import uuid
-from collections.abc import Iterable
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
-import redis.asyncio as aioredis
-
-from finstream.codec import Codec
-from finstream.domain.delivery import DeliveryError
+from finstream.domain.delivery.errors import DeliveryError
 from finstream.domain.delivery.lifecycle import Reconcile
 from finstream.domain.resilience import ErrorClass
 from finstream.domain.time import utcnow
-from finstream.settings import Settings
-from finstream.sinks.delivery.base import Message, Sent
-from finstream.sinks.delivery.engine import DeliveryEngine
-from finstream.sinks.delivery.memory_store import MemoryStore
-from finstream.sinks.delivery.records import Job, NewDelivery
-
-Answer = Sent | DeliveryError | None
-
-
-class ScriptedProvider:
-    """A provider that answers each send (and lookup) with the next scripted answer."""
-
-    channel = "SMS"
-    rate = 1000.0
-
-    def __init__(
-        self,
-        name: str,
-        answers: Iterable[Answer],
-        *,
-        reconcile: Reconcile = Reconcile.NONE,
-        lookups: Iterable[Answer] = (),
-    ) -> None:
-        self.name = name
-        self.reconcile = reconcile
-        self.answers = list(answers)
-        self.lookups = list(lookups)
-        self.sent: list[str] = []
-        self.looked_up: list[str] = []
-
-    def supports(self, message: Message) -> bool:
-        return True
-
-    async def send(self, message: Message) -> Sent:
-        self.sent.append(str(message["message_id"]))
-        answer = self.answers.pop(0)
-        if isinstance(answer, DeliveryError):
-            raise answer
-        assert answer is not None
-        return answer
-
-    async def lookup(self, message: Message, since: datetime) -> Sent | None:
-        self.looked_up.append(str(message["message_id"]))
-        answer = self.lookups.pop(0)
-        if isinstance(answer, DeliveryError):
-            raise answer
-        return answer
-
-    async def close(self) -> None:
-        pass
-
-
-def transient(*, ambiguous: bool = False) -> DeliveryError:
-    return DeliveryError(ErrorClass.TRANSIENT, "503 unavailable", ambiguous=ambiguous)
-
-
-class Rig:
-    def __init__(self, tmp_path: Path, *chain: ScriptedProvider, **settings: Any) -> None:
-        self.settings = Settings(
-            stack_dir=tmp_path,
-            delivery_backoff_base=0.01,
-            delivery_backoff_cap=0.05,
-            delivery_reconcile_delay=0.0,
-            delivery_rate_wait_max=0.0,
-            **settings,
-        )
-        self.store = MemoryStore(self.settings.delivery_lease_seconds)
-        self.engine = DeliveryEngine(
-            settings=self.settings,
-            codec=Codec(),
-            channel="SMS",
-            role="delivery-sms",
-            chain=list(chain),  # type: ignore[arg-type]
-            pool=None,  # type: ignore[arg-type]
-            redis=aioredis.Redis(port=1),  # never connected: no marker is flushed here
-            publisher=None,  # type: ignore[arg-type]
-            rng=random.Random(7),
-            store=self.store,
-        )
-
-    async def claim(self, message_id: str = "m1") -> Job:
-        row = NewDelivery(
-            message_id=message_id,
-            channel="SMS",
-            user_id="u1",
-            request_id="r1",
-            deadline=utcnow() + timedelta(hours=1),
-            correlation_id=None,
-            source_topic="notify.outbound.sms",
-            source_partition=0,
-            source_offset=1,
-            raw=b"raw",
-        )
-        token = uuid.uuid4()
-        new, _ = await self.store.claim_new([row], token)
-        assert new == [message_id]
-        message = {"message_id": message_id, "user_id": "u1", "recipient": "+15005550006"}
-        return self.engine._new_job(row, message, token)
-
-    async def due(self) -> Job:
-        """The next due job, as the schedule loop claims it (its clock moved past the backoff)."""
-        self.store.clock = lambda: utcnow() + timedelta(minutes=5)
-        (job,) = await self.store.claim_due("SMS", 10, uuid.uuid4())
-        job.message = {"message_id": job.message_id, "user_id": "u1", "recipient": "+1500555"}
-        return job
-
-    def statuses(self, message_id: str = "m1") -> list[str]:
-        return [r.status for r in self.store.results if r.message_id == message_id]
-
-    def history(self, message_id: str = "m1") -> list[str]:
-        return self.store.rows[message_id].history
-
-    def dead_letters(self) -> int:
-        return sum(1 for o in self.store.outbox if o.topic == self.settings.topic("dlq"))
+from finstream.sinks.delivery.base import Sent
+from tests.unit.sinks.delivery.rig import Rig, ScriptedProvider, transient
 
 
 async def test_a_transient_failure_fails_over_to_the_next_provider(tmp_path: Path) -> None:

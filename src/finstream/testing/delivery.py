@@ -1,10 +1,14 @@
-"""The ``deliveries`` state in memory: the twin of :class:`~.store.DeliveryStore`.
+"""The ``deliveries`` state in memory: the twin of the delivery store, for unit tests.
 
-It keeps the PostgreSQL store's contract (:class:`~.records.DeliveryStorePort`)
-with the same conditions: a row moves only for the worker that holds its
-claim in the state it expects, or :class:`~.records.LostClaim` is raised. The
-engine's decisions are unit-tested against it, with fake providers, without
-PostgreSQL; the integration tests keep the SQL honest.
+:class:`MemoryStore` keeps the PostgreSQL store's contract
+(:class:`~finstream.sinks.delivery.records.DeliveryStorePort`, implemented by
+:class:`~finstream.sinks.delivery.store.DeliveryStore`) with the same
+conditions: a row moves only for the worker that holds its claim in the state
+it expects, or :class:`~finstream.sinks.delivery.records.LostClaim` is raised.
+Hand it to :class:`~finstream.sinks.delivery.engine.DeliveryEngine` as
+``store=`` to run the engine's real intake, dispatch and reconciliation with
+fake providers and without PostgreSQL; the integration tests keep the SQL
+honest. Each row keeps the ``history`` of its states, for assertions.
 """
 
 from __future__ import annotations
@@ -14,7 +18,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from finstream.domain.delivery.lifecycle import ACTIVE_STATES, FINAL_STATES, State, Transition
+from finstream.domain.delivery.lifecycle import (
+    ACTIVE_STATES,
+    FINAL_STATES,
+    REOPENABLE_STATES,
+    State,
+    Transition,
+)
 from finstream.domain.time import utcnow
 from finstream.sinks.delivery.records import (
     Job,
@@ -24,6 +34,7 @@ from finstream.sinks.delivery.records import (
     Publish,
     ResultRow,
 )
+from finstream.sinks.delivery.redrive import REOPENED, refusal
 
 
 @dataclass
@@ -47,6 +58,8 @@ class Row:
 
 
 class MemoryStore:
+    """A :class:`~finstream.sinks.delivery.records.DeliveryStorePort` in memory."""
+
     def __init__(self, lease_seconds: float = 30.0, clock: Callable[[], datetime] = utcnow):
         self.lease = lease_seconds
         self.clock = clock
@@ -257,6 +270,22 @@ class MemoryStore:
     ) -> None:
         self.results.extend(r for r in results if r.message_id in self.rows)
         self.outbox.extend(outbox)
+
+    # -- the operator -----------------------------------------------------------------
+    async def redrive(self, message_id: str) -> str:
+        """What `finstream dlq redrive` does to the row: its final state becomes 'redrive'.
+
+        The twin of :func:`~finstream.sinks.delivery.redrive.reopen`'s UPDATE (without
+        the Redis marker); returns :data:`~finstream.sinks.delivery.redrive.REOPENED`
+        or why the row was left alone.
+        """
+        row = self.rows.get(message_id)
+        if row is None:
+            return REOPENED  # never recorded: intake will take it as new
+        if row.state not in REOPENABLE_STATES:
+            return refusal(row.state)
+        self._move(row, State.REDRIVE)
+        return REOPENED
 
     # -- outbox relay ----------------------------------------------------------------
     async def relay(self, limit: int, publish: Publish) -> int:
