@@ -34,9 +34,9 @@ from prometheus_client import Counter
 from finstream.domain.notify import scheduled as sched
 from finstream.domain.notify.routing import Holds, Request
 from finstream.domain.time import utcnow
-from finstream.runtime.engine import Event
 from finstream.runtime.kafka import correlation_header
 from finstream.runtime.logging import correlation, get_logger
+from finstream.runtime.stream.events import Event
 from finstream.topics import contract
 
 if TYPE_CHECKING:
