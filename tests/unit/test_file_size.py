@@ -17,7 +17,6 @@ STILL_TO_SPLIT = {
     "finstream/domain/notify/preferences.py",
     "finstream/domain/notify/routing.py",
     "finstream/settings.py",
-    "finstream/stack/__init__.py",
 }
 
 
