@@ -16,7 +16,6 @@ STILL_TO_SPLIT = {
     "finstream/domain/delivery/__init__.py",
     "finstream/domain/notify/preferences.py",
     "finstream/domain/notify/routing.py",
-    "finstream/settings.py",
 }
 
 
