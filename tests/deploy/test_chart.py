@@ -151,7 +151,7 @@ def test_kubeconform_rejects_what_the_api_server_would(tools: Tools, tmp_path: P
 # checkov rules skipped for every render, each with the reason:
 CHECKOV_SKIPS = {
     # Secrets as environment variables: finstream reads every setting, secrets
-    # included, from FINSTREAM_* variables (src/finstream/settings.py). The chart
+    # included, from FINSTREAM_* variables (src/finstream/settings/). The chart
     # only references Secrets (secretKeyRef; never a value in a manifest), the
     # logs redact them (runtime/logging.py), and secrets that providers want as
     # files (APNs key, FCM account) are mounted as files (secrets.mounts).

@@ -29,8 +29,8 @@ import redis.asyncio as aioredis
 from finstream.codec import Codec
 from finstream.domain.resilience import CircuitState
 from finstream.domain.time import utcnow
-from finstream.runtime.engine import Event
 from finstream.runtime.kafka import KafkaPublisher
+from finstream.runtime.stream.events import Event
 from finstream.settings import Settings
 from finstream.sinks.delivery.base import CHANNEL_TOPICS, build_chain
 from finstream.sinks.delivery.engine import DeliveryEngine

@@ -113,12 +113,14 @@ def test_missing_java_or_maven_says_what_to_install(
     settings = _isolated(tmp_path, stack)
     real_which = shutil.which
     monkeypatch.setattr(
-        "finstream.stack.shutil.which", lambda name: None if name == "java" else real_which(name)
+        "finstream.stack.kafka.shutil.which",
+        lambda name: None if name == "java" else real_which(name),
     )
     with pytest.raises(StackError, match=r"Java 17\+ is needed"):
         Stack(settings).up(log=lambda _m: None)
     monkeypatch.setattr(
-        "finstream.stack.shutil.which", lambda name: None if name == "mvn" else real_which(name)
+        "finstream.stack.kafka.shutil.which",
+        lambda name: None if name == "mvn" else real_which(name),
     )
     with pytest.raises(StackError, match="Maven is needed"):
         Stack(settings).up(log=lambda _m: None)

@@ -13,9 +13,6 @@ LIMIT = 500
 
 STILL_TO_SPLIT = {
     "finstream/agents/router.py",
-    "finstream/runtime/engine.py",
-    "finstream/settings.py",
-    "finstream/stack/__init__.py",
 }
 
 

@@ -29,7 +29,7 @@ tests/deploy/test_chart_production.py keeps the two in step. */}}
   | toJson }}
 {{- end }}
 
-{{/* The chain setting of each provider-backed role and its default (settings.py). */}}
+{{/* The chain setting of each provider-backed role and its default (finstream/settings/). */}}
 {{- define "finstream.providerChains" -}}
 {{- dict
   "delivery-email" (list "FINSTREAM_DELIVERY_EMAIL_PROVIDERS" "sendgrid,ses,smtp" "email")

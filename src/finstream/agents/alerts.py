@@ -51,10 +51,11 @@ from finstream.domain.marketdata.bars import Interval, parse_interval
 from finstream.domain.marketdata.ticks import Tick
 from finstream.domain.partitioning import key_partition
 from finstream.domain.time import utcnow
-from finstream.runtime.engine import Event, Output, Processor, StreamEngine
+from finstream.runtime.engine import StreamEngine
 from finstream.runtime.kafka import correlation_header
 from finstream.runtime.logging import get_logger
 from finstream.runtime.state import Store
+from finstream.runtime.stream.events import Event, Output, Processor
 from finstream.runtime.worker import ServiceContext
 from finstream.topics import Contract, contract
 

@@ -8,8 +8,9 @@ batch store nothing twice.
 
 from __future__ import annotations
 
-from finstream.runtime.engine import Event, Output, Processor, StreamEngine
+from finstream.runtime.engine import StreamEngine
 from finstream.runtime.logging import get_logger
+from finstream.runtime.stream.events import Event, Output, Processor
 from finstream.runtime.worker import ServiceContext
 from finstream.sinks.audit import AuditWriter
 from finstream.stores.postgres import create_pool

@@ -13,8 +13,9 @@ from collections.abc import Sequence
 
 from finstream.domain.marketdata.bars import parse_intervals
 from finstream.domain.partitioning import key_partition
-from finstream.runtime.engine import Event, Output, Processor, StreamEngine
+from finstream.runtime.engine import StreamEngine
 from finstream.runtime.logging import get_logger
+from finstream.runtime.stream.events import Event, Output, Processor
 from finstream.runtime.worker import ServiceContext
 from finstream.sinks.bars import BarStore
 from finstream.stores.postgres import create_pool

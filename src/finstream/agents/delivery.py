@@ -13,9 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from finstream.runtime.engine import Event, Output, Processor, StreamEngine
+from finstream.runtime.engine import StreamEngine
 from finstream.runtime.kafka import KafkaPublisher
 from finstream.runtime.logging import get_logger
+from finstream.runtime.stream.events import Event, Output, Processor
 from finstream.runtime.worker import ServiceContext
 from finstream.sinks.delivery.base import CHANNEL_TOPICS, build_chain
 from finstream.sinks.delivery.engine import DeliveryEngine

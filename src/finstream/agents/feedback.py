@@ -40,9 +40,10 @@ from finstream.domain.retention import Policy
 from finstream.domain.time import utcnow
 from finstream.privacy.keys import KeyRing
 from finstream.privacy.prefs import Busy, PreferencesWriter, audit_record
-from finstream.runtime.engine import Event, Output, Processor, StreamEngine
+from finstream.runtime.engine import StreamEngine
 from finstream.runtime.kafka import KafkaPublisher
 from finstream.runtime.logging import get_logger
+from finstream.runtime.stream.events import Event, Output, Processor
 from finstream.runtime.worker import ServiceContext
 from finstream.settings import Settings
 from finstream.sinks import funnel

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 
-from finstream.runtime.engine import Event, Output, Processor, StreamEngine
+from finstream.runtime.engine import StreamEngine
 from finstream.runtime.logging import get_logger
+from finstream.runtime.stream.events import Event, Output, Processor
 from finstream.runtime.worker import ServiceContext
 from finstream.sinks.history import TickWriter
 from finstream.stores.postgres import create_pool

@@ -29,9 +29,10 @@ from prometheus_client import Counter
 from finstream.codec import Codec
 from finstream.domain.marketdata.bars import BarState, IntervalError, add_tick, parse_intervals
 from finstream.domain.marketdata.ticks import Tick
-from finstream.runtime.engine import Event, Output, Processor, StreamEngine
+from finstream.runtime.engine import StreamEngine
 from finstream.runtime.logging import get_logger
 from finstream.runtime.state import Store
+from finstream.runtime.stream.events import Event, Output, Processor
 from finstream.runtime.worker import ServiceContext
 from finstream.stores.quotes import QuoteCache, QuoteWriter
 from finstream.stores.redis import RepairMarks, connect

@@ -35,9 +35,9 @@ from finstream.domain.notify import scheduled as sched
 from finstream.domain.notify.request import Request
 from finstream.domain.notify.routing_state import Holds
 from finstream.domain.time import utcnow
-from finstream.runtime.engine import Event
 from finstream.runtime.kafka import correlation_header
 from finstream.runtime.logging import correlation, get_logger
+from finstream.runtime.stream.events import Event
 from finstream.topics import contract
 
 if TYPE_CHECKING:

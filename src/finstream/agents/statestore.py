@@ -28,9 +28,10 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 
 from finstream.codec import Codec, DecodeError
 from finstream.domain.notify.scheduled import split_key
-from finstream.runtime.engine import Event, Output, Processor, StreamEngine
+from finstream.runtime.engine import StreamEngine
 from finstream.runtime.kafka import consumer_config
 from finstream.runtime.logging import get_logger
+from finstream.runtime.stream.events import Event, Output, Processor
 from finstream.runtime.worker import ServiceContext
 from finstream.settings import Settings
 from finstream.stores.read_models import PreferencesStore, RulesStore, ScheduledStore

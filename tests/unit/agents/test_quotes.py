@@ -12,7 +12,7 @@ from finstream.agents.quotes import Quotes
 from finstream.codec import Codec
 from finstream.domain.marketdata.ticks import Tick
 from finstream.domain.partitioning import key_partition
-from finstream.runtime.engine import Event
+from finstream.runtime.stream.events import Event
 from finstream.settings import Settings
 from finstream.stores.quotes import QuoteWriter
 from finstream.topics import contract

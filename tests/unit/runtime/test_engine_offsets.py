@@ -17,8 +17,9 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
-from finstream.runtime.engine import StreamEngine, _DaemonCaller
+from finstream.runtime.engine import StreamEngine
 from finstream.runtime.kafka import kafka_error
+from finstream.runtime.stream.commits import _DaemonCaller
 from finstream.settings import Settings
 
 OFFSETS = [TopicPartition("t", 0, 5)]
@@ -112,7 +113,7 @@ def test_a_blocked_call_does_not_keep_the_process_from_exiting() -> None:
     """A ThreadPoolExecutor's thread is joined at exit: a stopped worker hung on SIGTERM."""
     script = (
         "import threading\n"
-        "from finstream.runtime.engine import _DaemonCaller\n"
+        "from finstream.runtime.stream.commits import _DaemonCaller\n"
         "caller = _DaemonCaller('blocked')\n"
         "caller.submit(threading.Event().wait)\n"
         "caller.close()\n"
