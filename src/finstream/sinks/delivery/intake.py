@@ -20,8 +20,8 @@ from finstream.domain.delivery.lifecycle import Redelivery, on_redelivery, redri
 from finstream.domain.envelope import EnvelopeError, UserErased
 from finstream.domain.resilience import ErrorClass
 from finstream.domain.time import utcnow
-from finstream.runtime.engine import Event
 from finstream.runtime.logging import correlation_from_headers, get_logger
+from finstream.runtime.stream.events import Event
 from finstream.sinks.delivery import metrics as m
 from finstream.sinks.delivery.outbox import Outbox
 from finstream.sinks.delivery.records import Job, NewDelivery, ResultRow

@@ -25,7 +25,7 @@ from finstream.domain.delivery.lifecycle import Reconcile
 from finstream.domain.envelope import UserKeys, new_data_key
 from finstream.domain.resilience import ErrorClass
 from finstream.domain.time import utcnow
-from finstream.runtime.engine import Event
+from finstream.runtime.stream.events import Event
 from finstream.settings import Settings
 from finstream.sinks.delivery.base import Message, Sent
 from finstream.sinks.delivery.engine import DeliveryEngine
