@@ -12,7 +12,6 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 LIMIT = 500
 
 STILL_TO_SPLIT = {
-    "finstream/agents/router.py",
     "finstream/domain/delivery/__init__.py",
     "finstream/runtime/engine.py",
     "finstream/settings.py",
