@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter
 
+from finstream.agents.router_batch import Batch, Letter, Out
 from finstream.domain.notify import scheduled as sched
 from finstream.domain.notify.request import Request
 from finstream.domain.notify.routing_state import Holds
@@ -41,7 +42,7 @@ from finstream.runtime.stream.events import Event
 from finstream.topics import contract
 
 if TYPE_CHECKING:
-    from finstream.agents.router import Router, _Batch
+    from finstream.agents.router import Router
 
 log = get_logger(__name__)
 
@@ -88,13 +89,11 @@ class ScheduleControl:
             request.category, request.template, request.priority, request.channels
         )
 
-    def command(self, ev: Event, headers: list[tuple[str, bytes]], batch: _Batch) -> None:
-        from finstream.agents.router import _Letter, _Out  # the router imports this module
-
+    def command(self, ev: Event, headers: list[tuple[str, bytes]], batch: Batch) -> None:
         command: sched.Command = ev.item
         if ev.key != command.user_id.encode():
             batch.letters.append(
-                _Letter(
+                Letter(
                     ev.topic,
                     ev.partition,
                     ev.offset,
@@ -124,7 +123,7 @@ class ScheduleControl:
                 batch.rescheduled.setdefault(user, {})[command.item_id] = command.command_id
             event = sched.audit_event(command, result, now)
             batch.outputs.append(
-                _Out(
+                Out(
                     router.audit_topic,
                     user.encode(),
                     router.audit.encode(event),
@@ -140,7 +139,7 @@ class ScheduleControl:
                 outcome=result.outcome,
             )
 
-    def publish(self, batch: _Batch, out: Any) -> None:
+    def publish(self, batch: Batch, out: Any) -> None:
         """Each changed held item of the batch's users onto notify.scheduled.items."""
         now = utcnow()
         for user, holds in batch.holds.items():
@@ -149,7 +148,7 @@ class ScheduleControl:
             self._publish_user(user, None, batch, out, now)
 
     def _publish_user(
-        self, user: str, holds: Holds | None, batch: _Batch, out: Any, now: Any
+        self, user: str, holds: Holds | None, batch: Batch, out: Any, now: Any
     ) -> None:
         router = self.router
         stored = router.holds_store.get(router._partition(user), user.encode())

@@ -82,20 +82,15 @@ from finstream.runtime.stream.commits import Commits, _DaemonCaller
 from finstream.runtime.stream.decoding import Decoding
 from finstream.runtime.stream.events import (
     EngineOptions,
-    Event,
     Guarantee,
     Input,
     Output,
     Processor,
-    Rewind,
 )
 from finstream.runtime.stream.probe import KafkaProbe
 from finstream.runtime.stream.restore import Restore
 from finstream.settings import Settings
 from finstream.topics import contract
-
-# What a role needs of the engine, importable from here as before the split.
-__all__ = ["EngineOptions", "Event", "Guarantee", "Output", "Processor", "Rewind", "StreamEngine"]
 
 T = TypeVar("T")
 

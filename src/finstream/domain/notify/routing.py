@@ -24,9 +24,10 @@ Critical requests skip 6-8 (they break quiet hours and caps) but never 5:
 consent, opt-outs and a global opt-out always win. A released hold runs
 2 and 5-8 again (preferences may have changed while it waited).
 
-:func:`apply` records an outcome in the user's state once its messages are
+:func:`remember` records an outcome in the user's state once its messages are
 composed (a request that fails to render is not marked seen, so that a
-redriven copy after a template fix is not taken for a duplicate).
+redriven copy after a template fix is not taken for a duplicate). Both run
+inside :func:`finstream.domain.notify.plan.plan`, which the router calls.
 
 The request type is in :mod:`~finstream.domain.notify.request`, the per-user
 state in :mod:`~finstream.domain.notify.routing_state`, composing the outbound
@@ -185,7 +186,7 @@ def decide(
     release: bool = False,
     bypass_caps: bool = False,
 ) -> Outcome:
-    """What to do with one request now (no side effects; see :func:`apply`)."""
+    """What to do with one request now (no side effects; see :func:`remember`)."""
     now_s = now.timestamp()
     if not release:
         seen = state.seen.get(request.request_id)
