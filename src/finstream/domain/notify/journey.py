@@ -27,9 +27,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from finstream.domain.delivery.lifecycle import REOPENABLE_STATES, SUCCESS_STATES
+
 CHANNELS = ("email", "push", "sms", "inapp")
-DONE = frozenset({"sent", "delivered"})
-FAILED = frozenset({"rejected", "failed", "expired"})
+# The deliveries life cycle's own sets (its states are str enums: "sent" in DONE holds).
+DONE = SUCCESS_STATES
+FAILED = REOPENABLE_STATES
 
 
 @dataclass(frozen=True)
