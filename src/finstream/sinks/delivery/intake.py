@@ -16,7 +16,12 @@ from typing import Any
 from finstream.domain.delivery import dead_letter_reason
 from finstream.domain.delivery.channels import mask, scrub_contacts, validate_outbound
 from finstream.domain.delivery.errors import DeliveryError
-from finstream.domain.delivery.lifecycle import Redelivery, on_redelivery, redriven_deadline
+from finstream.domain.delivery.lifecycle import (
+    Redelivery,
+    State,
+    on_redelivery,
+    redriven_deadline,
+)
 from finstream.domain.envelope import EnvelopeError, UserErased
 from finstream.domain.resilience import ErrorClass
 from finstream.domain.time import utcnow
@@ -123,7 +128,7 @@ class Intake(Outbox):
         return Job(
             message_id=row.message_id,
             token=token,
-            state="queued",
+            state=State.QUEUED,
             channel=row.channel,
             user_id=row.user_id,
             request_id=row.request_id,
@@ -201,7 +206,7 @@ class Intake(Outbox):
                 correlation_id=row.correlation_id,
             ),
         ]
-        if await self.store.record_rejection(row, "rejected", result, outbox):
+        if await self.store.record_rejection(row, State.REJECTED, result, outbox):
             m.OUTCOMES.labels(self.channel, "REJECTED").inc()
             self._count_dead_letter(row.source_topic, err.error_class.value)
         else:
