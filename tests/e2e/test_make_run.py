@@ -29,7 +29,14 @@ import httpx
 import pytest
 import redis
 
-from tests.support.services import TestEnv, child_pids, free_port, pid_alive, wait_until
+from tests.support.services import (
+    TestEnv,
+    child_pids,
+    free_port,
+    free_ports,
+    pid_alive,
+    wait_until,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -73,7 +80,8 @@ class Run:
 
 @pytest.fixture(scope="module")
 def run(env: TestEnv, log_dir: Path) -> Iterator[Run]:
-    base_port = free_port()
+    # One health port per role from here up (cli/run.py); 32 leaves room for new roles.
+    base_port = free_ports(32)
     api_port, sandbox_port, apns_port = free_port(), free_port(), free_port()
     smtp_port, mailpit_port = free_port(), free_port()
     run_env = env.env(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -36,10 +37,46 @@ from finstream.topics import apply, describe, load_catalogue, plan
 REPO = REPO_ROOT
 
 
-def free_port() -> int:
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_ports(count: int) -> int:
+    """The first of ``count`` consecutive ports that are free now, below the
+    kernel's ephemeral range.
+
+    A port the kernel hands out for binding port 0 comes from the ephemeral
+    range, which is also where every outgoing connection takes its local
+    port: a server started on it a moment later may find a Kafka or
+    PostgreSQL client sitting there. A CI run's ``finstream run`` lost its
+    router that way (a health port, base + 3, held by a client socket).
+    Below the range only servers bind.
+    """
+    low, _ = _ephemeral_range()
+    pick = random.SystemRandom()
+    for _ in range(500):
+        base = pick.randrange(10_000, max(10_001, low - count))
+        if all(_bindable(p) for p in range(base, base + count)):
+            return base
+    raise RuntimeError(f"no {count} consecutive free ports between 10000 and {low}")
+
+
+def free_port() -> int:
+    return free_ports(1)
 
 
 def child_pids(pid: int) -> list[int]:
