@@ -82,9 +82,6 @@ from finstream.topics import contract
 
 log = get_logger(__name__)
 
-# Users' keys are loaded this many events at a time, one chunk ahead of routing.
-KEY_CHUNK = 100
-
 
 class Router(Processor):
     def __init__(self, ctx: ServiceContext) -> None:
@@ -139,20 +136,14 @@ class Router(Processor):
 
     async def process(self, events: list[Event], out: Output) -> None:
         batch = Batch()
-        # privacy: the keys of the users whose requests each chunk routes, loaded
-        # one chunk ahead (the query overlaps routing the chunk before it)
-        chunks = [
-            (
-                chunk,
-                [ev.item.user_id for ev in chunk if ev.topic == self.requests_topic and ev.item],
-            )
-            for chunk in (events[i : i + KEY_CHUNK] for i in range(0, len(events), KEY_CHUNK))
-        ]
-        async with contextlib.aclosing(self.privacy.prepared(chunks)) as ready:
-            async for chunk in ready:
-                for ev in chunk:
-                    self._event(ev, batch)
+        # privacy: users' keys load a chunk ahead, while the chunk before is routed
+        async with contextlib.aclosing(self.privacy.each(events, self._requester)) as ready:
+            async for ev in ready:
+                self._event(ev, batch)
         await self._apply(batch, out)
+
+    def _requester(self, ev: Event) -> str | None:
+        return ev.item.user_id if ev.topic == self.requests_topic and ev.item else None
 
     def _event(self, ev: Event, batch: Batch) -> None:
         headers = [(k, bytes(v or b"")) for k, v in (ev.headers or ())]

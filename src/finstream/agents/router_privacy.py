@@ -23,8 +23,9 @@ routed, held or dead-lettered again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
-from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from prometheus_client import Counter
@@ -49,6 +50,12 @@ from finstream.settings import Settings
 log = get_logger(__name__)
 
 T = TypeVar("T")
+E = TypeVar("E")
+
+# Events whose users' keys load together, one chunk ahead of routing, and how
+# many are routed between two turns of the loop (for the load in flight).
+KEY_CHUNK = 100
+KEY_YIELD = 10
 
 PLAINTEXT = Counter(
     "finstream_privacy_plaintext_records_total",
@@ -118,6 +125,27 @@ class RouterPrivacy:
                 # Settled before the engine rewinds: no query of this batch outlives it.
                 ahead.cancel()
                 await asyncio.wait([ahead])
+
+    async def each(
+        self, events: Sequence[E], user_of: Callable[[E], str | None]
+    ) -> AsyncGenerator[E, None]:
+        """Every event, once the keys of its user (``user_of``) are loaded.
+
+        Keys load ``KEY_CHUNK`` events at a time, a chunk ahead (:meth:`prepared`);
+        every ``KEY_YIELD`` events the loop gets a turn, so the next chunk's load
+        takes its next step (the query's answer, then a first key's INSERT)
+        rather than waiting until this chunk is done.
+        """
+        chunks = [
+            (chunk, [u for u in map(user_of, chunk) if u is not None])
+            for chunk in (events[i : i + KEY_CHUNK] for i in range(0, len(events), KEY_CHUNK))
+        ]
+        async with contextlib.aclosing(self.prepared(chunks)) as ready:
+            async for chunk in ready:
+                for n, ev in enumerate(chunk, 1):
+                    yield ev
+                    if n % KEY_YIELD == 0:
+                        await asyncio.sleep(0)
 
     def _begin(self) -> None:
         self._batch = {}

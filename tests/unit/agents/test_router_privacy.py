@@ -88,3 +88,38 @@ async def test_a_user_whose_keys_were_not_loaded_is_refused_not_sealed_in_clear(
         async for _chunk in ready:
             with pytest.raises(RuntimeError, match="were not loaded"):
                 p.keys("b")
+
+
+class SteppedRing(Ring):
+    """A load in two steps (a query, then a first key's INSERT), as KeyRing's creation is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.finished: list[set[str]] = []
+
+    async def load(self, users: Iterable[str], *, create: bool = False) -> dict[str, UserKeys]:
+        wanted = set(users)
+        self.started.append(wanted)
+        await asyncio.sleep(0)  # the query's answer
+        await asyncio.sleep(0)  # the INSERT's answer
+        self.finished.append(wanted)
+        return {u: UserKeys.from_raw(u, {1: os.urandom(32)}) for u in wanted}
+
+
+async def test_each_event_comes_in_order_and_the_next_chunks_load_finishes_meanwhile() -> None:
+    ring = SteppedRing()
+    p = privacy(ring)
+    events = [f"u{n}" for n in range(250)]
+    # What had finished loading when the last event of the first chunk came out.
+    finished_at_99: list[set[str]] = []
+    out = []
+    async with contextlib.aclosing(p.each(events, lambda e: e)) as ready:
+        async for ev in ready:
+            out.append(ev)
+            assert p.keys(ev).user_id == ev
+            if ev == "u99":
+                finished_at_99 = list(ring.finished)
+    assert out == events
+    assert ring.started == [set(events[:100]), set(events[100:200]), set(events[200:])]
+    # The second chunk's load ran to its end while the first chunk was routed.
+    assert finished_at_99 == [set(events[:100]), set(events[100:200])]
