@@ -343,7 +343,10 @@ def test_prod_roles_connect_over_sasl_ssl_as_their_own_kafka_users(
 
 def test_stream_acls_name_what_the_engine_uses() -> None:
     """The prefixes granted are the engine's own names for changelogs and transactional ids."""
-    engine = (ROOT / "src" / "finstream" / "runtime" / "engine.py").read_text()
+    runtime = ROOT / "src" / "finstream" / "runtime"
+    engine = "".join(
+        f.read_text() for f in [runtime / "engine.py", *sorted((runtime / "stream").glob("*.py"))]
+    )
     assert 'return f"{self.group}-{self.instance_id}"' in engine
     assert "-changelog" in engine
     assert 'f"{self.group}-restore"' in engine
