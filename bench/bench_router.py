@@ -2,8 +2,13 @@
 beside a raw baseline and a Quix Streams anchor, and routing latency.
 
 1. 100,000 users' preferences (email, push token, a quiet window for a tenth
-   of them, caps for another tenth) go to notify.preferences; the router loads
-   them into its changelog-backed store and the Redis read model.
+   of them, caps for another tenth) go to notify.preferences as finstream's
+   writers store them: each user's data key created and the contact points
+   sealed under it (``Sealer``, what the API does); the router loads them into
+   its changelog-backed store and the Redis read model. Its key cache starts
+   cold: each user's key is read (and unwrapped) once, on their first request.
+   A user's first key is created once in their lifetime, where their contacts
+   are first written, so the drain does not pay for creating keys.
 2. baseline: a raw confluent-kafka consume + decode + validate loop over the
    requests (warm, its own process);
 3. the router drains 40,000 price-alert requests to random users: each
@@ -19,6 +24,7 @@ beside a raw baseline and a Quix Streams anchor, and routing latency.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import pickle
 import random
@@ -56,6 +62,20 @@ def preferences(now: datetime) -> list[dict[str, Any]]:
         if i % 10 == 2:
             data["caps"] = [{"channel": "push", "limit": 50, "window_seconds": 3600}]
         out.append(parse_preferences(data, now=now))
+    return out
+
+
+async def sealed(env: harness.TestEnv, prefs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The preferences with contacts sealed, each user's key created, a chunk at a time."""
+    from finstream.domain.envelope import seal_contacts
+    from finstream.privacy.producer import Sealer
+
+    out: list[dict[str, Any]] = []
+    async with Sealer.open(env.settings) as sealer:
+        for i in range(0, len(prefs), 1_000):
+            chunk = prefs[i : i + 1_000]
+            keys = await sealer.keys.load([p["user_id"] for p in chunk], create=True)
+            out.extend(seal_contacts(p, keys[p["user_id"]]) for p in chunk)
     return out
 
 
@@ -122,12 +142,18 @@ def main() -> None:
         now = datetime.now(UTC)
         prefs = preferences(now)
         reqs = requests(COUNT)
+        t0 = time.perf_counter()
+        stored = asyncio.run(sealed(env, prefs))
+        print(
+            f"sealing {USERS:,} users' contacts, their keys created: "
+            f"{time.perf_counter() - t0:.1f} s"
+        )
         w = harness.worker(env, "router", logs, instance_id="bench-r0").start()
         t0 = time.perf_counter()
         harness.produce(
             env,
             "notify.preferences",
-            [(p["user_id"].encode(), codec.encode("UserPreferences", p)) for p in prefs],
+            [(p["user_id"].encode(), codec.encode("UserPreferences", p)) for p in stored],
         )
         harness.wait_until(
             lambda: (
