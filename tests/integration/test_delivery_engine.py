@@ -167,7 +167,8 @@ async def rig(env: TestEnv, fakes: DeliveryFakes) -> AsyncIterator[Rig]:
         await health.start()
         healths.append(health)
         consumer = StreamEngine(
-            settings,
+            # In pytest's own process: no freezing of the test session's heap.
+            settings.model_copy(update={"stream_gc_fold_seconds": 0}),
             role,
             [CHANNEL_TOPICS[channel]],
             Intake(engine, publisher),

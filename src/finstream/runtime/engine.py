@@ -74,6 +74,7 @@ from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
 from finstream.domain.resilience import Backoff
 from finstream.runtime.health import HealthServer
+from finstream.runtime.heap import Heap
 from finstream.runtime.kafka import consumer_config, producer_config
 from finstream.runtime.metrics import EVENTS_IN, PROCESSING_SECONDS
 from finstream.runtime.state import Store
@@ -152,6 +153,10 @@ class StreamEngine(Commits, Restore, KafkaProbe, Decoding):
         self.out = Output(self)
         self.instance_id = settings.instance_id or uuid.uuid4().hex[:12]
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"{role}-kafka")
+        self.heap = Heap(
+            fold_seconds=settings.stream_gc_fold_seconds,
+            reclaim_seconds=settings.stream_gc_reclaim_seconds,
+        )
         # send_offsets_to_transaction runs here, bounded (see _send_offsets).
         self._offsets_calls = _DaemonCaller(f"{role}-txn-offsets")
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -205,6 +210,7 @@ class StreamEngine(Commits, Restore, KafkaProbe, Decoding):
     async def run(self, stop: asyncio.Event) -> None:
         self._loop = asyncio.get_running_loop()
         await self._kafka(self._open)
+        self.heap.settle()
         log.info(
             "stream engine running",
             inputs=sorted(self._inputs),
@@ -233,6 +239,7 @@ class StreamEngine(Commits, Restore, KafkaProbe, Decoding):
                 await self._kafka(self._rewind)
             if self._pending is not None:
                 await self._kafka(self._prepare_assignment)
+                self.heap.settle()  # the restored state is long-lived
             messages = await self._kafka(self._consumer.consume, opts.batch_size, opts.batch_wait)
             # A batch that did not fill: nothing more was waiting, so committing
             # now costs no throughput and spares its outputs the interval's wait.
@@ -264,6 +271,7 @@ class StreamEngine(Commits, Restore, KafkaProbe, Decoding):
                     self._failures = 0
                     if self._pending is None:
                         self._problem = None
+                self.heap.tick()
         except asyncio.CancelledError:
             raise
         except Exception as exc:

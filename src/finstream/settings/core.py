@@ -128,6 +128,21 @@ class CoreSettings(BaseModel):
         ge=1000,
         description="How long the broker keeps a dead worker's open transaction before aborting it.",
     )
+    # Garbage collection under a stateful role (finstream.runtime.heap): what
+    # survives is frozen out of the collector's walks, folded in at most every
+    # stream_gc_fold_seconds (0: the interpreter's defaults, nothing frozen);
+    # cycles among frozen objects that died since are freed every
+    # stream_gc_reclaim_seconds, by one walk of the whole heap.
+    stream_gc_fold_seconds: float = Field(
+        default=10.0,
+        ge=0,
+        description="Seconds between folds of surviving objects into the frozen set (0: off).",
+    )
+    stream_gc_reclaim_seconds: float = Field(
+        default=600.0,
+        ge=0,
+        description="Seconds between full collections of the frozen set (0: never).",
+    )
     instance_id: str | None = Field(
         default=None,
         pattern=r"^[a-zA-Z0-9._-]+$",
