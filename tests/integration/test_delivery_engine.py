@@ -363,27 +363,39 @@ async def test_push_goes_to_each_platforms_provider_and_retries(rig: Rig) -> Non
         ]
 
 
+class GrantLog(RateLimiter):
+    """The limiter, noting the dispatcher's clock at each call it lets through."""
+
+    grants: list[float]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.grants = []
+
+    def try_acquire(self, now: float) -> bool:
+        granted = super().try_acquire(now)
+        if granted:
+            self.grants.append(now)
+        return granted
+
+
 async def test_per_provider_rate_limit_spreads_calls(rig: Rig) -> None:
     rig.fresh_circuits()
     engine = rig.engines["SMS"]
     slot = engine.slots[0]
-    slot.limiter = RateLimiter(rate=5.0, burst=5.0)
+    limiter = GrantLog(rate=5.0, burst=5.0)
+    slot.limiter = limiter
     deferred = m.DEFERRED.labels("SMS")._value.get()
     batch = [sms(body_text=f"rate {i} {uuid.uuid4()}") for i in range(15)]
     await rig.produce("SMS", *batch)
     await rig.settled(*(x["message_id"] for x in batch))
     ids = {x["message_id"] for x in batch}
     assert sum(n for mid, n in rig.fakes.twilio.recorder.counts().items() if mid in ids) == 15
-    # 5 at once (the burst), then 5 per second: 15 calls take at least 2 seconds.
-    first = await rig.pool.fetchval(
-        "SELECT min(at) FROM delivery_results WHERE message_id = ANY($1::text[])",
-        [x["message_id"] for x in batch],
-    )
-    last = await rig.pool.fetchval(
-        "SELECT max(at) FROM delivery_results WHERE message_id = ANY($1::text[])",
-        [x["message_id"] for x in batch],
-    )
-    assert (last - first).total_seconds() >= 1.8
+    # 5 at once (the burst), then 5 per second: by the dispatcher's own clock
+    # any 15 calls let through span at least 2 seconds. (The rows' recorded
+    # times do not show it: a loaded machine can record the first ones late.)
+    assert len(limiter.grants) >= 15
+    assert limiter.grants[14] - limiter.grants[0] >= 2.0 - 1e-6
     # Waiting for the limiter parked messages without spending their attempts.
     assert m.DEFERRED.labels("SMS")._value.get() > deferred
     assert (
