@@ -5,9 +5,8 @@ the router's preferences and key caches, the alert index. CPython (3.11) walks
 all of them in every full collection, and runs one whenever a quarter more
 objects have survived since the last. Measured on the router bench
 (``bench/RESULTS.md``, 2026-12-06): three full collections over ~890,000
-objects took 1.18 s of a 20 s drain, gen-0/1 collections another 0.57 s, and
-the walks reclaim next to nothing: what the hot path allocates is acyclic and
-freed by reference counting.
+objects took 1.18 s of a 20 s drain, gen-0/1 collections another 0.57 s.
+Most of what they walk is that state, which is alive and cannot be freed.
 
 The policy is the one Ray Serve, sglang and Synapse apply to their long-lived
 heaps: move what survives into the permanent generation (``gc.freeze``), which
