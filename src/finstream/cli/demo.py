@@ -332,8 +332,16 @@ async def latest_quotes(settings: Settings, wait: float) -> dict[str, Decimal]:
         await redis.aclose()
 
 
-def publish(settings: Settings, items: list[Record]) -> None:
-    """Produce with Kafka's default (murmur2) partitioner, preferences flushed first."""
+def publish(settings: Settings, items: list[Record], *, router_wait: float = 60.0) -> bool:
+    """Produce with Kafka's default (murmur2) partitioner, preferences first.
+
+    The router reads preferences and requests from two topics, and Kafka
+    orders neither against the other: a router that starts after the seed can
+    fetch a request before its user's preferences and route it by the
+    category's defaults (no email for the demo alert). So rules and requests
+    go out only once the router's group has committed past the preferences,
+    waiting up to ``router_wait`` seconds; returns whether it had.
+    """
     from confluent_kafka import Producer
 
     from finstream.runtime.kafka import producer_config
@@ -341,12 +349,16 @@ def publish(settings: Settings, items: list[Record]) -> None:
 
     producer = Producer({**producer_config(settings), "log_level": 3})
     errors: list[str] = []
+    written: dict[int, int] = {}  # partition of notify.preferences -> next offset
 
-    def done(err: Any, _msg: Any) -> None:
+    def done(err: Any, msg: Any) -> None:
         if err is not None:
             errors.append(str(err))
+        elif msg.topic() == prefs_topic:
+            written[msg.partition()] = max(written.get(msg.partition(), 0), msg.offset() + 1)
 
-    # The router must know a user's preferences before that user's first request.
+    prefs_topic = contract("notify.preferences", settings.namespace).name
+    caught_up = True
     for phase in ("notify.preferences", "alerts.rules", "notify.requests"):
         target = contract(phase, settings.namespace)
         for topic, key, value in items:
@@ -356,16 +368,53 @@ def publish(settings: Settings, items: list[Record]) -> None:
                 )
         if producer.flush(30) != 0:
             errors.append(f"{phase}: messages left unsent after 30 s")
-    if errors:
-        raise RuntimeError(f"seeding failed: {errors[0]}")
+        if errors:
+            raise RuntimeError(f"seeding failed: {errors[0]}")
+        if phase == "notify.preferences" and written:
+            caught_up = router_has_consumed(settings, prefs_topic, written, router_wait)
+    return caught_up
 
 
-def seed(settings: Settings, *, quote_wait: float = 20.0) -> list[Record]:
+def router_has_consumed(
+    settings: Settings, topic: str, offsets: Mapping[int, int], timeout: float
+) -> bool:
+    """Whether the router's group commits ``offsets`` of ``topic`` within ``timeout`` seconds."""
+    import time
+
+    from confluent_kafka import Consumer, TopicPartition
+
+    from finstream.runtime.kafka import consumer_config
+
+    consumer = Consumer({**consumer_config(settings, settings.group("router")), "log_level": 3})
+    deadline = time.monotonic() + timeout
+    try:
+        wanted = [TopicPartition(topic, p) for p in sorted(offsets)]
+        while True:
+            with contextlib.suppress(Exception):  # the coordinator may still be loading
+                got = consumer.committed(wanted, timeout=5)
+                if all(tp.offset >= offsets[tp.partition] for tp in got):
+                    return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.25)
+    finally:
+        consumer.close()
+
+
+def seed(
+    settings: Settings, *, quote_wait: float = 20.0, router_wait: float = 60.0
+) -> list[Record]:
+    """Publish the demo; raises when Kafka refuses. Says on stderr when the router lagged."""
     from finstream.domain.time import utcnow
 
     quotes = asyncio.run(latest_quotes(settings, quote_wait))
     items = asyncio.run(_sealed(settings, records(settings, utcnow(), quotes)))
-    publish(settings, items)
+    if not publish(settings, items, router_wait=router_wait):
+        click.echo(
+            f"demo seed: the router had not consumed the preferences after {router_wait:.0f} s "
+            "(is it running?); the first requests may be routed by the categories' defaults",
+            err=True,
+        )
     return items
 
 
@@ -397,12 +446,19 @@ def demo() -> None:
     show_default=True,
     help="Seconds to wait for quotes (crossing levels are placed around them).",
 )
-def seed_command(quote_wait: float) -> None:
+@click.option(
+    "--router-wait",
+    type=float,
+    default=60.0,
+    show_default=True,
+    help="Seconds to wait for the router to consume the preferences before the first requests.",
+)
+def seed_command(quote_wait: float, router_wait: float) -> None:
     """Publish the demo personas' preferences, alert rules and a few notifications (idempotent)."""
     from collections import Counter
 
     try:
-        items = seed(get_settings(), quote_wait=quote_wait)
+        items = seed(get_settings(), quote_wait=quote_wait, router_wait=router_wait)
     except Exception as exc:  # one clear line: Kafka or Redis unreachable, a bad record
         fail(f"demo seed: {exc}")
     counts = Counter(topic for topic, *_ in items)
