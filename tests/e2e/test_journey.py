@@ -13,13 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 
 from finstream.domain.notify.preferences import parse_preferences
 from finstream.domain.time import utcnow
 from tests.fakes.delivery.kit import DeliveryFakes
 from tests.support.api import Keys, api_client, api_settings, auth
-from tests.support.services import TestEnv, wait_until, workers
+from tests.support.services import TestEnv, group_caught_up, wait_until, workers
 
 pytestmark = pytest.mark.e2e
 
@@ -91,13 +90,12 @@ async def test_journeys_of_a_suppressed_a_held_and_a_failed_over_request(
     overrides = fakes.env(delivery_email_providers="sendgrid,ses,smtp")
     with workers(env, log_dir, "router", "audit", "delivery-email", **overrides):
         env.produce_records("notify.preferences", "UserPreferences", [(USER, prefs)])
-        r = redis.Redis.from_url(env.settings.redis_url.get_secret_value())
+        # The router's own commit, not the read model: the statestore writes that too.
         wait_until(
-            lambda: r.exists(env.settings.redis_key(f"prefs:{{{USER}}}")),
+            lambda: group_caught_up(env, env.settings.group("router"), ["notify.preferences"]),
             timeout=30,
             message="the router knows the user's preferences",
         )
-        r.close()
         env.produce_records(
             "notify.requests",
             "NotificationRequest",

@@ -24,7 +24,7 @@ from finstream.domain.deadletter import H_ERROR_CLASS, H_ERROR_MESSAGE
 from finstream.domain.notify.preferences import parse_preferences
 from finstream.domain.time import utcnow
 from tests.support.api import Keys, api_client, api_settings, auth
-from tests.support.services import TestEnv, wait_until, workers
+from tests.support.services import TestEnv, group_caught_up, wait_until, workers
 
 pytestmark = pytest.mark.e2e
 
@@ -137,13 +137,12 @@ async def test_list_reschedule_cancel_and_the_race(
     )
     with workers(env, log_dir, "router", "statestore", router_tick_seconds="0.1") as running:
         env.produce_records("notify.preferences", "UserPreferences", [(USER, prefs)])
-        r = redis.Redis.from_url(env.settings.redis_url.get_secret_value())
+        # The router's own commit, not the read model: the statestore writes that too.
         wait_until(
-            lambda: r.exists(env.settings.redis_key(f"prefs:{{{USER}}}")),
+            lambda: group_caught_up(env, env.settings.group("router"), ["notify.preferences"]),
             timeout=30,
             message="the router knows the user's preferences",
         )
-        r.close()
         later = utcnow() + timedelta(hours=1)
         hold(env, ("h-keep", later), ("h-api-move", later), ("h-api-cancel", later))
         hold(env, ("h-cli-move", later), ("h-cli-cancel", later))
@@ -328,13 +327,12 @@ async def test_quiet_hours_holds_and_digests_are_under_control_too(
         router_digest_seconds="3600",
     ):
         env.produce_records("notify.preferences", "UserPreferences", [(user, prefs)])
-        r = redis.Redis.from_url(env.settings.redis_url.get_secret_value())
+        # The router's own commit, not the read model: the statestore writes that too.
         wait_until(
-            lambda: r.exists(env.settings.redis_key(f"prefs:{{{user}}}")),
+            lambda: group_caught_up(env, env.settings.group("router"), ["notify.preferences"]),
             timeout=30,
             message="the router knows the user's preferences",
         )
-        r.close()
         env.produce_records(
             "notify.requests",
             "NotificationRequest",
