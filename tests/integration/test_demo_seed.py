@@ -10,7 +10,8 @@ from __future__ import annotations
 import threading
 from datetime import UTC, datetime
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from finstream.cli import demo
 from tests.support.services import TestEnv
@@ -18,17 +19,20 @@ from tests.support.services import TestEnv
 
 def _commit_as_router(env: TestEnv, name: str) -> None:
     """Commit the router group to the end of a topic, as a router that consumed it would."""
-    c = Consumer({**env.kafka_config(), "group.id": env.settings.group("router"), "log_level": 3})
+    admin = AdminClient(env.kafka_config())
+    reader = Consumer({**env.kafka_config(), "group.id": "test-demo-seed-ends", "log_level": 3})
     try:
         topic = env.topic(name)
-        parts = c.list_topics(topic, timeout=10).topics[topic].partitions
+        parts = reader.list_topics(topic, timeout=10).topics[topic].partitions
         ends = [
-            TopicPartition(topic, p, c.get_watermark_offsets(TopicPartition(topic, p))[1])
+            TopicPartition(topic, p, reader.get_watermark_offsets(TopicPartition(topic, p), 10)[1])
             for p in parts
         ]
-        c.commit(offsets=ends, asynchronous=False)
     finally:
-        c.close()
+        reader.close()
+    request = ConsumerGroupTopicPartitions(env.settings.group("router"), ends)
+    for future in admin.alter_consumer_group_offsets([request], request_timeout=10).values():
+        future.result(timeout=30)
 
 
 def test_rules_and_requests_go_out_only_after_the_router_committed_the_preferences(

@@ -378,27 +378,32 @@ def publish(settings: Settings, items: list[Record], *, router_wait: float = 60.
 def router_has_consumed(
     settings: Settings, topic: str, offsets: Mapping[int, int], timeout: float
 ) -> bool:
-    """Whether the router's group commits ``offsets`` of ``topic`` within ``timeout`` seconds."""
+    """Whether the router's group commits ``offsets`` of ``topic`` within ``timeout`` seconds.
+
+    Asked through the admin API (OffsetFetch): no consumer with the router's
+    group id is created, so nothing can join or disturb the router's group.
+    """
     import time
 
-    from confluent_kafka import Consumer, TopicPartition
+    from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
+    from confluent_kafka.admin import AdminClient
 
-    from finstream.runtime.kafka import consumer_config
+    from finstream.runtime.kafka import client_config
 
-    consumer = Consumer({**consumer_config(settings, settings.group("router")), "log_level": 3})
+    admin = AdminClient(client_config(settings, log_level=3))
+    query = ConsumerGroupTopicPartitions(
+        settings.group("router"), [TopicPartition(topic, p) for p in sorted(offsets)]
+    )
     deadline = time.monotonic() + timeout
-    try:
-        wanted = [TopicPartition(topic, p) for p in sorted(offsets)]
-        while True:
-            with contextlib.suppress(Exception):  # the coordinator may still be loading
-                got = consumer.committed(wanted, timeout=5)
-                if all(tp.offset >= offsets[tp.partition] for tp in got):
-                    return True
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.25)
-    finally:
-        consumer.close()
+    while True:
+        with contextlib.suppress(Exception):  # the coordinator may still be loading
+            future = admin.list_consumer_group_offsets([query], request_timeout=5)
+            got = next(iter(future.values())).result(timeout=10).topic_partitions or []
+            if len(got) == len(offsets) and all(tp.offset >= offsets[tp.partition] for tp in got):
+                return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.25)
 
 
 def seed(
