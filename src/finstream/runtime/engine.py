@@ -186,7 +186,7 @@ class StreamEngine(Commits, Restore, KafkaProbe, Decoding):
         self._backoff = Backoff(base=0.2, cap=5.0)
         # The Kafka probe (health thread): its client, the lag it saw, and the
         # committed progress that tells a stalled role from a busy one.
-        self._probe_client: Any = None
+        self._probe_clients: tuple[Any, Any] | None = None
         self._probe_committed: tuple[frozenset[int], int] | None = None
         self._progress_at = time.monotonic()
         self._stalled = 0.0
@@ -411,7 +411,7 @@ class StreamEngine(Commits, Restore, KafkaProbe, Decoding):
             ("consumer", lambda: self._consumer is not None and self._consumer.close()),
             ("producer", lambda: self._producer is not None and self._producer.flush(10)),
             ("restore clients", self._close_restore_clients),
-            ("probe", lambda: self._probe_client is not None and self._probe_client.close()),
+            ("probe", self._close_probe_clients),
         ):
             try:
                 close()

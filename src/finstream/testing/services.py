@@ -302,6 +302,9 @@ def committed_count(env: TestEnv, group: str, name: str) -> int:
             **env.kafka_config(),
             "group.id": group,
             "enable.auto.commit": False,
+            # read_committed (librdkafka's default) would wait out the role's open
+            # transaction (require_stable, KIP-447) and could time out under load.
+            "isolation.level": "read_uncommitted",
             "log_level": 3,
         }
     )

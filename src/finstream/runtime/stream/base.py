@@ -107,7 +107,7 @@ class EngineBase:
     _failed_at: float
     _failure: str
     _backoff: Backoff
-    _probe_client: Any
+    _probe_clients: tuple[Any, Any] | None
     _probe_committed: tuple[frozenset[int], int] | None
     _progress_at: float
     _stalled: float

@@ -35,34 +35,51 @@ class KafkaProbe(EngineBase):
         Independent of the engine's own thread, so it answers (and the lag
         gauge moves) exactly when that thread is stuck. Raises when Kafka
         does not answer within the probe timeout: readiness then says so.
-        A consumer of its own that never joins the group (librdkafka's admin
+        Consumers of its own that never join the group (librdkafka's admin
         client aborted the process on a coordinator lookup that timed out
         while the broker restarted).
         """
         timeout = self.settings.health_probe_timeout
-        if self._probe_client is None:
-            self._probe_client = Consumer(consumer_config(self.settings, self.group))
-        probe = self._probe_client
+        if self._probe_clients is None:
+            offsets = consumer_config(self.settings, self.group)
+            # A read_committed consumer asks for committed offsets with
+            # require_stable (librdkafka ties the two, KIP-447): while the
+            # role's own transaction holds new offsets, the broker answers
+            # "unstable" and librdkafka retries until the deadline. Under load
+            # that timed out and flipped readiness red for a healthy role; the
+            # probe wants the last committed offsets, not stable ones.
+            offsets["isolation.level"] = "read_uncommitted"
+            self._probe_clients = (
+                Consumer(offsets),
+                Consumer(consumer_config(self.settings, self.group)),
+            )
+        offsets_client, ends_client = self._probe_clients
         owned = self._assignment
         tps = [TopicPartition(t, p) for t in self._inputs for p in sorted(owned)]
         now = time.monotonic()
         if not tps:
-            probe.list_topics(topic=next(iter(self._inputs)), timeout=timeout)
+            ends_client.list_topics(topic=next(iter(self._inputs)), timeout=timeout)
             self._record_progress(now, owned, 0, 0, {})
             return
         committed = {
-            (tp.topic, tp.partition): tp.offset for tp in probe.committed(tps, timeout=timeout)
+            (tp.topic, tp.partition): tp.offset
+            for tp in offsets_client.committed(tps, timeout=timeout)
         }
         # Timestamp -1 asks for the latest offset: one request per leader, and
         # read_committed (this consumer's isolation) answers the last stable offset.
         latest = [TopicPartition(tp.topic, tp.partition, -1) for tp in tps]
         lags: dict[tuple[str, str], int] = {}
         total_committed = 0
-        for tp in probe.offsets_for_times(latest, timeout=timeout):
+        for tp in ends_client.offsets_for_times(latest, timeout=timeout):
             done = max(committed.get((tp.topic, tp.partition), -1), 0)
             total_committed += done
             lags[(tp.topic, str(tp.partition))] = max(tp.offset - done, 0)
         self._record_progress(now, owned, sum(lags.values()), total_committed, lags)
+
+    def _close_probe_clients(self) -> None:
+        clients, self._probe_clients = self._probe_clients, None
+        for client in clients or ():
+            client.close()
 
     def _record_progress(
         self,
