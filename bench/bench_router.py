@@ -5,7 +5,7 @@ beside a raw baseline and a Quix Streams anchor, and routing latency.
    of them, caps for another tenth) go to notify.preferences as finstream's
    writers store them: each user's data key created and the contact points
    sealed under it (``Sealer``, what the API does); the router loads them into
-   its changelog-backed store and the Redis read model. Its key cache starts
+   its changelog-backed store. Its key cache starts
    cold: each user's key is read (and unwrapped) once, on their first request.
    A user's first key is created once in their lifetime, where their contacts
    are first written, so the drain does not pay for creating keys.
@@ -165,7 +165,7 @@ def main() -> None:
         )
         load_s = time.perf_counter() - t0
         print(
-            f"loading {USERS:,} users' preferences (store + Redis read model): {load_s:.1f} s "
+            f"loading {USERS:,} users' preferences (into its store): {load_s:.1f} s "
             f"({USERS / load_s:,.0f}/s)"
         )
         harness.produce(

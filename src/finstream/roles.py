@@ -67,7 +67,7 @@ _ROLES = [
         "finstream.agents.router:run",
         ("notify.requests", "notify.preferences", "notify.scheduled.commands"),
         "Routes notification requests by users' preferences (consent, quiet hours, caps, "
-        "digests, schedules) to outbound channel topics; keeps the preferences read model.",
+        "digests, schedules) to outbound channel topics.",
     ),
     RoleSpec(
         "audit",

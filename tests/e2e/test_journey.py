@@ -90,7 +90,7 @@ async def test_journeys_of_a_suppressed_a_held_and_a_failed_over_request(
     overrides = fakes.env(delivery_email_providers="sendgrid,ses,smtp")
     with workers(env, log_dir, "router", "audit", "delivery-email", **overrides):
         env.produce_records("notify.preferences", "UserPreferences", [(USER, prefs)])
-        # The router's own commit, not the read model: the statestore writes that too.
+        # The router's own commit: the read model is the statestore's, not the router's.
         wait_until(
             lambda: group_caught_up(env, env.settings.group("router"), ["notify.preferences"]),
             timeout=30,

@@ -137,7 +137,7 @@ async def test_list_reschedule_cancel_and_the_race(
     )
     with workers(env, log_dir, "router", "statestore", router_tick_seconds="0.1") as running:
         env.produce_records("notify.preferences", "UserPreferences", [(USER, prefs)])
-        # The router's own commit, not the read model: the statestore writes that too.
+        # The router's own commit: the read model is the statestore's, not the router's.
         wait_until(
             lambda: group_caught_up(env, env.settings.group("router"), ["notify.preferences"]),
             timeout=30,
@@ -327,7 +327,7 @@ async def test_quiet_hours_holds_and_digests_are_under_control_too(
         router_digest_seconds="3600",
     ):
         env.produce_records("notify.preferences", "UserPreferences", [(user, prefs)])
-        # The router's own commit, not the read model: the statestore writes that too.
+        # The router's own commit: the read model is the statestore's, not the router's.
         wait_until(
             lambda: group_caught_up(env, env.settings.group("router"), ["notify.preferences"]),
             timeout=30,

@@ -1,5 +1,8 @@
 """The router through real Kafka and Redis: routing, consent, dedupe, collapse, dead
-letters, schedules, quiet hours, digests and the preferences read model."""
+letters, schedules, quiet hours and digests; the CLI's preferences commands.
+
+The router alone runs here (no statestore role): a test knows the router has read
+a user's preferences when its group has committed past them."""
 
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from finstream.domain.notify.quiet_hours import next_allowed
 from finstream.stores.read_models import PreferencesStore
 from finstream.stores.redis import connect
 from tests.support.privacy import opened_messages
-from tests.support.services import TestEnv, WorkerProcess, wait_until
+from tests.support.services import TestEnv, WorkerProcess, group_caught_up, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -125,6 +128,10 @@ def letters(env: TestEnv, min_count: int) -> list[Any]:
     return env.consume_all("dlq", min_count=min_count, timeout=30)
 
 
+def router_read_prefs(env: TestEnv) -> bool:
+    return group_caught_up(env, env.settings.group("router"), ["notify.preferences"])
+
+
 def read_model(env: TestEnv, user: str) -> dict[str, Any] | None:
     async def go() -> dict[str, Any] | None:
         redis = connect(env.settings)
@@ -150,7 +157,9 @@ CONTACTS: dict[str, Any] = {
 def test_routes_to_every_chosen_channel_and_contact(env: TestEnv, router: WorkerProcess) -> None:
     user = "u-route"
     publish_prefs(env, user, locale="de", **CONTACTS)
-    wait_until(lambda: read_model(env, user), timeout=30, message="preferences in the read model")
+    wait_until(
+        lambda: router_read_prefs(env), timeout=30, message="the router read the preferences"
+    )
     send(
         env,
         request(user, "sec-1", category="security", data={"title": "Login", "body": "Neues Gerät"}),
@@ -197,7 +206,9 @@ def test_users_category_choice_routes_price_alerts_to_email_and_inapp(
         push_tokens=[{"platform": "FCM", "token": "tok-price"}],
         categories={"price_alert": {"channels": ["email", "inapp"]}},
     )
-    wait_until(lambda: read_model(env, user), timeout=30, message="preferences")
+    wait_until(
+        lambda: router_read_prefs(env), timeout=30, message="the router read the preferences"
+    )
     data = {"symbol": "AAPL", "price": "191.20", "description": "AAPL crossed above 190.00"}
     send(
         env,
@@ -216,7 +227,9 @@ def test_consent_and_global_opt_out_suppress_with_a_record(
 ) -> None:
     user = "u-consent"
     publish_prefs(env, user, emails=[{"address": "c@example.com", "verified": True}])
-    wait_until(lambda: read_model(env, user), timeout=30, message="preferences")
+    wait_until(
+        lambda: router_read_prefs(env), timeout=30, message="the router read the preferences"
+    )
     send(env, request(user, "mkt-1", category="marketing", template="message", priority="CRITICAL"))
     events = audits(env, user, 1)
     assert events[0]["action"] == "suppressed"
@@ -228,18 +241,14 @@ def test_consent_and_global_opt_out_suppress_with_a_record(
         emails=[{"address": "c@example.com", "verified": True}],
         consents=[{"purpose": "marketing", "granted": True}],
     )
-    wait_until(
-        lambda: (m := read_model(env, user)) and m["consents"], timeout=30, message="consent"
-    )
+    wait_until(lambda: router_read_prefs(env), timeout=30, message="the router read the consent")
     send(env, request(user, "mkt-2", category="marketing", template="message"))
     email = outbound(env, "email", user, 1)
     assert email[0]["transactional"] is False
     publish_prefs(
         env, user, emails=[{"address": "c@example.com", "verified": True}], global_opt_out=True
     )
-    wait_until(
-        lambda: (m := read_model(env, user)) and m["global_opt_out"], timeout=30, message="opt-out"
-    )
+    wait_until(lambda: router_read_prefs(env), timeout=30, message="the router read the opt-out")
     send(env, request(user, "sec-9", category="security", priority="CRITICAL"))
     events = audits(env, user, 3)
     assert events[-1]["subject_id"] == "sec-9"
@@ -337,7 +346,9 @@ def test_quiet_hours_hold_email_until_the_next_allowed_moment(
         emails=[{"address": "q@example.com", "verified": True}],
         quiet_hours=[{"start": start, "end": end}],
     )
-    wait_until(lambda: read_model(env, user), timeout=30, message="preferences")
+    wait_until(
+        lambda: router_read_prefs(env), timeout=30, message="the router read the preferences"
+    )
     sent_at = now()
     send(env, request(user, "quiet-1"), request(user, "quiet-crit", priority="CRITICAL"))
     events = audits(env, user, 3)
@@ -356,7 +367,9 @@ def test_quiet_hours_hold_email_until_the_next_allowed_moment(
 def test_low_priority_messages_fold_into_one_digest(env: TestEnv, router: WorkerProcess) -> None:
     user = "u-digest"
     publish_prefs(env, user, categories={"price_alert": {"digest": True}})
-    wait_until(lambda: read_model(env, user), timeout=30, message="preferences")
+    wait_until(
+        lambda: router_read_prefs(env), timeout=30, message="the router read the preferences"
+    )
     started = time.monotonic()
     for i in range(3):
         data = {"symbol": f"S{i}", "price": f"{10 + i}.00", "description": f"S{i} moved"}
@@ -387,9 +400,11 @@ def test_low_priority_messages_fold_into_one_digest(env: TestEnv, router: Worker
 def test_tombstone_forgets_the_user(env: TestEnv, router: WorkerProcess) -> None:
     user = "u-forget"
     publish_prefs(env, user, emails=[{"address": "f@example.com", "verified": True}])
-    wait_until(lambda: read_model(env, user), timeout=30, message="preferences")
+    wait_until(
+        lambda: router_read_prefs(env), timeout=30, message="the router read the preferences"
+    )
     env.produce("notify.preferences", [(user.encode(), None)])
-    wait_until(lambda: read_model(env, user) is None, timeout=30, message="read model forgets")
+    wait_until(lambda: router_read_prefs(env), timeout=30, message="the router read the tombstone")
     send(env, request(user, "after-forget"))
     inapp = outbound(env, "inapp", user, 1)
     assert inapp[0]["request_id"] == "after-forget"

@@ -23,8 +23,9 @@ since was aborted and is never seen by read_committed consumers. The release
 of held requests and digests (every ``router_tick_seconds``) runs between
 batches, in the same transactions.
 
-Consuming a preferences record also updates the Redis read model
-(:class:`~finstream.stores.read_models.PreferencesStore`), before the commit.
+The router keeps preferences in its own store only: the Redis read model
+(:class:`~finstream.stores.read_models.PreferencesStore`) is the statestore
+role's (:mod:`finstream.agents.statestore`), from the same topic.
 
 Co-partitioning: state lives in the partition that Kafka's default (murmur2)
 partitioner gives the user id. A record that arrives on another partition
@@ -53,7 +54,6 @@ from finstream.agents.router_batch import (
     Batch,
     Letter,
     Out,
-    ReadModelWriter,
     StoredPrefs,
     count,
     policy_from_settings,
@@ -114,7 +114,6 @@ class Router(Processor):
         self.stores: list[Store[Any]] = [self.prefs_store, self.state_store, self.holds_store]
         self.index = DueIndex()
         self.owned: frozenset[int] = frozenset()
-        self.read_model = ReadModelWriter(settings, ctx.codec)
         self.scheduled = ScheduleControl(self)
         self.privacy = RouterPrivacy(settings)  # issue 14: what is sealed and opened
 
@@ -173,15 +172,13 @@ class Router(Processor):
         return True
 
     async def _apply(self, batch: Batch, out: Output) -> None:
-        """Outputs and state changes into the open transaction; the read model to Redis."""
+        """Outputs and state changes into the open transaction."""
         for o in batch.outputs:
             out.produce(o.topic, o.key, o.value, o.headers, o.partition)
         for letter in batch.letters:
             letter.produce(out)
         self.scheduled.publish(batch, out)  # before the stores change: it compares with them
         self._write_state(batch)
-        if batch.redis_ops:
-            await self.read_model.write(batch.redis_ops, out)
 
     def _write_state(self, batch: Batch) -> None:
         def put(store: Store[Any], user: str, value: Any) -> None:

@@ -2,15 +2,13 @@
 
 What one batch collects before it is applied (:class:`Batch`, with its
 outputs and dead letters), the preferences as the ``prefs`` store keeps them
-(:class:`StoredPrefs`), the routing policy read from the settings, and the
-Redis read model of preferences that the router keeps up to date
-(:class:`ReadModelWriter`), how a preferences record changes the batch
-(:func:`preferences_change`) and the router's metrics.
+(:class:`StoredPrefs`), the routing policy read from the settings, how a
+preferences record changes the batch (:func:`preferences_change`) and the
+router's metrics.
 """
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +19,6 @@ from finstream.domain.notify.preferences import CHANNELS
 from finstream.domain.notify.preferences_view import Preferences
 from finstream.domain.notify.routing import Policy
 from finstream.domain.notify.routing_state import Holds, UserState
-from finstream.domain.resilience import Backoff
 from finstream.runtime.logging import get_logger
 from finstream.runtime.stream.events import Event, Output
 from finstream.settings import Settings
@@ -51,12 +48,6 @@ def count(counter: Counter, label: str) -> None:
     if child is None:
         child = _CHILDREN[(id(counter), label)] = counter.labels(label)
     child.inc()
-
-
-READ_MODEL_ERRORS = Counter(
-    "finstream_router_read_model_errors_total",
-    "Preferences the Redis read model could not take (dead-lettered for redrive)",
-)
 
 
 def policy_from_settings(settings: Settings) -> Policy:
@@ -139,7 +130,6 @@ class Batch:
     holds: dict[str, Holds] = field(default_factory=dict)
     prefs: dict[str, StoredPrefs | None] = field(default_factory=dict)  # None: forgotten
     forgotten: set[str] = field(default_factory=set)
-    redis_ops: list[tuple[str, bytes | None, Letter]] = field(default_factory=list)
     # user -> item id -> command id: holds that commands cancelled or rescheduled
     cancelled: dict[str, dict[str, str]] = field(default_factory=dict)
     rescheduled: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -165,7 +155,6 @@ def preferences_change(
         batch.forgotten.add(user)
         batch.states.pop(user, None)
         batch.holds.pop(user, None)
-        batch.redis_ops.append((user, None, letter))
         log.info("preferences forgotten", user_id=user)
         return
     prefs: Preferences = ev.item
@@ -184,50 +173,3 @@ def preferences_change(
             return
     batch.prefs[user] = StoredPrefs(ev.value, topic, prefs)
     batch.forgotten.discard(user)
-    batch.redis_ops.append((user, ev.value, letter))
-
-
-class ReadModelWriter:
-    """Preferences the router consumed, into the Redis read model, before the commit."""
-
-    def __init__(self, settings: Settings, codec: Any) -> None:
-        self.settings = settings
-        self.codec = codec
-        self._store: Any = None
-        self._backoff = Backoff(base=0.2, cap=5.0)
-
-    async def write(self, ops: list[tuple[str, bytes | None, Letter]], out: Output) -> None:
-        from finstream.stores.read_models import PreferencesStore
-        from finstream.stores.redis import connect
-
-        if self._store is None:
-            self._store = PreferencesStore(connect(self.settings), self.settings, self.codec)
-        failed: list[Letter] = []
-
-        async def apply(user: str, raw: bytes | None, letter: Letter) -> None:
-            for attempt in range(1, 4):
-                try:
-                    if raw is None:
-                        await self._store.delete(user)
-                    else:
-                        await self._store.put(user, raw)
-                    return
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    if attempt == 3:
-                        # Redriving the dead letter re-applies it; both writers are monotonic.
-                        letter.error = f"preferences read model (Redis) not updated: {exc}"
-                        letter.error_class = "ReadModelError"
-                        failed.append(letter)
-                    else:
-                        await asyncio.sleep(self._backoff.delay(attempt))
-
-        # Several users at once; one user's versions stay in order (one op each per batch).
-        latest = {user: (user, raw, letter) for user, raw, letter in ops}
-        pending = list(latest.values())
-        for i in range(0, len(pending), 64):
-            await asyncio.gather(*(apply(*op) for op in pending[i : i + 64]))
-        for letter in failed:
-            READ_MODEL_ERRORS.inc()
-            letter.produce(out)

@@ -3,7 +3,8 @@
 Preferences live in the compacted ``notify.preferences`` topic; ``set``
 validates (the same :func:`~finstream.domain.notify.preferences.parse_preferences`
 as the API) and publishes a new version keyed by user id, ``forget`` publishes
-a tombstone. ``show`` reads the Redis read model that the router keeps.
+a tombstone. ``show`` reads the Redis read model (the statestore role keeps it;
+``set`` writes its own version through, as the API does).
 
 ``set`` merges onto the current version unless ``--replace``: a JSON document
 (``--json`` or ``--file``) replaces the fields it names, and the flags below
@@ -300,7 +301,7 @@ def prefs_set(
 @click.argument("user")
 @click.option("--reveal", is_flag=True, help="Print contact details unmasked.")
 def prefs_show(user: str, reveal: bool) -> None:
-    """Print USER's preferences (from the read model the router keeps in Redis)."""
+    """Print USER's preferences (from the Redis read model)."""
     record = asyncio.run(_current(get_settings(), user))
     if record is None:
         fail(f"no preferences for {user!r} (defaults apply: in-app only)")

@@ -14,6 +14,16 @@ topic's record, so the read model holds exactly what the topic holds.
 
 Writes carry the record's ``updated_at`` and never replace a newer version
 with an older one, so replays and redelivery cannot move the model backwards.
+
+Who writes ``prefs:{user}``: the ``statestore`` role applies every record of
+``notify.preferences`` (the router keeps its own store and does not write
+here). Two writers also put the version they have just published, so that
+they read their own write: :class:`finstream.privacy.prefs.PreferencesWriter`
+(API, CLI, the feedback role: a read-modify-write under the user's lock) and
+the delivery workers' synchronous feedback (the next refusal for the same
+user builds on this one). Both put exactly the bytes they published, with
+its version: the statestore applying the same record later is a no-op, an
+older one is refused. Erasure deletes the keys.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Published to the compacted ``notify.preferences`` topic (keyed by user id),
 which the router reads, and written through to the Redis read model with the
-same ``updated_at`` (see ``rules.py`` for why that is safe). Fields that the
+same ``updated_at`` (who writes it: :mod:`finstream.stores.read_models`). Fields that the
 platform, not the user, decides (verification, bounces, STOP, invalid push
 tokens, consent timestamps) are kept as recorded: see
 :func:`finstream.api.policy.protect_preferences`.
