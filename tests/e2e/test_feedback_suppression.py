@@ -1,4 +1,4 @@
-"""Feedback suppression end to end: an address a provider reported is not mailed again.
+"""Feedback suppression end to end: an address or number a provider reported is not used again.
 
 The same real stack, worker processes (router, statestore, inapp,
 delivery-email with the SendGrid fake, delivery-sms, audit, feedback), API
@@ -27,14 +27,17 @@ from finstream.api.deps import Resources
 from finstream.api.webhooks import sign_sendgrid
 from tests.e2e.test_privacy import (  # noqa: F401  (fixtures, found by name)
     api,
+    audit_actions,
     fakes,
     keys,
     mail_to,
     notify,
+    phone,
     prefs_of,
     running,
     sendgrid_key,
     settings,
+    sms_to,
     sns,
     uid,
     until,
@@ -216,3 +219,59 @@ async def test_a_bounced_or_complained_address_gets_no_more_mail_but_the_inbox_d
     by_channel = {g["channel"]: g for g in r.json()["groups"]}
     assert by_channel["email"]["suppressed"] == 2, by_channel
     assert by_channel["inapp"]["suppressed"] == 0, by_channel
+
+
+async def test_a_number_refused_on_send_as_opted_out_is_marked_by_the_feedback_role_and_not_texted_again(
+    api: tuple[httpx.AsyncClient, Resources],  # noqa: F811
+    fakes: DeliveryFakes,  # noqa: F811
+    keys: Keys,  # noqa: F811
+    env: TestEnv,
+) -> None:
+    """Twilio refuses a send with 21610 (the recipient replied STOP): the SMS worker only
+    names it in the DeliveryResult; the feedback role marks the number, audited."""
+    client, res = api
+    service = keys.token("svc-stop", roles=["service"])
+    number = phone()
+    cy, cy_token, _ = await verified_user(
+        client, fakes, keys, email=f"{uid('cy')}@example.com", number=number, consents=("sms",)
+    )
+    fakes.twilio.opted_out.add(number)
+    texted = len(await asyncio.to_thread(sms_to, fakes, number))  # the verification code
+    first = await notify(
+        client, service, cy, category="security", channels=["SMS"], data={"title": "T", "body": "1"}
+    )
+
+    async def refused() -> list[Any] | None:
+        rows = await res.pg.fetch(
+            "SELECT status, error_class FROM delivery_results r JOIN deliveries d "
+            "USING (message_id) WHERE d.request_id = $1",
+            first,
+        )
+        return [tuple(r) for r in rows] or None
+
+    assert await until(refused, "the refused send recorded") == [("REJECTED", "opted_out")]
+
+    async def opted_out() -> bool:
+        return bool((await prefs_of(client, cy_token))["phones"][0]["opted_out"])
+
+    await until(opted_out, "the number marked opted out")
+
+    async def audited() -> list[str] | None:
+        actions = await audit_actions(res, cy)
+        return actions if "feedback_phone_opted_out" in actions else None
+
+    actions = await until(audited, "the change audited by the feedback role")
+    assert "phone_opted_out" not in actions  # the delivery worker no longer writes preferences
+    await until(
+        lambda: asyncio.to_thread(
+            group_caught_up, env, env.settings.group("router"), ["notify.preferences"]
+        ),
+        "the router past the preference change",
+    )
+
+    second = await notify(
+        client, service, cy, category="security", channels=["SMS"], data={"title": "T", "body": "2"}
+    )
+    decisions = await until(partial(router_decisions, res, second), "the second decision audited")
+    assert "sms" not in str(decisions[0]["details"].get("channels", "")), decisions
+    assert len(await asyncio.to_thread(sms_to, fakes, number)) == texted

@@ -469,83 +469,48 @@ async def test_invalid_and_undecodable_input_is_dead_lettered(rig: Rig) -> None:
 # -- feedback ----------------------------------------------------------------------------------
 
 
-async def test_unregistered_tokens_and_opt_outs_update_preferences(rig: Rig) -> None:
+async def test_unregistered_tokens_and_opt_outs_are_named_in_results_for_the_feedback_role(
+    rig: Rig,
+) -> None:
+    """The worker says what a refusal means for the recipient; it changes no preferences
+    itself (the feedback role does, under the user's lock: tests/e2e/test_feedback_suppression.py)."""
     rig.fresh_circuits()
     f = rig.fakes
     user = f"u-{uuid.uuid4().hex[:8]}"
     apns_token = "d4" * 32
-    start = utcnow() - timedelta(minutes=1)
-    prefs = {
-        "user_id": user,
-        "locale": "en",
-        "timezone": "UTC",
-        "emails": [],
-        "phones": [{"number": "+1 415 555 2699", "verified": True, "opted_out": False}],
-        "push_tokens": [
-            {"platform": "FCM", "token": "fcm-dead", "app": None, "invalid": False},
-            {"platform": "APNS", "token": apns_token, "app": None, "invalid": False},
-            {"platform": "FCM", "token": "fcm-alive", "app": None, "invalid": False},
-        ],
-        "channels": {},
-        "categories": {},
-        "global_opt_out": False,
-        "consents": [],
-        "quiet_hours": [],
-        "caps": [],
-        "updated_at": start,
-    }
-    store = PreferencesStore(rig.redis, rig.settings, CODEC)
-    await store.put(user, CODEC.encode("UserPreferences", prefs))
     f.fcm.unregistered.add("fcm-dead")
     f.apns.unregistered.add(apns_token)
     f.twilio.opted_out.add("+14155552699")
     a = outbound("PUSH", "fcm-dead", platform="FCM", user_id=user)
     b = outbound("PUSH", apns_token, platform="APNS", user_id=user)
     c = sms(recipient="+14155552699", user_id=user)
-    await rig.produce("PUSH", a, b)
+    alive = outbound("PUSH", "fcm-alive", platform="FCM", user_id=user)
+    await rig.produce("PUSH", a, b, alive)
     await rig.produce("SMS", c)
     states = await rig.settled(a["message_id"], b["message_id"], c["message_id"])
     assert set(states.values()) == {"rejected"}
+    assert (await rig.settled(alive["message_id"]))[alive["message_id"]] == "sent"
 
-    async def three_updates() -> list[dict[str, Any]] | None:
-        found = [
-            p
-            for p in await rig.topic("notify.preferences", "UserPreferences")
-            if p["user_id"] == user
-        ]
-        return found if len(found) == 3 else None
-
-    updates = await eventually(three_updates, 15, "three preference updates")
-    # Each update builds on the one before: in the end all three are marked.
-    final = max(updates, key=lambda p: p["updated_at"])
-    assert {t["token"]: t["invalid"] for t in final["push_tokens"]} == {
-        "fcm-dead": True,
-        apns_token: True,
-        "fcm-alive": False,
+    results = await rig.records(
+        "notify.delivery", "DeliveryResult", lambda r: r["user_id"] == user, 4
+    )
+    classes = {r["message_id"]: (r["status"], r["error_class"]) for r in results}
+    assert classes == {
+        a["message_id"]: ("REJECTED", "token_invalid"),
+        b["message_id"]: ("REJECTED", "token_invalid"),
+        c["message_id"]: ("REJECTED", "opted_out"),
+        alive["message_id"]: ("SENT", None),
     }
-    assert final["phones"][0]["opted_out"] is True
-    stamps = [p["updated_at"] for p in updates]
-    assert len(set(stamps)) == 3
-    assert min(stamps) > start
-    stored = await store.get(user)
-    assert stored is not None
-    assert stored["updated_at"] == final["updated_at"]
-    audits = await rig.records(
+    # The results (and the audit of each refusal) are out; no preferences record is.
+    await rig.records(
         "audit.events",
         "AuditEvent",
-        lambda e: e["user_id"] == user and e["subject_type"] == "preferences",
+        lambda e: e["user_id"] == user and e["action"] == "delivery_rejected",
         3,
     )
-    actions = sorted(e["action"] for e in audits if e["subject_type"] == "preferences")
-    assert actions == ["phone_opted_out", "push_token_invalidated", "push_token_invalidated"]
-    assert all("fcm-dead" not in str(e["details"]) for e in audits)  # recipients are masked
-
-    # Sending to the marked token again changes nothing more.
-    again = outbound("PUSH", "fcm-dead", platform="FCM", user_id=user)
-    await rig.produce("PUSH", again)
-    await rig.settled(again["message_id"])
-    await asyncio.sleep(0.5)
-    assert len(await three_updates() or []) == 3
+    mine = [p for p in await rig.topic("notify.preferences", None) if p.key() == user.encode()]
+    assert mine == []
+    assert await PreferencesStore(rig.redis, rig.settings, CODEC).get(user) is None
 
 
 # -- never twice -------------------------------------------------------------------------------------

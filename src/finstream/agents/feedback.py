@@ -14,7 +14,10 @@ audit events are acknowledged by Kafka before the offsets are committed.
 * a hard bounce marks the address ``bounced``, a spam complaint
   ``complained`` (the router never uses either again), a provider's
   unsubscribe withdraws the user's marketing consent and opts them out of the
-  message's category, a carrier STOP marks the number ``opted_out``: through
+  message's category, a carrier STOP (a status callback, or the SMS worker's
+  send refused with 21610) marks the number ``opted_out``, a push token the
+  provider no longer knows (the push worker's send refused,
+  ``token_invalid``) is marked ``invalid``: through
   :class:`~finstream.privacy.prefs.PreferencesWriter`, sealed and audited
   (old -> new, contacts masked). The address a bounce is about comes from
   the message's sealed content (``deliveries.content``), opened with the
@@ -60,7 +63,8 @@ FUNNEL_EVENTS = Counter(
 )
 CHANGES = Counter(
     "finstream_feedback_changes_total",
-    "Preference changes made from delivery feedback (bounce, complaint, unsubscribe, STOP)",
+    "Preference changes made from delivery feedback (bounce, complaint, unsubscribe, STOP, "
+    "invalid push token)",
     ["change"],
 )
 SKIPPED = Counter(

@@ -13,7 +13,12 @@ the router's audit events, and uses these functions to
 * change **preferences**: a hard bounce marks the address ``bounced`` and a
   spam complaint ``complained`` (neither is mailed again), a provider's
   unsubscribe opts the user out of the message's category, a carrier STOP
-  marks the number ``opted_out``. Each change is audited, old -> new.
+  (a status callback, or a delivery worker's send refused with Twilio's
+  21610) marks the number ``opted_out``, a push token the provider no longer
+  knows (FCM UNREGISTERED, APNs 410) is marked ``invalid``. Each change is
+  audited, old -> new. The delivery workers only say so, in the result's
+  ``error_class`` (:attr:`finstream.domain.delivery.errors.Feedback.error_class`):
+  every preference change from feedback is made here, under the user's lock.
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ class Change(StrEnum):
     COMPLAINED = "email_complained"
     UNSUBSCRIBED = "unsubscribed"
     OPTED_OUT = "phone_opted_out"
+    TOKEN_INVALID = "push_token_invalidated"  # noqa: S105 (not a secret)
 
 
 def result_stage(status: str) -> Stage | None:
@@ -86,6 +92,8 @@ def change_for(result: Mapping[str, Any]) -> Change | None:
         return Change.BOUNCED
     if channel == "SMS" and status in ("FAILED", "REJECTED") and error_class == "opted_out":
         return Change.OPTED_OUT
+    if channel == "PUSH" and status in ("FAILED", "REJECTED") and error_class == "token_invalid":
+        return Change.TOKEN_INVALID
     return None
 
 
@@ -220,6 +228,15 @@ def apply_change(
             number = str(phone.get("number") or "")
             if recipient and match(number, recipient) and not phone.get("opted_out"):
                 phone["opted_out"] = True
+                changed = True
+    elif change is Change.TOKEN_INVALID:
+        for token in updated.get("push_tokens") or []:
+            if (
+                recipient
+                and str(token.get("token") or "") == recipient
+                and not token.get("invalid")
+            ):
+                token["invalid"] = True
                 changed = True
     elif change is Change.UNSUBSCRIBED and category:
         categories = dict(updated.get("categories") or {})

@@ -1,9 +1,9 @@
 """Writing a user's preferences the privacy way: sealed, serialized, audited.
 
-Every writer of ``notify.preferences`` but the delivery workers' synchronous
-feedback goes through :class:`PreferencesWriter` (the API's routes, contact
-verification, one-click unsubscribe, the feedback role, ``finstream prefs
-set``): it
+Every writer of ``notify.preferences`` goes through :class:`PreferencesWriter`
+(the API's routes, contact verification, one-click unsubscribe, the feedback
+role, ``finstream prefs set``; a tombstone from ``finstream prefs forget`` or
+erasure excepted): it
 
 * holds the per-user write lock the API uses (``api:lock:prefs:{user}`` in
   Redis), so the topic's order follows the versions;

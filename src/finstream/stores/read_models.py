@@ -17,13 +17,13 @@ with an older one, so replays and redelivery cannot move the model backwards.
 
 Who writes ``prefs:{user}``: the ``statestore`` role applies every record of
 ``notify.preferences`` (the router keeps its own store and does not write
-here). Two writers also put the version they have just published, so that
-they read their own write: :class:`finstream.privacy.prefs.PreferencesWriter`
-(API, CLI, the feedback role: a read-modify-write under the user's lock) and
-the delivery workers' synchronous feedback (the next refusal for the same
-user builds on this one). Both put exactly the bytes they published, with
-its version: the statestore applying the same record later is a no-op, an
-older one is refused. Erasure deletes the keys.
+here, the delivery workers change no preferences). Every other change of a
+user's preferences goes through :class:`finstream.privacy.prefs.PreferencesWriter`
+(API, CLI, the feedback role): a read-modify-write under the user's lock,
+which also puts the version it has just published, so that the next change
+builds on it and the API reads its own write. It puts exactly the bytes it
+published, with their version: the statestore applying the same record later
+is a no-op, an older one is refused. Erasure deletes the keys.
 """
 
 from __future__ import annotations

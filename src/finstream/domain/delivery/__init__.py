@@ -14,23 +14,22 @@ The package holds:
   every move between them;
 * this module: the retry schedule (:class:`RetryPolicy`): exponential backoff
   with full jitter, never earlier than the provider's ``Retry-After`` /
-  rate-limit reset, never past the message's deadline; preference feedback
-  (:func:`apply_feedback`): unregistered push tokens and opted-out phone
-  numbers, with a monotonic ``updated_at``; and the dead-letter reason.
+  rate-limit reset, never past the message's deadline; and the dead-letter
+  reason. What a refusal says about the recipient (an unregistered push token,
+  an opted-out number) travels in the result's ``error_class``
+  (:attr:`.errors.Feedback.error_class`); the feedback role changes the
+  preferences (:mod:`finstream.domain.feedback`).
 """
 
 from __future__ import annotations
 
-import copy
 import enum
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from datetime import datetime, timedelta
 
-from finstream.domain.delivery.channels import same_phone
-from finstream.domain.delivery.errors import MAX_WAIT_SECONDS, Feedback
+from finstream.domain.delivery.errors import MAX_WAIT_SECONDS
 from finstream.domain.resilience import Backoff, ErrorClass, ProviderError
 
 # -- retry schedule -------------------------------------------------------------------
@@ -104,46 +103,6 @@ def defer_delay(provider_wait: float, rng: random.Random | None = None) -> float
     """Wait when every provider is closed or rate limited: its wait plus a little jitter."""
     wait = max(provider_wait, 0.05)
     return min(wait + (rng or random).uniform(0, min(1.0, wait * 0.1)), MAX_WAIT_SECONDS)
-
-
-# -- feedback into preferences ---------------------------------------------------------
-
-
-def apply_feedback(
-    preferences: Mapping[str, Any],
-    feedback: Feedback,
-    recipient: str,
-    now: datetime,
-    reveal: Callable[[str], str] = str,
-) -> dict[str, Any] | None:
-    """The user's preferences with the recipient marked; None if nothing changes.
-
-    ``reveal`` opens a sealed contact point (preferences hold them sealed under
-    the user's key); the record keeps its tokens, only the flag changes.
-
-    ``updated_at`` only moves forward (at least one microsecond past the
-    current record), so the compacted topic and its read models never take the
-    update for an older version.
-    """
-    updated = copy.deepcopy(dict(preferences))
-    changed = False
-    if feedback is Feedback.TOKEN_INVALID:
-        for token in updated.get("push_tokens") or []:
-            if reveal(str(token.get("token") or "")) == recipient and not token.get("invalid"):
-                token["invalid"] = True
-                changed = True
-    elif feedback is Feedback.PHONE_OPTED_OUT:
-        for phone in updated.get("phones") or []:
-            number = reveal(str(phone.get("number") or ""))
-            if same_phone(number, recipient) and not phone.get("opted_out"):
-                phone["opted_out"] = True
-                changed = True
-    if not changed:
-        return None
-    previous = preferences.get("updated_at")
-    floor = previous + timedelta(microseconds=1) if isinstance(previous, datetime) else now
-    updated["updated_at"] = max(now.astimezone(UTC), floor)
-    return updated
 
 
 # -- dead-letter reason -----------------------------------------------------------------

@@ -34,6 +34,18 @@ class Feedback(enum.StrEnum):
     TOKEN_INVALID = "push_token_invalidated"  # noqa: S105 (not a secret) FCM UNREGISTERED, APNs 410 Unregistered
     PHONE_OPTED_OUT = "phone_opted_out"  # Twilio 21610: the recipient replied STOP
 
+    @property
+    def error_class(self) -> str:
+        """The DeliveryResult's ``error_class`` that carries this to the feedback role.
+
+        The feedback role (:func:`finstream.domain.feedback.change_for`) makes the
+        preference change; "opted_out" is also what a Twilio status callback says.
+        """
+        return _FEEDBACK_CLASSES[self]
+
+
+_FEEDBACK_CLASSES = {Feedback.TOKEN_INVALID: "token_invalid", Feedback.PHONE_OPTED_OUT: "opted_out"}
+
 
 class DeliveryError(ProviderError):
     """A classified delivery failure.

@@ -455,7 +455,11 @@ def _undeliverable(
     provider: str | None = None,
     error_class: str | None = None,
 ) -> Step:
-    cls = error_class or error.error_class.value
+    # A refusal that says something about the recipient is named for it: the
+    # feedback role reads the DeliveryResult's class to change the preferences.
+    cls = error_class or (
+        error.feedback.error_class if error.feedback is not None else error.error_class.value
+    )
     state = _FINAL_STATUS.get(status, State.FAILED)
     return Step(
         Transition(state, error_class=cls, error=str(error)),

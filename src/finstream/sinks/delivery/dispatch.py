@@ -8,12 +8,9 @@ the row ('sending'), calls the provider and records the step it is given.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Sequence
 from datetime import datetime
-
-from redis.exceptions import RedisError
 
 from finstream.domain.delivery import AttemptSummary, dead_letter_reason
 from finstream.domain.delivery.errors import DeliveryError
@@ -343,23 +340,11 @@ class Dispatch(Outbox):
                 correlation_id=job.correlation_id,
             ),
         ]
-        lock = None
+        # A refused token or number is named in the result's error_class: the
+        # feedback role changes the preferences (domain.feedback), not this worker.
+        await self.store.transition(job, change, result, outbox)
         if error.feedback is not None:
-            lock = self._user_locks.setdefault(job.user_id, asyncio.Lock())
-            await lock.acquire()
-        try:
-            update = None
-            if error.feedback is not None:
-                update, records = await self._feedback(job, error.feedback, provider, error)
-                outbox.extend(records)
-            await self.store.transition(job, change, result, outbox)
-            if update is not None:
-                # Write through so the next feedback for this user builds on this one.
-                with contextlib.suppress(RedisError):
-                    await self.prefs.put(job.user_id, update)
-        finally:
-            if lock is not None:
-                lock.release()
+            m.FEEDBACK.labels(self.channel, str(error.feedback)).inc()
         self._outbox_ready.set()
         await self._mark_finished(job)
         m.OUTCOMES.labels(self.channel, status).inc()

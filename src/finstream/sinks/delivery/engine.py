@@ -60,7 +60,6 @@ import contextlib
 import random
 import time
 import uuid
-import weakref
 from collections.abc import Sequence
 
 import asyncpg
@@ -82,7 +81,6 @@ from finstream.sinks.delivery.reconcile import Reconciler
 from finstream.sinks.delivery.records import DeliveryStorePort, Job
 from finstream.sinks.delivery.slots import Breaker, ProviderSlot
 from finstream.sinks.delivery.store import DeliveryStore
-from finstream.stores.read_models import PreferencesStore
 from finstream.topics import contract
 
 log = get_logger(__name__)
@@ -115,7 +113,6 @@ class DeliveryEngine(Intake, Reconciler):
         self.redis = redis
         self.publisher = publisher
         self.dead_letters = DeadLetters(publisher, settings, role)
-        self.prefs = PreferencesStore(redis, settings, codec)
         # Unit tests hand in the in-memory twin (finstream.testing.delivery).
         self.store: DeliveryStorePort = store or DeliveryStore(
             pool, settings.delivery_lease_seconds
@@ -145,19 +142,14 @@ class DeliveryEngine(Intake, Reconciler):
         ns = settings.namespace
         self.outbound = contract(CHANNEL_TOPICS[channel], ns, codec)
         self.results_topic = contract("notify.delivery", ns, codec)
-        self.prefs_topic = contract("notify.preferences", ns, codec)
         self.audit_topic = contract("audit.events", ns, codec)
         self.topics = {
             "results": self.results_topic.name,
             "dlq": settings.topic("dlq"),
-            "preferences": self.prefs_topic.name,
             "audit": self.audit_topic.name,
         }
         self._outbox_ready = asyncio.Event()
         self._finished: list[tuple[str, str]] = []
-        self._user_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
-            weakref.WeakValueDictionary()
-        )
         self.inflight = 0
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -43,7 +43,7 @@ DEFERRED = Counter(
 )
 FEEDBACK = Counter(
     "finstream_delivery_feedback_total",
-    "Preference updates from provider feedback",
+    "Sends refused for a reason the feedback role records in the preferences (token, STOP)",
     ["channel", "kind"],
 )
 LATENCY = Histogram(

@@ -13,19 +13,17 @@ import asyncio
 import contextlib
 import random
 import uuid
-import weakref
 from collections.abc import Sequence
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from finstream.codec import Codec, EncodeError
+from finstream.codec import Codec
 from finstream.domain.deadletter import DeadLetter
-from finstream.domain.delivery import RetryPolicy, apply_feedback
+from finstream.domain.delivery import RetryPolicy
 from finstream.domain.delivery.channels import scrub_contacts
-from finstream.domain.delivery.errors import DeliveryError, Feedback
+from finstream.domain.delivery.errors import DeliveryError
 from finstream.domain.delivery.lifecycle import FINAL_STATES, Policy
-from finstream.domain.envelope import mask_recipient
 from finstream.domain.time import utcnow
 from finstream.runtime.deadletters import DeadLetters
 from finstream.runtime.kafka import KafkaPublisher, correlation_header
@@ -42,7 +40,6 @@ from finstream.sinks.delivery.records import (
     ResultRow,
 )
 from finstream.sinks.delivery.slots import ProviderSlot
-from finstream.stores.read_models import PreferencesStore
 from finstream.topics import Contract
 
 log = get_logger(__name__)
@@ -62,7 +59,6 @@ class Outbox:
     redis: aioredis.Redis
     publisher: KafkaPublisher
     dead_letters: DeadLetters
-    prefs: PreferencesStore
     store: DeliveryStorePort
     privacy: DeliveryPrivacy
     call_timeout: float
@@ -76,13 +72,11 @@ class Outbox:
     ratio: m.Ratio
     outbound: Contract
     results_topic: Contract
-    prefs_topic: Contract
     audit_topic: Contract
     topics: dict[str, str]
     inflight: int
     _outbox_ready: asyncio.Event
     _finished: list[tuple[str, str]]
-    _user_locks: weakref.WeakValueDictionary[str, asyncio.Lock]
 
     def _redis_key(self, message_id: str) -> str:
         return self.settings.redis_key(f"dlv:{message_id}")
@@ -135,59 +129,6 @@ class Outbox:
         except RedisError as exc:
             # Only the fast path suffers: PostgreSQL still recognizes the message.
             log.warning("redis idempotency markers not written", error=str(exc), count=len(items))
-
-    async def _feedback(
-        self, job: Job, feedback: Feedback, provider: str, error: DeliveryError
-    ) -> tuple[bytes | None, list[OutboxRecord]]:
-        """The updated UserPreferences (and audit) for a token or number the provider refused."""
-        recipient = str(job.message.get("recipient") or "")
-        details = {
-            "channel": self.channel,
-            "provider": provider,
-            "message_id": job.message_id,
-            "code": error.code or "",
-            "recipient": mask_recipient(recipient),
-        }
-        current = await self.prefs.get(job.user_id)
-        if current is None:
-            return None, [
-                self._audit_record(
-                    str(feedback),
-                    job.user_id,
-                    user_id=job.user_id,
-                    reason=scrub_contacts(f"{error}; no preferences record to update"),
-                    details=details,
-                    correlation_id=job.correlation_id,
-                    subject_type="preferences",
-                )
-            ]
-        reveal = await self.privacy.reveal_for(job.user_id)  # contacts are sealed
-        updated = apply_feedback(current, feedback, recipient, utcnow(), reveal)
-        if updated is None:
-            return None, []  # already marked: nothing to do, nothing to audit again
-        try:
-            value = self.prefs_topic.encode(updated)
-        except EncodeError as exc:
-            log.error("feedback not encodable", error=str(exc))
-            return None, []
-        m.FEEDBACK.labels(self.channel, str(feedback)).inc()
-        return value, [
-            OutboxRecord(
-                self.topics["preferences"],
-                job.user_id.encode(),
-                value,
-                correlation_header(job.correlation_id),
-            ),
-            self._audit_record(
-                str(feedback),
-                job.user_id,
-                user_id=job.user_id,
-                reason=scrub_contacts(str(error)),
-                details=details,
-                correlation_id=job.correlation_id,
-                subject_type="preferences",
-            ),
-        ]
 
     def _result_row(
         self,

@@ -103,8 +103,3 @@ class DeliveryPrivacy:
                 expires,
             )
         return message
-
-    async def reveal_for(self, user: str) -> Any:
-        """A function opening the user's sealed contact points (feedback into preferences)."""
-        keys = await self.keys(user)
-        return keys.reveal

@@ -1,4 +1,5 @@
-"""Delivery policy: throttling headers, retry schedule, SMS, E.164, validation, feedback."""
+"""Delivery policy: throttling headers, retry schedule, SMS, E.164, validation, and the
+feedback a refusal carries to the feedback role."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from finstream.codec import Codec, SchemaCatalog
+from finstream.domain import feedback as fb
 from finstream.domain.delivery import (
     AttemptSummary,
     RetryAction,
     RetryPolicy,
-    apply_feedback,
     dead_letter_reason,
     defer_delay,
 )
@@ -259,21 +260,36 @@ CODEC = Codec()
 PREFS_SCHEMA = SchemaCatalog().get("UserPreferences").raw
 
 
+def refused(channel: str, feedback: Feedback) -> dict[str, object]:
+    """The DeliveryResult a delivery worker publishes for a send refused with ``feedback``."""
+    return {"channel": channel, "status": "REJECTED", "error_class": feedback.error_class}
+
+
+def test_a_refusal_with_feedback_names_the_preference_change_for_the_feedback_role() -> None:
+    assert fb.change_for(refused("PUSH", Feedback.TOKEN_INVALID)) is fb.Change.TOKEN_INVALID
+    assert fb.change_for(refused("SMS", Feedback.PHONE_OPTED_OUT)) is fb.Change.OPTED_OUT
+    # The same class on another channel asks for nothing.
+    assert fb.change_for(refused("EMAIL", Feedback.TOKEN_INVALID)) is None
+    assert fb.change_for({**refused("PUSH", Feedback.TOKEN_INVALID), "status": "SENT"}) is None
+
+
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(prefs=strategy(PREFS_SCHEMA), data=st.data())
-def test_feedback_marks_the_recipient_and_moves_updated_at_forward(
+def test_an_invalid_token_is_marked_and_updated_at_moves_forward(
     prefs: dict[str, object], data: st.DataObject
 ) -> None:
     tokens = [t["token"] for t in prefs["push_tokens"]]  # type: ignore[attr-defined]
     recipient = data.draw(st.sampled_from(tokens)) if tokens else "no-such-token"
     now = data.draw(st.datetimes(min_value=datetime(1970, 1, 2), timezones=st.just(UTC)))
-    updated = apply_feedback(prefs, Feedback.TOKEN_INVALID, recipient, now)
+    updated = fb.apply_change(
+        prefs, fb.Change.TOKEN_INVALID, recipient=recipient, category=None, now=now
+    )
     already = all(
         t["invalid"]
         for t in prefs["push_tokens"]
         if t["token"] == recipient  # type: ignore[attr-defined]
     )
-    if not tokens or already:
+    if not recipient or already:  # an empty recipient names no token
         assert updated is None
         return
     assert updated is not None
@@ -292,13 +308,22 @@ def test_opt_out_matches_numbers_in_any_format() -> None:
         "push_tokens": [],
         "updated_at": NOW,
     }
-    updated = apply_feedback(
-        prefs, Feedback.PHONE_OPTED_OUT, "+442079460958", NOW - timedelta(days=1)
-    )
+
+    def stop(record: dict[str, object], now: datetime) -> dict[str, object] | None:
+        return fb.apply_change(
+            record,
+            fb.Change.OPTED_OUT,
+            recipient="+442079460958",
+            category=None,
+            now=now,
+            same_phone=same_phone,
+        )
+
+    updated = stop(prefs, NOW - timedelta(days=1))
     assert updated is not None
-    assert updated["phones"][0]["opted_out"] is True
+    assert updated["phones"][0]["opted_out"] is True  # type: ignore[index]
     assert updated["updated_at"] == NOW + timedelta(microseconds=1)  # the clock was behind
-    assert apply_feedback(updated, Feedback.PHONE_OPTED_OUT, "+442079460958", NOW) is None
+    assert stop(updated, NOW) is None
     assert prefs["phones"][0]["opted_out"] is False  # type: ignore[index]  # input untouched
 
 

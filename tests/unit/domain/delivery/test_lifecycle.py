@@ -123,6 +123,8 @@ def test_a_message_level_error_is_rejected_without_failover() -> None:
     (record,) = step.records
     assert isinstance(record, Undeliverable)
     assert (record.status, record.verdict, record.error) == ("REJECTED", "rejected", error)
+    # Named for what it says about the recipient: the feedback role marks the token.
+    assert record.error_class == moved(step).error_class == "token_invalid"
 
 
 def test_an_ambiguous_answer_is_looked_up_later_when_the_provider_can_be_asked() -> None:
