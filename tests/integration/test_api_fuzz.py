@@ -12,6 +12,8 @@ answer 422 with the field named.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,7 +28,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 from finstream.api.app import create_app
 from finstream.settings import Settings
 from tests.support.api import Keys, api_settings
-from tests.support.services import TestEnv
+from tests.support.services import TestEnv, WorkerProcess
 
 pytestmark = pytest.mark.integration
 
@@ -41,7 +43,19 @@ def fuzz_settings(env: TestEnv, keys: Keys) -> Settings:
     return api_settings(env.settings, keys, api_rate_limit=1_000_000)
 
 
-def test_no_operation_misbehaves(fuzz_settings: Settings, keys: Keys) -> None:
+@pytest.fixture(scope="module")
+def statestore(env: TestEnv, log_dir: Path) -> Iterator[WorkerProcess]:
+    """The preferences read model's only writer: the API waits for it to apply a change."""
+    worker = WorkerProcess(env, "statestore", log_dir).start()
+    try:
+        yield worker
+    finally:
+        assert worker.stop() == 0, worker.log_tail()
+
+
+def test_no_operation_misbehaves(
+    fuzz_settings: Settings, keys: Keys, statestore: WorkerProcess
+) -> None:
     # Driven by hand rather than with schemathesis.pytest.from_fixture: its lazy
     # loader sets the private ``request.node._nodeid``, which pytest 9 removed
     # (AttributeError; the same breakage as pytest-benchmark issue #321).

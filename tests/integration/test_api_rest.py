@@ -12,7 +12,7 @@ import base64
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -33,7 +33,7 @@ from finstream.domain.marketdata.ticks import make_tick
 from finstream.domain.time import utcnow
 from finstream.settings import Settings
 from tests.support.api import Keys, api_client, api_settings, auth
-from tests.support.services import TestEnv, free_port
+from tests.support.services import TestEnv, WorkerProcess, free_port
 from tests.support.toxiproxy import Proxy, Toxiproxy
 
 pytestmark = pytest.mark.integration
@@ -65,11 +65,24 @@ def settings(env: TestEnv, keys: Keys, sendgrid_key: ec.EllipticCurvePrivateKey)
         api_sendgrid_webhook_public_key=base64.b64encode(der).decode(),
         api_public_url=PUBLIC_URL,
         api_max_body_bytes=16 * 1024,
+        prefs_apply_wait=2.0,
     )
 
 
 @pytest.fixture(scope="module")
-async def api(settings: Settings) -> AsyncIterator[tuple[httpx.AsyncClient, Resources]]:
+def statestore(env: TestEnv, log_dir: Path) -> Iterator[WorkerProcess]:
+    """The preferences read model's only writer: the API waits for it to apply a change."""
+    worker = WorkerProcess(env, "statestore", log_dir).start()
+    try:
+        yield worker
+    finally:
+        assert worker.stop() == 0, worker.log_tail()
+
+
+@pytest.fixture(scope="module")
+async def api(
+    settings: Settings, statestore: WorkerProcess
+) -> AsyncIterator[tuple[httpx.AsyncClient, Resources]]:
     async with api_client(settings) as pair:
         yield pair
 
@@ -449,6 +462,38 @@ async def test_preferences(
     assert len(published) == 3
     last = env.codec.decode(published[-1].value(), "UserPreferences")
     assert last == await res.prefs.get("gina")
+
+
+async def test_a_change_the_statestore_has_not_applied_is_answered_202_and_the_next_waits(
+    api: tuple[httpx.AsyncClient, Resources], keys: Keys, statestore: WorkerProcess
+) -> None:
+    client, res = api
+    token = keys.token("ivan")
+    first = await call(client, "PUT", "/v1/users/me/preferences", {"locale": "en"}, token)
+    assert first.status_code == 200, first.text
+    assert (await res.prefs.get("ivan") or {}).get("locale") == "en"  # read its own write
+
+    statestore.stop()
+    try:
+        put = await call(client, "PUT", "/v1/users/me/preferences", {"locale": "fr"}, token)
+        assert put.status_code == 202, put.text  # on the topic, not in the read model
+        assert put.json()["locale"] == "fr"
+        got = await call(client, "GET", "/v1/users/me/preferences", None, token)
+        assert got.json()["locale"] == "en"
+        # A change built on "en" would undo "fr": refused until "fr" is applied.
+        busy = await call(client, "PATCH", "/v1/users/me/preferences", {"timezone": "UTC"}, token)
+        assert problem(busy, 409)["detail"].startswith("the last change")
+        assert busy.headers["retry-after"] == "1"
+    finally:
+        statestore.start()
+
+    deadline = time.monotonic() + 60
+    while (await res.prefs.get("ivan") or {}).get("locale") != "fr":
+        assert time.monotonic() < deadline, "the restarted statestore never applied the change"
+        await asyncio.sleep(0.05)
+    patch = await call(client, "PATCH", "/v1/users/me/preferences", {"timezone": "UTC"}, token)
+    assert patch.status_code == 200, patch.text
+    assert (patch.json()["locale"], patch.json()["timezone"]) == ("fr", "UTC")
 
 
 async def test_inbox(api: tuple[httpx.AsyncClient, Resources], keys: Keys) -> None:

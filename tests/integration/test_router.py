@@ -458,9 +458,17 @@ def _cli(env: TestEnv, *args: str) -> Any:
     )
 
 
-def test_prefs_commands_set_and_show_through_the_router(
-    env: TestEnv, router: WorkerProcess
+def test_prefs_commands_set_and_show_through_the_statestore(
+    env: TestEnv, router: WorkerProcess, log_dir: Path
 ) -> None:
+    statestore = WorkerProcess(env, "statestore", log_dir).start()
+    try:
+        _set_and_show(env)
+    finally:
+        assert statestore.stop() == 0, statestore.log_tail()
+
+
+def _set_and_show(env: TestEnv) -> None:
     user = "u-cli"
     done = _cli(
         env,
@@ -478,7 +486,9 @@ def test_prefs_commands_set_and_show_through_the_router(
     assert done.returncode == 0, done.stderr
     assert "cli@example.com" not in done.stdout  # masked
     assert "c**@example.com" in done.stdout
-    wait_until(lambda: read_model(env, user), timeout=30, message="read model")
+    assert "not applied" not in done.stderr
+    # `set` answers once the statestore has applied the version: no wait here.
+    assert read_model(env, user) is not None
     shown = _cli(env, "prefs", "show", user)
     assert shown.returncode == 0, shown.stderr
     record = json.loads(shown.stdout)
@@ -486,13 +496,9 @@ def test_prefs_commands_set_and_show_through_the_router(
     assert record["emails"][0]["address"] == "c**@example.com"
     # A second set merges onto the current version.
     assert _cli(env, "prefs", "set", user, "--channel", "push=off").returncode == 0
-    wait_until(
-        lambda: (m := read_model(env, user)) and m["channels"] == {"push": False},
-        timeout=30,
-        message="merged update",
-    )
     model = read_model(env, user)
     assert model is not None
+    assert model["channels"] == {"push": False}
     assert model["quiet_hours"][0]["start"] == "22:00"
     bad = _cli(env, "prefs", "set", user, "--phone", "12345")
     assert bad.returncode == 1

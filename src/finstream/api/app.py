@@ -49,6 +49,7 @@ from finstream.api.routes import (
 from finstream.api.stream import stream_endpoint
 from finstream.api.webhooks import load_sendgrid_key
 from finstream.privacy import erasure
+from finstream.privacy.prefs import Busy
 from finstream.runtime.kafka import DeliveryError
 from finstream.runtime.logging import correlation, get_logger
 from finstream.settings import Settings, get_settings
@@ -152,6 +153,12 @@ async def _unavailable(request: Request, exc: Exception) -> Response:
     ).response()
 
 
+async def _busy(request: Request, exc: Exception) -> Response:
+    # A change of the user's preferences in progress, or published and not yet
+    # applied by the statestore role (PreferencesWriter.settled).
+    return problems.Problem(409, f"{exc}", headers={"Retry-After": "1"}).response()
+
+
 def _openapi(app: FastAPI) -> dict[str, Any]:
     if app.openapi_schema:
         return app.openapi_schema
@@ -210,6 +217,7 @@ def create_app(settings: Settings | None = None, resources: Resources | None = N
         OSError,
     ):
         app.add_exception_handler(exc_class, _unavailable)
+    app.add_exception_handler(Busy, _busy)
     app.add_middleware(
         BodyLimitMiddleware,
         max_bytes=settings.api_max_body_bytes,

@@ -3,8 +3,8 @@
 Preferences live in the compacted ``notify.preferences`` topic; ``set``
 validates (the same :func:`~finstream.domain.notify.preferences.parse_preferences`
 as the API) and publishes a new version keyed by user id, ``forget`` publishes
-a tombstone. ``show`` reads the Redis read model (the statestore role keeps it;
-``set`` writes its own version through, as the API does).
+a tombstone. ``show`` reads the Redis read model, which the statestore role
+keeps; ``set`` waits for it to apply the new version, as the API does.
 
 ``set`` merges onto the current version unless ``--replace``: a JSON document
 (``--json`` or ``--file``) replaces the fields it names, and the flags below
@@ -254,6 +254,7 @@ def prefs_set(
     from finstream.domain.notify.preferences import PreferencesValidationError, parse_preferences
     from finstream.domain.time import utcnow
     from finstream.domain.verification import assign_contact_ids
+    from finstream.privacy.prefs import Busy
 
     settings = get_settings()
     docs: list[dict[str, Any]] = []
@@ -268,9 +269,9 @@ def prefs_set(
             fail("preferences JSON must be an object")
         docs.append(doc)
 
-    async def go() -> dict[str, Any]:
+    async def go() -> tuple[dict[str, Any], bool]:
         async with _writer(settings) as writer, writer.lock(user):
-            current, opened = await writer.read(user)
+            current, opened = await writer.settled(user)
             data: dict[str, Any] = dict(opened) if opened is not None and not replace else {}
             for doc in docs:
                 data.update(doc)
@@ -287,14 +288,20 @@ def prefs_set(
                 opened,
                 reason="finstream prefs set",
             )
-            return written.opened  # type: ignore[no-any-return]
+            return written.opened, written.applied
 
     try:
-        record = asyncio.run(go())
-    except UserErased as exc:
+        record, applied = asyncio.run(go())
+    except (UserErased, Busy) as exc:
         fail(str(exc))
     click.echo(json.dumps(printable(record, reveal), indent=2, ensure_ascii=False))
     click.echo(f"published to {settings.topic('notify.preferences')}", err=True)
+    if not applied:
+        click.echo(
+            f"not applied to the read model within {settings.prefs_apply_wait:g}s: is the "
+            "statestore role running? `prefs show` shows the version before it until it is",
+            err=True,
+        )
 
 
 @prefs.command("show")

@@ -120,6 +120,7 @@ async def sweep(s: Services, user: str, *, correlation_id: str | None = None) ->
     keys = [
         s.settings.redis_key(f"prefs:{{{user}}}"),
         s.settings.redis_key(f"prefs:{{{user}}}:version"),
+        s.settings.redis_key(f"prefs:{{{user}}}:published"),
         rules_key,
         f"{rules_key}:version",
         s.settings.redis_key(f"verify:attempts:{{{user}}}"),

@@ -7,10 +7,14 @@ erasure excepted): it
 
 * holds the per-user write lock the API uses (``api:lock:prefs:{user}`` in
   Redis), so the topic's order follows the versions;
-* reads the current version from the read model and opens its contacts;
+* reads the current version from the read model and opens its contacts
+  (:meth:`PreferencesWriter.settled`: once the user's last published version
+  is applied, so that no change is built on an older one);
 * seals the new version's contacts under the user's key (an unchanged one
-  keeps its token), publishes it and waits for Kafka, writes it through to
-  the read model;
+  keeps its token), publishes it and waits for Kafka, notes the version it
+  published (``prefs:{user}:published``) and waits up to
+  ``prefs_apply_wait`` for the statestore role, the read model's only writer,
+  to apply it (:attr:`Written.applied`);
 * publishes an AuditEvent of the change, old -> new with contacts masked.
 
 An erased user's preferences are never written again (UserErased).
@@ -47,8 +51,11 @@ return 0
 LOCK_TTL_MS = 10_000
 
 
+PUBLISHED_TTL_MS = 7 * 24 * 3600 * 1000
+
+
 class Busy(RuntimeError):
-    """Another change to the user's preferences is in progress."""
+    """Another change to the user's preferences is in progress, or not applied yet."""
 
 
 def audit_record(
@@ -101,6 +108,7 @@ class Written:
     record: dict[str, Any]  # as published: contacts sealed
     opened: dict[str, Any]  # the same, contacts in clear (for the answer, never stored)
     previous: dict[str, Any] | None  # the version it replaced, opened
+    applied: bool = True  # the read model holds it (the statestore applied it in time)
 
 
 class PreferencesWriter:
@@ -148,6 +156,36 @@ class PreferencesWriter:
         keys = await self.keys.get(user)
         return current, open_contacts(current, keys)
 
+    async def settled(self, user: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """:meth:`read` once the user's last published version is in the read model.
+
+        What a change builds on (call under :meth:`lock`): a version published
+        but not yet applied would otherwise be overwritten by a change made from
+        the one before it. Raises :class:`Busy` when it is not applied within
+        ``prefs_apply_wait`` (the statestore is behind or down).
+        """
+        published = await self.redis.get(self.store.published_key(user))
+        if published is not None and not await self._applied(user, int(published)):
+            raise Busy(
+                f"the last change to the preferences of {user!r} is not applied yet "
+                "(the statestore role is behind); retry"
+            )
+        return await self.read(user)
+
+    async def _applied(self, user: str, version: int) -> bool:
+        """Whether the read model reaches ``version`` within ``prefs_apply_wait``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.prefs_apply_wait
+        delay = 0.002
+        while True:
+            held = await self.store.version(user)
+            if held is not None and held >= version:
+                return True
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
     async def write(
         self,
         user: str,
@@ -176,7 +214,9 @@ class PreferencesWriter:
             value,
             correlation_header(correlation_id),
         )
-        await self.store.put(user, value)
+        version = to_micros(record["updated_at"])
+        await self.redis.set(self.store.published_key(user), version, px=PUBLISHED_TTL_MS)
+        applied = await self._applied(user, version)
         new_opened = {**dict(opened), "updated_at": record["updated_at"]}
         audit = {**preference_changes(previous_opened, new_opened), **(details or {})}
         event = audit_record(
@@ -191,7 +231,9 @@ class PreferencesWriter:
             event_id=audit_event_id(user, action, str(to_micros(record["updated_at"]))),
         )
         await publish_audit(self.publisher, self.settings, self.codec, event)
-        return Written(record, new_opened, dict(previous_opened) if previous_opened else None)
+        return Written(
+            record, new_opened, dict(previous_opened) if previous_opened else None, applied
+        )
 
     async def update(
         self,
@@ -202,7 +244,7 @@ class PreferencesWriter:
         """Apply ``change`` to the user's current (opened) preferences; None when the
         user has none or nothing changes."""
         async with self.lock(user):
-            current, opened = await self.read(user)
+            current, opened = await self.settled(user)
             if current is None or opened is None:
                 return None
             updated = change(opened)

@@ -89,6 +89,15 @@ class CoreSettings(BaseModel):
         description="How often roles that keep copies in Redis (quote cache, bars, read "
         "models, inboxes) check that Redis still holds them, and repair what it lost.",
     )
+    prefs_apply_wait: float = Field(
+        default=5.0,
+        gt=0,
+        le=8,  # under the writers' 10 s lock
+        description="How long a change of a user's preferences (API, `finstream prefs set`, "
+        "the feedback role) waits for the statestore role, the read model's only writer, to "
+        "apply it. Past it the API answers 202, and the user's next change waits for it "
+        "(409 while it is not applied).",
+    )
 
     # -- local stack (finstream stack up) ----------------------------------------
     stack_dir: Path = Field(default_factory=default_stack_dir)

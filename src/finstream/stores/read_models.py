@@ -15,15 +15,13 @@ topic's record, so the read model holds exactly what the topic holds.
 Writes carry the record's ``updated_at`` and never replace a newer version
 with an older one, so replays and redelivery cannot move the model backwards.
 
-Who writes ``prefs:{user}``: the ``statestore`` role applies every record of
-``notify.preferences`` (the router keeps its own store and does not write
-here, the delivery workers change no preferences). Every other change of a
-user's preferences goes through :class:`finstream.privacy.prefs.PreferencesWriter`
-(API, CLI, the feedback role): a read-modify-write under the user's lock,
-which also puts the version it has just published, so that the next change
-builds on it and the API reads its own write. It puts exactly the bytes it
-published, with their version: the statestore applying the same record later
-is a no-op, an older one is refused. Erasure deletes the keys.
+Who writes ``prefs:{user}``: the ``statestore`` role alone, applying every
+record of ``notify.preferences`` (the router keeps its own store; the delivery
+workers change no preferences). The writers of the topic
+(:class:`finstream.privacy.prefs.PreferencesWriter`: API, CLI, the feedback
+role) wait until the statestore has applied their version, so that the API
+reads its own write and the next change builds on it. Erasure deletes the
+keys (its tombstone follows on the topic).
 """
 
 from __future__ import annotations
@@ -104,8 +102,18 @@ class PreferencesStore:
             await self._put(keys=self._keys(user_id), args=[value, to_micros(record["updated_at"])])
         )
 
+    def published_key(self, user_id: str) -> str:
+        """The version a writer last published for the user (PreferencesWriter's note)."""
+        return f"{self._keys(user_id)[0]}:published"
+
     async def delete(self, user_id: str) -> None:
-        await self._redis.delete(*self._keys(user_id))
+        # The writers' note goes too: a version forgotten is not one to wait for.
+        await self._redis.delete(*self._keys(user_id), self.published_key(user_id))
+
+    async def version(self, user_id: str) -> int | None:
+        """The ``updated_at`` (microseconds) of the version held, or None."""
+        raw = await self._redis.get(self._keys(user_id)[1])
+        return int(raw) if raw is not None else None
 
     async def get_bytes(self, user_id: str) -> bytes | None:
         value = await self._redis.get(self._keys(user_id)[0])

@@ -1,8 +1,10 @@
 """Notification preferences: ``/v1/users/{user_id}/preferences``.
 
 Published to the compacted ``notify.preferences`` topic (keyed by user id),
-which the router reads, and written through to the Redis read model with the
-same ``updated_at`` (who writes it: :mod:`finstream.stores.read_models`). Fields that the
+which the router reads; the answer comes once the statestore role has applied
+it to the Redis read model (read-your-writes), or 202 when that takes longer
+than ``prefs_apply_wait`` (:class:`finstream.privacy.prefs.PreferencesWriter`).
+A change while the user's last one is not applied yet is refused with 409. Fields that the
 platform, not the user, decides (verification, bounces, STOP, invalid push
 tokens, consent timestamps) are kept as recorded: see
 :func:`finstream.api.policy.protect_preferences`.
@@ -44,9 +46,17 @@ from finstream.domain.time import utcnow
 
 router = APIRouter(tags=["preferences"])
 
+NOT_APPLIED: dict[str, Any] = {
+    "description": "Published, not yet applied to what GET reads (the statestore role is "
+    "behind): the user's next change is refused with 409 until it is",
+    "model": Preferences,
+}
 
-def _response(record: Mapping[str, Any]) -> Response:
-    return JSONResponse(to_json(record), headers={"ETag": etag(record["updated_at"])})
+
+def _response(record: Mapping[str, Any], status_code: int = 200) -> Response:
+    return JSONResponse(
+        to_json(record), status_code=status_code, headers={"ETag": etag(record["updated_at"])}
+    )
 
 
 async def _store(
@@ -77,7 +87,9 @@ async def _store(
         raise erased_problem() from None
     for contact_id, channel in new_contacts(written.opened, opened):
         await res.contacts.send(user, contact_id, channel, correlation_id=cid)
-    return _response(written.opened)
+    # 202: on the topic, not yet in the read model (the statestore role is behind):
+    # a GET may show the version before it for a while.
+    return _response(written.opened, 200 if written.applied else 202)
 
 
 @router.get(
@@ -98,7 +110,7 @@ async def get_preferences(user_id: UserPath, res: Res, caller: Caller) -> Any:
     "/v1/users/{user_id}/preferences",
     response_model=Preferences,
     summary="Replace the user's notification preferences",
-    responses=problem_responses(401, 403, 404, 409, 412, 413, 422, 429),
+    responses={**problem_responses(401, 403, 404, 409, 412, 413, 422, 429), 202: NOT_APPLIED},
 )
 async def replace_preferences(
     *,
@@ -112,7 +124,7 @@ async def replace_preferences(
     user = resolve_user(caller, user_id, write=True)
     data = body.model_dump(mode="json", exclude_none=True)
     async with res.locks.hold(f"prefs:{user}"):
-        current, opened = await res.writer.read(user)
+        current, opened = await res.writer.settled(user)
         if if_match is not None:
             if current is None:
                 raise not_found()
@@ -124,7 +136,7 @@ async def replace_preferences(
     "/v1/users/{user_id}/preferences",
     response_model=Preferences,
     summary="Change some preferences (JSON merge patch, RFC 7396; lists are replaced whole)",
-    responses=problem_responses(401, 403, 404, 409, 412, 413, 422, 429),
+    responses={**problem_responses(401, 403, 404, 409, 412, 413, 422, 429), 202: NOT_APPLIED},
 )
 async def patch_preferences(
     *,
@@ -143,7 +155,7 @@ async def patch_preferences(
 ) -> Any:
     user = resolve_user(caller, user_id, write=True)
     async with res.locks.hold(f"prefs:{user}"):
-        current, opened = await res.writer.read(user)
+        current, opened = await res.writer.settled(user)
         if current is not None:
             check_if_match(if_match, current["updated_at"])
         elif if_match is not None:
