@@ -90,9 +90,11 @@ class CoreSettings(BaseModel):
         "models, inboxes) check that Redis still holds them, and repair what it lost.",
     )
     prefs_apply_wait: float = Field(
-        default=5.0,
+        default=3.0,
         gt=0,
-        le=8,  # under the writers' 10 s lock
+        # A change may wait twice (for the version before it, then for its own)
+        # under the writers' 10 s lock.
+        le=4,
         description="How long a change of a user's preferences (API, `finstream prefs set`, "
         "the feedback role) waits for the statestore role, the read model's only writer, to "
         "apply it. Past it the API answers 202, and the user's next change waits for it "
