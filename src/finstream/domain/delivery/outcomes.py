@@ -146,7 +146,11 @@ class Delivered:
 
 @dataclass(frozen=True)
 class Undeliverable:
-    """A final failure: result, dead letter with the whole story, audit, feedback."""
+    """A final failure: result, dead letter with the whole story, audit.
+
+    ``error_class`` names what the refusal says about the recipient when it says
+    something (``token_invalid``, ``opted_out``): the feedback role acts on it.
+    """
 
     status: str  # REJECTED, FAILED or EXPIRED
     provider: str

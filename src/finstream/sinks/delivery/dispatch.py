@@ -301,7 +301,8 @@ class Dispatch(Outbox):
     async def _finish_failed(
         self, job: Job, failure: Undeliverable, change: Transition, latency: float | None
     ) -> None:
-        """A final failure: result, dead letter with the whole story, audit, feedback."""
+        """A final failure: result (its class names any feedback), dead letter with the
+        whole story, audit."""
         status, error, cls, provider = (
             failure.status,
             failure.error,

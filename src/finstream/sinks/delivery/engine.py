@@ -18,8 +18,10 @@ Three loops share a bounded in-memory queue of claimed jobs:
   reconciliations and take over claims whose lease ran out (a dead worker),
   with ``FOR UPDATE SKIP LOCKED`` so that replicas share them.
 
-A fourth loop relays the transactional outbox (results, dead letters,
-preference feedback, audit events) to Kafka.
+A fourth loop relays the transactional outbox (results, dead letters, audit
+events) to Kafka. A refusal that says something about the recipient (an
+unregistered token, a STOP) is named in its result's ``error_class``; the
+feedback role changes the preferences.
 
 Never twice
 -----------

@@ -1,7 +1,7 @@
 """The engine's records and its transactional outbox.
 
 Every outcome is written with the row's move in one statement: its
-DeliveryResult, dead letter, audit event and preference feedback go to the
+DeliveryResult, dead letter and audit event go to the
 ``delivery_outbox`` table, and the relay publishes them to Kafka, deleting
 them only once Kafka acknowledged them. The Redis idempotency markers of
 finished messages are written here too, after PostgreSQL has the final state.
