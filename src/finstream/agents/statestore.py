@@ -6,7 +6,7 @@ delivery workers can point-query what a compacted topic cannot answer.
 
 Applying is idempotent and version-ordered (a record never replaces a newer
 one; a delete leaves a version behind), so at-least-once redelivery, replays
-from the start of the topic and the API's own write-through all converge on
+from the start of the topic and the API's own write-through of rules all converge on
 the topic's last record per key. A tombstone deletes. A value that does not
 decode or validate (the engine's contracts), or whose key is not the record's id (a producer bug that would make
 compaction keep the wrong record), goes to ``dlq`` and the partition moves on.

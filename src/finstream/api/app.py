@@ -76,10 +76,13 @@ Each token is rate limited; answers carry `RateLimit-*` headers and 429 a
 each offending field as a JSON pointer in `errors`.
 
 **Read-after-write.** Rules and preferences are published to compacted Kafka
-topics (the source of truth for the pipeline) and written through to the
-Redis read models the API reads, with the same version (`updated_at`), so a
-client sees its own change at once. Every write waits for Kafka's
-acknowledgement. `ETag`/`If-Match` give optimistic concurrency.
+topics (the source of truth for the pipeline); every write waits for Kafka's
+acknowledgement, so a client sees its own change at once. Rules are written
+through to the Redis read model the API reads, with the same version
+(`updated_at`). Preferences are answered once the statestore role has applied
+them to theirs: `202` when that takes longer than a few seconds, and a change
+of the same user's preferences meanwhile is refused with `409` (retry).
+`ETag`/`If-Match` give optimistic concurrency.
 
 **Privacy.** Personal data (contact points, message content, the data of
 notification requests) is sealed under a key per user; `DELETE
