@@ -13,6 +13,7 @@ import collections
 import itertools
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -219,18 +220,36 @@ def test_two_router_replicas_one_killed_the_other_routes_everything_once(
             timeout=120,
             message="router caught up",
         )
-        messages = [
-            env.codec.decode(m.value(), "OutboundMessage")
-            for m in env.consume_all("notify.outbound.inapp")
-        ]
-        per_request = collections.Counter(m["request_id"] for m in messages)
-        assert set(per_request) == {f"req-{i}" for i in range(total)}
+        expected = {f"req-{i}" for i in range(total)}
+
+        def visible(name: str, schema: str, id_of: Callable[[dict[str, Any]], str | None]) -> Any:
+            # Some of b's outputs sit behind a's open transaction on the same
+            # partitions: a read_committed reader sees them once the broker has
+            # aborted it (transaction.timeout.ms, checked every 10 s), which may
+            # be after b has committed everything.
+            records = [env.codec.decode(m.value(), schema) for m in env.consume_all(name)]
+            seen = collections.Counter(i for i in map(id_of, records) if i is not None)
+            return seen if set(seen) >= expected else None
+
+        per_request = wait_until(
+            lambda: visible("notify.outbound.inapp", "OutboundMessage", lambda m: m["request_id"]),
+            timeout=90,
+            interval=1,
+            message="every request's message visible to a read_committed reader",
+        )
+        assert set(per_request) == expected
         assert set(per_request.values()) == {1}
-        audits = [
-            env.codec.decode(m.value(), "AuditEvent") for m in env.consume_all("audit.events")
-        ]
-        routed = collections.Counter(e["subject_id"] for e in audits if e["action"] == "routed")
-        assert set(routed) == set(per_request)
+        routed = wait_until(
+            lambda: visible(
+                "audit.events",
+                "AuditEvent",
+                lambda e: e["subject_id"] if e["action"] == "routed" else None,
+            ),
+            timeout=90,
+            interval=1,
+            message="every request's audit event visible to a read_committed reader",
+        )
+        assert set(routed) == expected
         assert set(routed.values()) == {1}
     finally:
         producer.join()

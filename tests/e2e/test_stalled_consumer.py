@@ -277,7 +277,14 @@ def test_a_stuck_consumer_turns_readiness_red_and_fires_the_stalled_alert(
         assert not feeder.is_alive()
         assert not feed_errors, feed_errors
         total = sum(produced)
-        wait_until(lambda: stored() >= total, timeout=120, message=f"{total} ticks stored")
+        try:
+            wait_until(lambda: stored() >= total, timeout=120, message=f"{total} ticks stored")
+        except AssertionError as exc:
+            raise AssertionError(
+                f"{exc}; stored {stored()}, readiness {readiness(history)}, "
+                f"lag {metric_value(history, 'finstream_consumer_lag')}; "
+                f"worker log:\n{history.log_tail()}"
+            ) from None
         rows = env.sql("SELECT count(*) AS n, count(DISTINCT tick_id) AS ids FROM ticks")[0]
         assert (rows["n"], rows["ids"]) == (total, total)
         # Caught up: the probe sees no lag, so no stall (it runs every second).

@@ -28,6 +28,7 @@ import hashlib
 import json
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -218,6 +219,7 @@ class TokenVerifier:
         roles_claim: str = "roles",
         keyset: KeySet | None = None,
         hs256_secret: bytes | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         if keyset is None and hs256_secret is None:
             raise ValueError("a token verifier needs a JWKS or an HS256 secret")
@@ -229,6 +231,8 @@ class TokenVerifier:
         self.roles_claim = roles_claim
         self.keyset = keyset
         self._secret = hs256_secret
+        # The cache's clock (wall time, as a token's exp is); PyJWT reads its own.
+        self._clock = clock
         self._verified: dict[str, tuple[Principal, float]] = {}
 
     @classmethod
@@ -270,11 +274,14 @@ class TokenVerifier:
         # Entries live at most _CACHE_SECONDS, so a key withdrawn from the JWKS
         # stops working within that time even for tokens seen before.
         digest = token_hash(token)
-        now = time.time()
+        now = self._clock()
         cached = self._verified.get(digest)
         if cached is not None:
             principal, checked_at = cached
-            if now < principal.expires_at + self.leeway and now - checked_at < _CACHE_SECONDS:
+            if now >= principal.expires_at + self.leeway:
+                del self._verified[digest]
+                raise AuthError("expired", "the token has expired")
+            if now - checked_at < _CACHE_SECONDS:
                 return principal
             del self._verified[digest]
         principal = await self._verify(token, digest)

@@ -197,10 +197,18 @@ class TestEnv:
         pairs: list[tuple[str, str | bytes | None]] | None = (
             None if headers is None else [(k, v) for k, v in headers]
         )
+        failed: list[str] = []
+
+        def report(err: KafkaError | None, _msg: object) -> None:
+            if err is not None:
+                failed.append(str(err))
+
         for key, value in items:
-            p.produce(self.topic(name), key=key, value=value, headers=pairs)
+            p.produce(self.topic(name), key=key, value=value, headers=pairs, on_delivery=report)
             p.poll(0)
         assert p.flush(30) == 0, "messages left unsent"
+        # flush() counts what is still queued, not what the broker refused.
+        assert not failed, f"{len(failed)} of {len(items)} messages refused: {failed[:3]}"
 
     def produce_records(
         self, name: str, schema: str, records: list[tuple[str, dict[str, Any]]]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from pathlib import Path
@@ -230,9 +229,21 @@ async def test_development_tokens_verify(tmp_path: Path) -> None:
 
 
 async def test_verified_tokens_are_cached_until_they_expire(keys: Keys) -> None:
-    v = verifier(keys, leeway=0)
-    token = keys.token(ttl=1)
+    # The cache's clock is the test's: under load a real one-second token could
+    # expire before its first check.
+    now = [time.time()]
+    v = TokenVerifier(
+        issuer=ISSUER,
+        audience=AUDIENCE,
+        leeway=2,
+        keyset=KeySet(str(keys.jwks_path)),
+        clock=lambda: now[0],
+    )
+    token = keys.token(ttl=30)
     first = await v.verify(token)
+    now[0] += 10
     assert await v.verify(token) is first, "the second check is served from the cache"
-    await asyncio.sleep(max(first.expires_at - time.time(), 0) + 0.05)
-    assert await reason(v, token) == "expired"
+    now[0] = first.expires_at + 2.5
+    assert await reason(v, token) == "expired", "expiry is checked on the cached entry"
+    now[0] = first.expires_at - 20
+    assert await v.verify(token) is not first, "the expired entry left the cache"
