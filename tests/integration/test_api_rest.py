@@ -12,7 +12,7 @@ import base64
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -67,16 +67,6 @@ def settings(env: TestEnv, keys: Keys, sendgrid_key: ec.EllipticCurvePrivateKey)
         api_max_body_bytes=16 * 1024,
         prefs_apply_wait=2.0,
     )
-
-
-@pytest.fixture(scope="module")
-def statestore(env: TestEnv, log_dir: Path) -> Iterator[WorkerProcess]:
-    """The preferences read model's only writer: the API waits for it to apply a change."""
-    worker = WorkerProcess(env, "statestore", log_dir).start()
-    try:
-        yield worker
-    finally:
-        assert worker.stop() == 0, worker.log_tail()
 
 
 @pytest.fixture(scope="module")
