@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import itertools
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from finstream.domain.marketdata.simulation import GbmMarket
-from tests.support.services import TestEnv, WorkerProcess, wait_until
+from tests.support.services import TestEnv, WorkerProcess, group_caught_up, wait_until
 
 TOTAL = 30_000
 
@@ -19,7 +18,12 @@ def test_history_sink_killed_mid_run_loses_and_duplicates_nothing(
     market = GbmMarket(["AAPL", "MSFT", "NVDA", "TSLA", "JPM", "META"], seed=42, run_id="crash")
     start = datetime.now(UTC) - timedelta(hours=1)
     ticks = list(itertools.islice(market.ticks(start, timedelta(milliseconds=1)), TOTAL))
-    env.produce_records("md.ticks", "Tick", [(t.symbol, t.to_record()) for t in ticks])
+    # The rest is produced after the kill, so the kill falls mid-run however
+    # fast the sink drains.
+    before_kill = TOTAL // 3
+    env.produce_records(
+        "md.ticks", "Tick", [(t.symbol, t.to_record()) for t in ticks[:before_kill]]
+    )
 
     def count() -> int:
         return int(env.sql("SELECT count(*) AS n FROM ticks")[0]["n"])
@@ -34,13 +38,20 @@ def test_history_sink_killed_mid_run_loses_and_duplicates_nothing(
     first = WorkerProcess(env, "history", log_dir, **settings).start()
     wait_until(lambda: count() > 3_000, timeout=90, message="sink progress")
     first.kill()
-    killed_at = count()
-    assert killed_at < TOTAL, "the sink finished before the kill; raise TOTAL"
+    env.produce_records(
+        "md.ticks", "Tick", [(t.symbol, t.to_record()) for t in ticks[before_kill:]]
+    )
 
     second = WorkerProcess(env, "history", log_dir, **settings).start()
     try:
         wait_until(lambda: count() >= TOTAL, timeout=120, message=f"{TOTAL} rows")
-        time.sleep(1.0)  # anything extra would show up now
+        # Offsets are committed after the rows: once the group has committed
+        # everything, no write of either worker is still to land.
+        wait_until(
+            lambda: group_caught_up(env, env.settings.group("history"), ["md.ticks"]),
+            timeout=60,
+            message="history caught up with md.ticks",
+        )
         rows = env.sql(
             "SELECT count(*) AS n, count(DISTINCT tick_id) AS ids, min(ts) AS first, max(ts) AS last FROM ticks"
         )[0]
