@@ -78,8 +78,14 @@ class KafkaProbe(EngineBase):
 
     def _close_probe_clients(self) -> None:
         clients, self._probe_clients = self._probe_clients, None
-        for client in clients or ():
-            client.close()
+        if clients is None:
+            return
+        offsets_client, ends_client = clients
+        # The second is closed even when closing the first raised.
+        try:
+            offsets_client.close()
+        finally:
+            ends_client.close()
 
     def _record_progress(
         self,
