@@ -385,7 +385,12 @@ def router_has_consumed(
     """
     import time
 
-    from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
+    from confluent_kafka import (
+        ConsumerGroupTopicPartitions,
+        KafkaError,
+        KafkaException,
+        TopicPartition,
+    )
     from confluent_kafka.admin import AdminClient
 
     from finstream.runtime.kafka import client_config
@@ -394,13 +399,26 @@ def router_has_consumed(
     query = ConsumerGroupTopicPartitions(
         settings.group("router"), [TopicPartition(topic, p) for p in sorted(offsets)]
     )
+    refused = {
+        KafkaError.GROUP_AUTHORIZATION_FAILED,
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+        KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+    }
     deadline = time.monotonic() + timeout
     while True:
-        with contextlib.suppress(Exception):  # the coordinator may still be loading
+        try:
             future = admin.list_consumer_group_offsets([query], request_timeout=5)
             got = next(iter(future.values())).result(timeout=10).topic_partitions or []
             if len(got) == len(offsets) and all(tp.offset >= offsets[tp.partition] for tp in got):
                 return True
+        except Exception as exc:
+            # A refusal does not pass with time; anything else (the coordinator
+            # still loading, a timeout) may: asked again until the deadline.
+            error = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
+            if isinstance(error, KafkaError) and error.code() in refused:
+                raise RuntimeError(
+                    f"cannot read the router's committed offsets: {error.str()}"
+                ) from exc
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.25)
