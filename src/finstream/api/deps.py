@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -39,6 +38,7 @@ from finstream.runtime.kafka import KafkaPublisher
 from finstream.runtime.logging import get_logger
 from finstream.settings import Settings
 from finstream.stores.inbox import Inbox
+from finstream.stores.locks import RedisLocks
 from finstream.stores.postgres import create_pool
 from finstream.stores.quotes import QuoteCache
 from finstream.stores.read_models import PreferencesStore, RulesStore
@@ -47,52 +47,24 @@ from finstream.topics import Contract, contract
 
 log = get_logger(__name__)
 
-# KEYS[1] lock; ARGV[1] owner token.
-_UNLOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
-LOCK_TTL_MS = 10_000
 LOCK_WAIT_SECONDS = 3.0
 
 
 class WriteLocks:
-    """Serializes writes to one resource across API replicas.
-
-    A write reads the current version, publishes the next one and writes it
-    through to the read model. Two such writes interleaving could reach the
-    compacted topic in the opposite order of their versions, leaving the topic
-    (what the alert engine and router read) and Redis disagreeing. Holding a
-    short Redis lock per resource makes topic order follow version order.
-    """
+    """Serializes writes to one resource across API replicas (:mod:`finstream.stores.locks`);
+    a lock that stays taken is answered 409 with Retry-After."""
 
     def __init__(self, redis: aioredis.Redis, settings: Settings) -> None:
-        self._redis = redis
-        self._settings = settings
-        self._unlock = redis.register_script(_UNLOCK)
+        self._locks = RedisLocks(redis, settings)
 
-    @contextlib.asynccontextmanager
-    async def hold(self, name: str) -> AsyncIterator[None]:
-        key = self._settings.redis_key(f"api:lock:{name}")
-        token = uuid.uuid4().hex
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + LOCK_WAIT_SECONDS
-        delay = 0.005
-        while not await self._redis.set(key, token, nx=True, px=LOCK_TTL_MS):
-            if loop.time() > deadline:
-                raise Problem(
-                    409,
-                    "Another change to this resource is in progress; retry.",
-                    headers={"Retry-After": "1"},
-                )
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.1)
-        try:
-            yield
-        finally:
-            await self._unlock(keys=[key], args=[token])
+    def hold(self, name: str) -> contextlib.AbstractAsyncContextManager[None]:
+        return self._locks.hold(name, LOCK_WAIT_SECONDS, busy=_resource_busy)
+
+
+def _resource_busy() -> Problem:
+    return Problem(
+        409, "Another change to this resource is in progress; retry.", headers={"Retry-After": "1"}
+    )
 
 
 @dataclass

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -39,17 +39,8 @@ from finstream.domain.time import to_micros, utcnow
 from finstream.privacy.keys import KeyRing
 from finstream.runtime.kafka import KafkaPublisher, correlation_header
 from finstream.settings import Settings
+from finstream.stores.locks import RedisLocks
 from finstream.stores.read_models import PreferencesStore
-
-# KEYS[1] lock; ARGV[1] owner token.
-_UNLOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
-LOCK_TTL_MS = 10_000
-
 
 PUBLISHED_TTL_MS = 7 * 24 * 3600 * 1000
 
@@ -129,24 +120,15 @@ class PreferencesWriter:
         self.keys = keys
         self.actor = actor
         self.store = PreferencesStore(redis, settings, codec)
-        self._unlock = redis.register_script(_UNLOCK)
+        self._locks = RedisLocks(redis, settings)
 
-    @contextlib.asynccontextmanager
-    async def lock(self, user: str, wait: float = 3.0) -> AsyncIterator[None]:
-        key = self.settings.redis_key(f"api:lock:prefs:{user}")
-        token = uuid.uuid4().hex
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
-        delay = 0.005
-        while not await self.redis.set(key, token, nx=True, px=LOCK_TTL_MS):
-            if loop.time() > deadline:
-                raise Busy(f"preferences of {user!r} are being changed; retry")
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.1)
-        try:
-            yield
-        finally:
-            await self._unlock(keys=[key], args=[token])
+    def lock(self, user: str, wait: float = 3.0) -> contextlib.AbstractAsyncContextManager[None]:
+        """The user's preferences lock, the one the API's routes hold (``prefs:{user}``)."""
+        return self._locks.hold(
+            f"prefs:{user}",
+            wait,
+            busy=lambda: Busy(f"preferences of {user!r} are being changed; retry"),
+        )
 
     async def read(self, user: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
         """(the stored version, the same opened); (None, None) when the user has none."""
