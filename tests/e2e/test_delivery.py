@@ -6,7 +6,6 @@ The fakes run in this process (a background thread); the workers are real
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,7 @@ import pytest
 
 from finstream.domain.time import utcnow
 from tests.fakes.delivery.kit import DeliveryFakes
-from tests.support.services import TestEnv, WorkerProcess, wait_until, workers
+from tests.support.services import TestEnv, WorkerProcess, group_caught_up, wait_until, workers
 
 pytestmark = pytest.mark.e2e
 
@@ -175,7 +174,15 @@ def test_sigkill_mid_batch_then_restart_delivers_every_message_exactly_once(
             message=f"{CHAOS_MESSAGES} messages settled",
         )
         assert {i: s for i, s in final.items() if s != "sent"} == {}
-        time.sleep(1.0)  # a late duplicate would show up now
+        # Every row final and every record taken in: nothing is left that could
+        # be sent again.
+        wait_until(
+            lambda: group_caught_up(
+                env, env.settings.group("delivery-email"), ["notify.outbound.email"]
+            ),
+            timeout=60,
+            message="delivery-email caught up",
+        )
         counts: dict[str, int] = {}
         for fake in fakes.all:
             for mid, n in fake.recorder.counts().items():
