@@ -41,6 +41,8 @@ class RedisLocks:
         self._unlock = redis.register_script(_UNLOCK)
 
     def key(self, name: str) -> str:
+        # The API's prefix, though the CLI and roles hold these locks too: during
+        # a rolling upgrade the previous release's replicas take the same keys.
         return self._settings.redis_key(f"api:lock:{name}")
 
     async def acquire(
