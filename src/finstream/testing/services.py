@@ -35,6 +35,8 @@ from finstream.stores.postgres import migrate
 from finstream.topics import apply, describe, load_catalogue, plan
 
 REPO = REPO_ROOT
+# How long past its timeout a topic read may go on to reach the end of every partition.
+READ_TO_END = 60.0
 
 
 def _ephemeral_range() -> tuple[int, int]:
@@ -224,7 +226,11 @@ class TestEnv:
     ) -> list[Any]:
         """Every message of a topic from the beginning, as a downstream consumer sees
         it (read_committed: committed transactions only; waits up to ``timeout`` for
-        at least ``min_count``; returns as soon as that many and the end are reached)."""
+        at least ``min_count``; returns as soon as that many and the end are reached).
+
+        The end of every partition is always reached, even past ``timeout`` (up to
+        ``READ_TO_END`` more, then TimeoutError): on a loaded machine a read cut
+        short would look like lost records to an exact assertion."""
         c = Consumer(
             {
                 **self.kafka_config(),
@@ -244,11 +250,20 @@ class TestEnv:
         c.assign([TopicPartition(topic, p, 0) for p in parts])
         out: list[Any] = []
         at_end: set[int] = set()
+        reached: set[int] = set()  # partitions read to their end at least once
         deadline = time.monotonic() + timeout
         try:
-            while time.monotonic() < deadline:
+            while True:
                 if len(at_end) == len(parts) and len(out) >= min_count:
                     break
+                now = time.monotonic()
+                if now >= deadline and len(reached) == len(parts):
+                    break
+                if now >= deadline + READ_TO_END:
+                    raise TimeoutError(
+                        f"{topic}: partitions {sorted(set(parts) - reached)} not read to their "
+                        f"end within {timeout + READ_TO_END:.0f} s ({len(out)} records read)"
+                    )
                 msg = c.poll(0.2)
                 if msg is None:
                     continue
@@ -256,6 +271,7 @@ class TestEnv:
                 if err is not None:
                     if err.code() == KafkaError._PARTITION_EOF:
                         at_end.add(cast(int, msg.partition()))
+                        reached.add(cast(int, msg.partition()))
                     continue
                 at_end.discard(msg.partition())
                 out.append(msg)
