@@ -875,12 +875,27 @@ async def test_quotes_and_bars(
     )
 
 
+async def ready_when(
+    client: httpx.AsyncClient, check: Any, what: str, within: float = 60.0
+) -> tuple[int, dict[str, str]]:
+    """The first /readyz answer (status, checks) that ``check`` accepts: one probe of a
+    loaded machine may miss its 2 s deadline, which is a fact for the next one to correct."""
+    deadline = time.monotonic() + within
+    while True:
+        r = await client.get("/readyz")
+        answer = (r.status_code, r.json()["checks"])
+        if check(*answer):
+            return answer
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"/readyz never showed {what} within {within} s: {answer}")
+        await asyncio.sleep(0.2)
+
+
 async def test_health_readiness_metrics(api: tuple[httpx.AsyncClient, Resources]) -> None:
     client, _ = api
     assert (await client.get("/healthz")).json() == {"status": "ok"}
-    ready = await client.get("/readyz")
-    assert ready.status_code == 200, ready.text
-    assert ready.json()["checks"] == {
+    _, checks = await ready_when(client, lambda status, _: status == 200, "ready")
+    assert checks == {
         "redis": "ok",
         "postgresql": "ok",
         "kafka": "ok",
@@ -899,11 +914,14 @@ async def test_readiness_names_each_dependency_that_is_gone(
     and is 200 again once it is back (the api role's /readyz says the same)."""
     dead_kafka = settings.model_copy(update={"kafka_bootstrap": f"127.0.0.1:{free_port()}"})
     async with api_client(dead_kafka) as (client, _):
-        ready = await client.get("/readyz")
-        assert ready.status_code == 503, ready.text
-        checks = ready.json()["checks"]
+        _, checks = await ready_when(
+            client,
+            lambda status, checks: (
+                status == 503 and {k for k, v in checks.items() if v != "ok"} == {"kafka"}
+            ),
+            "kafka named alone",
+        )
         assert checks["kafka"].startswith("unreachable"), checks
-        assert {k for k, v in checks.items() if v != "ok"} == {"kafka"}
 
     def through(url: str, proxy: Proxy) -> SecretStr:
         parsed = urlparse(url)
@@ -924,22 +942,19 @@ async def test_readiness_names_each_dependency_that_is_gone(
             update={"database_url": through(database_url, pg), "redis_url": through(redis_url, rds)}
         )
         async with api_client(proxied) as (client, _):
-
-            async def readiness() -> tuple[int, dict[str, str]]:
-                r = await client.get("/readyz")
-                return r.status_code, r.json()["checks"]
-
-            assert (await readiness())[0] == 200
+            await ready_when(client, lambda status, _: status == 200, "ready")
             # The live-update link (pubsub) runs on Redis too.
             for proxy, name, also in ((pg, "postgresql", set()), (rds, "redis", {"pubsub"})):
                 proxy.enable(False)
-                status, checks = await readiness()
-                assert status == 503
-                assert name in {k for k, v in checks.items() if v != "ok"} <= {name, *also}, checks
+
+                def names_it(
+                    status: int, checks: dict[str, str], name: str = name, also: set[str] = also
+                ) -> bool:
+                    failing = {k for k, v in checks.items() if v != "ok"}
+                    return status == 503 and name in failing <= {name, *also}
+
+                _, checks = await ready_when(client, names_it, f"{name} named alone")
                 assert checks[name].startswith("unreachable"), checks
                 proxy.enable(True)
                 # Back without a restart: the pool and the client reconnect.
-                deadline = time.monotonic() + 60
-                while (status := (await readiness())[0]) != 200 and time.monotonic() < deadline:  # noqa: ASYNC110 - polling the endpoint is the test
-                    await asyncio.sleep(0.2)
-                assert status == 200, await readiness()
+                await ready_when(client, lambda status, _: status == 200, "ready again")
