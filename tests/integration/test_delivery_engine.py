@@ -38,6 +38,7 @@ from finstream.stores.read_models import PreferencesStore
 from finstream.stores.redis import connect
 from tests.fakes.delivery.kit import DeliveryFakes
 from tests.support.services import TestEnv
+from tests.support.waiting import until
 
 pytestmark = pytest.mark.integration
 CODEC = Codec()
@@ -52,14 +53,15 @@ class Rig:
     redis: aioredis.Redis
     engines: dict[str, DeliveryEngine] = field(default_factory=dict)
 
-    def fresh_circuits(self) -> None:
-        """Close every circuit and lift rate-limit pauses left by an earlier test."""
+    def fresh_circuits(self, reset: float | None = None) -> None:
+        """Close every circuit and lift rate-limit pauses left by an earlier test
+        (``reset``: the circuits' cool-down, the settings' by default)."""
         self.fakes.reset()
         for engine in self.engines.values():
             for slot in engine.slots:
                 slot.breaker = Breaker(
                     failure_threshold=self.settings.delivery_circuit_failures,
-                    reset_timeout=self.settings.delivery_circuit_reset,
+                    reset_timeout=reset or self.settings.delivery_circuit_reset,
                 )
                 slot.limiter = RateLimiter(
                     rate=slot.provider.rate, burst=max(1.0, slot.provider.rate)
@@ -235,11 +237,13 @@ def email(**over: Any) -> dict[str, Any]:
 
 
 async def test_email_fails_over_sendgrid_to_ses_to_smtp_and_back(rig: Rig) -> None:
-    rig.fresh_circuits()
+    # The cool-down and SES's pause outlast the second batch on a loaded machine:
+    # it must find SendGrid's circuit open (one probe at most) and SES paused.
+    rig.fresh_circuits(reset=5.0)
     f = rig.fakes
     f.sendgrid.faults.mode = "error"  # 503 on every call
     f.ses.faults.mode = "throttle"  # 429 TooManyRequestsException
-    f.ses.faults.retry_after = 5.0
+    f.ses.faults.retry_after = 60.0
     first = [email() for _ in range(3)]
     await rig.produce("EMAIL", *first)
     states = await rig.settled(*(x["message_id"] for x in first))
@@ -253,7 +257,7 @@ async def test_email_fails_over_sendgrid_to_ses_to_smtp_and_back(rig: Rig) -> No
     assert m.CIRCUIT.labels("EMAIL", "sendgrid")._value.get() == 2  # open after 3 failures
 
     # Next messages skip what is known broken: SendGrid's circuit is open (at
-    # most one half-open probe) and SES asked for 5 s of quiet.
+    # most one half-open probe) and SES asked for 60 s of quiet.
     sendgrid_calls, ses_calls = f.sendgrid.recorder.requests, f.ses.recorder.requests
     second = [email() for _ in range(3)]
     await rig.produce("EMAIL", *second)
@@ -265,7 +269,8 @@ async def test_email_fails_over_sendgrid_to_ses_to_smtp_and_back(rig: Rig) -> No
 
     # SendGrid recovers; after the cool-down a probe closes its circuit again.
     f.reset()
-    await asyncio.sleep(rig.settings.delivery_circuit_reset + 0.1)
+    sendgrid = rig.engines["EMAIL"].by_name["sendgrid"].breaker
+    await until(lambda: sendgrid.retry_in(time.monotonic()) == 0, "SendGrid's cool-down")
     later = email()
     await rig.produce("EMAIL", later)
     await rig.settled(later["message_id"])
@@ -322,8 +327,10 @@ async def test_throttling_pauses_the_provider_and_honours_retry_after(rig: Rig) 
 async def test_a_waiting_retry_does_not_block_the_partition(rig: Rig) -> None:
     rig.fresh_circuits()
     f = rig.fakes
-    f.fcm.faults.retry_after = 2.0
-    f.fcm.faults.then("error")  # 503 UNAVAILABLE with Retry-After: 2
+    # Long enough that the later messages are produced, taken and sent before the
+    # retry on a loaded machine: the test proves they did not wait for it.
+    f.fcm.faults.retry_after = 8.0
+    f.fcm.faults.then("error")  # 503 UNAVAILABLE with Retry-After: 8
     user = f"u-{uuid.uuid4().hex[:8]}"  # one key: one partition
     slow = outbound("PUSH", "fcm-slow", platform="FCM", user_id=user)
     await rig.produce("PUSH", slow)
@@ -337,7 +344,7 @@ async def test_a_waiting_retry_does_not_block_the_partition(rig: Rig) -> None:
         ("RETRYING", "transient"),
         ("SENT", None),
     ]
-    assert (results[1]["at"] - results[0]["at"]).total_seconds() >= 1.95
+    assert (results[1]["at"] - results[0]["at"]).total_seconds() >= 7.95
     # The later messages of the same partition went out while `slow` waited.
     for q in quick:
         sent = await rig.results(q["message_id"])
@@ -677,6 +684,8 @@ async def test_dlq_redrive_sends_a_failed_message_once(rig: Rig) -> None:
     await rig.produce("SMS", msg)
     await rig.settled(msg["message_id"])
     rig.fakes.twilio.faults.reset()
+    # The outbox relays the dead letter after the final row commits.
+    await rig.records("dlq", None, lambda x: x.key() == msg["user_id"].encode(), 1)
     listing = await asyncio.to_thread(cli, rig, "list", "--source-topic", "notify.outbound.sms")
     assert listing.returncode == 0, listing.stderr
     line = next(x for x in listing.stdout.splitlines() if "redrive" not in x and "gave up" in x)
