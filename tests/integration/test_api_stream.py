@@ -307,17 +307,21 @@ async def test_slow_client_is_told_and_dropped(server: tuple[str, Resources], ke
 async def test_token_expiry_closes_unless_renewed(
     server: tuple[str, Resources], keys: Keys
 ) -> None:
-    short = keys.token("dan", ttl=2)
+    # Lifetimes of seconds, not one: the renewal must arrive before the first token
+    # expires, and the second connection must open before its token does, on a loaded
+    # machine (``exp`` is whole seconds, so a token lives up to a second less).
+    minted = time.time()
+    short = keys.token("dan", ttl=6)
     async with await connect(server, short) as ws:
         await next_frame(ws, "welcome")
         await ws.send(json.dumps({"type": "auth", "token": keys.token("dan", ttl=600), "id": 1}))
         assert (await next_frame(ws, "authenticated"))["id"] == 1
         await ws.send(json.dumps({"type": "auth", "token": keys.token("eve"), "id": 2}))
         assert (await next_frame(ws))["code"] == "forbidden"
-        await asyncio.sleep(2.5)
+        await asyncio.sleep(max(0.0, minted + 6.5 - time.time()))  # past the first's expiry
         await ws.send(json.dumps({"type": "ping"}))
         assert (await next_frame(ws))["type"] == "pong", "renewed: still open"
-    ws = await connect(server, keys.token("dan", ttl=2))
-    code, frames = await closed_with(ws, wait=6)
+    ws = await connect(server, keys.token("dan", ttl=4))
+    code, frames = await closed_with(ws, wait=20)
     assert code == 4001
     assert frames[-1]["code"] == "token_expired"
