@@ -72,6 +72,13 @@ def test_bars_are_built_corrected_stored_and_published(env: TestEnv, log_dir: Pa
             return rows if done >= expected else None
 
         rows = wait_until(stored, timeout=90, message="bars in PostgreSQL")
+
+        def cached_final() -> bool:
+            # The sink writes Redis after PostgreSQL.
+            first = r.zrange(channel, 0, 0)
+            return bool(first) and json.loads(first[0])["revision"] == 2
+
+        wait_until(cached_final, timeout=30, message="the final bar in Redis")
         dlq = wait_until(
             lambda: [m for m in env.consume_all("dlq", timeout=5) if m.key() == b"IBM"] or None,
             timeout=30,
