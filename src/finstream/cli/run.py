@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -59,6 +60,32 @@ class Child:
 
 def _ports(settings: Settings, roles: list[str]) -> dict[str, int]:
     return {role: settings.run_base_port + i for i, role in enumerate(roles)}
+
+
+def taken_ports(host: str, ports: dict[str, int]) -> list[str]:
+    """The roles' ports something else listens on, as "port (role)".
+
+    A worker whose health port is taken exits at once; found before the start, it is
+    named here rather than after six restarts of that worker.
+    """
+    taken = []
+    for role, port in ports.items():
+        with socket.socket() as probe:
+            # As the workers' servers bind: a socket in TIME_WAIT does not count.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError:
+                taken.append(f"{port} ({role})")
+    return taken
+
+
+def _log_tail(path: Path, lines: int = 5) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join("    " + line for line in text.splitlines()[-lines:])
 
 
 def _prepare(settings: Settings) -> None:
@@ -315,6 +342,13 @@ def run_command(roles_opt: str | None, no_prepare: bool, duration: float | None)
     logs = settings.stack_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     ports = _ports(settings, roles)
+    taken = taken_ports(settings.http_host, ports)
+    if taken:
+        raise click.ClickException(
+            f"ports in use on {settings.http_host}: {', '.join(taken)}. Another `finstream run` "
+            "may be running (`finstream stack status` shows it), or set "
+            "FINSTREAM_RUN_BASE_PORT to the first of a free range."
+        )
     children = [Child(role, ports[role], logs / f"{role}.log") for role in roles]
     extra_env: dict[str, str] = {}
     if settings.run_sandboxes and any(r.startswith("delivery-") or r == "sandbox" for r in roles):
@@ -348,7 +382,8 @@ def run_command(roles_opt: str | None, no_prepare: bool, duration: float | None)
                     c.restarts += 1
                     if c.restarts > 5:
                         click.echo(
-                            f"{c.role}: exited {c.restarts} times; giving up (see {c.log_path})"
+                            f"{c.role}: exited {c.restarts} times; giving up (see {c.log_path}; "
+                            f"its last lines:)\n{_log_tail(c.log_path)}"
                         )
                         stopping = True
                         break
