@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from finstream.cli.run import run_command, taken_ports
 from finstream.settings import get_settings
+from finstream.testing.services import free_port
 
 
 @pytest.fixture
@@ -19,12 +20,6 @@ def listening() -> Iterator[int]:
         server.bind(("127.0.0.1", 0))
         server.listen()
         yield server.getsockname()[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_a_port_another_process_listens_on_is_named_with_its_role(listening: int) -> None:
@@ -55,7 +50,7 @@ def test_run_refuses_to_start_and_says_which_ports_are_taken(
     monkeypatch.setenv("FINSTREAM_RUN_BASE_PORT", str(listening))
     get_settings.cache_clear()
     try:
-        result = CliRunner().invoke(run_command, ["--no-prepare", "--roles", "quotes,history"])
+        result = CliRunner().invoke(run_command, ["--no-prepare", "--roles", "quotes"])
     finally:
         get_settings.cache_clear()
     assert result.exit_code == 1, result.output
