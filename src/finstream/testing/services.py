@@ -35,8 +35,7 @@ from finstream.stores.postgres import migrate
 from finstream.topics import apply, describe, load_catalogue, plan
 
 REPO = REPO_ROOT
-# How long past its timeout a topic read may go on to reach the end of every partition.
-READ_TO_END = 60.0
+READ_TO_END = 60.0  # how long past its timeout a topic read goes on to reach the end
 
 
 def _ephemeral_range() -> tuple[int, int]:
@@ -227,10 +226,8 @@ class TestEnv:
         """Every message of a topic from the beginning, as a downstream consumer sees
         it (read_committed: committed transactions only; waits up to ``timeout`` for
         at least ``min_count``; returns as soon as that many and the end are reached).
-
-        The end of every partition is always reached, even past ``timeout`` (up to
-        ``READ_TO_END`` more, then TimeoutError): on a loaded machine a read cut
-        short would look like lost records to an exact assertion."""
+        Every partition is read to its end even past ``timeout`` (``READ_TO_END``
+        more, then TimeoutError): a read cut short would look like lost records."""
         c = Consumer(
             {
                 **self.kafka_config(),
@@ -245,8 +242,7 @@ class TestEnv:
             }
         )
         topic = self.topic(name)
-        md = c.list_topics(topic, timeout=10)
-        parts = list(md.topics[topic].partitions)
+        parts = list(c.list_topics(topic, timeout=10).topics[topic].partitions)
         c.assign([TopicPartition(topic, p, 0) for p in parts])
         out: list[Any] = []
         at_end: set[int] = set()
@@ -254,9 +250,9 @@ class TestEnv:
         deadline = time.monotonic() + timeout
         try:
             while True:
+                now = time.monotonic()
                 if len(at_end) == len(parts) and len(out) >= min_count:
                     break
-                now = time.monotonic()
                 if now >= deadline and len(reached) == len(parts):
                     break
                 if now >= deadline + READ_TO_END:
