@@ -57,7 +57,8 @@ def fired_latency(env: harness.TestEnv, codec: Codec) -> tuple[list[float], dict
         env, "ticks", LATENCY_RATE, LATENCY_SECONDS, "500", str(SEED), str(SYMBOLS)
     )
     samples: list[float] = []
-    deadline = time.monotonic() + LATENCY_SECONDS + 15
+    # The generator encodes its ticks (a few seconds) before it starts sending.
+    deadline = time.monotonic() + LATENCY_SECONDS + 25
     while time.monotonic() < deadline:
         for m, received in harness.received(c, 0.2):
             record = codec.decode(m.value(), "AlertFired")
