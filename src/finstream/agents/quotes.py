@@ -6,10 +6,10 @@ updates two stores, ``latest-quote`` (the newest tick per symbol) and
 and publishes the bars that close or are corrected; bars, dead letters, the
 stores' changelogs and the md.ticks offsets commit in one transaction.
 
-The Redis quote cache (:mod:`finstream.stores.quotes`) is written after
-every batch, before the commit, newest tick per symbol in one pipeline:
-writes are monotonic in event time, so a batch processed again after a crash
-rewrites the same values and never moves a quote backwards. If Redis is
+The Redis quote cache (:mod:`finstream.stores.quotes`) is written first in
+every batch, before its bars and its commit, newest tick per symbol in one
+pipeline: writes are monotonic in event time, so a batch processed again
+after a crash rewrites the same values and never moves a quote backwards. If Redis is
 down, the newest tick per symbol waits in memory and is written when Redis
 answers; after a restart or rebalance, and whenever Redis turns out to have
 lost the cache (a partition's repair mark is gone,
@@ -81,14 +81,19 @@ class Quotes(Processor):
     async def process(self, events: list[Event], out: Output) -> None:
         latest, bar_state, writer = self.latest, self.bar_state, self.writer
         bars_topic, lateness = self.bars_topic, self.lateness
+        # The cache first: readers of quotes wait for nothing the bars do.
         for ev in events:
             tick: Tick = ev.item
+            symbol = tick.symbol.encode()
+            current = latest.get(ev.partition, symbol)
+            if current is None or tick.ts >= current.ts:
+                latest.put(ev.partition, symbol, tick)
+                writer.offer(tick)
+        await writer.flush()
+        for ev in events:
+            tick = ev.item
             p = ev.partition
             symbol = tick.symbol.encode()
-            current = latest.get(p, symbol)
-            if current is None or tick.ts >= current.ts:
-                latest.put(p, symbol, tick)
-                writer.offer(tick)
             late: list[str] = []
             for interval in self.intervals:
                 key = symbol + self._keys[interval.name]
@@ -104,7 +109,6 @@ class Quotes(Processor):
                 bar_state.put(p, key, update.state)
             if late:
                 out.dead_letter(ev, "; ".join(late), "LateTick")
-        await writer.flush()
 
     async def assigned(self, partitions: frozenset[int]) -> None:
         # The store (restored from its changelog) is the truth; offering it

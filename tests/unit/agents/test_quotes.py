@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from types import SimpleNamespace
 from typing import Any
@@ -70,3 +70,55 @@ async def test_a_quote_whose_cache_write_failed_reaches_the_cache_without_anothe
     await quotes.punctuate(Discard())
     assert cache.quotes == {"AAPL": "t-last"}
     assert writer.pending == 0
+
+
+class Recorder:
+    """Stands in for QuoteCache and the engine's Output: one log of both, in order."""
+
+    def __init__(self) -> None:
+        self.log: list[str] = []
+
+    async def update_many(self, ticks: Sequence[Tick]) -> None:
+        self.log.extend(f"cache {t.tick_id}" for t in ticks)
+
+    def produce(self, topic: str, *args: Any, **kwargs: Any) -> None:
+        self.log.append(f"produce {topic}")
+
+    def dead_letter(self, *args: Any, **kwargs: Any) -> None:
+        raise AssertionError(f"dead letter {args}")
+
+
+async def test_a_batch_writes_the_quote_cache_before_it_produces_any_bar() -> None:
+    rec = Recorder()
+    writer = QuoteWriter(rec)  # type: ignore[arg-type]
+    ctx = SimpleNamespace(settings=Settings(namespace="unit."), codec=Codec())
+    quotes = Quotes(ctx, writer)  # type: ignore[arg-type]
+    p = key_partition(b"AAPL", contract("md.ticks", "unit.", ctx.codec).partitions)
+    await quotes.assigned(frozenset({p}))
+    start = datetime(2026, 12, 7, 14, 30, tzinfo=UTC)
+    events = [
+        Event(
+            "unit.md.ticks",
+            "md.ticks",
+            p,
+            offset,
+            b"AAPL",
+            b"",
+            Tick(
+                tick_id=f"t{offset}",
+                symbol="AAPL",
+                price=Decimal("190") + offset,
+                size=Decimal(10),
+                ts=start + timedelta(seconds=70 * offset),  # the second closes the first's bar
+                received_at=start,
+                source="unit",
+            ),
+            None,
+            0,
+        )
+        for offset in range(2)
+    ]
+    await quotes.process(events, rec)  # type: ignore[arg-type]
+
+    assert rec.log[0] == "cache t1"  # the newest tick of the symbol, once
+    assert "produce unit.md.bars.1m" in rec.log[1:]
