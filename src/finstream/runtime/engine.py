@@ -395,6 +395,8 @@ class StreamEngine(Commits, Restore, KafkaProbe, Decoding):
                 # Range assignment gives partition p of every input topic to one
                 # replica: co-partitioned records meet where their state is.
                 "partition.assignment.strategy": "range",
+                "fetch.min.bytes": self.settings.stream_fetch_min_bytes,
+                "fetch.wait.max.ms": self.settings.stream_fetch_wait_ms,
             }
         )
         self._consumer.subscribe(

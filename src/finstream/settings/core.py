@@ -134,6 +134,19 @@ class CoreSettings(BaseModel):
     stream_batch_wait_ms: int = Field(
         default=20, ge=0, description="Longest wait for a batch to fill."
     )
+    # How a stream role's consumer fetches: the broker holds a fetch until
+    # stream_fetch_min_bytes are there or stream_fetch_wait_ms pass. With one
+    # byte, as elsewhere, a steady feed is fetched a few records at a time,
+    # one request per producer batch; on the bench's 2-core machine at 5,000
+    # ticks/s that cost the broker a third more CPU and doubled the quotes
+    # role's p99 (bench/RESULTS.md). The wait is latency added at low rates
+    # and how often an idle role asks.
+    stream_fetch_min_bytes: int = Field(
+        default=64 * 1024, ge=1, description="Bytes a fetch waits for (up to the fetch wait)."
+    )
+    stream_fetch_wait_ms: int = Field(
+        default=20, ge=1, description="Longest time the broker holds a fetch for more bytes."
+    )
     stream_transaction_timeout_ms: int = Field(
         default=10_000,
         ge=1000,
