@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -66,7 +68,50 @@ async def quote_latency(env: harness.TestEnv) -> tuple[list[float], dict[str, fl
     return samples, json.loads(out.decode().strip().splitlines()[-1])
 
 
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def latency_only() -> None:
+    """The latency step alone, with where the two cores went (the broker's share included).
+
+    ``python -m bench.bench_pipeline latency``: a fresh namespace and quotes
+    worker each time; minutes apart, its rounds compare settings or commits
+    faster than whole runs do.
+    """
+    base, env, logs = harness.setup("bench-pl")
+    try:
+        w = harness.worker(env, "quotes", logs, instance_id="bench-ql0").start()
+        assert w.proc is not None
+        broker = harness.broker_pid(env)
+        started = time.monotonic()
+        before = (_cpu_seconds(w.proc.pid), _cpu_seconds(broker) if broker else 0.0)
+        cycles = harness.Cycles.of(w)
+        samples, gen = asyncio.run(quote_latency(env))
+        load_cycles = harness.Cycles.of(w).since(cycles)
+        took = time.monotonic() - started
+        worker_cpu = (_cpu_seconds(w.proc.pid) - before[0]) / took
+        broker_cpu = (_cpu_seconds(broker) - before[1]) / took if broker else float("nan")
+        w.stop()
+        p50, p99 = harness.percentiles(samples)
+        print(
+            f"tick -> Redis quote at {gen['rate']:,.0f} ticks/s offered ({gen['sent']:,} sent): "
+            f"p50 {p50:.1f} ms, p99 {p99:.1f} ms ({len(samples):,} quote updates)"
+        )
+        print(f"  the worker during that load: {load_cycles}")
+        print(
+            f"  cores used over those {took:.0f} s (the generator encodes for a few of them first): "
+            f"worker {worker_cpu:.2f}, broker {broker_cpu:.2f}"
+        )
+    finally:
+        harness.teardown(base, env)
+
+
 def main() -> None:
+    if sys.argv[1:] == ["latency"]:
+        latency_only()
+        return
     base, env, logs = harness.setup("bench-p")
     codec = Codec()
     try:

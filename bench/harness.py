@@ -53,6 +53,13 @@ def teardown(base: Settings, env: TestEnv) -> None:
     destroy_env(env, base)
 
 
+def broker_pid(env: TestEnv) -> int | None:
+    """The local stack's Kafka broker, when this machine runs it (its CPU is part of the cost)."""
+    from finstream.stack.common import read_pid
+
+    return read_pid(env.settings.stack_dir / "kafka" / "kafka.pid")
+
+
 def producer(env: TestEnv) -> Producer:
     # Kafka's default partitioner, like every finstream producer.
     return Producer(
