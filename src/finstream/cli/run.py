@@ -337,11 +337,14 @@ def run_command(roles_opt: str | None, no_prepare: bool, duration: float | None)
         raise click.ClickException(f"unknown roles {unknown}; known: {', '.join(ROLES)}")
     if not settings.run_sandboxes and "sandbox" in roles:
         roles.remove("sandbox")
-    if not no_prepare:
-        _prepare(settings)
-    logs = settings.stack_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    # Before the stack starts or anything is written: a refusal leaves no trace.
     ports = _ports(settings, roles)
+    if roles and max(ports.values()) > 65535:
+        raise click.ClickException(
+            f"FINSTREAM_RUN_BASE_PORT={settings.run_base_port} leaves no room for "
+            f"{len(roles)} roles' ports (one each, the last would be {max(ports.values())}; "
+            "ports end at 65535)."
+        )
     taken = taken_ports(settings.http_host, ports)
     if taken:
         raise click.ClickException(
@@ -349,6 +352,10 @@ def run_command(roles_opt: str | None, no_prepare: bool, duration: float | None)
             "may be running (`finstream stack status` shows it), or set "
             "FINSTREAM_RUN_BASE_PORT to the first of a free range."
         )
+    if not no_prepare:
+        _prepare(settings)
+    logs = settings.stack_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
     children = [Child(role, ports[role], logs / f"{role}.log") for role in roles]
     extra_env: dict[str, str] = {}
     if settings.run_sandboxes and any(r.startswith("delivery-") or r == "sandbox" for r in roles):

@@ -18,7 +18,7 @@ class RunSettings(BaseModel):
         "sandbox,delivery-email,delivery-push,delivery-sms"
     )
     run_base_port: int = Field(
-        default=9201, description="Health/metrics ports: one per role from here."
+        default=9201, ge=1, le=65535, description="Health/metrics ports: one per role from here."
     )
     run_demo: bool = True
 

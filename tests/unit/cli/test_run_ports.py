@@ -56,3 +56,16 @@ def test_run_refuses_to_start_and_says_which_ports_are_taken(
     assert result.exit_code == 1, result.output
     assert f"ports in use on 127.0.0.1: {listening} (quotes)." in result.output
     assert "FINSTREAM_RUN_BASE_PORT" in result.output
+
+
+def test_run_refuses_a_base_port_that_leaves_no_room_for_its_roles(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("FINSTREAM_RUN_BASE_PORT", "65535")
+    get_settings.cache_clear()
+    try:
+        result = CliRunner().invoke(run_command, ["--no-prepare", "--roles", "quotes,history"])
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 1, result.output
+    assert "the last would be 65536; ports end at 65535" in result.output
