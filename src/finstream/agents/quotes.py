@@ -9,10 +9,10 @@ stores' changelogs and the md.ticks offsets commit in one transaction.
 The Redis quote cache (:mod:`finstream.stores.quotes`) is written first in
 every batch, before its bars and its commit, newest tick per symbol in one
 pipeline: writes are monotonic in event time, so a batch processed again
-after a crash rewrites the same values and never moves a quote backwards. If Redis is
-down, the newest tick per symbol waits in memory and is written when Redis
-answers; after a restart or rebalance, and whenever Redis turns out to have
-lost the cache (a partition's repair mark is gone,
+after a crash rewrites the same values and never moves a quote backwards.
+If Redis is down, the newest tick per symbol waits in memory and is written
+when Redis answers; after a restart or rebalance, and whenever Redis turns
+out to have lost the cache (a partition's repair mark is gone,
 :class:`finstream.stores.redis.RepairMarks`), the cache of the
 partitions this replica owns is repaired from the ``latest-quote`` store
 (the source of truth).
