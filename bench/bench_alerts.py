@@ -57,14 +57,18 @@ def fired_latency(env: harness.TestEnv, codec: Codec) -> tuple[list[float], dict
         env, "ticks", LATENCY_RATE, LATENCY_SECONDS, "500", str(SEED), str(SYMBOLS)
     )
     samples: list[float] = []
-    # The generator encodes its ticks (a few seconds) before it starts sending.
-    deadline = time.monotonic() + LATENCY_SECONDS + 25
+    # The generator encodes its ticks (a few seconds) before it starts sending;
+    # firings of its last ticks are read for 10 s after it has sent them all.
+    deadline = time.monotonic() + LATENCY_SECONDS + 40
+    sent_all: float | None = None
     while time.monotonic() < deadline:
         for m, received in harness.received(c, 0.2):
             record = codec.decode(m.value(), "AlertFired")
             if record["tick_id"].startswith("lat-"):
                 samples.append(received - record["tick_ts"].timestamp())
-        if gen.poll() is not None and time.monotonic() > deadline - 10:
+        if sent_all is None and gen.poll() is not None:
+            sent_all = time.monotonic()
+        if sent_all is not None and time.monotonic() > sent_all + 10:
             break
     out, _ = gen.communicate()
     c.close()
