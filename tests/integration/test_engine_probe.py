@@ -60,6 +60,14 @@ def test_probe_reads_committed_offsets_and_lag_while_a_transaction_holds_new_off
         )
         producer.commit_transaction(30)
 
+        def committed(offset: int) -> bool:
+            # The coordinator writes a transaction's offsets after it answered
+            # the commit (a probe right after it saw none: lag 4).
+            engine._probe_kafka_sync()
+            return engine._probe_committed == (frozenset({0}), offset)
+
+        wait_until(lambda: committed(end - 2), timeout=30, message="the first offsets committed")
+
         # A transaction holds the rest of the way, pending, past the probe's deadline.
         producer.begin_transaction()
         producer.send_offsets_to_transaction(
@@ -70,13 +78,9 @@ def test_probe_reads_committed_offsets_and_lag_while_a_transaction_holds_new_off
         assert engine._probe_committed == (frozenset({0}), end - 2)
 
         producer.commit_transaction(30)
-
-        def caught_up() -> bool:
-            # The coordinator writes the offsets after it answered the commit.
-            engine._probe_kafka_sync()
-            return engine._probe_committed == (frozenset({0}), end)
-
-        wait_until(caught_up, timeout=30, message="the transaction's offsets committed")
+        wait_until(
+            lambda: committed(end), timeout=30, message="the transaction's offsets committed"
+        )
         assert engine._lag == 0
     finally:
         engine._close_probe_clients()
