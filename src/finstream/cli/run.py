@@ -17,7 +17,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,6 +28,7 @@ from typing import IO
 import click
 
 from finstream.settings import Settings, child_environment, get_settings
+from finstream.stack.common import port_bindable
 from finstream.stack.status import run_file
 
 STOP_GRACE_SECONDS = 30.0
@@ -68,16 +68,7 @@ def taken_ports(host: str, ports: dict[str, int]) -> list[str]:
     A worker whose health port is taken exits at once; found before the start, it is
     named here rather than after six restarts of that worker.
     """
-    taken = []
-    for role, port in ports.items():
-        with socket.socket() as probe:
-            # As the workers' servers bind: a socket in TIME_WAIT does not count.
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((host, port))
-            except OSError:
-                taken.append(f"{port} ({role})")
-    return taken
+    return [f"{port} ({role})" for role, port in ports.items() if not port_bindable(host, port)]
 
 
 def _log_tail(path: Path, lines: int = 5) -> str:

@@ -70,6 +70,21 @@ def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
     return False
 
 
+def port_bindable(host: str, port: int) -> bool:
+    """Whether a server could bind ``port`` on ``host`` now.
+
+    With SO_REUSEADDR, as the workers' HTTP servers bind: a port left in
+    TIME_WAIT by an earlier process is free, one something listens on is not.
+    """
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

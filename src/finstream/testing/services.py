@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from confluent_kafka.admin import AdminClient
 from finstream.codec import Codec
 from finstream.runtime.kafka import client_config
 from finstream.settings import REPO_ROOT, Settings
+from finstream.stack.common import port_bindable
 from finstream.stores.postgres import migrate
 from finstream.topics import apply, describe, load_catalogue, plan
 
@@ -44,16 +44,6 @@ def _ephemeral_range() -> tuple[int, int]:
         return int(low), int(high)
     except (OSError, ValueError):
         return 32768, 60999  # Linux's default
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
 
 
 def free_ports(count: int) -> int:
@@ -71,7 +61,7 @@ def free_ports(count: int) -> int:
     pick = random.SystemRandom()
     for _ in range(500):
         base = pick.randrange(10_000, max(10_001, low - count))
-        if all(_bindable(p) for p in range(base, base + count)):
+        if all(port_bindable("127.0.0.1", p) for p in range(base, base + count)):
             return base
     raise RuntimeError(f"no {count} consecutive free ports between 10000 and {low}")
 
