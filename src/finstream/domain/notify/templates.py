@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+from jinja2.runtime import new_context
 from jinja2.sandbox import SandboxedEnvironment
 
 from finstream.domain.notify.fitting import fit_sms, truncate
@@ -232,7 +233,11 @@ def _env(
         trim_blocks=True,
         lstrip_blocks=True,
         auto_reload=False,
-        cache_size=1000,
+        # A plain dict: every file of one load is compiled at most once, and a
+        # reload builds new environments. Jinja's LRU cache (any positive size)
+        # takes a lock and scans its queue on every lookup, and each render
+        # looks its layout up (``extends``): 6% of the router's time.
+        cache_size=-1,
     )
     env.filters["from_json"] = _from_json
     return env
@@ -413,7 +418,12 @@ class Templates:
             # Template.render would copy the globals (a ChainMap) into every
             # context and wrap the render; a router renders several parts per
             # message, so the context is built once from a plain dict here.
-            ctx = template.new_context({**base, **context, "part": part}, shared=True)
+            # The globals go in as that dict too (the context takes their keys):
+            # taking a ChainMap's keys for every part was 1-2 us of a 5-7 us
+            # render, measured alone.
+            ctx = new_context(
+                env, template.name, template.blocks, {**base, **context, "part": part}, True, base
+            )
             return "".join(template.root_render_func(ctx))
         except jinja2.UndefinedError as exc:
             raise MissingVariable(f"template {name} ({part}): {exc.message}") from None
