@@ -41,6 +41,7 @@ unexpected error become dead letters with the reason (and, for requests, a
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import replace
 from datetime import datetime
 from typing import Any
@@ -81,6 +82,9 @@ from finstream.stores.templates import load_templates
 from finstream.topics import contract
 
 log = get_logger(__name__)
+# Checked before a debug line's fields are built: building them and letting structlog
+# drop the line cost 3-5 us a request at INFO, measured alone.
+_DEBUG = logging.getLogger(__name__)
 
 
 class Router(Processor):
@@ -136,9 +140,10 @@ class Router(Processor):
     async def process(self, events: list[Event], out: Output) -> None:
         batch = Batch()
         # privacy: users' keys load a chunk ahead, while the chunk before is routed
-        async with contextlib.aclosing(self.privacy.each(events, self._requester)) as ready:
-            async for ev in ready:
-                self._event(ev, batch)
+        async with contextlib.aclosing(self.privacy.runs(events, self._requester)) as ready:
+            async for run in ready:
+                for ev in run:
+                    self._event(ev, batch)
         await self._apply(batch, out)
 
     def _requester(self, ev: Event) -> str | None:
@@ -351,7 +356,7 @@ class Router(Processor):
         for a in fx.audits:
             batch.outputs.append(Out(self.audit_topic, key, self.audit.encode(a.event), cid_header))
             count(DECISIONS, str(a.decision.action))
-        if fx.dead_letter is None and not fx.folds:
+        if fx.dead_letter is None and not fx.folds and _DEBUG.isEnabledFor(logging.DEBUG):
             log.debug(
                 "request routed" if fx.messages else "request decided",
                 request_id=request.request_id,

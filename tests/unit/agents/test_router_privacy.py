@@ -1,16 +1,22 @@
-"""The router's key loading one chunk ahead, with a key ring stand-in that records its loads."""
+"""The router's key loading one chunk ahead (with a key ring stand-in that records its
+loads), and the contacts it opens to address messages."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 from collections.abc import Iterable
+from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from finstream.agents.router_privacy import RouterPrivacy
+from finstream.agents.router_privacy import _PLAINTEXT_CONTACTS, KEY_YIELD, RouterPrivacy
 from finstream.domain.envelope import UserKeys
+from finstream.domain.notify.preferences_view import Preferences
 from finstream.settings import Settings
 
 
@@ -106,20 +112,96 @@ class SteppedRing(Ring):
         return {u: UserKeys.from_raw(u, {1: os.urandom(32)}) for u in wanted}
 
 
-async def test_each_event_comes_in_order_and_the_next_chunks_load_finishes_meanwhile() -> None:
+async def test_every_event_comes_in_order_in_runs_and_the_next_chunks_load_finishes_meanwhile() -> (
+    None
+):
     ring = SteppedRing()
     p = privacy(ring)
     events = [f"u{n}" for n in range(250)]
     # What had finished loading when the last event of the first chunk came out.
     finished_at_99: list[set[str]] = []
     out = []
-    async with contextlib.aclosing(p.each(events, lambda e: e)) as ready:
-        async for ev in ready:
-            out.append(ev)
-            assert p.keys(ev).user_id == ev
-            if ev == "u99":
-                finished_at_99 = list(ring.finished)
+    async with contextlib.aclosing(p.runs(events, lambda e: e)) as ready:
+        async for run in ready:
+            assert 0 < len(run) <= KEY_YIELD
+            for ev in run:
+                out.append(ev)
+                assert p.keys(ev).user_id == ev
+                if ev == "u99":
+                    finished_at_99 = list(ring.finished)
     assert out == events
     assert ring.started == [set(events[:100]), set(events[100:200]), set(events[200:])]
     # The second chunk's load ran to its end while the first chunk was routed.
     assert finished_at_99 == [set(events[:100]), set(events[100:200])]
+
+
+# -- contacts opened to address messages ---------------------------------------------------
+
+contact_values = st.text(alphabet="abc@.+0123456789", min_size=1, max_size=12)
+contact_lists = st.lists(st.tuples(contact_values, st.booleans()), max_size=3)
+
+
+def opened_prefs(user: str, keys: UserKeys) -> RouterPrivacy:
+    p = privacy(Ring())
+    p._batch = {user: keys}
+    return p
+
+
+@given(emails=contact_lists, phones=contact_lists, tokens=contact_lists)
+def test_opened_preferences_hold_every_contact_in_clear_and_nothing_else_changes(
+    emails: list[tuple[str, bool]],
+    phones: list[tuple[str, bool]],
+    tokens: list[tuple[str, bool]],
+) -> None:
+    keys = UserKeys.from_raw("u1", {1: os.urandom(32)})
+
+    def items(name: str, values: list[tuple[str, bool]]) -> tuple[dict[str, Any], ...]:
+        return tuple(
+            {name: keys.seal_text(v) if sealed else v, "verified": True} for v, sealed in values
+        )
+
+    stored = Preferences(
+        "u1",
+        locale="de",
+        emails=items("address", emails),
+        phones=items("number", phones),
+        push_tokens=items("token", tokens),
+        channels={"email": True},
+    )
+    before = _PLAINTEXT_CONTACTS._value.get()
+    opened = opened_prefs("u1", keys).open_prefs(stored)
+    assert opened == dataclasses.replace(
+        stored,
+        emails=tuple({"address": v, "verified": True} for v, _ in emails),
+        phones=tuple({"number": v, "verified": True} for v, _ in phones),
+        push_tokens=tuple({"token": v, "verified": True} for v, _ in tokens),
+    )
+    anything_sealed = any(s for v, s in emails + phones + tokens)
+    assert (opened is stored) == (not anything_sealed)
+    plaintext = any(not s for v, s in emails + phones + tokens)
+    assert _PLAINTEXT_CONTACTS._value.get() - before == (1 if plaintext else 0)
+
+
+def test_a_contact_that_does_not_open_is_left_out_and_the_others_are_opened() -> None:
+    keys = UserKeys.from_raw("u1", {1: os.urandom(32)})
+    other = UserKeys.from_raw("u2", {1: os.urandom(32)})
+    stored = Preferences(
+        "u1",
+        emails=(
+            {"address": other.seal_text("x@example.com")},  # another user's token
+            {"address": keys.seal_text("me@example.com")},
+        ),
+    )
+    p = opened_prefs("u1", keys)
+    opened = p.open_prefs(stored)
+    assert opened.emails == ({"address": "me@example.com"},)
+    assert p.open_prefs(stored) is opened  # the same stored preferences: opened once
+
+
+def test_preferences_with_contacts_replaces_only_contact_lists() -> None:
+    prefs = Preferences("u1", locale="fr", emails=({"address": "a"},), channels={"sms": False})
+    copy = prefs.with_contacts({"emails": ({"address": "b"},)})
+    assert copy == dataclasses.replace(prefs, emails=({"address": "b"},))
+    assert prefs.emails == ({"address": "a"},)
+    with pytest.raises(ValueError, match="not contact lists"):
+        prefs.with_contacts({"locale": "de"})  # type: ignore[dict-item]

@@ -111,8 +111,9 @@ PREFS = {
 def test_contacts_are_sealed_one_by_one_flags_stay_readable() -> None:
     k = keys()
     sealed = env.seal_contacts(PREFS, k)
-    assert not env.has_plaintext_contacts(sealed)
-    assert env.has_plaintext_contacts(PREFS)
+    values = [(f, item[name]) for f, name in env.CONTACT_FIELDS for item in sealed[f]]
+    assert len(values) == 3
+    assert all(env.is_sealed(v) for _, v in values)
     assert sealed["emails"][0]["verified"] is True
     text = repr(sealed)
     for secret in ("ann@example.com", "+14155552671", "tok-1"):
