@@ -91,6 +91,25 @@ def fired_latency(env: harness.TestEnv, codec: Codec) -> tuple[list[float], dict
     return samples, json.loads(out.decode().strip().splitlines()[-1])
 
 
+def latency_step(
+    w: harness.WorkerProcess, env: harness.TestEnv, codec: Codec, rules: int | None = None
+) -> None:
+    """The latency load on a started alerts worker, which is stopped after it: the
+    firing line (with the rule count when given) and the worker's cycles."""
+    cycles = harness.Cycles.of(w)
+    samples, gen = fired_latency(env, codec)
+    load_cycles = harness.Cycles.of(w).since(cycles)
+    w.stop()
+    p50, p99 = harness.percentiles(samples)
+    held = f", {rules:,} rules" if rules is not None else ""
+    print(
+        f"tick -> alerts.fired (read_committed) at {gen['rate']:,.0f} ticks/s offered "
+        f"({gen['sent']:,} sent{held}): p50 {p50:.1f} ms, p99 {p99:.1f} ms "
+        f"({len(samples):,} firings)"
+    )
+    print(f"  the worker during that load: {load_cycles}")
+
+
 def latency_only() -> None:
     """The rules loaded and the latency step alone (no drains, no anchor).
 
@@ -111,17 +130,7 @@ def latency_only() -> None:
         )
         w = harness.worker(env, "alerts", logs, instance_id="bench-al0").start()
         rules_loaded(w, env, len(rule_set))
-        cycles = harness.Cycles.of(w)
-        samples, gen = fired_latency(env, codec)
-        load_cycles = harness.Cycles.of(w).since(cycles)
-        w.stop()
-        p50, p99 = harness.percentiles(samples)
-        print(
-            f"tick -> alerts.fired (read_committed) at {gen['rate']:,.0f} ticks/s offered "
-            f"({gen['sent']:,} sent, {len(rule_set):,} rules): p50 {p50:.1f} ms, "
-            f"p99 {p99:.1f} ms ({len(samples):,} firings)"
-        )
-        print(f"  the worker during that load: {load_cycles}")
+        latency_step(w, env, codec, len(rule_set))
     finally:
         harness.teardown(base, env)
 
@@ -220,16 +229,7 @@ def main() -> None:
             f"state restore of a new replica: {restored:,.0f} changelog records in "
             f"{restore_s:.2f} s ({restored / restore_s:,.0f} records/s)"
         )
-        cycles = harness.Cycles.of(w)
-        samples, gen = fired_latency(loaded, codec)
-        load_cycles = harness.Cycles.of(w).since(cycles)
-        w.stop()
-        p50, p99 = harness.percentiles(samples)
-        print(
-            f"tick -> alerts.fired (read_committed) at {gen['rate']:,.0f} ticks/s offered "
-            f"({gen['sent']:,} sent): p50 {p50:.1f} ms, p99 {p99:.1f} ms ({len(samples):,} firings)"
-        )
-        print(f"  the worker during that load: {load_cycles}")
+        latency_step(w, loaded, codec)
     finally:
         harness.teardown(base, loaded)
         harness.teardown(base, empty)

@@ -74,6 +74,32 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def latency_step(w: harness.WorkerProcess, env: harness.TestEnv) -> None:
+    """The latency load on a started quotes worker, which is stopped after it: the
+    quote line, the worker's cycles, and the cores it and the broker used meanwhile."""
+    assert w.proc is not None
+    broker = harness.broker_pid(env)
+    started = time.monotonic()
+    before = (_cpu_seconds(w.proc.pid), _cpu_seconds(broker) if broker else 0.0)
+    cycles = harness.Cycles.of(w)
+    samples, gen = asyncio.run(quote_latency(env))
+    load_cycles = harness.Cycles.of(w).since(cycles)
+    took = time.monotonic() - started
+    worker_cpu = (_cpu_seconds(w.proc.pid) - before[0]) / took
+    broker_cpu = (_cpu_seconds(broker) - before[1]) / took if broker else float("nan")
+    w.stop()
+    p50, p99 = harness.percentiles(samples)
+    print(
+        f"tick -> Redis quote at {gen['rate']:,.0f} ticks/s offered ({gen['sent']:,} sent): "
+        f"p50 {p50:.1f} ms, p99 {p99:.1f} ms ({len(samples):,} quote updates)"
+    )
+    print(f"  the worker during that load: {load_cycles}")
+    print(
+        f"  cores used over those {took:.0f} s (the generator encodes for a few of them first): "
+        f"worker {worker_cpu:.2f}, broker {broker_cpu:.2f}"
+    )
+
+
 def latency_only() -> None:
     """The latency step alone, with where the two cores went (the broker's share included).
 
@@ -83,28 +109,7 @@ def latency_only() -> None:
     """
     base, env, logs = harness.setup("bench-pl")
     try:
-        w = harness.worker(env, "quotes", logs, instance_id="bench-ql0").start()
-        assert w.proc is not None
-        broker = harness.broker_pid(env)
-        started = time.monotonic()
-        before = (_cpu_seconds(w.proc.pid), _cpu_seconds(broker) if broker else 0.0)
-        cycles = harness.Cycles.of(w)
-        samples, gen = asyncio.run(quote_latency(env))
-        load_cycles = harness.Cycles.of(w).since(cycles)
-        took = time.monotonic() - started
-        worker_cpu = (_cpu_seconds(w.proc.pid) - before[0]) / took
-        broker_cpu = (_cpu_seconds(broker) - before[1]) / took if broker else float("nan")
-        w.stop()
-        p50, p99 = harness.percentiles(samples)
-        print(
-            f"tick -> Redis quote at {gen['rate']:,.0f} ticks/s offered ({gen['sent']:,} sent): "
-            f"p50 {p50:.1f} ms, p99 {p99:.1f} ms ({len(samples):,} quote updates)"
-        )
-        print(f"  the worker during that load: {load_cycles}")
-        print(
-            f"  cores used over those {took:.0f} s (the generator encodes for a few of them first): "
-            f"worker {worker_cpu:.2f}, broker {broker_cpu:.2f}"
-        )
+        latency_step(harness.worker(env, "quotes", logs, instance_id="bench-ql0").start(), env)
     finally:
         harness.teardown(base, env)
 
@@ -191,16 +196,7 @@ def main() -> None:
         w = harness.worker(env, "quotes", logs, instance_id="bench-q0").start()
         restored = harness.metric(w, "finstream_stream_restored_records_total")
         restore_s = harness.metric(w, "finstream_stream_restore_seconds_sum")
-        cycles = harness.Cycles.of(w)
-        samples, gen = asyncio.run(quote_latency(env))
-        load_cycles = harness.Cycles.of(w).since(cycles)
-        w.stop()
-        p50, p99 = harness.percentiles(samples)
-        print(
-            f"tick -> Redis quote at {gen['rate']:,.0f} ticks/s offered ({gen['sent']:,} sent): "
-            f"p50 {p50:.1f} ms, p99 {p99:.1f} ms ({len(samples):,} quote updates)"
-        )
-        print(f"  the worker during that load: {load_cycles}")
+        latency_step(w, env)
         if restore_s > 0:
             print(
                 f"state restore: {restored:,.0f} changelog records in {restore_s:.2f} s "
