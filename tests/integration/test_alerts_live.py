@@ -21,7 +21,7 @@ from finstream.domain.alerts.rules import AlertRule, parse_rule
 from finstream.domain.deadletter import H_ERROR_CLASS, H_ERROR_MESSAGE, parse_headers
 from finstream.domain.marketdata.ticks import make_tick
 from finstream.domain.partitioning import key_partition
-from tests.support.services import TestEnv, WorkerProcess, wait_until
+from tests.support.services import TestEnv, WorkerProcess, metric_value, wait_until
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 T0 = NOW - timedelta(minutes=10)
@@ -101,12 +101,18 @@ def ticks_for(
     return out
 
 
-def rules_loaded(env: TestEnv, expected: dict[str, set[str]]) -> bool:
-    """The rulebook's changelog shows exactly these rule ids per symbol (latest record wins)."""
+def rulebook(env: TestEnv) -> dict[str, set[str]]:
+    """The rule ids per symbol on the rulebook's changelog (latest record wins)."""
     latest: dict[str, set[str]] = {}
     for m in env.consume_all("finstream-alerts-alert-rules-changelog", timeout=5):
         symbol = m.key().decode()
         latest[symbol] = set(json.loads(m.value())) if m.value() else set()
+    return latest
+
+
+def rules_loaded(env: TestEnv, expected: dict[str, set[str]]) -> bool:
+    """The rulebook's changelog shows exactly these rule ids per symbol."""
+    latest = rulebook(env)
     return all(latest.get(s, set()) == ids for s, ids in expected.items())
 
 
@@ -301,6 +307,13 @@ def test_invalid_rules_and_tombstones(env: TestEnv, alerts_worker: WorkerProcess
     send(env, "alerts.rules", [(b"d-good", None)])
     wait_until(
         lambda: rules_loaded(env, {"DDD": {"d-control"}}), timeout=60, message="d-good deleted"
+    )
+    # The rules gauge counts what the worker holds, deletions included.
+    held = sum(len(ids) for ids in rulebook(env).values())
+    wait_until(
+        lambda: metric_value(alerts_worker, "finstream_alerts_rules") == held,
+        timeout=30,
+        message=f"finstream_alerts_rules at {held}",
     )
     ticks = ticks_for("DDD", ["4", "6"], NOW - timedelta(seconds=30), 1, "y")
     send(env, "md.ticks", [(k, v) for k, v, _ in ticks])

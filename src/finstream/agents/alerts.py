@@ -70,6 +70,7 @@ TICKS_SKIPPED = Counter(
 SYMBOLS_WITH_RULES = Gauge(
     "finstream_alerts_symbols_with_rules", "Symbols with at least one rule on this worker"
 )
+RULES_HELD = Gauge("finstream_alerts_rules", "Rules held by this worker (for its partitions)")
 BY_SYMBOL = "alerts.rules.by-symbol"
 
 
@@ -142,6 +143,7 @@ class Alerts(Processor):
 
     async def process(self, events: list[Event], out: Output) -> None:
         ticks_name, rules_name = self.ticks.name, self.rules_topic.name
+        rules_changed = False
         for ev in events:
             try:
                 if ev.topic == ticks_name:
@@ -149,10 +151,18 @@ class Alerts(Processor):
                 elif ev.topic == rules_name:
                     self._intake(ev, out)
                 else:
+                    rules_changed = True
                     self._apply_rule(ev)
             except (BadInput, EncodeError, UnicodeDecodeError) as exc:
                 out.dead_letter(ev, exc)
+        if rules_changed:
+            self._count_rules()
+
+    def _count_rules(self) -> None:
+        # A walk over the symbols: only after a batch that changed rules, or a
+        # (re)assignment, never per tick batch.
         SYMBOLS_WITH_RULES.set(len(self.rules))
+        RULES_HELD.set(sum(len(rules) for _, _, rules in self.rules.items()))
 
     # -- alerts.rules -> alerts.rules.by-symbol ----------------------------------------
 
@@ -283,7 +293,7 @@ class Alerts(Processor):
 
     async def assigned(self, partitions: frozenset[int]) -> None:
         self._books.clear()
-        SYMBOLS_WITH_RULES.set(len(self.rules))
+        self._count_rules()
 
 
 _EMPTY_STATE = SymbolState()
