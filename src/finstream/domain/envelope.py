@@ -82,12 +82,17 @@ def is_sealed(value: object) -> TypeGuard[str]:
 
 def token_version(token: str) -> int:
     """The key version a token was sealed with."""
+    return _split_token(token)[0]
+
+
+def _split_token(token: str) -> tuple[int, str]:
+    """A token's key version and its base64 body."""
     if not is_sealed(token):
         raise EnvelopeError("not a sealed token")
-    head, sep, _ = token[len(PREFIX) :].partition(":")
+    head, sep, body = token[_PREFIX_LEN:].partition(":")
     if not sep or not head.isdigit():
         raise EnvelopeError("malformed token (key version)")
-    return int(head)
+    return int(head), body
 
 
 # One encoder for every sealed document: json.dumps with options builds a new one per call.
@@ -180,12 +185,7 @@ class UserKeys:
         return f"{PREFIX}{version}:{_b64(nonce + sealed)}"
 
     def open(self, token: str) -> bytes:
-        if not is_sealed(token):
-            raise EnvelopeError("not a sealed token")
-        head, sep, body = token[_PREFIX_LEN:].partition(":")
-        if not sep or not head.isdigit():
-            raise EnvelopeError("malformed token (key version)")
-        version = int(head)
+        version, body = _split_token(token)
         aead = None if self.erased else self.keys.get(version)
         if aead is None:
             raise KeyUnavailable(f"key version {version} of this user is not available")
