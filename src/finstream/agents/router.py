@@ -69,6 +69,7 @@ from finstream.domain.notify.plan import Effects, due_digests, due_requests, pla
 from finstream.domain.notify.preferences import CHANNELS
 from finstream.domain.notify.preferences_view import Preferences
 from finstream.domain.notify.request import InvalidRequest, Request
+from finstream.domain.notify.routing import contact_channels
 from finstream.domain.notify.routing_state import Hold, Holds, UserState
 from finstream.domain.partitioning import key_partition
 from finstream.domain.time import from_micros, to_micros, utcnow
@@ -300,8 +301,9 @@ class Router(Processor):
         if erased:
             prefs = Preferences.default(user)  # never opened: the keys are gone
         else:
-            # privacy: contacts opened in memory only, to address messages
-            prefs = self.privacy.open_prefs(self._prefs(user, batch))
+            # privacy: contacts opened in memory only, those of the channels it may use
+            stored = self._prefs(user, batch)
+            prefs = self.privacy.open_prefs(stored, contact_channels(request, stored, self.policy))
         fx = plan(
             request,
             prefs,

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -66,6 +67,15 @@ PLAINTEXT = Counter(
 _PLAINTEXT_DATA = PLAINTEXT.labels("router", "request_data")
 _PLAINTEXT_CONTACTS = PLAINTEXT.labels("router", "contacts")
 
+# The contact list a channel addresses; in-app messages need none.
+_CHANNEL_CONTACTS = {"email": "emails", "sms": "phones", "push": "push_tokens"}
+_ALL_CONTACTS = frozenset(field for field, _ in CONTACT_FIELDS)
+
+
+@functools.lru_cache(maxsize=256)  # a few tuples: the policy's, the users', requests' choices
+def _contact_lists(channels: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(_CHANNEL_CONTACTS[c] for c in channels if c in _CHANNEL_CONTACTS)
+
 
 class SealedDataUnreadable(ValueError):
     """A request's sealed data does not open (a key version this worker cannot get)."""
@@ -77,8 +87,8 @@ class RouterPrivacy:
         self._ring: Any = None
         self._pool: Any = None
         self._batch: dict[str, UserKeys] = {}
-        # user -> (the Preferences as stored, the same with contacts opened)
-        self._opened: dict[str, tuple[Preferences, Preferences]] = {}
+        # user -> (the Preferences as stored, the contact lists opened, the opened copy)
+        self._opened: dict[str, tuple[Preferences, frozenset[str], Preferences]] = {}
 
     async def _keyring(self) -> Any:
         if self._ring is None:
@@ -205,19 +215,27 @@ class RouterPrivacy:
 
     # -- preferences --------------------------------------------------------------------------
 
-    def open_prefs(self, prefs: Preferences) -> Preferences:
-        """Preferences with contact points opened, to address messages (memory only)."""
+    def open_prefs(
+        self, prefs: Preferences, channels: tuple[str, ...] | None = None
+    ) -> Preferences:
+        """Preferences with the contact points of ``channels`` (None: every channel) opened,
+        to address messages (memory only); the other contacts stay sealed."""
         if not prefs.known:
             return prefs
+        wanted = _ALL_CONTACTS if channels is None else _contact_lists(channels)
         cached = self._opened.get(prefs.user_id)
         if cached is not None and cached[0] is prefs:
-            return cached[1]
+            if wanted <= cached[1]:
+                return cached[2]
+            wanted |= cached[1]
         # One pass over the contacts: this runs for every request of a user not
         # seen lately (most of them), so it stays lean.
         keys: UserKeys | None = None
         plaintext = False
         opened: dict[str, tuple[dict[str, Any], ...]] = {}
         for field, name in CONTACT_FIELDS:
+            if field not in wanted:
+                continue
             items: tuple[dict[str, Any], ...] = getattr(prefs, field)
             if not items:
                 continue
@@ -243,7 +261,9 @@ class RouterPrivacy:
         if not opened:
             return prefs
         result = prefs.with_contacts(opened)
-        self._opened[prefs.user_id] = (prefs, result)
+        # An empty list counts as opened: asking for it again opens nothing more.
+        done = wanted | {f for f in _ALL_CONTACTS if not getattr(prefs, f)}
+        self._opened[prefs.user_id] = (prefs, done, result)
         return result
 
     # -- messages and digests -----------------------------------------------------------------

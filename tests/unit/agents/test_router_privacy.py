@@ -205,3 +205,23 @@ def test_preferences_with_contacts_replaces_only_contact_lists() -> None:
     assert prefs.emails == ({"address": "a"},)
     with pytest.raises(ValueError, match="not contact lists"):
         prefs.with_contacts({"locale": "de"})  # type: ignore[dict-item]
+
+
+def test_only_the_contacts_of_the_channels_asked_for_are_opened() -> None:
+    keys = UserKeys.from_raw("u1", {1: os.urandom(32)})
+    email = keys.seal_text("me@example.com")
+    stored = Preferences(
+        "u1",
+        emails=({"address": email},),
+        push_tokens=({"platform": "FCM", "token": keys.seal_text("tok-1")},),
+    )
+    p = opened_prefs("u1", keys)
+    push = p.open_prefs(stored, ("push", "inapp"))
+    assert push.push_tokens == ({"platform": "FCM", "token": "tok-1"},)
+    assert push.emails == ({"address": email},)  # still sealed
+    assert p.open_prefs(stored, ("push",)) is push  # opened before: the same copy
+    both = p.open_prefs(stored, ("email",))  # widens what was opened for this user
+    assert both.emails == ({"address": "me@example.com"},)
+    assert both.push_tokens == push.push_tokens
+    assert p.open_prefs(stored, ("inapp",)) is both
+    assert p.open_prefs(stored) is both

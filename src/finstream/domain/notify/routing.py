@@ -126,6 +126,24 @@ class Outcome:
         return self.decisions[-1].action
 
 
+def contact_channels(request: Request, prefs: Preferences, policy: Policy) -> tuple[str, ...]:
+    """Every channel whose contacts deciding and composing ``request`` may read.
+
+    A superset of what :func:`select_channels` looks up (it narrows these), read
+    without the contact values: the router opens only these channels' sealed
+    contacts (a price alert for push and in-app opens no email address).
+    """
+    if request.contact_id is not None:
+        target = prefs.contact_channel(request.contact_id)
+        return () if target is None else (target,)
+    if request.channels:
+        return request.channels
+    user_cat = prefs.categories.get(request.category)
+    if user_cat is not None and user_cat.channels is not None:
+        return user_cat.channels
+    return policy.category(request.category).channels
+
+
 def select_channels(
     request: Request, prefs: Preferences, policy: Policy
 ) -> tuple[tuple[str, ...], dict[str, str], str | None]:

@@ -17,7 +17,7 @@ from finstream.domain.notify.outbound import compose
 from finstream.domain.notify.preferences import CHANNELS, parse_preferences
 from finstream.domain.notify.preferences_view import Preferences
 from finstream.domain.notify.request import Request
-from finstream.domain.notify.routing import Action, Policy, decide, remember
+from finstream.domain.notify.routing import Action, Policy, contact_channels, decide, remember
 from finstream.domain.notify.routing_state import Hold, Holds, UserState
 from finstream.domain.notify.templates import Templates
 from finstream.resources import resource
@@ -321,6 +321,30 @@ _requests = st.fixed_dictionaries(
         "channels": st.lists(st.sampled_from(["EMAIL", "PUSH", "SMS", "INAPP"]), unique=True),
     }
 )
+
+
+_CONTACT_LISTS = {"email": "emails", "sms": "phones", "push": "push_tokens"}
+
+
+@settings(max_examples=300, deadline=None)
+@given(_prefs, _requests, st.sampled_from([None, "c-email", "c-phone", "c-gone"]), st.booleans())
+def test_deciding_and_composing_read_no_contacts_outside_contact_channels(
+    fields: dict[str, Any], req: dict[str, Any], contact_id: str | None, release: bool
+) -> None:
+    p = prefs(
+        **fields,
+        emails=[{"id": "c-email", "address": "ann@example.com", "verified": True}],
+        phones=[{"id": "c-phone", "number": "+14155552671", "verified": True}],
+    )
+    r = request(**req, contact_id=contact_id)
+    considered = contact_channels(r, p, POLICY)
+    # The contacts of every other channel gone: nothing decided or composed may change.
+    blanked = p.with_contacts({f: () for c, f in _CONTACT_LISTS.items() if c not in considered})
+    out = decide(r, p, UserState(), NOW, POLICY, release=release)
+    assert decide(r, blanked, UserState(), NOW, POLICY, release=release) == out
+    assert set(out.send) | set(out.hold) <= set(considered)
+    composed = compose(r, p, out.send, templates=TEMPLATES, policy=POLICY, now=NOW)
+    assert compose(r, blanked, out.send, templates=TEMPLATES, policy=POLICY, now=NOW) == composed
 
 
 @settings(max_examples=400, deadline=None)
