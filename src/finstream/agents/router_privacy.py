@@ -43,7 +43,7 @@ from finstream.domain.envelope import (
     seal_outbound,
 )
 from finstream.domain.notify.digest import DigestBuffer
-from finstream.domain.notify.preferences_view import Preferences
+from finstream.domain.notify.preferences_view import CHANNEL_CONTACTS, Preferences
 from finstream.domain.notify.request import Request
 from finstream.runtime.logging import get_logger
 from finstream.settings import Settings
@@ -67,14 +67,12 @@ PLAINTEXT = Counter(
 _PLAINTEXT_DATA = PLAINTEXT.labels("router", "request_data")
 _PLAINTEXT_CONTACTS = PLAINTEXT.labels("router", "contacts")
 
-# The contact list a channel addresses; in-app messages need none.
-_CHANNEL_CONTACTS = {"email": "emails", "sms": "phones", "push": "push_tokens"}
 _ALL_CONTACTS = frozenset(field for field, _ in CONTACT_FIELDS)
 
 
 @functools.lru_cache(maxsize=256)  # a few tuples: the policy's, the users', requests' choices
 def _contact_lists(channels: tuple[str, ...]) -> frozenset[str]:
-    return frozenset(_CHANNEL_CONTACTS[c] for c in channels if c in _CHANNEL_CONTACTS)
+    return frozenset(CHANNEL_CONTACTS[c] for c in channels if c in CHANNEL_CONTACTS)
 
 
 class SealedDataUnreadable(ValueError):

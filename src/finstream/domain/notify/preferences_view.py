@@ -212,7 +212,9 @@ class Preferences:
 
 
 _FIELDS = frozenset(f.name for f in fields(Preferences))
-_CONTACT_LISTS = frozenset({"emails", "phones", "push_tokens"})
+# The contact list each channel addresses (in-app messages need none).
+CHANNEL_CONTACTS: Mapping[str, str] = {"email": "emails", "sms": "phones", "push": "push_tokens"}
+_CONTACT_LISTS = frozenset(CHANNEL_CONTACTS.values())
 
 
 def _deliverable(email: Mapping[str, Any]) -> bool:

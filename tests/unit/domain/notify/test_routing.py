@@ -15,7 +15,7 @@ from finstream.domain.notify.digest import DigestBuffer
 from finstream.domain.notify.ids import outbound_message_id
 from finstream.domain.notify.outbound import compose
 from finstream.domain.notify.preferences import CHANNELS, parse_preferences
-from finstream.domain.notify.preferences_view import Preferences
+from finstream.domain.notify.preferences_view import CHANNEL_CONTACTS, Preferences
 from finstream.domain.notify.request import Request
 from finstream.domain.notify.routing import Action, Policy, contact_channels, decide, remember
 from finstream.domain.notify.routing_state import Hold, Holds, UserState
@@ -323,9 +323,6 @@ _requests = st.fixed_dictionaries(
 )
 
 
-_CONTACT_LISTS = {"email": "emails", "sms": "phones", "push": "push_tokens"}
-
-
 @settings(max_examples=300, deadline=None)
 @given(_prefs, _requests, st.sampled_from([None, "c-email", "c-phone", "c-gone"]), st.booleans())
 def test_deciding_and_composing_read_no_contacts_outside_contact_channels(
@@ -339,7 +336,7 @@ def test_deciding_and_composing_read_no_contacts_outside_contact_channels(
     r = request(**req, contact_id=contact_id)
     considered = contact_channels(r, p, POLICY)
     # The contacts of every other channel gone: nothing decided or composed may change.
-    blanked = p.with_contacts({f: () for c, f in _CONTACT_LISTS.items() if c not in considered})
+    blanked = p.with_contacts({f: () for c, f in CHANNEL_CONTACTS.items() if c not in considered})
     out = decide(r, p, UserState(), NOW, POLICY, release=release)
     assert decide(r, blanked, UserState(), NOW, POLICY, release=release) == out
     assert set(out.send) | set(out.hold) <= set(considered)
