@@ -85,7 +85,11 @@ class RouterPrivacy:
         self._ring: Any = None
         self._pool: Any = None
         self._batch: dict[str, UserKeys] = {}
-        # user -> (the Preferences as stored, the contact lists opened, the opened copy)
+        # user -> (the Preferences as stored, the contact lists opened, the opened copy),
+        # for one batch: a user's next request in it opens nothing again. Not kept
+        # longer: contacts in clear stay in memory no longer than the batch, and a
+        # copy per user seen lately was long-lived objects for the collector to walk
+        # (bench/RESULTS.md, the router's heap).
         self._opened: dict[str, tuple[Preferences, frozenset[str], Preferences]] = {}
 
     async def _keyring(self) -> Any:
@@ -158,8 +162,7 @@ class RouterPrivacy:
 
     def _begin(self) -> None:
         self._batch = {}
-        if len(self._opened) > 50_000:
-            self._opened.clear()
+        self._opened = {}
 
     def _ahead(self, users: Iterable[str]) -> asyncio.Future[dict[str, UserKeys]]:
         wanted = set(users)
@@ -231,11 +234,13 @@ class RouterPrivacy:
         keys: UserKeys | None = None
         plaintext = False
         opened: dict[str, tuple[dict[str, Any], ...]] = {}
+        empty: list[str] = []  # an empty list counts as opened: asking again opens nothing
         for field, name in CONTACT_FIELDS:
-            if field not in wanted:
-                continue
             items: tuple[dict[str, Any], ...] = getattr(prefs, field)
             if not items:
+                empty.append(field)
+                continue
+            if field not in wanted:
                 continue
             out = []
             sealed = False
@@ -259,9 +264,7 @@ class RouterPrivacy:
         if not opened:
             return prefs
         result = prefs.with_contacts(opened)
-        # An empty list counts as opened: asking for it again opens nothing more.
-        done = wanted | {f for f in _ALL_CONTACTS if not getattr(prefs, f)}
-        self._opened[prefs.user_id] = (prefs, done, result)
+        self._opened[prefs.user_id] = (prefs, wanted.union(empty), result)
         return result
 
     # -- messages and digests -----------------------------------------------------------------

@@ -38,7 +38,6 @@ import functools
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any, TypeGuard
 
 import orjson
@@ -147,7 +146,7 @@ def unwrap_key(master: bytes, wrapped: bytes, context: bytes) -> bytes:
 # -- a user's keys -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class UserKeys:
     """The data keys of one user that are still held: seal with the newest, open with any.
 
@@ -158,19 +157,21 @@ class UserKeys:
     user_id: str
     keys: Mapping[int, AESGCM] = field(default_factory=dict)
     erased: bool = False
+    # Derived once: a router seals several times per message with the same keys.
+    # Slots, not cached properties: a worker caches the keys of every user it
+    # routes for, and an instance dict per user was one more long-lived object
+    # for the collector to walk (bench/RESULTS.md, the router's heap).
+    current: int | None = field(init=False, repr=False, compare=False)
+    _aad_bytes: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        current = max(self.keys) if self.keys and not self.erased else None
+        object.__setattr__(self, "current", current)
+        object.__setattr__(self, "_aad_bytes", _aad(self.user_id))
 
     @classmethod
     def from_raw(cls, user_id: str, raw: Mapping[int, bytes]) -> UserKeys:
         return cls(user_id, {v: AESGCM(k) for v, k in raw.items()})
-
-    # Cached: a router seals several times per message with the same keys.
-    @cached_property
-    def current(self) -> int | None:
-        return max(self.keys) if self.keys and not self.erased else None
-
-    @cached_property
-    def _aad_bytes(self) -> bytes:
-        return _aad(self.user_id)
 
     def seal(self, plaintext: bytes) -> str:
         version = self.current

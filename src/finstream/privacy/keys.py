@@ -26,7 +26,6 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -59,12 +58,6 @@ RETURNING user_id
 """
 
 
-@dataclass
-class _Entry:
-    keys: UserKeys
-    expires: float
-
-
 class KeyRing:
     def __init__(
         self,
@@ -80,7 +73,11 @@ class KeyRing:
         self.ttl = ttl
         self.size = size
         self.clock = clock
-        self._cache: OrderedDict[str, _Entry] = OrderedDict()
+        # user -> keys, oldest first; their expiry times apart, in a dict of floats:
+        # an entry object per user was one more long-lived object the collector
+        # walks (bench/RESULTS.md, the router's heap).
+        self._cache: OrderedDict[str, UserKeys] = OrderedDict()
+        self._expires: dict[str, float] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings, pool: asyncpg.Pool) -> KeyRing:
@@ -97,21 +94,25 @@ class KeyRing:
     # -- reading ----------------------------------------------------------------------------
 
     def cached(self, user_id: str) -> UserKeys | None:
-        entry = self._cache.get(user_id)
-        if entry is None or entry.expires <= self.clock():
+        keys = self._cache.get(user_id)
+        if keys is None or self._expires[user_id] <= self.clock():
             return None
-        return entry.keys
+        return keys
 
     def forget(self, user_id: str) -> None:
         self._cache.pop(user_id, None)
+        self._expires.pop(user_id, None)
 
     def _remember(self, keys: UserKeys) -> None:
         if not keys.keys and not keys.erased:
             return  # a user without keys yet: another process may create them any moment
-        self._cache[keys.user_id] = _Entry(keys, self.clock() + self.ttl)
-        self._cache.move_to_end(keys.user_id)
+        user = keys.user_id
+        self._cache[user] = keys
+        self._cache.move_to_end(user)
+        self._expires[user] = self.clock() + self.ttl
         while len(self._cache) > self.size:
-            self._cache.popitem(last=False)
+            oldest, _ = self._cache.popitem(last=False)
+            del self._expires[oldest]
 
     async def get(self, user_id: str, *, create: bool = False) -> UserKeys:
         return (await self.load([user_id], create=create))[user_id]
@@ -122,10 +123,11 @@ class KeyRing:
         out: dict[str, UserKeys] = {}
         missing: list[str] = []
         now = self.clock()
+        cache, expires = self._cache, self._expires
         for user in dict.fromkeys(user_ids):
-            entry = self._cache.get(user)
-            if entry is not None and entry.expires > now:
-                out[user] = entry.keys
+            keys = cache.get(user)
+            if keys is not None and expires[user] > now:
+                out[user] = keys
             else:
                 missing.append(user)
         if not missing:
@@ -214,7 +216,7 @@ class KeyRing:
             sweep_after,
         )
         await conn.execute("DELETE FROM user_keys WHERE user_id = $1", user_id)
-        self._cache[user_id] = _Entry(UserKeys(user_id, {}, erased=True), self.clock() + self.ttl)
+        self._remember(UserKeys(user_id, {}, erased=True))
         return bool(first)
 
     async def rotate(self, user_id: str) -> int:
