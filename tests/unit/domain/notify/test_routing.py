@@ -514,3 +514,23 @@ def test_audit_event_ids_are_stable_per_decision() -> None:
     c = audit_event(r, d, NOW, phase="release")
     assert a["event_id"] == b["event_id"]
     assert a["event_id"] != c["event_id"]
+
+
+@given(_requests, st.dictionaries(st.sampled_from(["a", "b", "symbol"]), st.text(max_size=5)))
+def test_with_correlation_equals_the_request_decoded_with_that_id(
+    req: dict[str, Any], data: dict[str, str]
+) -> None:
+    record = {
+        "request_id": "r1",
+        "user_id": "u1",
+        "template": "t",
+        "data": data,
+        "correlation_id": None,
+        **req,
+    }
+    request = Request.from_record(record)
+    copy = request.with_correlation("cid-1")
+    assert copy == Request.from_record({**record, "correlation_id": "cid-1"})
+    assert copy.record["correlation_id"] == "cid-1"
+    assert request.correlation_id is None
+    assert record["correlation_id"] is None  # the original record is not changed
