@@ -32,7 +32,6 @@ still read.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import functools
 import os
@@ -98,14 +97,22 @@ def _aad(user_id: str) -> bytes:
     return _AAD + user_id.encode()
 
 
+# base64url by binascii and a translation table: ``base64.urlsafe_b64encode`` and
+# its decoder go through two more Python calls each, and the router seals two
+# messages and opens a contact per request.
+_TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
+_FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
+
+
 def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+    return binascii.b2a_base64(data, newline=False).translate(_TO_URLSAFE).rstrip(b"=").decode()
 
 
 def _unb64(text: str) -> bytes:
     try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError):
+        raw = text.encode("ascii").translate(_FROM_URLSAFE)
+        return binascii.a2b_base64(raw + b"=" * (-len(raw) % 4))
+    except (binascii.Error, ValueError):  # UnicodeEncodeError is a ValueError
         raise EnvelopeError("malformed token (base64)") from None
 
 
@@ -280,7 +287,11 @@ def open_data(data: Mapping[str, str], keys: UserKeys) -> dict[str, str]:
 
 
 def data_is_sealed(data: Mapping[str, str]) -> bool:
-    return any(is_sealed(v) for v in data.values())
+    # A loop, not any() over a generator: every request the router takes asks.
+    for value in data.values():  # noqa: SIM110
+        if isinstance(value, str) and value.startswith(PREFIX):
+            return True
+    return False
 
 
 def mask_recipient(value: str) -> str:
@@ -301,7 +312,15 @@ def seal_outbound(record: Mapping[str, Any], keys: UserKeys) -> dict[str, Any]:
     """
     if record.get("sealed"):
         return dict(record)
-    secret = {name: record.get(name) for name in OUTBOUND_SEALED}
+    get = record.get
+    # OUTBOUND_SEALED, spelled out: a comprehension over it cost more than the encryption.
+    secret = {
+        "recipient": get("recipient"),
+        "subject": get("subject"),
+        "body_text": get("body_text"),
+        "body_html": get("body_html"),
+        "data": get("data"),
+    }
     out = dict(record)
     out["sealed"] = keys.seal_json(secret)
     out["recipient"] = mask_recipient(str(record.get("recipient") or ""))

@@ -36,6 +36,21 @@ def test_text_and_json_round_trip(text: str) -> None:
     assert k.open_json(k.seal_json({"t": text, "n": [1, None]})) == {"t": text, "n": [1, None]}
 
 
+@given(st.binary(max_size=600))
+def test_token_bodies_are_the_standard_librarys_unpadded_base64url(data: bytes) -> None:
+    # Tokens already stored were written with base64.urlsafe_b64encode: both ways agree.
+    text = env._b64(data)
+    assert text == base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+    assert env._unb64(text) == data
+    assert env._unb64(base64.urlsafe_b64encode(data).decode()) == data  # padded too
+
+
+def test_a_token_body_outside_ascii_is_malformed() -> None:
+    k = keys()
+    with pytest.raises(EnvelopeError, match="base64"):
+        k.open("fse1:1:AAAAé")
+
+
 def test_sealing_twice_gives_different_tokens() -> None:
     k = keys()
     assert k.seal(b"same") != k.seal(b"same")
@@ -172,6 +187,7 @@ def test_an_outbound_message_is_sealed_whole_and_opens_back() -> None:
     }
     assert env.seal_outbound(sealed, k) == sealed
     assert env.open_outbound(OUTBOUND, k) == OUTBOUND
+    assert tuple(k.open_json(sealed["sealed"])) == env.OUTBOUND_SEALED
 
 
 @given(st.text(max_size=60))
