@@ -31,6 +31,7 @@ from typing import Any
 import fastavro
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
+from finstream.codec_writers import compile_writer
 from finstream.resources import resource
 
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
@@ -60,6 +61,11 @@ class SchemaVersion:
     @functools.cached_property
     def field_names(self) -> frozenset[str]:
         return frozenset(f["name"] for f in self.raw["fields"])
+
+    @functools.cached_property
+    def writer(self) -> Callable[[Mapping[str, Any]], bytes] | None:
+        """The compiled writer of this schema (None: fastavro writes every record)."""
+        return compile_writer(self.parsed)
 
 
 def _full_name(name: str) -> str:
@@ -173,12 +179,19 @@ class Codec:
         unknown = record.keys() - schema.field_names
         if unknown:
             raise EncodeError(f"{schema.name}: unknown fields {sorted(unknown)}")
-        buf = io.BytesIO()
         if self.registry is not None:
             schema_id = self.registry.register(schema.name, schema)
-            buf.write(CONFLUENT_MAGIC + struct.pack(">I", schema_id))
+            header = CONFLUENT_MAGIC + struct.pack(">I", schema_id)
         else:
-            buf.write(SINGLE_OBJECT_MAGIC + schema.fingerprint)
+            header = SINGLE_OBJECT_MAGIC + schema.fingerprint
+        writer = schema.writer
+        if writer is not None:
+            try:
+                return header + writer(record)
+            except Exception:  # noqa: S110 (a value it does not take: fastavro writes it, or says why not)
+                pass
+        buf = io.BytesIO()
+        buf.write(header)
         try:
             fastavro.schemaless_writer(buf, schema.parsed, record)
         except Exception as exc:

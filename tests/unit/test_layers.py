@@ -19,6 +19,7 @@ LAYERS: dict[str, int] = {
     "resources": 0,
     # the edge's vocabulary: wire formats, topic contracts, configuration, the role list
     "codec": 1,
+    "codec_writers": 1,
     "topics": 1,
     "settings": 1,
     "roles": 1,
