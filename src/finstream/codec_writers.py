@@ -5,8 +5,8 @@ dict lookups and union resolution cost 250-570 ns a field, about 9 us for an
 OutboundMessage (20 fields), and the router encodes three records a request
 (bench/RESULTS.md). :func:`compile_writer` turns a record schema into one
 Python function that writes exactly what fastavro writes (the tests compare
-the bytes for every schema of the catalog, with generated records) in about
-4 us.
+the bytes for every schema version it compiles, with generated records):
+through ``Codec.encode`` an OutboundMessage takes 5.2 us against 12.2.
 
 The compiled writer accepts only values of the exact types it knows
 (``str``, ``int`` within 64 bits, ``bool``, ``float``, ``bytes``, ``dict``
