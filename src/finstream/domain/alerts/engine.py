@@ -30,6 +30,15 @@ condition only on closed bars, with the bar's close as the price and the
 previous bar's close as the previous price; a bar closes when the first tick
 of a later bar arrives, and the firing names the tick that made the close.
 
+Most ticks meet no condition, and a tick that checks every rule to learn so
+costs as much as the rules. After such a tick the state keeps a *quiet zone*
+(:class:`Zone`): the prices, within the same bar, that cannot meet any of the
+symbol's conditions whatever comes between. A tick inside it only updates the
+price and the forming bar; one outside it, or in a new bar, is evaluated in
+full and leaves a new zone. Both paths give the same states and firings
+(tests/unit/domain/alerts/test_engine.py checks it against books built
+without zones).
+
 Conditions and their windows: :mod:`finstream.domain.alerts.conditions`.
 """
 
@@ -40,9 +49,10 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 from finstream.domain.alerts.conditions import (
+    _HUNDRED,
     BAND_CONDITIONS,
     BAND_STATE_CONDITIONS,
     LEVEL_EDGE_CONDITIONS,
@@ -58,9 +68,29 @@ from finstream.domain.marketdata.ticks import Tick
 from finstream.domain.time import from_micros, to_micros
 
 MINUTE_US = 60_000_000
+_INFINITY = Decimal("Infinity")
+_ONE = Decimal(1)
+# Zone bounds are pulled in by this fraction so that no rounding of the
+# conditions' own arithmetic (28 significant digits) can decide a tick inside.
+_MARGIN = Decimal("1e-9")
 
 
 # -- state ---------------------------------------------------------------------------
+
+
+class Zone(NamedTuple):
+    """Where the next ticks can go without any rule's condition holding.
+
+    A tick of the same evaluation bar (``start``) with a price strictly
+    between ``low`` and ``high``, the same previous close and its bar's volume
+    below ``volume`` meets no condition of the book the zone was computed for,
+    and leaves the zone valid for the ticks after it.
+    """
+
+    start: int
+    low: Decimal
+    high: Decimal
+    volume: Decimal
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +123,10 @@ class SymbolState:
     # RuleBook.band_rules). Recomputed when missing, as after a restore.
     band: tuple[int, int] | None = field(default=None, compare=False, repr=False)
     band_true: tuple[Any, ...] = field(default=(), compare=False, repr=False)
+    # Also not part of the state: the quiet zone (see ``_quiet_zone``) the
+    # last full evaluation left, and the history's JSON while it is unchanged.
+    zone: Zone | None = field(default=None, compare=False, repr=False)
+    history_raw: bytes | None = field(default=None, compare=False, repr=False)
 
     # The agent stores ``history`` apart from the rest: the core changes on
     # every tick, the history only when a bar closes.
@@ -121,7 +155,12 @@ class SymbolState:
         return f'{{"s":{doc},"r":{rules}}}'.encode()
 
     def history_json(self) -> bytes:
-        return json.dumps([b.pack() for b in self.history], separators=(",", ":")).encode()
+        raw = self.history_raw
+        if raw is None:
+            raw = json.dumps([b.pack() for b in self.history], separators=(",", ":")).encode()
+            # A cache of a pure function of ``history``, carried while it stays the same.
+            object.__setattr__(self, "history_raw", raw)
+        return raw
 
     def to_bytes(self) -> bytes:
         """Core and history in one document (the alerts role's state store value)."""
@@ -216,10 +255,25 @@ class RuleBook:
     # conditions hold as before and no transition (entering, exiting) happened.
     band_rules: tuple[CompiledRule, ...] = ()
     breaks: tuple[Decimal, ...] = ()
+    # For the quiet zone: whether every rule evaluated on ticks is of a kind it
+    # covers, the moving rules' windows and fractions (percent / 100), the
+    # smallest change-from-close fraction, the volume spikes' (bars,
+    # multiplier), and how far around the price the moving rules allow it.
+    zoned: bool = False
+    moving_up: tuple[tuple[int | None, int | None, Decimal], ...] = ()
+    moving_down: tuple[tuple[int | None, int | None, Decimal], ...] = ()
+    change_fraction: Decimal | None = None
+    spikes: tuple[tuple[int, Decimal], ...] = ()
+    spread: Decimal | None = None
 
     @classmethod
     def build(
-        cls, rules: Iterable[AlertRule], interval: Interval, *, band_index: bool = True
+        cls,
+        rules: Iterable[AlertRule],
+        interval: Interval,
+        *,
+        band_index: bool = True,
+        quiet_zone: bool = True,
     ) -> RuleBook:
         ordered = sorted(rules, key=lambda r: r.rule_id)
         need = 0
@@ -246,16 +300,44 @@ class RuleBook:
         for c in banded:
             r = c.rule
             breaks.update(v for v in (r.value, r.lower, r.upper) if v is not None)
+        tick_rules = tuple(c for c in rest if c not in banded)
+        up: list[tuple[int | None, int | None, Decimal]] = []
+        down: list[tuple[int | None, int | None, Decimal]] = []
+        changes: list[Decimal] = []
+        spikes: list[tuple[int, Decimal]] = []
+        spreads: list[Decimal] = []
+        zoned = quiet_zone
+        for c in tick_rules:
+            r, kind = c.rule, c.rule.condition
+            fraction = r.percent / _HUNDRED if r.percent is not None else None
+            if kind == "MOVING_UP_PERCENT" and fraction is not None and fraction > 0:
+                up.append((r.bars, r.window_seconds, fraction))
+                spreads.append(fraction / (2 + fraction) / 2)
+            elif kind == "MOVING_DOWN_PERCENT" and fraction is not None and 0 < fraction < 1:
+                down.append((r.bars, r.window_seconds, fraction))
+                spreads.append(fraction / (2 - fraction) / 2)
+            elif kind == "CHANGE_FROM_PREV_CLOSE_PERCENT" and fraction is not None and fraction > 0:
+                changes.append(fraction)
+            elif kind == "VOLUME_SPIKE" and r.bars is not None and r.multiplier is not None:
+                spikes.append((r.bars, r.multiplier))
+            else:
+                zoned = False  # a kind the zone does not cover: every tick is checked
         return cls(
             interval=interval,
             levels=tuple(c.rule.value for c in indexed if c.rule.value is not None),
             level_rules=tuple(indexed),
-            tick_rules=tuple(c for c in rest if c not in banded),
+            tick_rules=tick_rules,
             close_rules=close_rules,
             history_needed=need,
             versions={c.rule_id: c.version for c in compiled},
             band_rules=banded,
             breaks=tuple(sorted(breaks)),
+            zoned=zoned,
+            moving_up=tuple(up),
+            moving_down=tuple(down),
+            change_fraction=min(changes) if changes else None,
+            spikes=tuple(spikes),
+            spread=min(spreads) if spreads else None,
         )
 
     @property
@@ -275,6 +357,61 @@ class Evaluation:
     stale: bool = False
     duplicate: bool = False
     history_changed: bool = False
+
+
+# -- the quiet zone ---------------------------------------------------------------------
+
+
+def _quiet_zone(book: RuleBook, view: View, band: tuple[int, int] | None) -> Zone | None:
+    """The zone around ``view.price`` in which no tick meets a condition of ``book``.
+
+    Called after a full evaluation in which no condition held. Crossing levels
+    and band thresholds bound the zone at the nearest ones around the price.
+    A moving rule holds when the price is ``percent`` beyond its window's
+    extreme before the tick (a tick that makes a new extreme never meets its
+    own rule), and a tick inside the zone moves an extreme at most to the
+    zone's edge: the zone stays within ``spread`` of the price, which keeps
+    every such threshold outside it (``spread`` is half of what the smallest
+    percent allows). A window in seconds that loses a bar as time passes only
+    moves its extremes toward the price, away from the thresholds. A new bar
+    ends the zone.
+    """
+    price = view.price
+    low, high, volume = Decimal(0), _INFINITY, _INFINITY
+    levels = book.levels
+    if levels:
+        k = bisect_right(levels, price)
+        if k:
+            low = levels[k - 1]
+        if k < len(levels):
+            high = levels[k]
+    if band is not None:
+        # A price on a threshold gets high == price below: no zone.
+        i = band[0]
+        breaks = book.breaks
+        if i:
+            low = max(low, breaks[i - 1])
+        if i < len(breaks):
+            high = min(high, breaks[i])
+    if book.spread is not None:
+        low = max(low, price * (_ONE - book.spread))
+        high = min(high, price * (_ONE + book.spread))
+        for bars, seconds, fraction in book.moving_up:
+            high = min(high, view.window(bars, seconds)[0] * (_ONE + fraction))
+        for bars, seconds, fraction in book.moving_down:
+            low = max(low, view.window(bars, seconds)[1] * (_ONE - fraction))
+    close, change = view.prev_close, book.change_fraction
+    if close is not None and change is not None:
+        low = max(low, close * (_ONE - change))
+        high = min(high, close * (_ONE + change))
+    for bars, multiplier in book.spikes:
+        total = view.volume_total(bars)
+        if total is not None and total > 0:
+            volume = min(volume, multiplier * total / bars * (_ONE - _MARGIN))
+    low, high = low * (_ONE + _MARGIN), high * (_ONE - _MARGIN)
+    if not low < price < high or not view.current.volume < volume:
+        return None
+    return Zone(view.current.start, low, high, volume)
 
 
 # -- frequencies -------------------------------------------------------------------------
@@ -322,6 +459,11 @@ def evaluate(
             return Evaluation(state, duplicate=True)
     interval = book.interval
     start = ts - ts % interval.micros
+    zone = state.zone
+    if zone is not None and state.book is book:
+        quiet = _in_zone(state, zone, tick, ts, start)
+        if quiet is not None:
+            return quiet
     rule_states: Mapping[str, RuleState] = state.rules
     rules_json = state.rules_json
     if state.book is not book and rule_states:
@@ -401,6 +543,7 @@ def evaluate(
     if fired:
         rule_states = {**rule_states, **fired}
         rules_json = None
+    zone = _quiet_zone(book, view, band) if not met and book.zoned else None
     new_state = SymbolState(
         last_price=price,
         last_ts=ts,
@@ -413,5 +556,49 @@ def evaluate(
         rules_json=rules_json,
         band=band,
         band_true=band_true,
+        zone=zone,
+        history_raw=state.history_raw if history is state.history else None,
     )
     return Evaluation(new_state, tuple(firings), history_changed=history_changed)
+
+
+def _in_zone(state: SymbolState, zone: Zone, tick: Tick, ts: int, start: int) -> Evaluation | None:
+    """What a full evaluation gives for a tick inside the state's quiet zone, or None.
+
+    Inside the zone no condition holds (``_quiet_zone``), so the tick only
+    moves the price and the forming bar: no firing, and the rules' memory,
+    the history, the band and the zone stay as they are.
+    """
+    price, close = tick.price, tick.prev_close
+    if (
+        start != zone.start
+        or not zone.low < price < zone.high
+        or (close is not None and close != state.prev_close)
+    ):
+        return None
+    bar = state.bar
+    assert bar is not None  # a zone is only left after a tick, in its bar
+    bar = bar.add(tick, ts)
+    if not bar.volume < zone.volume:
+        return None
+    return Evaluation(
+        SymbolState(
+            last_price=price,
+            last_ts=ts,
+            last_ids=(
+                state.last_ids | {tick.tick_id}
+                if ts == state.last_ts
+                else frozenset((tick.tick_id,))
+            ),
+            prev_close=state.prev_close,
+            bar=bar,
+            history=state.history,
+            rules=state.rules,
+            book=state.book,
+            rules_json=state.rules_json,
+            band=state.band,
+            band_true=state.band_true,
+            zone=zone,
+            history_raw=state.history_raw,
+        )
+    )

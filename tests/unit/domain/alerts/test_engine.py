@@ -468,3 +468,192 @@ def test_firing_ids_and_records_are_deterministic() -> None:
 def test_crossing_up_counts_reaching_the_level(price: str) -> None:
     fired, _ = run([rule("CROSSING_UP", value=5)], series([Decimal("4.99999999"), price]))
     assert indices(fired) == [1]
+
+
+# -- the quiet zone ---------------------------------------------------------------------
+
+
+@st.composite
+def near_rules(draw: st.DrawFn) -> list[AlertRule]:
+    """Rules of every kind with thresholds close to 100, where the walk below goes."""
+    cents = st.integers(9_000, 11_000).map(lambda c: Decimal(c) / 100)
+    percent = st.integers(1, 400).map(lambda p: Decimal(p) / 100)
+    window = st.one_of(
+        st.fixed_dictionaries({"bars": st.integers(1, 4)}),
+        st.fixed_dictionaries({"window_seconds": st.integers(1, 400)}),
+    )
+    out = []
+    for n in range(draw(st.integers(1, 6))):
+        kind = draw(
+            st.sampled_from(
+                [
+                    "CROSSING",
+                    "CROSSING_UP",
+                    "CROSSING_DOWN",
+                    "GREATER_THAN",
+                    "LESS_THAN",
+                    "INSIDE_CHANNEL",
+                    "OUTSIDE_CHANNEL",
+                    "ENTERING_CHANNEL",
+                    "EXITING_CHANNEL",
+                    "MOVING_UP_PERCENT",
+                    "MOVING_DOWN_PERCENT",
+                    "CHANGE_FROM_PREV_CLOSE_PERCENT",
+                    "VOLUME_SPIKE",
+                ]
+            )
+        )
+        params: dict[str, Any]
+        if kind.endswith("CHANNEL"):
+            lo, hi = sorted(draw(st.lists(cents, min_size=2, max_size=2, unique=True)))
+            params = {"lower": lo, "upper": hi}
+        elif kind.startswith("MOVING"):
+            params = {"percent": draw(percent), **draw(window)}
+        elif kind == "CHANGE_FROM_PREV_CLOSE_PERCENT":
+            params = {"percent": draw(percent)}
+        elif kind == "VOLUME_SPIKE":
+            params = {
+                "bars": draw(st.integers(1, 3)),
+                "multiplier": draw(st.integers(11, 40).map(lambda m: Decimal(m) / 10)),
+            }
+        else:
+            params = {"value": draw(cents)}
+        frequency = draw(st.sampled_from([*FREQUENCIES, "ONCE_PER_BAR_CLOSE"]))
+        out.append(rule(kind, frequency, f"z{n}", **params))
+    return out
+
+
+@st.composite
+def walk(draw: st.DrawFn) -> list[Tick]:
+    """A price walk around 100 in cents, with bar-crossing gaps and changing closes."""
+    steps = draw(
+        st.lists(
+            st.tuples(
+                st.integers(-40, 40),
+                st.sampled_from([0, 1, 1, 2, 2, 5, 30, 61, 200]),
+                st.integers(0, 60),
+                st.sampled_from([*[None] * 8, 99, "100.5"]),
+            ),
+            min_size=30,
+            max_size=150,
+        )
+    )
+    price, at, out = Decimal(100), T0, []
+    for i, (step, gap, size, close) in enumerate(steps):
+        price = max(Decimal("0.01"), price + Decimal(step) / 100)
+        at += timedelta(seconds=gap)
+        out.append(tick(i, price, at, size=size, prev_close=close))
+    return out
+
+
+@settings(max_examples=300)
+@given(walk(), near_rules(), st.data())
+def test_the_quiet_zone_fires_exactly_what_checking_every_rule_fires(
+    ticks: list[Tick], rules: list[AlertRule], data: st.DataObject
+) -> None:
+    zoned = RuleBook.build(rules, MINUTE)
+    plain = RuleBook.build(rules, MINUTE, quiet_zone=False)
+    assert zoned.zoned
+    assert not plain.zoned
+    restore_at = data.draw(st.sets(st.integers(0, len(ticks))))
+    a, b = SymbolState(), SymbolState()
+    for i, t in enumerate(ticks):
+        ea, eb = evaluate(a, zoned, t), evaluate(b, plain, t)
+        assert [f.fired_id for f in ea.firings] == [f.fired_id for f in eb.firings]
+        assert ea.state == eb.state
+        assert ea.history_changed == eb.history_changed
+        assert ea.state.history_json() == eb.state.history_json()
+        assert eb.state.zone is None
+        # A restored state (no zone, no caches) gives the same answers too.
+        a = SymbolState.from_bytes(ea.state.to_bytes()) if i in restore_at else ea.state
+        b = eb.state
+
+
+def test_a_tick_inside_the_quiet_zone_keeps_it_and_one_beyond_a_threshold_fires() -> None:
+    rules = [
+        rule("CROSSING_UP", "EVERY_TIME", "a", value=101),
+        rule("MOVING_DOWN_PERCENT", "EVERY_TIME", "b", percent=2, bars=2),
+    ]
+    book = RuleBook.build(rules, MINUTE)
+    prices = ["100", "100.3", "99.8", "100.4", "101.2"]
+    state = SymbolState()
+    zones = []
+    fired = []
+    for i, p in enumerate(prices):
+        ev = evaluate(state, book, tick(i, p, T0 + timedelta(seconds=i)))
+        state = ev.state
+        zones.append(state.zone)
+        fired.append([f.rule.rule_id for f in ev.firings])
+    assert fired == [[], [], [], [], ["a"]]
+    first = zones[0]
+    assert first is not None
+    # The moving rule's 2% keeps the zone within about 0.5% of the first
+    # price, below the level: the next three ticks stay in it and keep it.
+    assert Decimal("99.49") < first.low < Decimal(100) < first.high < Decimal("100.51")
+    assert zones[1] is first and zones[2] is first and zones[3] is first
+    # A tick that meets a condition leaves no zone: the next one is checked in full.
+    assert zones[4] is None
+
+
+# (condition, parameters, prices, previous closes): the last tick meets the
+# condition; every tick before it leaves a quiet zone.
+BEYOND_THE_ZONE: list[tuple[str, dict[str, Any], list[str], list[Any]]] = [
+    ("CROSSING_UP", {"value": 101}, ["100", "100.5", "101.1"], []),
+    ("CROSSING_DOWN", {"value": 99}, ["100", "99.5", "98.9"], []),
+    ("CROSSING", {"value": 99}, ["100", "99.5", "98.9"], []),
+    ("GREATER_THAN", {"value": 101}, ["100", "100.5", "101.5"], []),
+    ("LESS_THAN", {"value": 99}, ["100", "99.5", "98.5"], []),
+    ("ENTERING_CHANNEL", {"lower": 101, "upper": 102}, ["100", "100.5", "101.5"], []),
+    ("EXITING_CHANNEL", {"lower": 99, "upper": 101}, ["100", "100.5", "101.5"], []),
+    ("INSIDE_CHANNEL", {"lower": 98, "upper": 99}, ["100", "99.5", "98.5"], []),
+    ("OUTSIDE_CHANNEL", {"lower": 99, "upper": 101}, ["100", "99.5", "98.5"], []),
+    # A new extreme inside the zone would move the threshold toward the price:
+    # the zone is too narrow for 99.1 (about 0.25% wide for 1%), so 100.2 is
+    # checked against 1% above 99.1 (100.091); the same downward.
+    ("MOVING_UP_PERCENT", {"percent": 1, "bars": 1}, ["100", "99.1", "100.2"], []),
+    ("MOVING_DOWN_PERCENT", {"percent": 1, "window_seconds": 60}, ["100", "100.9", "99.85"], []),
+    # Well inside the spread, the window's extreme bounds the zone: 1% off 99
+    # (99.99) and 1% off 101 (also 99.99).
+    ("MOVING_UP_PERCENT", {"percent": 1, "bars": 2}, ["100", "99", "99.8", "99.995"], []),
+    ("MOVING_DOWN_PERCENT", {"percent": 1, "bars": 2}, ["100", "101", "100.2", "99.97"], []),
+    ("CHANGE_FROM_PREV_CLOSE_PERCENT", {"percent": 1}, ["100", "99.5", "98.9"], [100]),
+    ("CHANGE_FROM_PREV_CLOSE_PERCENT", {"percent": 1}, ["100", "100.5", "101.1"], [100]),
+    # The previous close moves, the price does not.
+    ("CHANGE_FROM_PREV_CLOSE_PERCENT", {"percent": 1}, ["100", "100.2", "100.2"], [100, 100, 99]),
+]
+
+
+@pytest.mark.parametrize(("condition", "params", "prices", "closes"), BEYOND_THE_ZONE)
+def test_a_tick_beyond_each_bound_of_the_quiet_zone_fires(
+    condition: str, params: dict[str, Any], prices: list[str], closes: list[Any]
+) -> None:
+    book = RuleBook.build([rule(condition, "EVERY_TIME", "a", **params)], MINUTE)
+    state = SymbolState()
+    fired = []
+    for i, p in enumerate(prices):
+        close = closes[i] if i < len(closes) else None
+        ev = evaluate(state, book, tick(i, p, T0 + timedelta(seconds=i), prev_close=close))
+        if i < len(prices) - 1:
+            assert ev.state.zone is not None
+        state = ev.state
+        fired.append(len(ev.firings))
+    assert fired == [0] * (len(prices) - 1) + [1]
+
+
+def test_a_volume_spike_inside_the_price_zone_fires() -> None:
+    book = RuleBook.build([rule("VOLUME_SPIKE", "EVERY_TIME", "a", bars=1, multiplier=2)], MINUTE)
+    minute = T0 + timedelta(minutes=1)
+    ticks = [
+        tick(0, "100", T0, size=10),
+        tick(1, "100", minute, size=5),
+        tick(2, "100.1", minute + timedelta(seconds=1), size=5),
+        tick(3, "100", minute + timedelta(seconds=2), size=15),
+    ]
+    state = SymbolState()
+    fired = []
+    for t in ticks:
+        ev = evaluate(state, book, t)
+        state = ev.state
+        fired.append(len(ev.firings))
+    assert fired == [0, 0, 0, 1]
+    assert state.zone is None
