@@ -59,7 +59,7 @@ from finstream.domain.alerts.conditions import (
     Check,
     EvalBar,
     View,
-    compile_condition,
+    check_of,
 )
 from finstream.domain.alerts.firings import Firing, fired_id
 from finstream.domain.alerts.rules import MOVING_CONDITIONS, AlertRule
@@ -225,7 +225,7 @@ class CompiledRule:
             expires=to_micros(rule.expires_at) if rule.expires_at is not None else None,
             frequency=rule.frequency,
             cooldown=(rule.cooldown_seconds or 0) * 1_000_000,
-            check=compile_condition(rule, interval),
+            check=check_of(rule),
         )
 
 
@@ -483,7 +483,7 @@ def evaluate(
             prev = history[-1].close if history else None
             view = View(bar.close, prev, bar.last_ts, bar, history, state.prev_close, interval)
             for c in book.close_rules:
-                if not c.check(view) or not _armed(c, bar.last_ts, respect_created_at):
+                if not c.check(c.rule, view) or not _armed(c, bar.last_ts, respect_created_at):
                     continue
                 if _may_fire(c, rule_states.get(c.rule_id), bar.last_ts, bar.start):
                     firings.append(
@@ -513,7 +513,7 @@ def evaluate(
         # Only levels in (lo, hi] can have been crossed (up or down).
         first = bisect_right(book.levels, lo)
         last = bisect_right(book.levels, hi)
-        met.extend(c for c in book.level_rules[first:last] if c.check(view))
+        met.extend(c for c in book.level_rules[first:last] if c.check(c.rule, view))
     band: tuple[int, int] | None = None
     band_true: tuple[CompiledRule, ...] = ()
     if book.band_rules:
@@ -523,11 +523,11 @@ def evaluate(
             band_true = state.band_true
             met.extend(band_true)
         else:
-            true_now = [c for c in book.band_rules if c.check(view)]
+            true_now = [c for c in book.band_rules if c.check(c.rule, view)]
             met.extend(true_now)
             band_true = tuple(c for c in true_now if c.rule.condition in BAND_STATE_CONDITIONS)
     if book.tick_rules:
-        met.extend(c for c in book.tick_rules if c.check(view))
+        met.extend(c for c in book.tick_rules if c.check(c.rule, view))
     if met:
         if len(met) > 1:
             met.sort(key=lambda c: c.rule_id)

@@ -13,9 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from finstream.domain.alerts.conditions import CHECKS
 from finstream.domain.alerts.engine import RuleBook, SymbolState, evaluate
 from finstream.domain.alerts.firings import Firing, fired_id
-from finstream.domain.alerts.rules import AlertRule, parse_rule
+from finstream.domain.alerts.rules import CONDITIONS, AlertRule, parse_rule
 from finstream.domain.marketdata.bars import parse_interval
 from finstream.domain.marketdata.ticks import Tick, make_tick
 
@@ -657,3 +658,7 @@ def test_a_volume_spike_inside_the_price_zone_fires() -> None:
         fired.append(len(ev.firings))
     assert fired == [0, 0, 0, 1]
     assert state.zone is None
+
+
+def test_every_condition_a_rule_may_name_has_a_check() -> None:
+    assert set(CHECKS) == set(CONDITIONS)
