@@ -53,6 +53,19 @@ def rules_loaded(w: harness.WorkerProcess, count: int) -> None:
         interval=0.2,
         message=f"{count:,} rules loaded",
     )
+    # The gauge moves when the last rules are applied, before their batch's
+    # transaction (the rules' changelog, one JSON per symbol) commits: a
+    # second of work that the first drain measured along with its ticks.
+    # Loaded means committed: no commit for half a second.
+    last = [harness.metric(w, "finstream_stream_commit_seconds_count"), time.monotonic()]
+
+    def idle() -> bool:
+        commits = harness.metric(w, "finstream_stream_commit_seconds_count")
+        if commits != last[0]:
+            last[:] = [commits, time.monotonic()]
+        return time.monotonic() - last[1] >= 0.5
+
+    harness.wait_until(idle, timeout=600, interval=0.1, message="rules committed")
 
 
 def fired_latency(env: harness.TestEnv, codec: Codec) -> tuple[list[float], dict[str, float]]:
