@@ -22,7 +22,8 @@ from quixstreams import Application
 
 from bench.anchor.common import ContractValue, Progress
 from finstream.codec import Codec
-from finstream.domain.alerts.engine import RuleBook, SymbolState, evaluate
+from finstream.domain.alerts.books import RuleBook
+from finstream.domain.alerts.engine import SymbolState, evaluate
 from finstream.domain.marketdata.bars import parse_interval
 from finstream.domain.time import utcnow
 

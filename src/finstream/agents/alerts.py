@@ -45,7 +45,8 @@ from typing import Any
 from prometheus_client import Counter, Gauge
 
 from finstream.codec import EncodeError
-from finstream.domain.alerts.engine import Evaluation, RuleBook, SymbolState, evaluate
+from finstream.domain.alerts.books import RuleBook
+from finstream.domain.alerts.engine import Evaluation, SymbolState, evaluate
 from finstream.domain.alerts.rules import AlertRule
 from finstream.domain.marketdata.bars import Interval, parse_interval
 from finstream.domain.marketdata.ticks import Tick

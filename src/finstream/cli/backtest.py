@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from finstream.codec import DecodeError
-from finstream.domain.alerts.engine import RuleBook, SymbolState, evaluate
+from finstream.domain.alerts.books import RuleBook
+from finstream.domain.alerts.engine import SymbolState, evaluate
 from finstream.domain.alerts.firings import Firing
 from finstream.domain.alerts.rules import AlertRule, RuleValidationError, parse_rule
 from finstream.domain.marketdata.bars import Interval, decimal_text

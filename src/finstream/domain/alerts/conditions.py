@@ -20,7 +20,7 @@ from finstream.domain.alerts.rules import (
 from finstream.domain.marketdata.bars import Interval
 from finstream.domain.marketdata.ticks import Tick
 
-_HUNDRED = Decimal(100)
+HUNDRED = Decimal(100)
 
 Check = Callable[[AlertRule, "View"], bool]
 
@@ -197,19 +197,19 @@ def _outside(r: AlertRule, v: View) -> bool:
 def _moving_up(r: AlertRule, v: View) -> bool:
     assert r.percent is not None
     low = v.window(r.bars, r.window_seconds)[0]
-    return (v.price - low) * _HUNDRED >= r.percent * low
+    return (v.price - low) * HUNDRED >= r.percent * low
 
 
 def _moving_down(r: AlertRule, v: View) -> bool:
     assert r.percent is not None
     high = v.window(r.bars, r.window_seconds)[1]
-    return (high - v.price) * _HUNDRED >= r.percent * high
+    return (high - v.price) * HUNDRED >= r.percent * high
 
 
 def _change_from_close(r: AlertRule, v: View) -> bool:
     assert r.percent is not None
     close = v.prev_close
-    return close is not None and abs(v.price - close) * _HUNDRED >= r.percent * close
+    return close is not None and abs(v.price - close) * HUNDRED >= r.percent * close
 
 
 def _volume_spike(r: AlertRule, v: View) -> bool:

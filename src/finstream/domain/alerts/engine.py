@@ -32,65 +32,37 @@ of a later bar arrives, and the firing names the tick that made the close.
 
 Most ticks meet no condition, and a tick that checks every rule to learn so
 costs as much as the rules. After such a tick the state keeps a *quiet zone*
-(:class:`Zone`): the prices, within the same bar, that cannot meet any of the
+(:class:`~finstream.domain.alerts.zone.Zone`): the prices, within the same bar, that cannot meet any of the
 symbol's conditions whatever comes between. A tick inside it only updates the
 price and the forming bar; one outside it, or in a new bar, is evaluated in
 full and leaves a new zone. Both paths give the same states and firings
 (tests/unit/domain/alerts/test_engine.py checks it against books built
 without zones).
 
-Conditions and their windows: :mod:`finstream.domain.alerts.conditions`.
+Conditions and their windows: :mod:`finstream.domain.alerts.conditions`; rule
+books: :mod:`finstream.domain.alerts.books`; zones: :mod:`finstream.domain.alerts.zone`.
 """
 
 from __future__ import annotations
 
 import json
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, NamedTuple
+from typing import Any
 
-from finstream.domain.alerts.conditions import (
-    _HUNDRED,
-    BAND_CONDITIONS,
-    BAND_STATE_CONDITIONS,
-    LEVEL_EDGE_CONDITIONS,
-    Check,
-    EvalBar,
-    View,
-    check_of,
-)
+from finstream.domain.alerts.books import CompiledRule, RuleBook
+from finstream.domain.alerts.conditions import BAND_STATE_CONDITIONS, EvalBar, View
 from finstream.domain.alerts.firings import Firing, fired_id
-from finstream.domain.alerts.rules import MOVING_CONDITIONS, AlertRule
-from finstream.domain.marketdata.bars import Interval
+from finstream.domain.alerts.zone import Zone, quiet_zone
 from finstream.domain.marketdata.ticks import Tick
 from finstream.domain.time import from_micros, to_micros
 
 MINUTE_US = 60_000_000
-_INFINITY = Decimal("Infinity")
-_ONE = Decimal(1)
-# Zone bounds are pulled in by this fraction so that no rounding of the
-# conditions' own arithmetic (28 significant digits) can decide a tick inside.
-_MARGIN = Decimal("1e-9")
 
 
 # -- state ---------------------------------------------------------------------------
-
-
-class Zone(NamedTuple):
-    """Where the next ticks can go without any rule's condition holding.
-
-    A tick of the same evaluation bar (``start``) with a price strictly
-    between ``low`` and ``high``, the same previous close and its bar's volume
-    below ``volume`` meets no condition of the book the zone was computed for,
-    and leaves the zone valid for the ticks after it.
-    """
-
-    start: int
-    low: Decimal
-    high: Decimal
-    volume: Decimal
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +95,7 @@ class SymbolState:
     # RuleBook.band_rules). Recomputed when missing, as after a restore.
     band: tuple[int, int] | None = field(default=None, compare=False, repr=False)
     band_true: tuple[Any, ...] = field(default=(), compare=False, repr=False)
-    # Also not part of the state: the quiet zone (see ``_quiet_zone``) the
+    # Also not part of the state: the quiet zone (see ``zone.quiet_zone``) the
     # last full evaluation left, and the history's JSON while it is unchanged.
     zone: Zone | None = field(default=None, compare=False, repr=False)
     history_raw: bytes | None = field(default=None, compare=False, repr=False)
@@ -199,157 +171,6 @@ class SymbolState:
         )
 
 
-# -- rule books ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class CompiledRule:
-    """A rule with everything evaluation needs precomputed (times in micros)."""
-
-    rule: AlertRule
-    rule_id: str
-    version: int  # updated_at
-    created: int
-    expires: int | None
-    frequency: str
-    cooldown: int
-    check: Check
-
-    @classmethod
-    def of(cls, rule: AlertRule, interval: Interval) -> CompiledRule:
-        return cls(
-            rule=rule,
-            rule_id=rule.rule_id,
-            version=to_micros(rule.updated_at),
-            created=to_micros(rule.created_at),
-            expires=to_micros(rule.expires_at) if rule.expires_at is not None else None,
-            frequency=rule.frequency,
-            cooldown=(rule.cooldown_seconds or 0) * 1_000_000,
-            check=check_of(rule),
-        )
-
-
-@dataclass(frozen=True)
-class RuleBook:
-    """One symbol's rules, prepared for evaluation.
-
-    Crossing rules evaluated on ticks sit in an index sorted by level: a tick
-    can only cross the levels between the previous price and its own, found
-    by bisection, so a tick costs the same however many crossing levels a
-    symbol has. The other rules are checked one by one with precompiled
-    conditions. Firings come out ordered by rule id.
-    """
-
-    interval: Interval
-    levels: tuple[Decimal, ...]  # sorted; levels[i] belongs to level_rules[i]
-    level_rules: tuple[CompiledRule, ...]
-    tick_rules: tuple[CompiledRule, ...]  # every other rule evaluated on ticks
-    close_rules: tuple[CompiledRule, ...]
-    history_needed: int
-    versions: Mapping[str, int]  # rule id -> updated_at in micros
-    # Rules whose condition depends on the price (and the previous price) alone:
-    # greater/less than, and the four channel conditions. ``breaks`` are their
-    # thresholds, sorted. Two prices at the same place among the breaks
-    # (bisect left and right, so equality counts) satisfy the same of them; a
-    # tick that stays where the previous one was needs no check: its state
-    # conditions hold as before and no transition (entering, exiting) happened.
-    band_rules: tuple[CompiledRule, ...] = ()
-    breaks: tuple[Decimal, ...] = ()
-    # For the quiet zone: whether every rule evaluated on ticks is of a kind it
-    # covers, the moving rules' windows and fractions (percent / 100), the
-    # smallest change-from-close fraction, the volume spikes' (bars,
-    # multiplier), and how far around the price the moving rules allow it.
-    zoned: bool = False
-    moving_up: tuple[tuple[int | None, int | None, Decimal], ...] = ()
-    moving_down: tuple[tuple[int | None, int | None, Decimal], ...] = ()
-    change_fraction: Decimal | None = None
-    spikes: tuple[tuple[int, Decimal], ...] = ()
-    spread: Decimal | None = None
-
-    @classmethod
-    def build(
-        cls,
-        rules: Iterable[AlertRule],
-        interval: Interval,
-        *,
-        band_index: bool = True,
-        quiet_zone: bool = True,
-    ) -> RuleBook:
-        ordered = sorted(rules, key=lambda r: r.rule_id)
-        need = 0
-        for r in ordered:
-            if r.condition == "VOLUME_SPIKE" and r.bars is not None:
-                need = max(need, r.bars)
-            elif r.condition in MOVING_CONDITIONS:
-                if r.bars is not None:
-                    need = max(need, r.bars - 1)
-                elif r.window_seconds is not None:
-                    need = max(need, -(-r.window_seconds // interval.seconds) + 1)
-        compiled = [CompiledRule.of(r, interval) for r in ordered]
-        close_rules = tuple(c for c in compiled if c.frequency == "ONCE_PER_BAR_CLOSE")
-        if close_rules:
-            need = max(need, 1)  # the previous bar's close is the previous price
-        on_ticks = [c for c in compiled if c.frequency != "ONCE_PER_BAR_CLOSE"]
-        indexed = sorted(
-            (c for c in on_ticks if c.rule.condition in LEVEL_EDGE_CONDITIONS),
-            key=lambda c: (c.rule.value, c.rule_id),
-        )
-        rest = [c for c in on_ticks if c.rule.condition not in LEVEL_EDGE_CONDITIONS]
-        banded = tuple(c for c in rest if band_index and c.rule.condition in BAND_CONDITIONS)
-        breaks: set[Decimal] = set()
-        for c in banded:
-            r = c.rule
-            breaks.update(v for v in (r.value, r.lower, r.upper) if v is not None)
-        tick_rules = tuple(c for c in rest if c not in banded)
-        up: list[tuple[int | None, int | None, Decimal]] = []
-        down: list[tuple[int | None, int | None, Decimal]] = []
-        changes: list[Decimal] = []
-        spikes: list[tuple[int, Decimal]] = []
-        spreads: list[Decimal] = []
-        zoned = quiet_zone
-        for c in tick_rules:
-            r, kind = c.rule, c.rule.condition
-            fraction = r.percent / _HUNDRED if r.percent is not None else None
-            if kind == "MOVING_UP_PERCENT" and fraction is not None and fraction > 0:
-                up.append((r.bars, r.window_seconds, fraction))
-                spreads.append(fraction / (2 + fraction) / 2)
-            elif kind == "MOVING_DOWN_PERCENT" and fraction is not None and 0 < fraction < 1:
-                down.append((r.bars, r.window_seconds, fraction))
-                spreads.append(fraction / (2 - fraction) / 2)
-            elif kind == "CHANGE_FROM_PREV_CLOSE_PERCENT" and fraction is not None and fraction > 0:
-                changes.append(fraction)
-            elif kind == "VOLUME_SPIKE" and r.bars is not None and r.multiplier is not None:
-                spikes.append((r.bars, r.multiplier))
-            else:
-                zoned = False  # a kind the zone does not cover: every tick is checked
-        return cls(
-            interval=interval,
-            levels=tuple(c.rule.value for c in indexed if c.rule.value is not None),
-            level_rules=tuple(indexed),
-            tick_rules=tick_rules,
-            close_rules=close_rules,
-            history_needed=need,
-            versions={c.rule_id: c.version for c in compiled},
-            band_rules=banded,
-            breaks=tuple(sorted(breaks)),
-            zoned=zoned,
-            moving_up=tuple(up),
-            moving_down=tuple(down),
-            change_fraction=min(changes) if changes else None,
-            spikes=tuple(spikes),
-            spread=min(spreads) if spreads else None,
-        )
-
-    @property
-    def empty(self) -> bool:
-        return (
-            not self.level_rules
-            and not self.tick_rules
-            and not self.close_rules
-            and not self.band_rules
-        )
-
-
 @dataclass(frozen=True, slots=True)
 class Evaluation:
     state: SymbolState
@@ -357,61 +178,6 @@ class Evaluation:
     stale: bool = False
     duplicate: bool = False
     history_changed: bool = False
-
-
-# -- the quiet zone ---------------------------------------------------------------------
-
-
-def _quiet_zone(book: RuleBook, view: View, band: tuple[int, int] | None) -> Zone | None:
-    """The zone around ``view.price`` in which no tick meets a condition of ``book``.
-
-    Called after a full evaluation in which no condition held. Crossing levels
-    and band thresholds bound the zone at the nearest ones around the price.
-    A moving rule holds when the price is ``percent`` beyond its window's
-    extreme before the tick (a tick that makes a new extreme never meets its
-    own rule), and a tick inside the zone moves an extreme at most to the
-    zone's edge: the zone stays within ``spread`` of the price, which keeps
-    every such threshold outside it (``spread`` is half of what the smallest
-    percent allows). A window in seconds that loses a bar as time passes only
-    moves its extremes toward the price, away from the thresholds. A new bar
-    ends the zone.
-    """
-    price = view.price
-    low, high, volume = Decimal(0), _INFINITY, _INFINITY
-    levels = book.levels
-    if levels:
-        k = bisect_right(levels, price)
-        if k:
-            low = levels[k - 1]
-        if k < len(levels):
-            high = levels[k]
-    if band is not None:
-        # A price on a threshold gets high == price below: no zone.
-        i = band[0]
-        breaks = book.breaks
-        if i:
-            low = max(low, breaks[i - 1])
-        if i < len(breaks):
-            high = min(high, breaks[i])
-    if book.spread is not None:
-        low = max(low, price * (_ONE - book.spread))
-        high = min(high, price * (_ONE + book.spread))
-        for bars, seconds, fraction in book.moving_up:
-            high = min(high, view.window(bars, seconds)[0] * (_ONE + fraction))
-        for bars, seconds, fraction in book.moving_down:
-            low = max(low, view.window(bars, seconds)[1] * (_ONE - fraction))
-    close, change = view.prev_close, book.change_fraction
-    if close is not None and change is not None:
-        low = max(low, close * (_ONE - change))
-        high = min(high, close * (_ONE + change))
-    for bars, multiplier in book.spikes:
-        total = view.volume_total(bars)
-        if total is not None and total > 0:
-            volume = min(volume, multiplier * total / bars * (_ONE - _MARGIN))
-    low, high = low * (_ONE + _MARGIN), high * (_ONE - _MARGIN)
-    if not low < price < high or not view.current.volume < volume:
-        return None
-    return Zone(view.current.start, low, high, volume)
 
 
 # -- frequencies -------------------------------------------------------------------------
@@ -543,7 +309,7 @@ def evaluate(
     if fired:
         rule_states = {**rule_states, **fired}
         rules_json = None
-    zone = _quiet_zone(book, view, band) if not met and book.zoned else None
+    zone = quiet_zone(book, view, band) if not met and book.zoned else None
     new_state = SymbolState(
         last_price=price,
         last_ts=ts,
@@ -565,7 +331,7 @@ def evaluate(
 def _in_zone(state: SymbolState, zone: Zone, tick: Tick, ts: int, start: int) -> Evaluation | None:
     """What a full evaluation gives for a tick inside the state's quiet zone, or None.
 
-    Inside the zone no condition holds (``_quiet_zone``), so the tick only
+    Inside the zone no condition holds (:func:`quiet_zone`), so the tick only
     moves the price and the forming bar: no firing, and the rules' memory,
     the history, the band and the zone stay as they are.
     """

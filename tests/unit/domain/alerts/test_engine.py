@@ -13,8 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from finstream.domain.alerts.books import RuleBook
 from finstream.domain.alerts.conditions import CHECKS
-from finstream.domain.alerts.engine import RuleBook, SymbolState, evaluate
+from finstream.domain.alerts.engine import SymbolState, evaluate
 from finstream.domain.alerts.firings import Firing, fired_id
 from finstream.domain.alerts.rules import CONDITIONS, AlertRule, parse_rule
 from finstream.domain.marketdata.bars import parse_interval
