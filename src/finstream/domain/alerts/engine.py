@@ -32,15 +32,15 @@ of a later bar arrives, and the firing names the tick that made the close.
 
 Most ticks meet no condition, and a tick that checks every rule to learn so
 costs as much as the rules. After such a tick the state keeps a *quiet zone*
-(:class:`~finstream.domain.alerts.zone.Zone`): the prices, within the same bar, that cannot meet any of the
-symbol's conditions whatever comes between. A tick inside it only updates the
-price and the forming bar; one outside it, or in a new bar, is evaluated in
-full and leaves a new zone. Both paths give the same states and firings
-(tests/unit/domain/alerts/test_engine.py checks it against books built
-without zones).
+(:mod:`finstream.domain.alerts.zone`): the prices, within the same bar, that
+cannot meet any of the symbol's conditions whatever comes between. A tick
+inside it only updates the price and the forming bar; one outside it, or in a
+new bar, is evaluated in full and leaves a new zone. Both paths give the same
+states and firings (tests/unit/domain/alerts/test_engine.py checks it against
+books built without zones).
 
 Conditions and their windows: :mod:`finstream.domain.alerts.conditions`; rule
-books: :mod:`finstream.domain.alerts.books`; zones: :mod:`finstream.domain.alerts.zone`.
+books: :mod:`finstream.domain.alerts.books`.
 """
 
 from __future__ import annotations
