@@ -54,9 +54,9 @@ def rules_loaded(w: harness.WorkerProcess, count: int) -> None:
         message=f"{count:,} rules loaded",
     )
     # The gauge moves when the last rules are applied, before their batch's
-    # transaction (the rules' changelog, one JSON per symbol) commits: a
-    # second of work that the first drain measured along with its ticks.
-    # Loaded means committed: no commit for half a second.
+    # transaction (the rules' changelog, one JSON per symbol) commits, which
+    # could then overlap the first ticks measured. Loaded means committed: no
+    # commit for half a second.
     last = [harness.metric(w, "finstream_stream_commit_seconds_count"), time.monotonic()]
 
     def idle() -> bool:
