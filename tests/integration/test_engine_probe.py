@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import uuid
 
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, Message, Producer, TopicPartition
 
 from finstream.runtime.engine import StreamEngine
 from finstream.runtime.health import HealthServer
@@ -46,12 +46,32 @@ def test_probe_reads_committed_offsets_and_lag_while_a_transaction_holds_new_off
     try:
         producer.init_transactions(30)
         producer.begin_transaction()
+        written: list[int] = []
+
+        def delivered(err: object, msg: Message) -> None:
+            assert err is None, err
+            written.append(msg.offset() or 0)
+
         for i in range(3):
-            producer.produce(topic, f"tick-{i}".encode(), partition=0)
+            producer.produce(
+                topic,
+                f"tick-{i}".encode(),
+                partition=0,
+                on_delivery=delivered,
+            )
         producer.commit_transaction(30)
-        ends = member.get_watermark_offsets(TopicPartition(topic, 0), 10)
-        assert ends is not None
-        end = ends[1]
+        assert len(written) == 3
+
+        def stable_end() -> int:
+            # commit_transaction returns before the commit marker is on the
+            # partition; until it is, a read_committed end is the last stable
+            # offset, still 0 here (CI saw end - 2 = -2, which librdkafka's
+            # send_offsets_to_transaction ignores: nothing was ever committed).
+            ends = member.get_watermark_offsets(TopicPartition(topic, 0), 10)
+            assert ends is not None
+            return int(ends[1]) if ends[1] > max(written) else 0
+
+        end = wait_until(stable_end, timeout=30, message="the data transaction's marker")
 
         # The role's group has committed one record short of the end.
         producer.begin_transaction()
