@@ -313,7 +313,7 @@ def evaluate(
     new_state = SymbolState(
         last_price=price,
         last_ts=ts,
-        last_ids=state.last_ids | {tick.tick_id} if ts == last_ts else frozenset((tick.tick_id,)),
+        last_ids=_last_ids(state, tick.tick_id, ts),
         prev_close=prev_close,
         bar=bar,
         history=history,
@@ -326,6 +326,12 @@ def evaluate(
         history_raw=state.history_raw if history is state.history else None,
     )
     return Evaluation(new_state, tuple(firings), history_changed=history_changed)
+
+
+def _last_ids(state: SymbolState, tick_id: str, ts: int) -> frozenset[str]:
+    """The ids of the ticks at the newest timestamp once ``tick_id`` (at ``ts``) is in:
+    what tells a duplicate from a second tick of the same microsecond."""
+    return state.last_ids | {tick_id} if ts == state.last_ts else frozenset((tick_id,))
 
 
 def _in_zone(state: SymbolState, zone: Zone, tick: Tick, ts: int, start: int) -> Evaluation | None:
@@ -351,11 +357,7 @@ def _in_zone(state: SymbolState, zone: Zone, tick: Tick, ts: int, start: int) ->
         SymbolState(
             last_price=price,
             last_ts=ts,
-            last_ids=(
-                state.last_ids | {tick.tick_id}
-                if ts == state.last_ts
-                else frozenset((tick.tick_id,))
-            ),
+            last_ids=_last_ids(state, tick.tick_id, ts),
             prev_close=state.prev_close,
             bar=bar,
             history=state.history,

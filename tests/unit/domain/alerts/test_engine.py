@@ -486,25 +486,7 @@ def near_rules(draw: st.DrawFn) -> list[AlertRule]:
     )
     out = []
     for n in range(draw(st.integers(1, 6))):
-        kind = draw(
-            st.sampled_from(
-                [
-                    "CROSSING",
-                    "CROSSING_UP",
-                    "CROSSING_DOWN",
-                    "GREATER_THAN",
-                    "LESS_THAN",
-                    "INSIDE_CHANNEL",
-                    "OUTSIDE_CHANNEL",
-                    "ENTERING_CHANNEL",
-                    "EXITING_CHANNEL",
-                    "MOVING_UP_PERCENT",
-                    "MOVING_DOWN_PERCENT",
-                    "CHANGE_FROM_PREV_CLOSE_PERCENT",
-                    "VOLUME_SPIKE",
-                ]
-            )
-        )
+        kind = draw(st.sampled_from(CONDITIONS))
         params: dict[str, Any]
         if kind.endswith("CHANNEL"):
             lo, hi = sorted(draw(st.lists(cents, min_size=2, max_size=2, unique=True)))
