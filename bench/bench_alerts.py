@@ -5,7 +5,12 @@ speed, and tick-to-alerts.fired latency seen by a read_committed consumer.
 2. the alerts role draining 100,000 ticks over 5,000 symbols with no rules;
 3. 100,000 rules (20 per symbol, 13 kinds, levels a percent or more away so
    that few ticks fire) loaded through alerts.rules (and its repartition by
-   symbol), then the same ticks: the ratio of 3 to 2 is the cost of rules;
+   symbol), then the same ticks: the ratio of 3 to 2 is the cost of rules.
+   Then ``PAIRS - 1`` more pairs on the same two workers, now warm, each the
+   next 100,000 ticks of the same walk, in alternating order: on this VM the
+   worker's CPU time per tick moved by a quarter from one drain to the next
+   with the same code (29-42 us, 2026-12-08), so the ratio of one pair is
+   mostly that; the figure is the median pair's, every pair printed;
 4. anchor: a Quix Streams application evaluating the same rules on the same
    ticks with finstream's pure alert engine (bench/anchor/quix_alerts.py);
 5. a new replica restoring the role's state (100,000 rules, 5,000 symbols'
@@ -20,8 +25,10 @@ from __future__ import annotations
 
 import json
 import pickle
+import statistics
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -34,6 +41,7 @@ from finstream.codec import Codec
 SYMBOLS = 5_000
 RULES_PER_SYMBOL = 20
 COUNT = 100_000
+PAIRS = 3
 LATENCY_RATE = 5_000
 LATENCY_SECONDS = 15
 SEED = 5
@@ -66,6 +74,13 @@ def rules_loaded(w: harness.WorkerProcess, count: int) -> None:
         return time.monotonic() - last[1] >= 0.5
 
     harness.wait_until(idle, timeout=600, interval=0.1, message="rules committed")
+
+
+def ticks_since(
+    w: harness.WorkerProcess, env: harness.TestEnv, before: float
+) -> Callable[[], float]:
+    """A worker's progress on md.ticks counted from ``before`` (a drain after the first)."""
+    return lambda: harness.events_in(w, env, "md.ticks") - before
 
 
 def fired_latency(env: harness.TestEnv, codec: Codec) -> tuple[list[float], dict[str, float]]:
@@ -159,10 +174,17 @@ def main() -> None:
     try:
         syms = symbols(SYMBOLS)
         now = datetime.now(UTC)
-        tick_tape = tape(syms, COUNT, now - timedelta(hours=1), timedelta(microseconds=500), SEED)
+        # One walk, cut into PAIRS tapes: each continues where the last ended.
+        walk = tape(
+            syms, COUNT * PAIRS, now - timedelta(hours=1), timedelta(microseconds=500), SEED
+        )
         first = first_prices(tape(syms, SYMBOLS, now, timedelta(milliseconds=1), SEED))
         rule_set = rules(first, RULES_PER_SYMBOL, now - timedelta(days=1))
-        encoded = [(t.symbol.encode(), codec.encode("Tick", t.to_record())) for t in tick_tape]
+        tapes = [
+            [(t.symbol.encode(), codec.encode("Tick", t.to_record())) for t in walk[i : i + COUNT]]
+            for i in range(0, COUNT * PAIRS, COUNT)
+        ]
+        encoded = tapes[0]
         print(f"ticks: {COUNT:,} over {SYMBOLS:,} symbols; rules: {len(rule_set):,}")
 
         harness.produce(empty, "md.ticks", encoded)
@@ -173,15 +195,15 @@ def main() -> None:
             f"  ({b['records']:,} records in {b['seconds']:.2f} s, second pass)"
         )
 
-        w = harness.worker(empty, "alerts", logs, instance_id="bench-a0").start(wait_ready=False)
+        w0 = harness.worker(empty, "alerts", logs, instance_id="bench-a0").start(wait_ready=False)
         zero = harness.drain(
             empty,
             empty.settings.group("alerts"),
             "md.ticks",
             COUNT,
-            lambda: harness.events_in(w, empty, "md.ticks"),
+            lambda: harness.events_in(w0, empty, "md.ticks"),
+            pid=harness.pid_of(w0),
         )
-        w.stop()
         print(zero.line("alerts role, 0 rules", ref))
 
         harness.produce(
@@ -204,11 +226,35 @@ def main() -> None:
             "md.ticks",
             COUNT,
             lambda: harness.events_in(w, loaded, "md.ticks"),
+            pid=harness.pid_of(w),
         )
         fired = harness.metric(w, "finstream_alerts_fired_total")
-        w.stop()
         print(full.line(f"alerts role, {len(rule_set):,} rules", ref) + f", {fired:,.0f} firings")
-        print(f"{'ratio 100,000 rules / 0 rules':<44} {full.rate / zero.rate:>10.3f}")
+        ratios = [full.rate / zero.rate]
+        print(f"{'ratio 100,000 rules / 0 rules, pair 1':<44} {ratios[0]:>10.3f}")
+        for n in range(2, PAIRS + 1):
+            drains: dict[str, harness.Drain] = {}
+            sides = [("0 rules", empty, w0), (f"{len(rule_set):,} rules", loaded, w)]
+            for label, env, worker in sides if n % 2 else sides[::-1]:
+                before = harness.events_in(worker, env, "md.ticks")
+                harness.produce(env, "md.ticks", tapes[n - 1])
+                drains[label] = harness.drain(
+                    env,
+                    env.settings.group("alerts"),
+                    "md.ticks",
+                    COUNT,
+                    ticks_since(worker, env, before),
+                    pid=harness.pid_of(worker),
+                )
+                print(drains[label].line(f"alerts role, {label}, pair {n} (warm)", ref))
+            ratios.append(drains[sides[1][0]].rate / drains["0 rules"].rate)
+            print(f"{f'ratio 100,000 rules / 0 rules, pair {n}':<44} {ratios[-1]:>10.3f}")
+        w.stop()
+        w0.stop()
+        print(
+            f"{'ratio 100,000 rules / 0 rules':<44} {statistics.median(ratios):>10.3f}"
+            f"  (median of {len(ratios)} pairs: {', '.join(f'{r:.3f}' for r in ratios)})"
+        )
 
         with harness.StateDir() as state:
             rules_file = Path(state) / "rules.pickle"
@@ -228,7 +274,12 @@ def main() -> None:
             )
             try:
                 anchor = harness.drain(
-                    loaded, group, "md.ticks", COUNT, harness.progress_file(progress)
+                    loaded,
+                    group,
+                    "md.ticks",
+                    COUNT,
+                    harness.progress_file(progress),
+                    pid=proc.pid,
                 )
             finally:
                 harness.stop(proc)

@@ -117,13 +117,33 @@ class Drain:
     rate: float
     records: int
     seconds: float
+    # The contender's own CPU time over the same window, when its pid was given.
+    cpu: float | None = None
 
     def line(self, label: str, ref: float | None = None, ref_label: str = "baseline") -> str:
         ratio = f"  {self.rate / ref:.2f}x {ref_label}" if ref else ""
+        used = (
+            f"; {self.cpu / self.records * 1e6:.1f} us CPU/record, "
+            f"{self.cpu / self.seconds:.0%} of a core"
+            if self.cpu is not None and self.records
+            else ""
+        )
         return (
             f"{label:<44} {self.rate:>10,.0f}/s{ratio}  "
-            f"({self.records:,} records committed in {self.seconds:.2f} s)"
+            f"({self.records:,} records committed in {self.seconds:.2f} s{used})"
         )
+
+
+def pid_of(worker: WorkerProcess) -> int:
+    if worker.proc is None:
+        raise RuntimeError("the worker has not been started")
+    return worker.proc.pid
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc, clock-tick resolution)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def committed(env: TestEnv, group: str, topic: str, consumer: Consumer | None = None) -> int:
@@ -150,17 +170,19 @@ def drain(
     count: int,
     progress: Callable[[], float],
     timeout: float = 900.0,
+    pid: int | None = None,
 ) -> Drain:
     """Rate between 10% and 90% of ``count`` records processed, by ``progress``;
-    returns once the group has committed the whole topic."""
-    marks: dict[float, tuple[float, float]] = {}
+    returns once the group has committed the whole topic. ``pid``: the
+    contender's process, whose CPU time over the same window is kept."""
+    marks: dict[float, tuple[float, float, float]] = {}
     began = time.perf_counter()
     while 0.9 not in marks:
         n = progress()
         now = time.perf_counter()
         for frac in (0.1, 0.9):
             if frac not in marks and n >= frac * count:
-                marks[frac] = (now, n)
+                marks[frac] = (now, n, cpu_seconds(pid) if pid is not None else 0.0)
         if now - began > timeout:
             raise SystemExit(f"{group} did not process {topic} in {timeout:.0f} s")
         # A worker's progress is its /metrics page: scraped 50 times a second
@@ -172,8 +194,8 @@ def drain(
         if time.perf_counter() - began > timeout:
             raise SystemExit(f"{group} did not commit {topic} in {timeout:.0f} s")
         time.sleep(0.1)
-    (t0, n0), (t1, n1) = marks[0.1], marks[0.9]
-    return Drain((n1 - n0) / (t1 - t0), int(n1 - n0), t1 - t0)
+    (t0, n0, c0), (t1, n1, c1) = marks[0.1], marks[0.9]
+    return Drain((n1 - n0) / (t1 - t0), int(n1 - n0), t1 - t0, c1 - c0 if pid is not None else None)
 
 
 def progress_file(path: Path) -> Callable[[], float]:
