@@ -8,8 +8,8 @@ speed, and tick-to-alerts.fired latency seen by a read_committed consumer.
    symbol), then the same ticks: the ratio of 3 to 2 is the cost of rules.
    Then ``PAIRS - 1`` more pairs on the same two workers, now warm, each the
    next 100,000 ticks of the same walk, in alternating order: on this VM the
-   worker's CPU time per tick moved by a quarter from one drain to the next
-   with the same code (29-42 us, 2026-12-08), so the ratio of one pair is
+   worker's CPU time per tick moved from 28 to 51 us between drains of the
+   same code (2026-12-08), more than rules cost, so one pair's ratio is
    mostly that; the figure is the median pair's, every pair printed;
 4. anchor: a Quix Streams application evaluating the same rules on the same
    ticks with finstream's pure alert engine (bench/anchor/quix_alerts.py);
