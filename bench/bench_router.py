@@ -15,8 +15,10 @@ beside a raw baseline and a Quix Streams anchor, and routing latency.
 3. the router drains 40,000 price-alert requests to random users: each
    rendered for in-app and push (the users' channels), plus audit events,
    with dedupe, caps and quiet hours checked, exactly-once;
-4. anchor: a Quix Streams application doing the same decisions with
-   finstream's pure routing code (bench/anchor/quix_router.py);
+4. anchor: a Quix Streams application doing the same work with finstream's
+   pure routing code (bench/anchor/quix_router.py): the same decisions, the
+   users' contacts opened and each message sealed as the router does, with
+   every user's keys in memory from the start;
 5. a new replica restoring the router's state from its changelogs;
 6. latency: requests offered at 1,000/s by a load generator in its own
    process; each in-app message read by a read_committed consumer, minus the
@@ -39,7 +41,6 @@ from confluent_kafka import Consumer, TopicPartition
 from bench import harness
 from finstream.codec import Codec
 from finstream.domain.notify.preferences import parse_preferences
-from finstream.domain.notify.preferences_view import Preferences
 
 USERS = 100_000
 COUNT = 40_000
@@ -83,6 +84,32 @@ async def sealed(env: harness.TestEnv, prefs: list[dict[str, Any]]) -> list[dict
         # 0.6 ms), and PostgreSQL took a quarter of a core beside the router.
         async with sealer.keys.pool.acquire() as conn:
             await conn.execute("ANALYZE user_keys, erased_users")
+    return out
+
+
+async def raw_keys(env: harness.TestEnv, users: list[str]) -> dict[str, dict[int, bytes]]:
+    """Each user's data keys, unwrapped, for the anchor to hold in memory.
+
+    The router reads a user's keys from PostgreSQL (and unwraps them) on the
+    user's first request; the anchor is spared that: it has them all at start.
+    """
+    from finstream.domain.envelope import wrap_context
+    from finstream.privacy.producer import Sealer
+
+    out: dict[str, dict[int, bytes]] = {u: {} for u in users}
+    async with Sealer.open(env.settings) as sealer:
+        ring = sealer.keys
+        async with ring.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT user_id, version, master_key_id, wrapped FROM user_keys"
+                " WHERE user_id = ANY($1::text[])",
+                users,
+            )
+        for row in rows:
+            user, version = row["user_id"], row["version"]
+            out[user][version] = await ring.master.unwrap(
+                row["master_key_id"], bytes(row["wrapped"]), wrap_context(user, version)
+            )
     return out
 
 
@@ -201,9 +228,15 @@ def main() -> None:
         )
 
         with harness.StateDir() as state:
+            # What the router's store holds (the sealed preferences as Avro) and
+            # every user's keys: the anchor opens and seals as the router does.
             prefs_file = Path(state) / "prefs.pickle"
             prefs_file.write_bytes(
-                pickle.dumps({p["user_id"]: Preferences.from_record(p) for p in prefs})
+                pickle.dumps({p["user_id"]: codec.encode("UserPreferences", p) for p in stored})
+            )
+            keys_file = Path(state) / "keys.pickle"
+            keys_file.write_bytes(
+                pickle.dumps(asyncio.run(raw_keys(env, [p["user_id"] for p in stored])))
             )
             group = f"{env.namespace}quix-router"
             progress = Path(state) / "progress"
@@ -216,6 +249,7 @@ def main() -> None:
                 state,
                 str(progress),
                 str(prefs_file),
+                str(keys_file),
                 log=logs / "quix-router.log",
             )
             try:
@@ -224,7 +258,7 @@ def main() -> None:
                 )
             finally:
                 harness.stop(proc)
-        print(anchor.line("anchor: Quix Streams 3.28.1, same decisions", ref))
+        print(anchor.line("anchor: Quix Streams 3.28.1, same work", ref))
         print(f"{'router / anchor':<44} {router.rate / anchor.rate:>10.2f}x")
 
         w = harness.worker(env, "router", logs, instance_id="bench-r1").start()
