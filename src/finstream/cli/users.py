@@ -175,7 +175,7 @@ def keys_status() -> None:
                 "FROM user_keys GROUP BY 1 ORDER BY 1"
             )
             erased = await s.pg.fetchval("SELECT count(*) FROM erased_users")
-            return rows, erased, s.keys.master.current_id
+            return rows, erased, await s.keys.master.current()
 
     rows, erased, current = _run(go())
     for r in rows:
@@ -209,11 +209,11 @@ def keys_rotate(user_ids: tuple[str, ...], everyone: bool) -> None:
 @keys.command("rewrap")
 def keys_rewrap() -> None:
     """Re-wrap every data key under the current master key (the first of
-    FINSTREAM_PRIVACY_MASTER_KEYS); afterwards the old master key can be dropped."""
+    FINSTREAM_PRIVACY_MASTER_KEYS, or the KMS key); afterwards the old one can be dropped."""
 
     async def go() -> tuple[int, str]:
         async with _services(get_settings()) as s:
-            return await s.keys.rewrap(), s.keys.master.current_id
+            return await s.keys.rewrap(), await s.keys.master.current()
 
     moved, current = _run(go())
     click.echo(f"{moved} keys re-wrapped under master key {current}")

@@ -23,10 +23,11 @@ stored key under the current master key (then the old master key can go).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, TypeVar
 
 import asyncpg
 from prometheus_client import Counter
@@ -34,6 +35,8 @@ from prometheus_client import Counter
 from finstream.domain.envelope import UserErased, UserKeys, new_data_key, wrap_context
 from finstream.privacy.kms import MasterKeys, master_keys
 from finstream.settings import Settings
+
+T = TypeVar("T")
 
 KEY_LOADS = Counter(
     "finstream_privacy_key_loads_total",
@@ -153,15 +156,21 @@ class KeyRing:
             rows = await conn.fetch(_SELECT, list(users))
         raw: dict[str, dict[int, bytes]] = {u: {} for u in users}
         erased: set[str] = set()
+        stored = []
         for row in rows:
-            user = row["user_id"]
             if row["erased"]:
-                erased.add(user)
+                erased.add(row["user_id"])
             elif row["version"] is not None:
-                context = wrap_context(user, row["version"])
-                raw[user][row["version"]] = await self.master.unwrap(
-                    row["master_key_id"], bytes(row["wrapped"]), context
-                )
+                stored.append(row)
+        plain = await self._each(
+            self.master.unwrap,
+            [
+                (r["master_key_id"], bytes(r["wrapped"]), wrap_context(r["user_id"], r["version"]))
+                for r in stored
+            ],
+        )
+        for row, key in zip(stored, plain, strict=True):
+            raw[row["user_id"]][row["version"]] = key
         return {
             u: UserKeys(u, {}, erased=True) if u in erased else UserKeys.from_raw(u, raw[u])
             for u in users
@@ -174,13 +183,13 @@ class KeyRing:
         read and one write rather than a second read and an unwrap per key.
         """
         KEY_LOADS.labels("created").inc(len(users))
-        ids, wrapped, plain = [], [], []
-        for user in users:
-            key = new_data_key()
-            key_id, blob = await self.master.wrap(key, wrap_context(user, 1))
-            ids.append(key_id)
-            wrapped.append(blob)
-            plain.append(key)
+        plain = [new_data_key() for _ in users]
+        made = await self._each(
+            self.master.wrap,
+            [(key, wrap_context(u, 1)) for u, key in zip(users, plain, strict=True)],
+        )
+        ids = [key_id for key_id, _ in made]
+        wrapped = [blob for _, blob in made]
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(_CREATE, list(users), ids, wrapped)
         stored = {row["user_id"] for row in rows}
@@ -189,6 +198,16 @@ class KeyRing:
             for user, key in zip(users, plain, strict=True)
             if user in stored
         }
+
+    async def _each(
+        self, call: Callable[..., Awaitable[T]], args: Sequence[tuple[Any, ...]]
+    ) -> list[T]:
+        """``call(*a)`` for each of ``args``, answers in order: one after another where
+        each is CPU work here (local keys: a task each would cost more than the unwrap),
+        else together (KMS round trips; the provider bounds how many are in flight)."""
+        if self.master.concurrency <= 1 or len(args) <= 1:
+            return [await call(*a) for a in args]
+        return list(await asyncio.gather(*(call(*a) for a in args)))
 
     async def seal_keys(self, user_id: str) -> UserKeys:
         """The keys to seal with (created if needed); raises UserErased for an erased user."""
@@ -251,7 +270,7 @@ class KeyRing:
 
     async def rewrap(self, batch: int = 500) -> int:
         """Re-wrap every stored key not wrapped by the current master key; returns how many."""
-        current = self.master.current_id
+        current = await self.master.current()
         moved = 0
         while True:
             async with self.pool.acquire() as conn, conn.transaction():
@@ -263,18 +282,21 @@ class KeyRing:
                 )
                 if not rows:
                     return moved
-                for row in rows:
-                    context = wrap_context(row["user_id"], row["version"])
-                    plain = await self.master.unwrap(
-                        row["master_key_id"], bytes(row["wrapped"]), context
-                    )
-                    key_id, blob = await self.master.wrap(plain, context)
-                    await conn.execute(
-                        """UPDATE user_keys SET master_key_id = $3, wrapped = $4
-                           WHERE user_id = $1 AND version = $2""",
-                        row["user_id"],
-                        row["version"],
-                        key_id,
-                        blob,
-                    )
+                contexts = [wrap_context(r["user_id"], r["version"]) for r in rows]
+                plain = await self._each(
+                    self.master.unwrap,
+                    [
+                        (r["master_key_id"], bytes(r["wrapped"]), c)
+                        for r, c in zip(rows, contexts, strict=True)
+                    ],
+                )
+                made = await self._each(self.master.wrap, list(zip(plain, contexts, strict=True)))
+                await conn.executemany(
+                    """UPDATE user_keys SET master_key_id = $3, wrapped = $4
+                       WHERE user_id = $1 AND version = $2""",
+                    [
+                        (r["user_id"], r["version"], key_id, blob)
+                        for r, (key_id, blob) in zip(rows, made, strict=True)
+                    ],
+                )
                 moved += len(rows)

@@ -10,7 +10,9 @@ key management service and never in the process:
 * ``aws-kms``: AWS KMS ``Encrypt``/``Decrypt`` (JSON 1.1 protocol, SigV4
   signed by botocore, sent with httpx) under ``FINSTREAM_PRIVACY_AWS_KMS_KEY_ID``;
   the wrapped key is KMS's ciphertext blob, bound to the data key's user and
-  version by the encryption context.
+  version by the encryption context. With ``FINSTREAM_PRIVACY_MASTER_KEYS``
+  set as well, keys those wrapped still unwrap locally until ``finstream keys
+  rewrap`` has moved them under KMS (:class:`MovingToKms`).
 
 Workers unwrap a user's key once per ``privacy_key_cache_seconds``
 (``finstream.privacy.keys``), so a KMS call is rare on the hot path.
@@ -18,13 +20,16 @@ Workers unwrap a user's key once per ``privacy_key_cache_seconds``
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
 import json
+import random
 from typing import Any, Protocol
 
 import httpx
+from prometheus_client import Counter
 
 from finstream.domain.envelope import KEY_BYTES, EnvelopeError, unwrap_key, wrap_key
 from finstream.settings import Settings
@@ -42,9 +47,13 @@ class PrivacyConfigError(ValueError):
 
 class MasterKeys(Protocol):
     name: str
+    # How many wraps or unwraps are worth running at once: 1 where they are CPU
+    # work in this process, more where each is a round trip to a service.
+    concurrency: int
 
-    @property
-    def current_id(self) -> str: ...
+    async def current(self) -> str:
+        """The id that new wraps are stored under (``keys rewrap`` moves the others)."""
+        ...
 
     async def wrap(self, plaintext: bytes, context: bytes) -> tuple[str, bytes]:
         """(id of the master key used, the wrapped key)."""
@@ -57,6 +66,7 @@ class MasterKeys(Protocol):
 
 class LocalMasterKeys:
     name = "local"
+    concurrency = 1
 
     def __init__(self, keys: dict[str, bytes], current: str) -> None:
         if current not in keys:
@@ -66,6 +76,9 @@ class LocalMasterKeys:
 
     @property
     def current_id(self) -> str:
+        return self._current
+
+    async def current(self) -> str:
         return self._current
 
     @classmethod
@@ -115,11 +128,39 @@ class LocalMasterKeys:
 
 
 class KmsError(RuntimeError):
-    pass
+    """KMS refused a request, or did not answer within its attempts."""
+
+    def __init__(self, message: str, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+KMS_REQUESTS = Counter(
+    "finstream_privacy_kms_requests_total",
+    "Requests to AWS KMS by action and outcome (ok, retried: throttled or failed and tried "
+    "again, failed: given up or refused)",
+    ["action", "outcome"],
+)
+
+# Answers that may succeed when asked again: KMS's throttling (HTTP 400) and its
+# own failures (5xx: KMSInternalException, DependencyTimeoutException,
+# KeyUnavailableException).
+_RETRY_CODES = frozenset({"ThrottlingException", "KMSInternalException"})
+# The blob does not open under that key and context: the same as a local master
+# key failing to unwrap, not an outage.
+_NOT_OPENING = frozenset({"InvalidCiphertextException", "IncorrectKeyException"})
 
 
 class AwsKms:
-    """AWS KMS ``TrentService.Encrypt``/``Decrypt`` over HTTPS (JSON 1.1, SigV4)."""
+    """AWS KMS ``TrentService.Encrypt``/``Decrypt`` over HTTPS (JSON 1.1, SigV4).
+
+    Throttling, KMS's 5xx answers and transport failures are tried again, up to
+    ``attempts`` in all, after exponential backoff with full jitter (what the
+    AWS SDKs do); at most ``concurrency`` requests are in flight, so a batch of
+    cold keys unwraps in parallel without bursting past the account's quota.
+    Wrapped keys are stored under the key's ARN as KMS answers it, so an alias
+    re-pointed to a new key still decrypts old blobs with the key that made them.
+    """
 
     name = "aws-kms"
 
@@ -131,46 +172,85 @@ class AwsKms:
         access_key: str,
         secret_key: str,
         url: str | None = None,
-        timeout: float = 10.0,
+        timeout: float = 5.0,
+        attempts: int = 5,
+        concurrency: int = 16,
+        backoff: float = 0.05,
+        backoff_cap: float = 2.0,
     ) -> None:
         from botocore.auth import SigV4Auth
         from botocore.credentials import Credentials
 
         self.key_id = key_id
         self.url = (url or f"https://kms.{region}.amazonaws.com").rstrip("/") + "/"
+        self.attempts = max(1, attempts)
+        self.concurrency = max(1, concurrency)
+        self.backoff = backoff
+        self.backoff_cap = backoff_cap
         self._signer = SigV4Auth(Credentials(access_key, secret_key), "kms", region)
-        self._client = httpx.AsyncClient(timeout=timeout)
+        limits = httpx.Limits(max_connections=self.concurrency)
+        self._client = httpx.AsyncClient(timeout=timeout, limits=limits)
+        self._slots = asyncio.Semaphore(self.concurrency)
+        self._arn: str | None = None
 
-    @property
-    def current_id(self) -> str:
-        return self.key_id
+    async def current(self) -> str:
+        """The ARN of the key the configured id (an alias, an id or an ARN) names now."""
+        if self._arn is None:
+            out = await self._call("DescribeKey", {"KeyId": self.key_id})
+            self._arn = str(out["KeyMetadata"]["Arn"])
+        return self._arn
 
     async def _call(self, action: str, body: dict[str, Any]) -> dict[str, Any]:
+        data = json.dumps(body).encode()
+        for attempt in range(1, self.attempts + 1):
+            async with self._slots:
+                retry, result = await self._once(action, data)
+            if not retry:
+                KMS_REQUESTS.labels(action, "ok").inc()
+                return result
+            if attempt == self.attempts:
+                KMS_REQUESTS.labels(action, "failed").inc()
+                raise KmsError(f"{retry} (gave up after {attempt} attempts)", "retries")
+            KMS_REQUESTS.labels(action, "retried").inc()
+            ceiling = min(self.backoff_cap, self.backoff * 2 ** (attempt - 1))
+            await asyncio.sleep(random.uniform(0, ceiling))
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    async def _once(self, action: str, data: bytes) -> tuple[str, dict[str, Any]]:
+        """One request: ("", the answer), or (why, {}) when it may be tried again."""
         from botocore.awsrequest import AWSRequest
 
-        data = json.dumps(body).encode()
         headers = {
             "Content-Type": "application/x-amz-json-1.1",
             "X-Amz-Target": f"TrentService.{action}",
         }
         request = AWSRequest(method="POST", url=self.url, data=data, headers=headers)
-        self._signer.add_auth(request)
+        self._signer.add_auth(request)  # per attempt: the signature carries the time
         try:
             response = await self._client.post(
                 self.url, content=data, headers=dict(request.headers.items())
             )
-        except httpx.HTTPError as exc:
-            raise KmsError(f"KMS {action}: {type(exc).__name__}: {exc}") from None
-        if response.status_code != 200:
+        except httpx.TransportError as exc:
+            return f"KMS {action}: {type(exc).__name__}: {exc}", {}
+        if response.status_code == 200:
             try:
-                err = response.json()
-                kind = str(err.get("__type", "")).rpartition("#")[2] or "error"
-                text = err.get("message") or err.get("Message") or ""
+                result: dict[str, Any] = response.json()
             except ValueError:
-                kind, text = "error", response.text[:200]
-            raise KmsError(f"KMS {action}: {response.status_code} {kind}: {text}")
-        result: dict[str, Any] = response.json()
-        return result
+                return f"KMS {action}: 200 with a body that is not JSON", {}
+            return "", result
+        try:
+            err = response.json()
+            code = str(err.get("__type", "")).rpartition("#")[2] or "error"
+            text = str(err.get("message") or err.get("Message") or "")
+        except (ValueError, AttributeError):
+            code, text = "error", response.text[:200]
+        message = f"KMS {action}: {response.status_code} {code}: {text}"
+        if response.status_code >= 500 or code in _RETRY_CODES:
+            return message, {}
+        KMS_REQUESTS.labels(action, "failed").inc()
+        if code in _NOT_OPENING:
+            raise EnvelopeError(message)
+        raise KmsError(message, code)
 
     @staticmethod
     def _context(context: bytes) -> dict[str, str]:
@@ -185,7 +265,7 @@ class AwsKms:
                 "EncryptionContext": self._context(context),
             },
         )
-        return self.key_id, base64.b64decode(out["CiphertextBlob"])
+        return str(out.get("KeyId") or self.key_id), base64.b64decode(out["CiphertextBlob"])
 
     async def unwrap(self, key_id: str, wrapped: bytes, context: bytes) -> bytes:
         out = await self._call(
@@ -202,6 +282,36 @@ class AwsKms:
         await self._client.aclose()
 
 
+class MovingToKms:
+    """AWS KMS wraps; keys still wrapped by local master keys unwrap with those.
+
+    Configured by setting both ``FINSTREAM_PRIVACY_KMS=aws-kms`` and
+    ``FINSTREAM_PRIVACY_MASTER_KEYS``: ``finstream keys rewrap`` then moves
+    every stored key under KMS, after which the local keys can go.
+    """
+
+    name = "aws-kms"
+
+    def __init__(self, kms: AwsKms, local: LocalMasterKeys) -> None:
+        self.kms = kms
+        self.local = local
+        self.concurrency = kms.concurrency
+
+    async def current(self) -> str:
+        return await self.kms.current()
+
+    async def wrap(self, plaintext: bytes, context: bytes) -> tuple[str, bytes]:
+        return await self.kms.wrap(plaintext, context)
+
+    async def unwrap(self, key_id: str, wrapped: bytes, context: bytes) -> bytes:
+        if key_id in self.local.keys:
+            return await self.local.unwrap(key_id, wrapped, context)
+        return await self.kms.unwrap(key_id, wrapped, context)
+
+    async def close(self) -> None:
+        await self.kms.close()
+
+
 def master_keys(settings: Settings) -> MasterKeys:
     """The configured master key provider, or one clear line saying what is missing."""
     if settings.privacy_kms == "aws-kms":
@@ -213,13 +323,20 @@ def master_keys(settings: Settings) -> MasterKeys:
                 "FINSTREAM_PRIVACY_KMS=aws-kms needs FINSTREAM_PRIVACY_AWS_ACCESS_KEY_ID and "
                 "FINSTREAM_PRIVACY_AWS_SECRET_ACCESS_KEY"
             )
-        return AwsKms(
+        kms = AwsKms(
             key_id=settings.privacy_aws_kms_key_id,
             region=settings.privacy_aws_kms_region,
             access_key=settings.privacy_aws_access_key_id,
             secret_key=secret.get_secret_value(),
             url=settings.privacy_aws_kms_url,
+            timeout=settings.privacy_aws_kms_timeout_seconds,
+            attempts=settings.privacy_aws_kms_attempts,
+            concurrency=settings.privacy_aws_kms_concurrency,
         )
+        local = settings.privacy_master_keys
+        if local is not None and local.get_secret_value().strip():
+            return MovingToKms(kms, LocalMasterKeys.parse(local.get_secret_value()))
+        return kms
     configured = settings.privacy_master_keys
     if configured is not None and configured.get_secret_value().strip():
         return LocalMasterKeys.parse(configured.get_secret_value())

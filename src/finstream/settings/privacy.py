@@ -30,6 +30,23 @@ class PrivacySettings(BaseModel):
     privacy_aws_kms_url: str | None = Field(
         default=None, description="Default: https://kms.<region>.amazonaws.com"
     )
+    privacy_aws_kms_attempts: int = Field(
+        default=5,
+        ge=1,
+        le=20,
+        description="Tries of one KMS request that is throttled or fails (5xx, transport), "
+        "with exponential backoff and jitter between them.",
+    )
+    privacy_aws_kms_concurrency: int = Field(
+        default=16,
+        ge=1,
+        le=256,
+        description="KMS requests in flight at once per worker: a batch of users whose keys "
+        "are not cached unwraps in parallel, within the account's request quota.",
+    )
+    privacy_aws_kms_timeout_seconds: float = Field(
+        default=5.0, gt=0, le=60, description="One KMS request's timeout (then tried again)."
+    )
     privacy_aws_access_key_id: str | None = None
     privacy_aws_secret_access_key: SecretStr | None = None
     privacy_key_cache_seconds: float = Field(

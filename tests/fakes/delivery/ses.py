@@ -10,23 +10,14 @@ restJson: ``x-amzn-ErrorType`` header and ``{"message": ...}``.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
-import re
 import secrets
 from typing import Any
 
 from aiohttp import web
-from botocore.auth import SigV4Auth
-from botocore.awsrequest import AWSRequest
-from botocore.credentials import Credentials
+from tests.fakes.aws import sigv4_problem
 
 from finstream.sandbox.base import HttpFake
-
-_AUTH = re.compile(
-    r"^AWS4-HMAC-SHA256 Credential=(?P<key>[^/]+)/(?P<date>\d{8})/(?P<region>[^/]+)/(?P<service>[^/]+)/aws4_request, "
-    r"SignedHeaders=(?P<signed>[^,]+), Signature=(?P<sig>[0-9a-f]{64})$"
-)
 
 
 def _error(
@@ -58,24 +49,14 @@ class FakeSes(HttpFake):
         return app
 
     def _signature_ok(self, request: web.Request, body: bytes) -> str | None:
-        match = _AUTH.match(request.headers.get("Authorization", ""))
-        if not match:
-            return "missing or malformed Authorization"
-        if match["key"] != self.access_key:
-            return "UnrecognizedClientException"
-        if match["region"] != self.region or match["service"] != "ses":
-            return "credential scope"
-        amz_date = request.headers.get("X-Amz-Date", "")
-        if not amz_date.startswith(match["date"]):
-            return "date mismatch"
-        signed = match["signed"].split(";")
-        headers = {name: request.headers.get(name, "") for name in signed}
-        aws = AWSRequest(method=request.method, url=str(request.url), data=body, headers=headers)
-        aws.context["timestamp"] = amz_date
-        signer = SigV4Auth(Credentials(self.access_key, self.secret_key), "ses", self.region)
-        canonical = signer.canonical_request(aws)
-        expected = signer.signature(signer.string_to_sign(aws, canonical), aws)
-        return None if hmac.compare_digest(expected, match["sig"]) else "SignatureDoesNotMatch"
+        return sigv4_problem(
+            request,
+            body,
+            access_key=self.access_key,
+            secret_key=self.secret_key,
+            region=self.region,
+            service="ses",
+        )
 
     async def send(self, request: web.Request) -> web.Response:
         kind = await self.fault(request)
