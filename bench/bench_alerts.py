@@ -10,7 +10,14 @@ speed, and tick-to-alerts.fired latency seen by a read_committed consumer.
    next 100,000 ticks of the same walk, in alternating order: on this VM the
    worker's CPU time per tick moved from 28 to 51 us between drains of the
    same code (2026-12-08), more than rules cost, so one pair's ratio is
-   mostly that; the figure is the median pair's, every pair printed;
+   mostly that; the median pair's is printed, every pair too ("two workers");
+3b. the same ratio on one worker (``one_worker``): the 0-rules worker is given
+   the rules, drains, loses them, drains, gets them back, drains; each drain
+   with rules beside the drain without next to it (three pairs, both orders).
+   Within a run one of the two workers can take 23-52% more CPU per tick in
+   every drain for the same work, which two workers' ratios carry and one
+   worker's do not. The figure is the median of the warm pairs (two
+   workers' pairs 2.., one worker's), pair 1 printed beside it;
 4. anchor: a Quix Streams application evaluating the same rules on the same
    ticks with finstream's pure alert engine (bench/anchor/quix_alerts.py);
 5. a new replica restoring the role's state (100,000 rules, 5,000 symbols'
@@ -23,6 +30,7 @@ speed, and tick-to-alerts.fired latency seen by a read_committed consumer.
 
 from __future__ import annotations
 
+import itertools
 import json
 import pickle
 import statistics
@@ -37,18 +45,20 @@ from confluent_kafka import Consumer, TopicPartition
 from bench import harness
 from bench.workloads import first_prices, rules, symbols, tape
 from finstream.codec import Codec
+from finstream.domain.alerts import AlertRule
 
 SYMBOLS = 5_000
 RULES_PER_SYMBOL = 20
 COUNT = 100_000
 PAIRS = 3
+ONE_WORKER_DRAINS = 3
 LATENCY_RATE = 5_000
 LATENCY_SECONDS = 15
 SEED = 5
 
 
 def rules_loaded(w: harness.WorkerProcess, count: int) -> None:
-    """Wait until the worker holds every rule (``finstream_alerts_rules``).
+    """Wait until the worker holds exactly ``count`` rules (``finstream_alerts_rules``).
 
     Not until every symbol has a rule: that gauge reached 5,000 with 45,000 of
     the 100,000 rules in (2026-12-07), and the rest, loading for 5.5 s more,
@@ -56,10 +66,10 @@ def rules_loaded(w: harness.WorkerProcess, count: int) -> None:
     records read back: a rewind reads some twice.
     """
     harness.wait_until(
-        lambda: harness.metric(w, "finstream_alerts_rules") >= count,
+        lambda: harness.metric(w, "finstream_alerts_rules") == count,
         timeout=600,
         interval=0.2,
-        message=f"{count:,} rules loaded",
+        message=f"{count:,} rules held",
     )
     # The gauge moves when the last rules are applied, before their batch's
     # transaction (the rules' changelog, one JSON per symbol) commits, which
@@ -164,6 +174,52 @@ def latency_only() -> None:
         harness.teardown(base, env)
 
 
+def one_worker(
+    w0: harness.WorkerProcess,
+    env: harness.TestEnv,
+    codec: Codec,
+    rule_set: list[AlertRule],
+    tapes: list[list[tuple[bytes, bytes]]],
+    last_zero: harness.Drain,
+    line: Callable[[harness.Drain, str], str],
+) -> list[float]:
+    """The ratio on one worker: the 0-rules worker (warm, its last drain given) is
+    given the rules, drains the next tape, loses them (tombstones), drains the
+    next, is given them again, drains the last. Each drain with rules is
+    paired with the drain without next to it (three pairs, both orders).
+
+    Two workers' ratios compare two processes, and on this VM one worker
+    process of a run can take 23-52% more CPU per tick than the other in
+    every drain, for the same work (2026-12-08, bench/RESULTS.md), more than
+    the rules cost; one worker with and without rules cancels that out.
+    """
+    records = [(r.rule_id.encode(), codec.encode("AlertRule", r.to_record())) for r in rule_set]
+    tombstones: list[tuple[bytes, bytes | None]] = [(r.rule_id.encode(), None) for r in rule_set]
+    series: list[tuple[bool, harness.Drain]] = [(False, last_zero)]
+    for n, ticks in enumerate(tapes):
+        holds = n % 2 == 0
+        harness.produce(env, "alerts.rules", records if holds else tombstones)
+        rules_loaded(w0, len(rule_set) if holds else 0)
+        before = harness.events_in(w0, env, "md.ticks")
+        harness.produce(env, "md.ticks", ticks)
+        drained = harness.drain(
+            env,
+            env.settings.group("alerts"),
+            "md.ticks",
+            COUNT,
+            ticks_since(w0, env, before),
+            pid=harness.pid_of(w0),
+        )
+        label = f"{len(rule_set):,} rules" if holds else "0 rules (rules deleted)"
+        print(line(drained, f"alerts role, one worker, {label}"))
+        series.append((holds, drained))
+    ratios = []
+    for (a_holds, a), (_, b) in itertools.pairwise(series):
+        ratios.append(a.rate / b.rate if a_holds else b.rate / a.rate)
+        print(f"{f'ratio, one worker, pair {len(ratios)}':<44} {ratios[-1]:>10.3f}")
+    return ratios
+
+
 def main() -> None:
     if sys.argv[1:] == ["latency"]:
         latency_only()
@@ -175,14 +231,15 @@ def main() -> None:
         syms = symbols(SYMBOLS)
         now = datetime.now(UTC)
         # One walk, cut into PAIRS tapes: each continues where the last ended.
+        n_tapes = PAIRS + ONE_WORKER_DRAINS
         walk = tape(
-            syms, COUNT * PAIRS, now - timedelta(hours=1), timedelta(microseconds=500), SEED
+            syms, COUNT * n_tapes, now - timedelta(hours=1), timedelta(microseconds=500), SEED
         )
         first = first_prices(tape(syms, SYMBOLS, now, timedelta(milliseconds=1), SEED))
         rule_set = rules(first, RULES_PER_SYMBOL, now - timedelta(days=1))
         tapes = [
             [(t.symbol.encode(), codec.encode("Tick", t.to_record())) for t in walk[i : i + COUNT]]
-            for i in range(0, COUNT * PAIRS, COUNT)
+            for i in range(0, COUNT * n_tapes, COUNT)
         ]
         encoded = tapes[0]
         print(f"ticks: {COUNT:,} over {SYMBOLS:,} symbols; rules: {len(rule_set):,}")
@@ -232,6 +289,7 @@ def main() -> None:
         print(full.line(f"alerts role, {len(rule_set):,} rules", ref) + f", {fired:,.0f} firings")
         ratios = [full.rate / zero.rate]
         print(f"{'ratio 100,000 rules / 0 rules, pair 1':<44} {ratios[0]:>10.3f}")
+        last_zero = zero
         for n in range(2, PAIRS + 1):
             drains: dict[str, harness.Drain] = {}
             sides = [("0 rules", empty, w0), (f"{len(rule_set):,} rules", loaded, w)]
@@ -249,11 +307,33 @@ def main() -> None:
                 print(drains[label].line(f"alerts role, {label}, pair {n} (warm)", ref))
             ratios.append(drains[sides[1][0]].rate / drains["0 rules"].rate)
             print(f"{f'ratio 100,000 rules / 0 rules, pair {n}':<44} {ratios[-1]:>10.3f}")
+            last_zero = drains["0 rules"]
         w.stop()
+        print(
+            f"{'ratio 100,000 rules / 0 rules, two workers':<44} {statistics.median(ratios):>10.3f}"
+            f"  (median of {len(ratios)} pairs: {', '.join(f'{r:.3f}' for r in ratios)})"
+        )
+        one = one_worker(
+            w0,
+            empty,
+            codec,
+            rule_set,
+            tapes[PAIRS:],
+            last_zero,
+            lambda d, label: d.line(label, ref),
+        )
         w0.stop()
         print(
-            f"{'ratio 100,000 rules / 0 rules':<44} {statistics.median(ratios):>10.3f}"
-            f"  (median of {len(ratios)} pairs: {', '.join(f'{r:.3f}' for r in ratios)})"
+            f"{'ratio 100,000 rules / 0 rules, one worker':<44} {statistics.median(one):>10.3f}"
+            f"  (median of {len(one)} pairs: {', '.join(f'{r:.3f}' for r in one)})"
+        )
+        # Pair 1 sets a new process's first drain (on this VM its fastest: 30-34 us of
+        # CPU a tick, later ones up to 49, 2026-12-08) against a worker that has
+        # loaded the rules; every other pair compares workers past their first drain.
+        warm = ratios[1:] + one
+        print(
+            f"{'ratio 100,000 rules / 0 rules, warm':<44} {statistics.median(warm):>10.3f}"
+            f"  (median of {len(warm)} pairs past the first drains; pair 1 {ratios[0]:.3f})"
         )
 
         with harness.StateDir() as state:
