@@ -90,6 +90,9 @@ EMPTY_LOCALLY = {
     "Slow clients dropped, last hour": "no slow WebSocket client",
     "Slow-client drops per minute": "no slow WebSocket client",
     "Server errors": "no 5xx answer",
+    "AWS KMS requests per second (retried: throttled or failed, then tried again)": (
+        "local master keys, no KMS"
+    ),
 }
 
 
