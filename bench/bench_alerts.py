@@ -230,7 +230,7 @@ def main() -> None:
     try:
         syms = symbols(SYMBOLS)
         now = datetime.now(UTC)
-        # One walk, cut into a tape per drain after the first: each continues where the last ended.
+        # One walk, a tape per round of drains: each continues where the last ended.
         n_tapes = PAIRS + ONE_WORKER_DRAINS
         walk = tape(
             syms, COUNT * n_tapes, now - timedelta(hours=1), timedelta(microseconds=500), SEED
