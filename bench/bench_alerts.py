@@ -86,11 +86,20 @@ def rules_loaded(w: harness.WorkerProcess, count: int) -> None:
     harness.wait_until(idle, timeout=600, interval=0.1, message="rules committed")
 
 
-def ticks_since(
-    w: harness.WorkerProcess, env: harness.TestEnv, before: float
-) -> Callable[[], float]:
-    """A worker's progress on md.ticks counted from ``before`` (a drain after the first)."""
-    return lambda: harness.events_in(w, env, "md.ticks") - before
+def drain_next(
+    w: harness.WorkerProcess, env: harness.TestEnv, ticks: list[tuple[bytes, bytes]]
+) -> harness.Drain:
+    """Produce the next tape to a running worker and drain it (progress counted from now)."""
+    before = harness.events_in(w, env, "md.ticks")
+    harness.produce(env, "md.ticks", ticks)
+    return harness.drain(
+        env,
+        env.settings.group("alerts"),
+        "md.ticks",
+        COUNT,
+        lambda: harness.events_in(w, env, "md.ticks") - before,
+        pid=harness.pid_of(w),
+    )
 
 
 def fired_latency(env: harness.TestEnv, codec: Codec) -> tuple[list[float], dict[str, float]]:
@@ -200,16 +209,7 @@ def one_worker(
         holds = n % 2 == 0
         harness.produce(env, "alerts.rules", records if holds else tombstones)
         rules_loaded(w0, len(rule_set) if holds else 0)
-        before = harness.events_in(w0, env, "md.ticks")
-        harness.produce(env, "md.ticks", ticks)
-        drained = harness.drain(
-            env,
-            env.settings.group("alerts"),
-            "md.ticks",
-            COUNT,
-            ticks_since(w0, env, before),
-            pid=harness.pid_of(w0),
-        )
+        drained = drain_next(w0, env, ticks)
         label = f"{len(rule_set):,} rules" if holds else "0 rules (rules deleted)"
         print(line(drained, f"alerts role, one worker, {label}"))
         series.append((holds, drained))
@@ -294,16 +294,7 @@ def main() -> None:
             drains: dict[str, harness.Drain] = {}
             sides = [("0 rules", empty, w0), (f"{len(rule_set):,} rules", loaded, w)]
             for label, env, worker in sides if n % 2 else sides[::-1]:
-                before = harness.events_in(worker, env, "md.ticks")
-                harness.produce(env, "md.ticks", tapes[n - 1])
-                drains[label] = harness.drain(
-                    env,
-                    env.settings.group("alerts"),
-                    "md.ticks",
-                    COUNT,
-                    ticks_since(worker, env, before),
-                    pid=harness.pid_of(worker),
-                )
+                drains[label] = drain_next(worker, env, tapes[n - 1])
                 print(drains[label].line(f"alerts role, {label}, pair {n} (warm)", ref))
             ratios.append(drains[sides[1][0]].rate / drains["0 rules"].rate)
             print(f"{f'ratio 100,000 rules / 0 rules, pair {n}':<44} {ratios[-1]:>10.3f}")
